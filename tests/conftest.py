@@ -1,0 +1,74 @@
+"""Shared test fixtures.
+
+MySQL tests read their DSN from FASTJOB_TEST_MYSQL_DSN (e.g. mysql://root@127.0.0.1:3306/test).
+Without it they skip, unless FASTJOB_REQUIRE_MYSQL=1 (set by .ci/run), where they fail instead.
+Each test session works in a database of its own, created here and dropped at the end, so
+concurrent runs on one MariaDB never see each other's rows.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+MYSQL_DSN_ENV = "FASTJOB_TEST_MYSQL_DSN"
+
+
+def mysql_dsn_or_skip() -> str:
+    dsn = os.environ.get(MYSQL_DSN_ENV)
+    if not dsn:
+        if os.environ.get("FASTJOB_REQUIRE_MYSQL") == "1":
+            pytest.fail(f"FASTJOB_REQUIRE_MYSQL=1 but {MYSQL_DSN_ENV} is not set")
+        pytest.skip(f"set {MYSQL_DSN_ENV} to run the MySQL tests")
+    return dsn
+
+
+def _admin_connect(dsn: str):
+    import pymysql
+
+    parts = urlsplit(dsn)
+    return pymysql.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        autocommit=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def mysql_session_dsn() -> Iterator[str]:
+    """A DSN naming a fresh, empty database that lives for the test session."""
+    base = mysql_dsn_or_skip()
+    name = f"fastjob_t_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = _admin_connect(base)
+    except Exception as exc:  # a configured but unreachable server is a failure, not a skip
+        pytest.fail(f"cannot reach MySQL at {base}: {exc}")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    parts = urlsplit(base)
+    try:
+        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.fixture
+def mysql_dsn(mysql_session_dsn: str) -> Iterator[str]:
+    """The session database, emptied of FastJob's tables before each test."""
+    conn = _admin_connect(mysql_session_dsn)
+    db = urlsplit(mysql_session_dsn).path.lstrip("/")
+    with conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (db,))
+        tables = [row[0] for row in cur.fetchall()]
+        cur.execute("SET FOREIGN_KEY_CHECKS = 0")
+        for table in tables:
+            cur.execute(f"DROP TABLE IF EXISTS `{db}`.`{table}`")
+    conn.close()
+    yield mysql_session_dsn
