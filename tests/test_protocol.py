@@ -1,0 +1,761 @@
+"""Wire protocol tests: framing, validation, the Connection base over real loopback sockets.
+
+Every socket scenario runs once per event loop implementation (asyncio and uvloop). Tests are
+plain functions driving a fresh loop through the ``run`` fixture, which also bounds each
+scenario with a timeout; synchronisation is by futures and queues, never by sleeping.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl
+import struct
+from typing import Any, Awaitable, Callable, Optional
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastjob.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    REPLY_TYPES,
+    SCHEMAS,
+    STRUCTS,
+    Connection,
+    Decoder,
+    ErrorCode,
+    Message,
+    ProtocolError,
+    RemoteError,
+    encode,
+    negotiate_version,
+    parse_address,
+    validate,
+)
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
+    uvloop = None
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+
+
+@pytest.fixture(params=list(LOOPS))
+def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Run a coroutine to completion on a fresh loop of the parametrized kind, with a timeout."""
+
+    def runner(coro: Awaitable[Any], timeout: float = 10.0) -> Any:
+        loop = LOOPS[request.param]()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        finally:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return runner
+
+
+# ---- one valid body per message type ------------------------------------------------------
+
+SL_JOB = {
+    "id": 7,
+    "name": "tick",
+    "handler": "app.tick",
+    "schedule_type": "fixed_rate",
+    "period": 1,  # an int where a float is expected is fine
+    "params": {"x": [1, 2]},
+    "timeout": None,
+    "allow_overlap": False,
+    "version": 3,
+}
+SL_REPORT_ITEM = {
+    "job_id": 7,
+    "runs": 60,
+    "failures": 1,
+    "last_error": "boom",
+    "last_run_at": 1700000000.25,
+    "lateness_p50": 0.001,
+    "lateness_p99": 0.004,
+    "lateness_max": 0.02,
+}
+JOB_DEF = {
+    "name": "nightly",
+    "handler": "app.nightly",
+    "schedule_type": "cron",
+    "schedule_expr": "0 3 * * *",
+    "timezone": "Europe/Paris",
+    "params": None,
+    "timeout": 60.0,
+    "retry_times": 2,
+    "retry_backoff": 5,
+    "misfire_policy": "skip",
+    "tags": ["gpu"],
+    "routing": "least_busy",
+    "run_once": False,
+    "enabled": True,
+    "allow_overlap": False,
+}
+DISPATCH_BODY = {
+    "instance_id": 123456789,
+    "job_id": 42,
+    "job": "send-report",
+    "handler": "reports.send_daily",
+    "params": {"region": "eu", "limit": 100},
+    "attempt": 1,
+    "scheduled_at": 1700000000.0,
+    "timeout": 30.0,
+}
+SAMPLES: dict[str, dict[str, Any]] = {
+    "HELLO": {
+        "version": PROTOCOL_VERSION,
+        "app": "billing",
+        "worker_id": "w-1",
+        "role": "worker",
+        "token": None,
+        "tags": ["eu", "gpu"],
+        "capacity": 8,
+        "running": [1, 2],
+        "second_level": [7],
+        "host": "box-1",
+        "pid": 4242,
+    },
+    "WELCOME": {
+        "version": 1,
+        "server_id": "s-1",
+        "heartbeat_interval": 5.0,
+        "heartbeat_timeout": 15,
+        "max_frame": DEFAULT_MAX_FRAME,
+    },
+    "REDIRECT": {"address": "10.0.0.2:7070", "server_id": "s-2"},
+    "REJECT": {"code": ErrorCode.BAD_TOKEN, "reason": "token does not match"},
+    "PING": {"ts": 1700000000.5, "running": 3},
+    "PONG": {"ts": 1700000000.5},
+    "DISPATCH": DISPATCH_BODY,
+    "ACK": {"instance_id": 1, "accepted": False, "reason": "at capacity"},
+    "START": {"instance_id": 1, "started_at": 1700000001.0},
+    "LOG": {"instance_id": 1, "lines": [[1700000001.0, "INFO", "hello"], [1700000002, "ERROR", "x"]]},
+    "RESULT": {
+        "instance_id": 1,
+        "status": "succeeded",
+        "result": {"rows": 10},
+        "error": None,
+        "started_at": 1700000001.0,
+        "finished_at": 1700000003.5,
+    },
+    "CANCEL": {"instance_id": 1, "reason": "user request"},
+    "SL_ASSIGN": {"job": SL_JOB, "lease": 15.0},
+    "SL_REVOKE": {"job_id": 7, "reason": "rebalance"},
+    "SL_REPORT": {"reports": [SL_REPORT_ITEM, dict(SL_REPORT_ITEM, last_error=None, last_run_at=None)]},
+    "JOB_UPSERT": {"job": JOB_DEF},
+    "JOB_DELETE": {"name": "nightly"},
+    "JOB_ENABLE": {"name": "nightly", "enabled": False},
+    "JOB_GET": {"name": "nightly"},
+    "JOB_LIST": {},
+    "TRIGGER": {"name": "nightly", "params": [1, "two", 3.0]},
+    "INSTANCE_GET": {"instance_id": 9},
+    "INSTANCE_LIST": {"job": "nightly", "status": ["failed", "timed_out"], "limit": 50},
+    "LOG_GET": {"instance_id": 9, "limit": 100},
+    "RESPONSE": {"anything": [1, 2, {"goes": True}]},
+    "ERROR": {"code": ErrorCode.NOT_FOUND, "message": "no such job", "fatal": False},
+}
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+# ---- pure encode / decode -------------------------------------------------------------------
+
+
+def test_samples_cover_every_type() -> None:
+    assert set(SAMPLES) == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("mtype", sorted(SCHEMAS))
+def test_round_trip_every_type(mtype: str) -> None:
+    body = SAMPLES[mtype]
+    validate(mtype, body)
+    data = encode(mtype, body, rid=5)
+    assert struct.unpack(">I", data[:4])[0] == len(data) - 4
+    assert Decoder().feed(data) == [Message(mtype, 5, body)]
+
+
+@pytest.mark.parametrize("mtype", sorted(t for t, f in SCHEMAS.items() if f))
+def test_minimal_bodies_and_missing_required(mtype: str) -> None:
+    """Only the required fields decode; dropping any one of them is BAD_MESSAGE."""
+    required = {k: v for k, v in SAMPLES[mtype].items() if not SCHEMAS[mtype][k].endswith("?")}
+    validate(mtype, required)
+    for name in required:
+        partial = {k: v for k, v in required.items() if k != name}
+        with pytest.raises(ProtocolError) as info:
+            Decoder().feed(encode(mtype, partial))
+        assert info.value.code == ErrorCode.BAD_MESSAGE
+        assert name in info.value.message
+
+
+def test_field_types() -> None:
+    d = dict(DISPATCH_BODY, scheduled_at=5, extra_future_field={"x": 1})  # int as float, unknown field
+    assert Decoder().feed(encode("DISPATCH", d))[0].body["scheduled_at"] == 5
+    bad_values = [
+        ("DISPATCH", dict(DISPATCH_BODY, instance_id=True)),  # bool is not int
+        ("DISPATCH", dict(DISPATCH_BODY, scheduled_at="soon")),
+        ("DISPATCH", dict(DISPATCH_BODY, instance_id=1.0)),  # float is not int
+        ("ACK", {"instance_id": 1, "accepted": 1}),  # int is not bool
+        ("HELLO", dict(SAMPLES["HELLO"], tags=["ok", 3])),
+        ("LOG", {"instance_id": 1, "lines": [[1.0, "INFO"]]}),
+        ("LOG", {"instance_id": 1, "lines": [[1.0, "INFO", 5]]}),
+        ("SL_ASSIGN", {"job": dict(SL_JOB, period=None), "lease": 1.0}),
+        ("SL_REPORT", {"reports": [dict(SL_REPORT_ITEM, runs="many")]}),
+        ("JOB_UPSERT", {"job": {"name": "x", "handler": "y"}}),
+        ("ERROR", {"code": "x"}),
+    ]
+    for mtype, body in bad_values:
+        with pytest.raises(ProtocolError) as info:
+            Decoder().feed(encode(mtype, body))
+        assert info.value.code == ErrorCode.BAD_MESSAGE, (mtype, body)
+    # optional fields may be nil, which means absent
+    validate("ACK", {"instance_id": 1, "accepted": True, "reason": None})
+
+
+def test_many_frames_per_feed_and_byte_by_byte() -> None:
+    stream = b"".join(encode(t, SAMPLES[t], rid=i) for i, t in enumerate(sorted(SAMPLES)))
+    expected = [Message(t, i, SAMPLES[t]) for i, t in enumerate(sorted(SAMPLES))]
+    assert Decoder().feed(stream) == expected
+    dec = Decoder()
+    got: list[Message] = []
+    for i in range(len(stream)):
+        got += dec.feed(stream[i : i + 1])
+        assert dec.buffered <= DEFAULT_MAX_FRAME + 4
+    assert got == expected
+    assert dec.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"\x00\x00\x00\x00", ErrorCode.BAD_FRAME),
+        (struct.pack(">I", DEFAULT_MAX_FRAME + 1), ErrorCode.FRAME_TOO_LARGE),
+        (b"GET / HTTP/1.1\r\n\r\n", ErrorCode.FRAME_TOO_LARGE),
+        (frame(b"\xc1"), ErrorCode.BAD_FRAME),  # 0xc1 is never used by msgpack
+        (frame(msgpack.packb(["PING", 0, {}]) + b"\x00"), ErrorCode.BAD_FRAME),  # two values
+        (frame(msgpack.packb({"type": "PING"})), ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["PING", 0])), ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["PING", -1, {}])), ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["PING", 0, []])), ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb([1, 0, {}])), ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["NOPE", 0, {}])), ErrorCode.UNKNOWN_TYPE),
+    ],
+)
+def test_decoder_errors(data: bytes, code: str) -> None:
+    dec = Decoder()
+    with pytest.raises(ProtocolError) as info:
+        dec.feed(data)
+    assert info.value.code == code
+    with pytest.raises(ProtocolError):  # a failed decoder stays failed
+        dec.feed(encode("PING", {}))
+
+
+def test_oversized_length_is_detected_from_the_header_alone() -> None:
+    dec = Decoder(max_frame=100)
+    with pytest.raises(ProtocolError) as info:
+        dec.feed(struct.pack(">I", 101))
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    dec = Decoder(max_frame=100)
+    assert dec.feed(struct.pack(">I", 100) + b"\x93") == []
+    assert dec.buffered == 5
+
+
+def test_helpers() -> None:
+    assert parse_address("127.0.0.1:7070") == ("127.0.0.1", 7070)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    assert parse_address("sched-1.example:1") == ("sched-1.example", 1)
+    for bad in ("nohost", ":80", "host:", "host:x", "host:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+    assert negotiate_version(PROTOCOL_VERSION + 5) == PROTOCOL_VERSION
+    assert negotiate_version(PROTOCOL_VERSION) == PROTOCOL_VERSION
+    assert negotiate_version(0) is None
+
+
+# ---- hypothesis fuzzing -------------------------------------------------------------------
+
+FUZZ_MAX = 256
+
+
+def _feed_all(dec: Decoder, chunks: list[bytes]) -> list[Message]:
+    out: list[Message] = []
+    for chunk in chunks:
+        try:
+            out += dec.feed(chunk)
+        except ProtocolError:
+            return out
+        assert dec.buffered <= FUZZ_MAX + 4
+    return out
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.lists(st.integers(min_value=0), max_size=20))
+def test_fuzz_random_bytes(data: bytes, cuts: list[int]) -> None:
+    _feed_all(Decoder(FUZZ_MAX), _split(data, cuts))
+
+
+# frames whose headers are plausible, with random or lightly mutated payloads
+_payloads = st.one_of(
+    st.binary(min_size=1, max_size=FUZZ_MAX + 8),
+    st.sampled_from(sorted(SAMPLES)).map(lambda t: msgpack.packb([t, 1, SAMPLES[t]])),
+    st.builds(
+        lambda t, i, b: (lambda p: p[:i % len(p)] + bytes([b]) + p[i % len(p) + 1 :])(
+            msgpack.packb([t, 1, SAMPLES[t]])
+        ),
+        st.sampled_from(sorted(SAMPLES)),
+        st.integers(min_value=0),
+        st.integers(0, 255),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_payloads, max_size=8), st.lists(st.integers(min_value=0), max_size=20))
+def test_fuzz_framed_payloads(payloads: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(frame(p) for p in payloads)
+    _feed_all(Decoder(FUZZ_MAX), _split(data, cuts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(sorted(SAMPLES)), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_fuzz_valid_streams_any_split(types: list[str], cuts: list[int]) -> None:
+    data = b"".join(encode(t, SAMPLES[t], rid=i) for i, t in enumerate(types))
+    dec = Decoder()
+    got: list[Message] = []
+    for chunk in _split(data, cuts):
+        got += dec.feed(chunk)
+    assert got == [Message(t, i, SAMPLES[t]) for i, t in enumerate(types)]
+    assert dec.buffered == 0
+
+
+# ---- a small server and client built on Connection -------------------------------------------
+
+API_TYPES = {
+    "JOB_UPSERT", "JOB_DELETE", "JOB_ENABLE", "JOB_GET", "JOB_LIST",
+    "TRIGGER", "INSTANCE_GET", "INSTANCE_LIST", "LOG_GET",
+}
+
+
+class ServerConn(Connection):
+    """The handshake and a toy API: echoes one-way messages, answers API requests."""
+
+    def __init__(self, server: "TestServer", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.server = server
+        self.established = False
+        self.held: list[Message] = []
+        self.closed_with: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_connect(self) -> None:
+        self.server.conns.append(self)
+        self.watch_idle(self.server.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT)
+
+    def on_close(self, exc: Optional[Exception]) -> None:
+        self.closed_with.set_result(exc)
+
+    def on_message(self, msg: Message) -> None:
+        if not self.established:
+            self._handshake(msg)
+        elif msg.type == "PING":
+            self.send("PONG", {"ts": msg.body.get("ts")}, msg.rid)
+        elif msg.type in API_TYPES and msg.rid:
+            self._api(msg)
+        elif msg.type == "HELLO":
+            self.fail(ErrorCode.BAD_MESSAGE, "HELLO after handshake")
+        else:
+            self.send(msg.type, msg.body)  # echo, so the client sees it round-trip
+
+    def _handshake(self, msg: Message) -> None:
+        if msg.type != "HELLO" or not msg.rid:
+            self.fail(ErrorCode.BAD_MESSAGE, "expected HELLO request")
+            return
+        hello = msg.body
+        version = negotiate_version(hello["version"])
+        if version is None:
+            self.respond(
+                msg,
+                {"code": ErrorCode.UNSUPPORTED_VERSION, "reason": f"version {hello['version']}"},
+                "REJECT",
+            )
+            self.close()
+        elif hello.get("token") == "bad":
+            self.respond(msg, {"code": ErrorCode.BAD_TOKEN, "reason": "bad token"}, "REJECT")
+            self.close()
+        elif hello["app"] == "elsewhere":
+            self.respond(msg, {"address": "10.1.2.3:7070", "server_id": "s-9"}, "REDIRECT")
+            self.close()
+        else:
+            self.established = True
+            self.respond(
+                msg,
+                {
+                    "version": version,
+                    "server_id": "s-test",
+                    "heartbeat_interval": 1.0,
+                    "heartbeat_timeout": 3.0,
+                    "max_frame": self.max_frame,
+                },
+                "WELCOME",
+            )
+            self.watch_idle(self.server.heartbeat_timeout)
+
+    def _api(self, msg: Message) -> None:
+        name = msg.body.get("name")
+        if name == "missing":
+            self.respond_error(msg, ErrorCode.NOT_FOUND, "no such job")
+        elif name == "boom":
+            raise RuntimeError("handler bug")
+        elif name == "hold":
+            self.held.append(msg)  # answered later by the test
+        elif name == "hang-up":
+            self.close()
+        else:
+            self.respond(msg, {"type": msg.type, "body": msg.body})
+
+
+class TestServer:
+    __test__ = False  # not a pytest class
+
+    def __init__(self, handshake_timeout: float = 5.0, heartbeat_timeout: Optional[float] = None,
+                 **conn_kw: Any) -> None:
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.conn_kw = conn_kw
+        self.conns: list[ServerConn] = []
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.port = 0
+
+    async def start(self, ssl_ctx: Optional[ssl.SSLContext] = None) -> "TestServer":
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ServerConn(self, **self.conn_kw), "127.0.0.1", 0, ssl=ssl_ctx
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class ClientConn(Connection):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.closed_with: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_message(self, msg: Message) -> None:
+        self.inbox.put_nowait(msg)
+
+    def on_close(self, exc: Optional[Exception]) -> None:
+        self.closed_with.set_result(exc)
+
+
+async def connect(port: int, ssl_ctx: Optional[ssl.SSLContext] = None, **kw: Any) -> ClientConn:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: ClientConn(**kw), "127.0.0.1", port, ssl=ssl_ctx,
+        server_hostname="localhost" if ssl_ctx else None,
+    )
+    return conn
+
+
+async def hello(conn: ClientConn, **over: Any) -> Message:
+    return await conn.request("HELLO", dict(SAMPLES["HELLO"], **over), timeout=5)
+
+
+async def session(port: int, **kw: Any) -> ClientConn:
+    conn = await connect(port, **kw)
+    reply = await hello(conn)
+    assert reply.type == "WELCOME"
+    return conn
+
+
+# ---- over real sockets ----------------------------------------------------------------------
+
+
+def test_handshake_outcomes(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        conn = await connect(srv.port)
+        welcome = await hello(conn, version=PROTOCOL_VERSION + 3)
+        assert welcome.type == "WELCOME" and welcome.body["version"] == PROTOCOL_VERSION
+        validate("WELCOME", welcome.body)
+        for over, rtype, field, value in [
+            ({"app": "elsewhere"}, "REDIRECT", "address", "10.1.2.3:7070"),
+            ({"token": "bad"}, "REJECT", "code", ErrorCode.BAD_TOKEN),
+            ({"version": 0}, "REJECT", "code", ErrorCode.UNSUPPORTED_VERSION),
+        ]:
+            other = await connect(srv.port)
+            reply = await hello(other, **over)
+            assert reply.type == rtype and reply.body[field] == value
+            await asyncio.wait_for(other.wait_closed(), 5)  # the server closes after answering
+            assert other.closed
+        conn.close()
+        await srv.stop()
+
+    run(main())
+
+
+def test_every_message_type_over_a_connection(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        conn = await session(srv.port)
+        for mtype, body in SAMPLES.items():
+            if mtype in API_TYPES:
+                reply = await conn.request(mtype, body)
+                assert reply == Message("RESPONSE", reply.rid, {"type": mtype, "body": body})
+            elif mtype == "PING":
+                conn.send("PING", body)
+                assert await conn.inbox.get() == Message("PONG", 0, {"ts": body["ts"]})
+            elif mtype != "HELLO":
+                conn.send(mtype, body)  # the server echoes it back
+                assert await conn.inbox.get() == Message(mtype, 0, body)
+        conn.close()
+        await conn.wait_closed()
+        await srv.stop()
+
+    run(main())
+
+
+def test_requests_correlate_time_out_and_fail_on_close(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        conn = await session(srv.port)
+        server_side = srv.conns[0]
+        # out-of-order answers land on the right requests
+        held = [asyncio.ensure_future(conn.request("TRIGGER", {"name": "hold", "params": i}))
+                for i in range(5)]
+        one = await conn.request("JOB_GET", {"name": "a"})
+        assert one.body["body"] == {"name": "a"}
+        for msg in reversed(server_side.held):
+            server_side.respond(msg, {"instance_id": msg.body["params"]})
+        assert [(await f).body["instance_id"] for f in held] == list(range(5))
+        server_side.held.clear()
+        # an ERROR reply raises RemoteError and the connection carries on
+        with pytest.raises(RemoteError) as info:
+            await conn.request("JOB_GET", {"name": "missing"})
+        assert info.value.code == ErrorCode.NOT_FOUND
+        # an exception in the server's on_message becomes ERROR internal, not a dead connection
+        with pytest.raises(RemoteError) as info:
+            await conn.request("TRIGGER", {"name": "boom"})
+        assert info.value.code == ErrorCode.INTERNAL
+        # a request nobody answers times out and leaves nothing pending
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.request("TRIGGER", {"name": "hold"}, timeout=0.05)
+        assert not conn._pending
+        # the connection closing fails pending requests
+        pending = asyncio.ensure_future(conn.request("TRIGGER", {"name": "hold"}))
+        await conn.request("JOB_GET", {"name": "sync"})  # the held request has arrived
+        server_side.close()
+        with pytest.raises(ConnectionError):
+            await pending
+        with pytest.raises(ConnectionError):
+            await conn.request("JOB_LIST", {})
+        await srv.stop()
+
+    run(main())
+
+
+async def _bad_peer(port: int, data: bytes, eof: bool = False) -> list[Message]:
+    """Send raw bytes, read until the server hangs up, decode what it said."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if data:
+        writer.write(data)
+    if eof:
+        writer.write_eof()
+    received = await asyncio.wait_for(reader.read(), 5)  # read() returns at EOF: disconnected
+    writer.close()
+    return Decoder().feed(received)
+
+
+HELLO_FRAME = encode("HELLO", SAMPLES["HELLO"], rid=1)
+
+
+@pytest.mark.parametrize(
+    "data, eof, code",
+    [
+        (b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", False, ErrorCode.BAD_FRAME),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False, ErrorCode.FRAME_TOO_LARGE),
+        (b"\xff\xff\xff\xff", False, ErrorCode.FRAME_TOO_LARGE),
+        (b"\x00\x00\x00\x00", False, ErrorCode.BAD_FRAME),
+        (HELLO_FRAME[:20], True, ErrorCode.BAD_FRAME),  # truncated frame, then EOF
+        (frame(msgpack.packb({"type": "HELLO"})), False, ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["HELLO", 1, {"version": 1}])), False, ErrorCode.BAD_MESSAGE),
+        (encode("NOT_A_TYPE", {}, rid=1), False, ErrorCode.UNKNOWN_TYPE),
+        (encode("PING", {}), False, ErrorCode.BAD_MESSAGE),  # anything before HELLO
+        (b"", False, ErrorCode.HANDSHAKE_TIMEOUT),  # nothing at all
+    ],
+    ids=["garbage", "http", "oversized", "zero", "truncated", "shape", "fields", "unknown",
+         "no-hello", "silent"],
+)
+def test_misbehaving_peer_is_dropped_others_keep_working(
+    run: Callable[..., Any], data: bytes, eof: bool, code: str
+) -> None:
+    async def main() -> None:
+        srv = await TestServer(handshake_timeout=0.2).start()
+        good = await session(srv.port)
+        msgs = await _bad_peer(srv.port, data, eof)
+        assert len(msgs) == 1
+        err = msgs[0]
+        assert err.type == "ERROR" and err.body["code"] == code and err.body["fatal"] is True
+        bad_side = srv.conns[1]
+        exc = await asyncio.wait_for(bad_side.closed_with, 5)
+        assert isinstance(exc, ProtocolError) and exc.code == code
+        # the well-behaved connection is unaffected
+        reply = await good.request("JOB_GET", {"name": "still-here"})
+        assert reply.body["body"] == {"name": "still-here"}
+        assert not good.closed
+        good.close()
+        await srv.stop()
+
+    run(main())
+
+
+def test_wrong_version_is_rejected_over_raw_socket(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        msgs = await _bad_peer(srv.port, encode("HELLO", dict(SAMPLES["HELLO"], version=0), rid=9))
+        assert msgs == [Message("REJECT", 9, {"code": ErrorCode.UNSUPPORTED_VERSION,
+                                              "reason": "version 0"})]
+        await srv.stop()
+
+    run(main())
+
+
+def test_heartbeat_timeout_and_fatal_error_reaches_on_close(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer(heartbeat_timeout=0.2).start()
+        conn = await session(srv.port)
+        exc = await asyncio.wait_for(conn.closed_with, 5)  # we send nothing: the server hangs up
+        assert isinstance(exc, RemoteError) and exc.code == ErrorCode.HEARTBEAT_TIMEOUT
+        server_exc = await asyncio.wait_for(srv.conns[0].closed_with, 5)
+        assert isinstance(server_exc, ProtocolError)
+        assert server_exc.code == ErrorCode.HEARTBEAT_TIMEOUT
+        await srv.stop()
+
+    run(main())
+
+
+def test_drain_follows_pause_and_resume(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        conn = await session(srv.port)
+        # protocol level: pause_writing blocks drain, resume_writing releases it
+        conn.pause_writing()
+        waiter = asyncio.ensure_future(conn.drain())
+        done, _ = await asyncio.wait({waiter}, timeout=0)
+        assert not done
+        conn.resume_writing()
+        await asyncio.wait_for(waiter, 1)
+
+        # socket level: the server writes to a client that stopped reading
+        server_side = srv.conns[0]
+        conn.transport.pause_reading()
+        big = {"anything": "x" * (256 * 1024)}
+        sent = 0
+        for _ in range(2000):
+            server_side.send("RESPONSE", big)
+            sent += 1
+            drained = asyncio.ensure_future(server_side.drain())
+            await asyncio.sleep(0)  # a yield for the flush, not a timing assumption
+            if not drained.done():
+                break
+        else:
+            pytest.fail("the transport never paused writing")
+        conn.transport.resume_reading()
+        await asyncio.wait_for(drained, 10)  # the reader caught up
+        for _ in range(sent):
+            msg = await conn.inbox.get()
+            assert len(msg.body["anything"]) == 256 * 1024
+        conn.close()
+        await srv.stop()
+
+    run(main())
+
+
+def test_slow_consumer_is_disconnected(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer(max_write_buffer=1 << 20).start()
+        conn = await session(srv.port)
+        server_side = srv.conns[0]
+        conn.transport.pause_reading()
+        big = {"anything": "x" * (256 * 1024)}
+        for _ in range(2000):  # up to 500 MiB: far beyond socket buffers + max_write_buffer
+            server_side.send("RESPONSE", big)  # no drain(): a careless sender
+            if server_side.closed:
+                break
+            await asyncio.sleep(0)
+        exc = await asyncio.wait_for(server_side.closed_with, 5)
+        assert isinstance(exc, ProtocolError) and exc.code == ErrorCode.SLOW_CONSUMER
+        conn.transport.resume_reading()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        await srv.stop()
+
+    run(main())
+
+
+def test_send_refuses_frames_over_max_frame(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await TestServer().start()
+        conn = await session(srv.port, max_frame=1024)
+        with pytest.raises(ProtocolError) as info:
+            conn.send("RESPONSE", {"x": "y" * 2000})
+        assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+        assert (await conn.request("JOB_LIST", {})).body["type"] == "JOB_LIST"
+        conn.close()
+        await srv.stop()
+
+    run(main())
+
+
+def test_tls_round_trip(run: Callable[..., Any]) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)
+
+    async def main() -> None:
+        srv = await TestServer().start(server_ctx)
+        conn = await connect(srv.port, client_ctx)
+        assert (await hello(conn)).type == "WELCOME"
+        assert conn.transport.get_extra_info("ssl_object") is not None
+        reply = await conn.request("TRIGGER", {"name": "tls", "params": {"p": 1}})
+        assert reply.body["body"] == {"name": "tls", "params": {"p": 1}}
+        conn.send("DISPATCH", DISPATCH_BODY)
+        assert await conn.inbox.get() == Message("DISPATCH", 0, DISPATCH_BODY)
+        conn.close()
+        await conn.wait_closed()
+        await srv.stop()
+
+    run(main())
