@@ -759,3 +759,66 @@ def test_tls_round_trip(run: Callable[..., Any]) -> None:
         await srv.stop()
 
     run(main())
+
+
+# ---- protocol.md agrees with the code -------------------------------------------------------
+
+SPEC = os.path.join(os.path.dirname(__file__), os.pardir, "protocol.md")
+
+
+def _spec_tables() -> dict[str, Any]:
+    """{name: {field: type-with-?} or [types]} from the ``#### `NAME` `` sections of protocol.md."""
+    tables: dict[str, Any] = {}
+    current: Optional[str] = None
+    with open(SPEC, encoding="utf-8") as f:
+        for line in f:
+            heading = re.match(r"^#{3,4} `(\w+)`\s*$", line)
+            if heading:
+                current = heading.group(1)
+                tables[current] = {}
+                continue
+            if line.startswith("#"):
+                current = None
+                continue
+            row = re.match(r"^\| (`\w+`|\d+) \| `([^`]+)` \| (yes|no) \|", line)
+            if current and row:
+                key, mtype, required = row.groups()
+                mtype = mtype.replace("\\|", "|") + ("" if required == "yes" else "?")
+                tables[current][key.strip("`")] = mtype
+    for name, fields in tables.items():
+        if fields and all(k.isdigit() for k in fields):
+            tables[name] = [fields[str(i)] for i in range(len(fields))]
+    return tables
+
+
+def test_protocol_md_tables_match_the_code() -> None:
+    tables = _spec_tables()
+    assert {n: tables.get(n) for n in SCHEMAS} == SCHEMAS
+    assert {n: tables.get(n) for n in STRUCTS} == STRUCTS
+    assert set(tables) == set(SCHEMAS) | set(STRUCTS)
+
+
+def test_protocol_md_hex_examples() -> None:
+    with open(SPEC, encoding="utf-8") as f:
+        text = f.read()
+
+    def hex_tokens(s: str) -> str:
+        out = []
+        for line in s.splitlines():
+            for tok in line.split():
+                if not re.fullmatch(r"[0-9a-f]{2}", tok):
+                    break
+                out.append(tok)
+        return "".join(out)
+
+    annotated = text[text.index("00 00 00 28") :].split("```")[0]
+    assert hex_tokens(annotated) == encode("HELLO", {"version": 1, "app": "demo", "worker_id": "w1"}, 1).hex()
+    compact = hex_tokens(text.replace("`", "\n"))
+    welcome = {"version": 1, "server_id": "s1", "heartbeat_interval": 5.0,
+               "heartbeat_timeout": 15.0, "max_frame": 1048576}
+    for data in (
+        encode("WELCOME", welcome, 1),
+        encode("PING", {}),
+        encode("ERROR", {"code": "handshake_timeout", "message": "no HELLO", "fatal": True}),
+    ):
+        assert data.hex() in compact
