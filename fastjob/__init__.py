@@ -1,2 +1,11 @@
-"""FastJob: a distributed, lock-free job scheduler."""
+"""FastJob: a distributed, lock-free job scheduler.
+
+The public API is the embeddable worker; the server runs as ``fastjob-server``.
+"""
+from .protocol import ProtocolError, RemoteError
+from .schedule import ScheduleError
+from .worker import JobContext, Worker, WorkerError
+
 __version__ = "0.1.0"
+
+__all__ = ["JobContext", "ProtocolError", "RemoteError", "ScheduleError", "Worker", "WorkerError", "__version__"]

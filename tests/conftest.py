@@ -8,11 +8,14 @@ concurrent runs on one MariaDB never see each other's rows.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import harness
 
 MYSQL_DSN_ENV = "FASTJOB_TEST_MYSQL_DSN"
 
@@ -72,3 +75,28 @@ def mysql_dsn(mysql_session_dsn: str) -> Iterator[str]:
             cur.execute(f"DROP TABLE IF EXISTS `{db}`.`{table}`")
     conn.close()
     yield mysql_session_dsn
+
+
+@pytest.fixture
+async def servers(tmp_path):
+    """A factory of real server processes; every one is killed when the test ends."""
+    from harness import ServerFactory
+
+    factory = ServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request, tmp_path) -> str:
+    """A database URL for end-to-end tests: a temporary SQLite file, or the MySQL test database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fastjob.db'}"
+    return request.getfixturevalue("mysql_dsn")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'fastjob.db'}"

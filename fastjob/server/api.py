@@ -1,0 +1,168 @@
+"""The client API: job definitions, triggers, instance and log queries, scoped to one app."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from .. import schedule
+from ..protocol import ErrorCode
+from ..store import JobRow, JobSpec, NotOwnerError, ScheduleType, Status
+
+if TYPE_CHECKING:
+    from .app import FastJobServer
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def to_wire(row: Any) -> dict[str, Any]:
+    """A store dataclass as a msgpack-friendly map (enums as their values)."""
+    out = {}
+    for f in dataclasses.fields(row):
+        value = getattr(row, f.name)
+        out[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
+_SPEC_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "handler": (str,), "schedule_type": (str,), "schedule_expr": (str,),
+    "timezone": (str,), "timeout": (int, float, type(None)), "retry_times": (int,),
+    "retry_backoff": (int, float), "misfire_policy": (str,), "tags": (list, tuple),
+    "routing": (str,), "run_once": (bool,), "enabled": (bool,), "allow_overlap": (bool,),
+}
+
+
+def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
+    """Check a job map field by field and build a JobSpec; a clear INVALID error otherwise."""
+    for name in ("name", "handler", "schedule_type"):
+        if not body.get(name):
+            raise ApiError(ErrorCode.INVALID, f"job field {name!r} is required")
+    kwargs: dict[str, Any] = {}
+    for name, kinds in _SPEC_FIELDS.items():
+        if name in body:
+            value = body[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ApiError(ErrorCode.INVALID, f"job field {name!r} has the wrong type {type(value).__name__}")
+            kwargs[name] = value
+    try:
+        kwargs["schedule_type"] = ScheduleType(kwargs["schedule_type"])
+    except ValueError:
+        raise ApiError(ErrorCode.INVALID, f"unknown schedule_type {body['schedule_type']!r}") from None
+    if "tags" in kwargs:
+        kwargs["tags"] = [str(tag) for tag in kwargs["tags"]]
+    if "params" in body:
+        kwargs["params"] = body["params"]
+    if len(kwargs["name"]) > 190:
+        raise ApiError(ErrorCode.INVALID, "job name longer than 190 characters")
+    spec = JobSpec(app=app, **kwargs)
+    schedule.validate(spec)
+    return spec
+
+
+async def _job_or_404(server: "FastJobServer", app: str, name: Any) -> JobRow:
+    if not isinstance(name, str):
+        raise ApiError(ErrorCode.INVALID, "job name must be a string")
+    job = await server.store.get_job_by_name(app, name)
+    if job is None:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no job {name!r} in app {app!r}")
+    return job
+
+
+async def job_upsert(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(body.get("job"), dict):
+        raise ApiError(ErrorCode.INVALID, "JOB_UPSERT needs a 'job' map")
+    spec = spec_from_wire(app, body["job"])
+    job = await server.upsert_job(spec)
+    return {"job": to_wire(job)}
+
+
+async def job_delete(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    job = await _job_or_404(server, app, body["name"])
+    deleted = await server.store.delete_job(app, job.name, time.time())
+    await server.reload_job(job.id)
+    return {"deleted": deleted}
+
+
+async def job_enable(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    job = await _job_or_404(server, app, body["name"])
+    enabled = bool(body["enabled"])
+    next_ms = schedule.first_fire_ms(job, schedule.now_ms()) if enabled else None
+    if server.is_second_level(job):
+        next_ms = None
+    ok = await server.store.set_job_enabled(app, job.name, enabled, next_ms, time.time())
+    await server.reload_job(job.id)
+    return {"ok": ok}
+
+
+async def job_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"job": to_wire(await _job_or_404(server, app, body["name"]))}
+
+
+async def job_list(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"jobs": [to_wire(job) for job in await server.store.list_jobs(app)]}
+
+
+async def trigger(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    job = await _job_or_404(server, app, body["name"])
+    row = await server.scheduler.trigger(app, job, body.get("params"))
+    return {"instance_id": row.id}
+
+
+async def instance_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    row = await server.store.get_instance(body["instance_id"])
+    if row is None or row.app != app:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
+    return {"instance": to_wire(row)}
+
+
+async def instance_list(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    job_id = None
+    if body.get("job"):
+        job_id = (await _job_or_404(server, app, body["job"])).id
+    statuses = None
+    if body.get("status"):
+        try:
+            statuses = [Status(s) for s in body["status"]]
+        except ValueError as exc:
+            raise ApiError(ErrorCode.INVALID, str(exc)) from None
+    limit = max(1, min(int(body.get("limit") or 100), 10_000))
+    rows = await server.store.list_instances(app, job_id, statuses, limit)
+    return {"instances": [to_wire(row) for row in rows]}
+
+
+async def log_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+    row = await server.store.get_instance(body["instance_id"])
+    if row is None or row.app != app:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
+    await server.scheduler.writer.flush()  # so a caller sees the lines its worker already sent
+    limit = max(1, min(int(body.get("limit") or 1000), 100_000))
+    lines = await server.store.get_logs(row.id, limit)
+    return {"lines": [[line.ts, line.level, line.message] for line in lines]}
+
+
+Handler = Callable[["FastJobServer", str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+API_HANDLERS: dict[str, Handler] = {
+    "JOB_UPSERT": job_upsert,
+    "JOB_DELETE": job_delete,
+    "JOB_ENABLE": job_enable,
+    "JOB_GET": job_get,
+    "JOB_LIST": job_list,
+    "TRIGGER": trigger,
+    "INSTANCE_GET": instance_get,
+    "INSTANCE_LIST": instance_list,
+    "LOG_GET": log_get,
+}
+API_TYPES = frozenset(API_HANDLERS)
+
+
+async def handle_api(server: "FastJobServer", app: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    if app not in server.cluster.owned:
+        raise NotOwnerError(app, -1)
+    return await API_HANDLERS[kind](server, app, body)

@@ -1,0 +1,187 @@
+"""The FastJob server: accepts worker connections, owns apps, schedules and dispatches fires."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .. import schedule
+from ..store import DEFAULT_URL, JobRow, JobSpec, ScheduleType, Store, create_store
+from .cluster import Cluster
+from .scheduler import Scheduler
+from .second_level import SecondLevel
+from .session import WorkerSession
+
+log = logging.getLogger("fastjob.server")
+
+
+@dataclass
+class ServerConfig:
+    """Every knob of a server; each has a ``--flag`` and a ``FASTJOB_…`` variable (see cli)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7700
+    db: str = DEFAULT_URL
+    advertise: Optional[str] = None  # host:port workers are redirected to; default host:port bound
+    server_id: Optional[str] = None  # default: the advertised address, stable across restarts
+    log_level: str = "INFO"
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    scan_horizon: float = 5.0
+    scan_interval: Optional[float] = None  # default: a fifth of the horizon
+    dispatch_wait: float = 30.0  # how long a due fire waits for a worker before it fails
+    misfire_threshold: float = 5.0  # a fire later than this is a misfire
+    second_level_threshold: float = 60.0
+    handshake_timeout: float = 10.0
+    max_frame: int = 1 << 20
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    app_tokens: dict[str, str] = field(default_factory=dict)
+
+
+class FastJobServer:
+    """Wires the store, the cluster view, the scheduler and the TCP listener together."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store: Store = create_store(config.db)
+        self.connections: set[WorkerSession] = set()
+        self.sessions: dict[str, list[WorkerSession]] = {}  # app -> established sessions
+        self._listener: Optional[asyncio.base_events.Server] = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: Optional[asyncio.Task[None]] = None
+        self.address = ""
+        self.cluster: Cluster
+        self.scheduler: Scheduler
+        self.second_level: SecondLevel
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> str:
+        """Open the store, bind, join the cluster; return the advertised address."""
+        cfg = self.config
+        await self.store.open()
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: WorkerSession(self), cfg.host, cfg.port, ssl=self._ssl_context(), reuse_address=True)
+        bound_port = self._listener.sockets[0].getsockname()[1]
+        self.address = cfg.advertise or f"{cfg.host}:{bound_port}"
+        server_id = cfg.server_id or self.address
+        for app, token in cfg.app_tokens.items():
+            await self.store.ensure_app(app)
+            await self.store.set_app_token(app, self.hash_token(app, token))
+        self.cluster = Cluster(self.store, server_id, self.address, cfg.heartbeat_interval,
+                               cfg.heartbeat_timeout, self._app_gained, self._app_lost)
+        self.scheduler = Scheduler(
+            self.store, self.cluster,
+            scan_horizon=cfg.scan_horizon,
+            scan_interval=cfg.scan_interval or cfg.scan_horizon / 5,
+            dispatch_wait=cfg.dispatch_wait,
+            misfire_threshold=cfg.misfire_threshold,
+            reattach_grace=cfg.heartbeat_timeout,
+            workers_of=self.workers_of,
+        )
+        self.second_level = SecondLevel(self)
+        self.scheduler.start()
+        await self.cluster.start()
+        self._sweeper = asyncio.create_task(self._sweep_silent_sessions(), name="fastjob-sweeper")
+        log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop accepting, flush pending writes, set our apps free, close cleanly."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scheduler.stop()
+        await self.cluster.stop()
+        for session in list(self.connections):
+            session.close()
+        if self._listener is not None:
+            await asyncio.wait_for(self._listener.wait_closed(), 5)
+        await self.store.close()
+        log.info("server %s stopped", self.cluster.server_id)
+
+    def _ssl_context(self) -> Optional[ssl.SSLContext]:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep_silent_sessions(self) -> None:
+        """Close sessions that sent nothing for a heartbeat timeout (a dead or frozen worker)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+            deadline = loop.time() - self.config.heartbeat_timeout
+            for session in list(self.connections):
+                if session.established and session.last_received < deadline:
+                    log.warning("worker %s of app %s silent for %.1fs: closing",
+                                session.worker_id, session.app, self.config.heartbeat_timeout)
+                    session.close()
+
+    # ---- sessions -----------------------------------------------------------------------
+    def workers_of(self, app: str) -> list[WorkerSession]:
+        return self.sessions.get(app, [])
+
+    def session_joined(self, session: WorkerSession, running: list[int], second_level: list[int]) -> None:
+        self.sessions.setdefault(session.app, []).append(session)
+        if session.role == "worker":
+            self.scheduler.worker_joined(session, running)
+            self.second_level.worker_joined(session, second_level)
+
+    def session_left(self, session: WorkerSession) -> None:
+        peers = self.sessions.get(session.app, [])
+        if session in peers:
+            peers.remove(session)
+        log.info("%s %s of app %s disconnected", session.role, session.worker_id, session.app)
+        if session.role == "worker":
+            self.scheduler.worker_left(session)
+            self.second_level.worker_left(session)
+
+    async def _app_gained(self, app: str, epoch: int) -> None:
+        await self.scheduler.app_gained(app, epoch)
+        await self.second_level.app_gained(app)
+
+    async def _app_lost(self, app: str) -> None:
+        self.second_level.app_lost(app)
+        await self.scheduler.app_lost(app)
+
+    # ---- jobs ---------------------------------------------------------------------------
+    def is_second_level(self, job: JobRow | JobSpec) -> bool:
+        """Fixed rate/delay jobs faster than the threshold run on a worker, not through the WAL."""
+        period = schedule.period_seconds(job)
+        return period is not None and period < self.config.second_level_threshold and not job.run_once
+
+    async def upsert_job(self, spec: JobSpec) -> JobRow:
+        next_ms = None if self.is_second_level(spec) else schedule.first_fire_ms(spec, schedule.now_ms())
+        job = await self.store.upsert_job(spec, next_ms, time.time())
+        self._job_changed(job)
+        return job
+
+    async def reload_job(self, job_id: int) -> None:
+        job = await self.store.get_job(job_id)
+        if job is not None:
+            self._job_changed(job)
+
+    def _job_changed(self, job: JobRow) -> None:
+        self.scheduler.job_changed(job)
+        self.second_level.job_changed(job)
+
+    @staticmethod
+    def hash_token(app: str, token: str) -> str:
+        """Tokens are stored as a salted SHA-256: high-entropy secrets need no slow KDF."""
+        return hashlib.sha256(f"fastjob-token:{app}:{token}".encode()).hexdigest()

@@ -1,0 +1,563 @@
+"""The life of a regular fire on its owner server: scan, WAL, wheel, dispatch, result.
+
+A scan pass claims, per owned app, every job due within the horizon; the store writes the
+instance rows (the WAL) and advances the jobs in one fenced transaction. Only then do the
+fires enter the timing wheel. When the wheel says a fire is due it is dispatched to a worker
+of the app; status changes are written in batches by :class:`StatusWriter`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .. import schedule
+from ..store import (
+    FINAL_STATUSES,
+    InstanceRow,
+    InstanceUpdate,
+    JobRow,
+    LogLine,
+    NotOwnerError,
+    ScheduleType,
+    Status,
+    Store,
+    StoreError,
+)
+from ..timer import WheelTimer
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .session import WorkerSession
+
+log = logging.getLogger("fastjob.scheduler")
+
+
+class StatusWriter:
+    """Collects status changes and log lines and writes them in batches, never losing one.
+
+    A failed write keeps the batch and is retried on the next flush, so a database outage
+    delays status updates but drops none.
+    """
+
+    def __init__(self, store: Store, flush_interval: float = 0.02, max_batch: int = 2000) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self._updates: list[InstanceUpdate] = []
+        self._logs: list[LogLine] = []
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task[None]] = None
+
+    def update(self, change: InstanceUpdate) -> None:
+        self._updates.append(change)
+        self._wake.set()
+
+    def logs(self, lines: list[LogLine]) -> None:
+        self._logs.extend(lines)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fastjob-status-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.flush_interval)  # let a burst gather into one batch
+            if not await self.flush():
+                await asyncio.sleep(0.5)
+                self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write what is pending; False (and keep it) if the database refused."""
+        updates, self._updates = self._updates, []
+        lines, self._logs = self._logs, []
+        try:
+            if updates:
+                await self.store.update_instances(updates)
+            if lines:
+                await self.store.append_logs(lines)
+            return True
+        except StoreError as exc:
+            log.warning("status write of %d updates, %d log lines failed, will retry: %s",
+                        len(updates), len(lines), exc)
+            self._updates[:0] = updates
+            self._logs[:0] = lines
+            return False
+
+
+@dataclass(slots=True)
+class Inflight:
+    """An instance sent to a worker and not yet finished."""
+
+    instance: InstanceRow
+    job: JobRow
+    session: Optional["WorkerSession"]
+    status: Status = Status.DISPATCHED
+    refused_by: set[str] = field(default_factory=set)
+    overdue_handle: Optional[int] = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """A due fire that found no worker able to take it yet."""
+
+    instance: InstanceRow
+    job: JobRow
+    give_up_at: float  # loop.time()
+    refused_by: set[str] = field(default_factory=set)
+    reason: str = "no worker connected"
+
+
+class Scheduler:
+    """Owns the wheel of this server and every fire of the apps this server owns."""
+
+    def __init__(
+        self,
+        store: Store,
+        cluster: "Cluster",
+        *,
+        scan_horizon: float,
+        scan_interval: float,
+        dispatch_wait: float,
+        misfire_threshold: float,
+        reattach_grace: float,
+        workers_of: Callable[[str], list["WorkerSession"]],
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.scan_horizon = scan_horizon
+        self.scan_interval = scan_interval
+        self.dispatch_wait = dispatch_wait
+        self.misfire_threshold = misfire_threshold
+        self.reattach_grace = reattach_grace
+        self.workers_of = workers_of
+        self.writer = StatusWriter(store)
+        self.timer: Optional[WheelTimer] = None
+        self.jobs: dict[int, JobRow] = {}
+        self.inflight: dict[int, Inflight] = {}
+        self.pending: dict[str, list[Pending]] = {}
+        self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
+        self.held: list[InstanceRow] = []  # fires that came due while our lease was stale
+        self._rr: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._scan_task: Optional[asyncio.Task[None]] = None
+        self._scan_now = asyncio.Event()
+        self._revalidating = False
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.timer = WheelTimer(self._on_due)
+        self.writer.start()
+        self._scan_task = asyncio.create_task(self._scan_loop(), name="fastjob-scan")
+
+    async def stop(self) -> None:
+        if self._scan_task is not None:
+            self._scan_task.cancel()
+            await asyncio.gather(self._scan_task, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.timer is not None:
+            self.timer.close()
+        await self.writer.stop()
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run a background step we own: cancelled and awaited on stop, errors logged."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, (StoreError, NotOwnerError)):
+                log.warning("%s failed: %s", task.get_name(), exc)
+            else:
+                log.error("%s crashed", task.get_name(), exc_info=exc)
+
+    def wake_scan(self) -> None:
+        self._scan_now.set()
+
+    # ---- ownership callbacks -------------------------------------------------------------
+    async def app_gained(self, app: str, epoch: int) -> None:
+        """Recover the app's WAL: waiting fires go into the wheel, running ones await re-attach."""
+        rows = await self.store.load_unfinished(app)
+        for row in rows:
+            job = await self.job(row.job_id)
+            if job is None:
+                continue
+            if row.status is Status.WAITING:
+                self._enter_wheel(row)
+            elif row.id not in self.inflight:
+                flight = Inflight(row, job, None, row.status)
+                self.inflight[row.id] = flight
+                self._arm(("orphan", row.id), self.reattach_grace)
+        log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
+        self.wake_scan()
+
+    async def app_lost(self, app: str) -> None:
+        """Forget every fire of the app; its new owner has them in the database."""
+        # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
+        self.pending.pop(app, None)
+        for instance_id, flight in list(self.inflight.items()):
+            if flight.instance.app == app:
+                del self.inflight[instance_id]
+        for session in self.workers_of(app):
+            session.redirect_away()
+
+    # ---- jobs cache ------------------------------------------------------------------------
+    async def job(self, job_id: int) -> Optional[JobRow]:
+        cached = self.jobs.get(job_id)
+        if cached is None:
+            cached = await self.store.get_job(job_id)
+            if cached is not None:
+                self.jobs[job_id] = cached
+        return cached
+
+    def job_changed(self, job: JobRow) -> None:
+        self.jobs[job.id] = job
+        self.wake_scan()
+
+    # ---- scan ------------------------------------------------------------------------------
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._scan_now.wait(), self.scan_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._scan_now.clear()
+            if not self.cluster.lease_valid():
+                continue
+            for app, epoch in list(self.cluster.owned.items()):
+                try:
+                    await self.scan_app(app, epoch)
+                except NotOwnerError:
+                    log.warning("app %s: scan fenced at epoch %d; re-syncing ownership", app, epoch)
+                    self.spawn(self.cluster.sync(), "fastjob-resync")
+                except StoreError as exc:
+                    log.warning("app %s: scan failed, will retry: %s", app, exc)
+                except Exception:
+                    log.exception("app %s: scan crashed", app)
+
+    async def scan_app(self, app: str, epoch: int) -> int:
+        """Claim the app's fires due within the horizon and put them into the wheel."""
+        now = time.time()
+        horizon_ms = int((now + self.scan_horizon) * 1000)
+        next_fire = schedule.make_next_fire(int(now * 1000), int(self.misfire_threshold * 1000))
+        rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, next_fire, now)
+        for row in rows:
+            if await self.job(row.job_id) is not None:
+                self._enter_wheel(row)
+        if rows:
+            log.debug("app %s: claimed %d fires", app, len(rows))
+        return len(rows)
+
+    # ---- the wheel -------------------------------------------------------------------------
+    def _loop_time_of(self, epoch_ms: int) -> float:
+        loop = asyncio.get_running_loop()
+        return loop.time() + (epoch_ms / 1000.0 - time.time())
+
+    def _enter_wheel(self, row: InstanceRow, at: Optional[float] = None) -> None:
+        assert self.timer is not None
+        when = at if at is not None else self._loop_time_of(row.planned_ms)
+        self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", row))
+
+    def _arm(self, item: tuple[str, Any], delay: float) -> int:
+        assert self.timer is not None
+        return self.timer.call_later(delay, item)
+
+    def _on_due(self, items: list[tuple[str, Any]]) -> None:
+        for kind, payload in items:
+            if kind == "fire":
+                self.wheel_handles.pop(payload.id, None)
+                self.fire(payload)
+            elif kind == "overdue":
+                self._overdue(payload)
+            elif kind == "orphan":
+                self._orphan_expired(payload)
+            elif kind == "pending":
+                self._pending_expired(payload)
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def fire(self, row: InstanceRow) -> None:
+        """A fire is due: dispatch it now, or hold it (stale lease) or queue it (no worker)."""
+        if not self.cluster.owns(row.app):
+            return  # the app moved; its new owner fires this row from the WAL
+        if not self.cluster.lease_valid():
+            self.held.append(row)
+            self._revalidate_lease()
+            return
+        job = self.jobs.get(row.job_id)
+        if job is None or job.is_delete or (not job.enabled and row.trigger != "api"):
+            self._finish(row, Status.CANCELLED, error="job deleted or disabled before its fire")
+            return
+        late = time.time() - row.planned_ms / 1000.0
+        if row.trigger == "schedule" and late > self.misfire_threshold and job.misfire_policy == "skip":
+            self._finish(row, Status.MISFIRED, error=f"fire was {late:.1f}s late; misfire policy skip")
+            return
+        self._dispatch(row, job, set())
+
+    def _dispatch(self, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+        """Send the fire to a worker, or queue it until one can take it."""
+        session = self._route(row.app, job, refused_by)
+        if session is None:
+            self._queue_pending(row, job, refused_by)
+        else:
+            self._send_dispatch(session, row, job, refused_by)
+
+    def _send_dispatch(self, session: "WorkerSession", row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+        flight = Inflight(row, job, session, refused_by=refused_by)
+        self.inflight[row.id] = flight
+        session.running.add(row.id)
+        if job.timeout:
+            # the worker enforces the timeout; this is the safety net if its answer never comes
+            flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.reattach_grace)
+        session.send("DISPATCH", {
+            "instance_id": row.id,
+            "job_id": job.id,
+            "job": job.name,
+            "handler": job.handler,
+            "params": row.params if row.params is not None else job.params,
+            "attempt": row.attempt,
+            "scheduled_at": row.planned_ms / 1000.0,
+            "timeout": job.timeout,
+        })
+        self.writer.update(InstanceUpdate(
+            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
+
+    def _route(self, app: str, job: JobRow, refused_by: set[str]) -> Optional["WorkerSession"]:
+        candidates = [
+            s for s in self.workers_of(app)
+            if s.accepts_jobs and s.worker_id not in refused_by and s.has_room() and s.has_tags(job.tags)
+        ]
+        if not candidates:
+            return None
+        if job.routing == "random":
+            return random.choice(candidates)
+        if job.routing == "least_busy":
+            return min(candidates, key=lambda s: s.load())
+        index = self._rr.get(app, 0)
+        self._rr[app] = index + 1
+        return candidates[index % len(candidates)]
+
+    def _queue_pending(self, row: InstanceRow, job: JobRow, refused_by: set[str], reason: str = "") -> None:
+        loop = asyncio.get_running_loop()
+        entry = Pending(row, job, loop.time() + self.dispatch_wait, refused_by,
+                        reason or f"no worker of app {row.app!r} could take it")
+        self.pending.setdefault(row.app, []).append(entry)
+        self._arm(("pending", entry), self.dispatch_wait)
+
+    def drain_pending(self, app: str) -> None:
+        """A worker joined or freed a slot: dispatch the app's queued fires while workers have room."""
+        queue = self.pending.pop(app, [])
+        for index, entry in enumerate(queue):
+            job = self.jobs.get(entry.job.id, entry.job)
+            session = self._route(app, job, entry.refused_by)
+            if session is None:
+                self.pending.setdefault(app, []).extend(queue[index:])
+                return
+            self._send_dispatch(session, entry.instance, job, entry.refused_by)
+
+    def _pending_expired(self, entry: Pending) -> None:
+        queue = self.pending.get(entry.instance.app, [])
+        if entry in queue:
+            queue.remove(entry)
+            self._finish(entry.instance, Status.FAILED,
+                         error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
+
+    # ---- worker reports --------------------------------------------------------------------
+    def on_ack(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        flight = self.inflight.get(body["instance_id"])
+        if flight is None or flight.session is not session or body["accepted"]:
+            return
+        reason = body.get("reason") or "refused"
+        log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
+        self._forget_flight(flight)
+        flight.refused_by.add(session.worker_id)
+        refused = set(flight.refused_by)
+        routed = self._route(flight.instance.app, flight.job, refused)
+        if routed is None:
+            self._queue_pending(flight.instance, flight.job, refused, f"every worker refused it (last: {reason})")
+        else:
+            self._send_dispatch(routed, flight.instance, flight.job, refused)
+
+    def on_start(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        flight = self.inflight.get(body["instance_id"])
+        if flight is None or flight.session is not session:
+            return
+        flight.status = Status.RUNNING
+        self.writer.update(InstanceUpdate(
+            flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
+
+    def on_logs(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        self.writer.logs([LogLine(instance_id, float(ts), str(level), str(message))
+                          for ts, level, message in body["lines"]])
+
+    def on_result(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        flight = self.inflight.get(instance_id)
+        try:
+            status = Status(body["status"])
+        except ValueError:
+            status = Status.FAILED
+        if status not in FINAL_STATUSES:
+            status = Status.FAILED
+        if flight is None:
+            # a result for an instance we no longer track (late, or after a takeover): record it
+            self.writer.update(InstanceUpdate(
+                instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
+                finished_at=body["finished_at"], result=body.get("result"), error=body.get("error")))
+            return
+        self._forget_flight(flight)
+        self._finish(flight.instance, status, result=body.get("result"), error=body.get("error"),
+                     worker=session.worker_id, started_at=body.get("started_at"),
+                     finished_at=body["finished_at"], job=flight.job)
+        self.drain_pending(flight.instance.app)
+
+    def worker_joined(self, session: "WorkerSession", running: list[int]) -> None:
+        """Re-attach the instances a (re)connecting worker says it still runs."""
+        for instance_id in running:
+            flight = self.inflight.get(instance_id)
+            if flight is not None and flight.instance.app == session.app and flight.session is None:
+                flight.session = session
+                session.running.add(instance_id)
+                log.info("instance %d: re-attached to worker %s", instance_id, session.worker_id)
+        self.drain_pending(session.app)
+
+    def worker_left(self, session: "WorkerSession") -> None:
+        """Its running instances wait a grace period for the worker to come back, then fail."""
+        for instance_id in list(session.running):
+            flight = self.inflight.get(instance_id)
+            if flight is not None and flight.session is session:
+                flight.session = None
+                self._arm(("orphan", instance_id), self.reattach_grace)
+        session.running.clear()
+
+    def _orphan_expired(self, instance_id: int) -> None:
+        flight = self.inflight.get(instance_id)
+        if flight is None or flight.session is not None:
+            return
+        self._forget_flight(flight)
+        self._finish(flight.instance, Status.FAILED, job=flight.job,
+                     error="worker lost: it did not report the instance within the grace period")
+
+    def _overdue(self, instance_id: int) -> None:
+        flight = self.inflight.get(instance_id)
+        if flight is None:
+            return
+        flight.overdue_handle = None
+        if flight.session is not None:
+            flight.session.send("CANCEL", {"instance_id": instance_id, "reason": "timeout"})
+        self._forget_flight(flight)
+        self._finish(flight.instance, Status.TIMED_OUT, job=flight.job,
+                     error=f"no result within the {flight.job.timeout}s timeout")
+
+    def _forget_flight(self, flight: Inflight) -> None:
+        self.inflight.pop(flight.instance.id, None)
+        if flight.session is not None:
+            flight.session.running.discard(flight.instance.id)
+        if flight.overdue_handle is not None and self.timer is not None:
+            self.timer.cancel(flight.overdue_handle)
+            flight.overdue_handle = None
+
+    # ---- final states, retries, fixed delay ------------------------------------------------
+    def _finish(
+        self,
+        row: InstanceRow,
+        status: Status,
+        *,
+        result: Any = None,
+        error: Optional[str] = None,
+        worker: Optional[str] = None,
+        started_at: Optional[float] = None,
+        finished_at: Optional[float] = None,
+        job: Optional[JobRow] = None,
+    ) -> None:
+        finished_at = finished_at or time.time()
+        if status is not Status.SUCCEEDED and error:
+            log.info("instance %d (job %d, app %s, attempt %d): %s: %s",
+                     row.id, row.job_id, row.app, row.attempt, status.value, error)
+        self.writer.update(InstanceUpdate(row.id, status, worker=worker, started_at=started_at,
+                                          finished_at=finished_at, result=result, error=error))
+        job = job or self.jobs.get(row.job_id)
+        if job is not None and status not in (Status.CANCELLED,):
+            self.spawn(self._after_final(row, job, status, finished_at), f"fastjob-after-{row.id}")
+
+    async def _after_final(self, row: InstanceRow, job: JobRow, status: Status, finished_at: float) -> None:
+        epoch = self.cluster.owned.get(row.app)
+        if epoch is None:
+            return
+        server_id = self.cluster.server_id
+        retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
+        if retry:
+            again = await self.store.insert_instance(
+                server_id, row.app, epoch, job.id, row.planned_ms, row.attempt + 1, "retry", row.params, time.time())
+            if again is not None:
+                delay = schedule.retry_delay(job, row.attempt)
+                log.info("instance %d: retry as %d (attempt %d) in %.2fs", row.id, again.id, again.attempt, delay)
+                self._enter_wheel(again, asyncio.get_running_loop().time() + delay)
+            return
+        if status is not Status.MISFIRED:
+            await self.store.mark_job_finished(job.id, finished_at)
+        current = self.jobs.get(job.id, job)
+        if (current.schedule_type is ScheduleType.FIXED_DELAY and not current.run_once
+                and current.enabled and not current.is_delete and row.trigger != "api"):
+            period = schedule.parse_period(current.schedule_expr)
+            planned_ms = int((finished_at + period) * 1000)
+            nxt = await self.store.insert_instance(
+                server_id, row.app, epoch, job.id, planned_ms, 1, "schedule", None, time.time())
+            if nxt is not None:
+                self._enter_wheel(nxt)
+
+    async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
+        """An API call fires the job now (WAL first, then the wheel)."""
+        epoch = self.cluster.owned.get(app)
+        if epoch is None:
+            raise NotOwnerError(app, -1)
+        planned = schedule.now_ms()
+        for bump in range(50):  # two triggers in the same millisecond get distinct planned times
+            row = await self.store.insert_instance(
+                self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, time.time())
+            if row is not None:
+                self.jobs[job.id] = job
+                self._enter_wheel(row, asyncio.get_running_loop().time())
+                return row
+        raise StoreError(f"job {job.name}: could not record the trigger")
+
+    # ---- lease ------------------------------------------------------------------------------
+    def _revalidate_lease(self) -> None:
+        if self._revalidating:
+            return
+        self._revalidating = True
+        self.spawn(self._release_held(), "fastjob-lease")
+
+    async def _release_held(self) -> None:
+        """Re-read our epochs, drop fires of apps we lost, then fire the rest."""
+        try:
+            while True:
+                try:
+                    await self.cluster.revalidate()
+                    break
+                except StoreError as exc:
+                    log.warning("lease renewal failed, fires stay held: %s", exc)
+                    await asyncio.sleep(self.cluster.interval)
+            held, self.held = self.held, []
+            log.info("lease renewed; releasing %d held fires", len(held))
+            for row in held:
+                self.fire(row)
+        finally:
+            self._revalidating = False

@@ -1,0 +1,186 @@
+"""One TCP connection from a worker (or an API client) to this server.
+
+Before the handshake only HELLO is accepted; a connection that sends none within the
+handshake timeout is closed. After WELCOME the session is bound to one app: it receives
+DISPATCH frames (workers only), reports on them, and may make API calls for its app.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import TYPE_CHECKING, Optional
+
+from ..protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message
+from ..schedule import ScheduleError
+from ..store import NotOwnerError, StoreError
+from .api import ApiError, handle_api, API_TYPES
+
+if TYPE_CHECKING:
+    from .app import FastJobServer
+
+log = logging.getLogger("fastjob.session")
+
+REPORT_TYPES = frozenset({"ACK", "START", "LOG", "RESULT", "SL_REPORT"})
+
+
+class WorkerSession(Connection):
+    """Server side of one connection."""
+
+    def __init__(self, server: "FastJobServer") -> None:
+        super().__init__(max_frame=server.config.max_frame)
+        self.server = server
+        self.app: str = ""
+        self.worker_id: str = ""
+        self.role = "worker"
+        self.tags: frozenset[str] = frozenset()
+        self.capacity = 0
+        self.running: set[int] = set()  # instance ids dispatched to it and not finished
+        self.second_level: set[int] = set()  # second-level job ids handed down to it
+        self.established = False
+        self._hello_task: Optional[asyncio.Task[None]] = None
+        self._handshake_timer: Optional[asyncio.TimerHandle] = None
+
+    # ---- capabilities used by routing ---------------------------------------------------
+    @property
+    def accepts_jobs(self) -> bool:
+        return self.established and self.role == "worker" and not self.closed
+
+    def has_room(self) -> bool:
+        return self.capacity <= 0 or len(self.running) < self.capacity
+
+    def has_tags(self, tags: list[str]) -> bool:
+        return not tags or self.tags.issuperset(tags)
+
+    def load(self) -> float:
+        return len(self.running) / self.capacity if self.capacity > 0 else float(len(self.running))
+
+    def redirect_away(self) -> None:
+        """The app moved to another server: close, and the worker's HELLO will be redirected."""
+        self.close()
+
+    # ---- connection hooks ----------------------------------------------------------------
+    def on_connect(self) -> None:
+        self.server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
+
+    def on_close(self, exc: Optional[Exception]) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.server.connections.discard(self)
+        if self.established:
+            self.established = False
+            self.server.session_left(self)
+
+    def _handshake_expired(self) -> None:
+        if not self.established and not self.closed:
+            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")
+
+    def on_message(self, msg: Message) -> None:
+        if not self.established:
+            if msg.type != "HELLO" or self._hello_task is not None:
+                self.fail(ErrorCode.BAD_MESSAGE, f"expected HELLO to open the session, got {msg.type}")
+                return
+            self._hello_task = asyncio.create_task(self._hello(msg), name="fastjob-hello")
+            return
+        kind = msg.type
+        if kind == "PING":
+            self.send("PONG", {"ts": msg.body.get("ts", 0.0)})
+        elif kind == "PONG":
+            pass
+        elif kind in REPORT_TYPES:
+            self._report(msg)
+        elif kind in API_TYPES:
+            self.server.spawn(self._api(msg), f"fastjob-api-{kind}")
+        else:
+            self.respond_error(msg, ErrorCode.BAD_MESSAGE, f"{kind} is not a message a server accepts here")
+
+    # ---- handshake -----------------------------------------------------------------------
+    async def _hello(self, msg: Message) -> None:
+        body = msg.body
+        try:
+            if body["version"] < 1:
+                self._reject(msg, ErrorCode.UNSUPPORTED_VERSION, f"this server speaks version {PROTOCOL_VERSION}")
+                return
+            app = body["app"]
+            if not app or len(app) > 128:
+                self._reject(msg, ErrorCode.BAD_MESSAGE, "app must be a non-empty name of at most 128 characters")
+                return
+            row = await self.server.store.ensure_app(app)
+            if row.token_hash is not None:
+                given = self.server.hash_token(app, body.get("token") or "")
+                if not hmac.compare_digest(given, row.token_hash):
+                    self._reject(msg, ErrorCode.BAD_TOKEN, f"wrong or missing token for app {app!r}")
+                    return
+            decision, address = await self.server.cluster.route(app)
+        except StoreError as exc:
+            log.warning("HELLO from %s: database unavailable: %s", self.peername, exc)
+            self._reject(msg, ErrorCode.UNAVAILABLE, "the server's database is unavailable; retry later")
+            return
+        if self.closed:
+            return
+        if decision == "redirect":
+            log.info("worker %s of app %s redirected to %s", body["worker_id"], app, address)
+            self.respond(msg, {"address": address}, type="REDIRECT")
+            self._close_soon()
+            return
+        self.app = app
+        self.worker_id = body["worker_id"]
+        self.role = body.get("role") or "worker"
+        self.tags = frozenset(body.get("tags") or ())
+        self.capacity = int(body.get("capacity") or 0)
+        self.established = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        cfg = self.server.config
+        self.respond(msg, {
+            "version": min(body["version"], PROTOCOL_VERSION),
+            "server_id": self.server.cluster.server_id,
+            "heartbeat_interval": cfg.heartbeat_interval,
+            "heartbeat_timeout": cfg.heartbeat_timeout,
+            "max_frame": cfg.max_frame,
+        }, type="WELCOME")
+        log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername)
+        self.server.session_joined(self, list(body.get("running") or ()), list(body.get("second_level") or ()))
+
+    def _reject(self, msg: Message, code: str, reason: str) -> None:
+        log.warning("HELLO from %s rejected: %s (%s)", self.peername, code, reason)
+        self.respond(msg, {"code": code, "reason": reason}, type="REJECT")
+        self._close_soon()
+
+    def _close_soon(self) -> None:
+        # let the reply frame leave before closing (close() flushes what is buffered)
+        asyncio.get_running_loop().call_soon(self.close)
+
+    # ---- reports and API -----------------------------------------------------------------
+    def _report(self, msg: Message) -> None:
+        scheduler = self.server.scheduler
+        kind = msg.type
+        if kind == "ACK":
+            scheduler.on_ack(self, msg.body)
+        elif kind == "START":
+            scheduler.on_start(self, msg.body)
+        elif kind == "LOG":
+            scheduler.on_logs(self, msg.body)
+        elif kind == "RESULT":
+            scheduler.on_result(self, msg.body)
+        elif kind == "SL_REPORT":
+            self.server.second_level.on_report(self, msg.body)
+
+    async def _api(self, msg: Message) -> None:
+        try:
+            reply = await handle_api(self.server, self.app, msg.type, msg.body)
+        except ApiError as exc:
+            self.respond_error(msg, exc.code, exc.message)
+        except ScheduleError as exc:
+            self.respond_error(msg, ErrorCode.INVALID, str(exc))
+        except NotOwnerError:
+            self.respond_error(msg, ErrorCode.NOT_OWNER, f"this server no longer owns app {self.app!r}; reconnect")
+        except StoreError as exc:
+            self.respond_error(msg, ErrorCode.UNAVAILABLE, f"database unavailable: {exc}")
+        except Exception as exc:  # a bug must fail this call only
+            log.exception("API %s for app %s failed", msg.type, self.app)
+            self.respond_error(msg, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        else:
+            self.respond(msg, reply)

@@ -1,0 +1,608 @@
+"""The embeddable worker: registers handlers, declares jobs, runs what its server dispatches.
+
+A worker connects to any listed server and follows REDIRECT to the owner of its app. It
+heartbeats, reconnects with exponential backoff and jitter, runs at most ``max_concurrency``
+instances at once (each with its timeout), ships their log lines, and never runs two copies
+of one instance: a repeated DISPATCH of an instance it already runs is acknowledged and
+ignored. Results that could not be sent (the connection dropped) are kept and sent after the
+next handshake, whose HELLO lists them so the server re-attaches them instead of failing them.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import inspect
+import logging
+import os
+import random
+import socket
+import ssl as ssl_module
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
+
+import msgpack
+
+from . import schedule
+from .protocol import PROTOCOL_VERSION, Connection, Message, RemoteError, parse_address
+from .second_level_runner import SecondLevelRunner
+from .store.base import JobSpec, ScheduleType
+
+log = logging.getLogger("fastjob.worker")
+job_log = logging.getLogger("fastjob.job")
+
+Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
+FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
+MAX_LOG_LINES_PER_INSTANCE = 10_000
+REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
+
+
+class WorkerError(Exception):
+    """The worker cannot go on: rejected by the server, or a job declaration was refused."""
+
+
+class JobLog:
+    """``ctx.log``: lines go to the server with the instance (and to the ``fastjob.job`` logger)."""
+
+    def __init__(self, worker: "Worker", instance_id: int, job: str) -> None:
+        self._worker = worker
+        self._instance_id = instance_id
+        self._job = job
+
+    def _emit(self, level: str, message: str, *args: Any) -> None:
+        text = message % args if args else str(message)
+        job_log.log(logging.getLevelName(level), "[%s #%d] %s", self._job, self._instance_id, text)
+        self._worker._buffer_log(self._instance_id, level, text)
+
+    def debug(self, message: str, *args: Any) -> None:
+        self._emit("DEBUG", message, *args)
+
+    def info(self, message: str, *args: Any) -> None:
+        self._emit("INFO", message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self._emit("WARNING", message, *args)
+
+    def error(self, message: str, *args: Any) -> None:
+        self._emit("ERROR", message, *args)
+
+
+@dataclass
+class JobContext:
+    """What a handler receives."""
+
+    instance_id: int
+    job: str
+    job_id: int
+    params: Any
+    attempt: int
+    scheduled_at: float  # planned fire time, epoch seconds
+    log: JobLog
+
+
+class _ClientConnection(Connection):
+    def __init__(self, worker: "Worker") -> None:
+        super().__init__(max_frame=worker.max_frame)
+        self.worker = worker
+
+    def on_message(self, msg: Message) -> None:
+        self.worker._on_message(self, msg)
+
+
+class Worker:
+    """A FastJob worker process's client. See the README for a complete example."""
+
+    def __init__(
+        self,
+        app: str,
+        servers: Sequence[str],
+        token: Optional[str] = None,
+        max_concurrency: int = 32,
+        tags: Iterable[str] = (),
+        *,
+        worker_id: Optional[str] = None,
+        ssl: Optional[ssl_module.SSLContext] = None,
+        connect_timeout: float = 5.0,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 5.0,
+        max_frame: int = 1 << 20,
+        role: str = "worker",
+    ) -> None:
+        if not servers:
+            raise ValueError("give at least one server address host:port")
+        for address in servers:
+            parse_address(address)
+        self.app = app
+        self.servers = list(servers)
+        self.token = token
+        self.max_concurrency = max_concurrency
+        self.tags = list(tags)
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ssl = ssl
+        self.connect_timeout = connect_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.max_frame = max_frame
+        self.role = role
+        self.handlers: dict[str, Handler] = {}
+        self.declared: dict[str, JobSpec] = {}
+        self.server_id: Optional[str] = None
+        self.heartbeat_interval = 2.0
+        self.heartbeat_timeout = 10.0
+        self._conn: Optional[_ClientConnection] = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._fatal: Optional[BaseException] = None
+        self._main_task: Optional[asyncio.Task[None]] = None
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[int, str] = {}
+        self._unsent_results: dict[int, dict[str, Any]] = {}
+        # a server that restarted before recording a dispatch fires the row again: answer it
+        # with the result we already have instead of running the instance a second time
+        self._sent_results: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._log_buffer: dict[int, list[list[Any]]] = {}
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self.second_level = SecondLevelRunner(self)
+
+    # ---- declaration ---------------------------------------------------------------------
+    def handler(self, name: Optional[str] = None) -> Callable[[Handler], Handler]:
+        """Register a handler (async def, or plain def run in a thread pool) under ``name``."""
+
+        def register(fn: Handler) -> Handler:
+            self.handlers[name or fn.__name__] = fn
+            return fn
+
+        return register
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        handler: Optional[str] = None,
+        interval: Optional[float] = None,
+        delay: Optional[float] = None,
+        cron: Optional[str] = None,
+        at: Optional[Union[dt.datetime, float]] = None,
+        run_once: bool = False,
+        retries: int = 0,
+        retry_backoff: float = 1.0,
+        timeout: Optional[float] = None,
+        params: Any = None,
+        timezone: str = "UTC",
+        misfire: str = "fire_once",
+        tags: Iterable[str] = (),
+        routing: str = "round_robin",
+        allow_overlap: bool = False,
+        enabled: bool = True,
+    ) -> JobSpec:
+        """Declare a job in code; it is created or updated on the server at registration.
+
+        Exactly one of interval (fixed rate, seconds), delay (fixed delay), cron, at (one
+        shot) may be given; none means API-triggered, or one run at once with run_once.
+        Raises ValueError at once for an unknown handler or a bad schedule.
+        """
+        handler = handler or name
+        if handler not in self.handlers:
+            raise ValueError(f"job {name!r}: unknown handler {handler!r}; register it with @worker.handler first")
+        given = [k for k, v in (("interval", interval), ("delay", delay), ("cron", cron), ("at", at)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"job {name!r}: give only one of interval, delay, cron, at (got {', '.join(given)})")
+        if interval is not None:
+            kind, expr = ScheduleType.FIXED_RATE, repr(float(interval))
+        elif delay is not None:
+            kind, expr = ScheduleType.FIXED_DELAY, repr(float(delay))
+        elif cron is not None:
+            kind, expr = ScheduleType.CRON, cron
+        elif at is not None:
+            when = at.timestamp() if isinstance(at, dt.datetime) else float(at)
+            kind, expr = ScheduleType.ONCE, repr(when)
+        elif run_once:
+            kind, expr = ScheduleType.ONCE, ""
+        else:
+            kind, expr = ScheduleType.API, ""
+        spec = JobSpec(
+            app=self.app, name=name, handler=handler, schedule_type=kind, schedule_expr=expr,
+            timezone=timezone, params=params, timeout=timeout, retry_times=retries,
+            retry_backoff=retry_backoff, misfire_policy=misfire, tags=list(tags), routing=routing,
+            run_once=run_once, enabled=enabled, allow_overlap=allow_overlap,
+        )
+        schedule.validate(spec)
+        self.declared[name] = spec
+        return spec
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self, timeout: Optional[float] = 30.0) -> None:
+        """Connect (following redirects) and register; returns once registered.
+
+        Raises WorkerError if the server rejects the worker or refuses a declared job,
+        asyncio.TimeoutError if no server could be reached within ``timeout``.
+        """
+        if self._main_task is not None:
+            raise RuntimeError("worker already started")
+        self._stopping = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.max_concurrency), thread_name_prefix=f"fastjob-{self.app}")
+        self._main_task = asyncio.create_task(self._run(), name=f"fastjob-worker-{self.app}")
+        self._spawn(self._flush_logs_loop(), "fastjob-log-flush")
+        try:
+            await asyncio.wait_for(self._wait_ready(), timeout)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _wait_ready(self) -> None:
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            if self._ready.is_set():
+                return
+            assert self._main_task is not None
+            waiter = asyncio.create_task(self._ready.wait())
+            await asyncio.wait({waiter, self._main_task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self._main_task.done() and self._fatal is None:
+                raise WorkerError("worker stopped before it registered")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking jobs, let running ones finish for ``grace`` seconds, cancel the rest."""
+        self._stopping = True
+        self.second_level.stop_all("worker stopping")
+        if self._running:
+            done, pending = await asyncio.wait(list(self._running.values()), timeout=grace)
+            for instance_id, task in list(self._running.items()):
+                if not task.done():
+                    self._cancel_reasons[instance_id] = "worker stopping"
+                    task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        await self.second_level.wait_stopped(2.0)
+        self._flush_logs()
+        if self._conn is not None:
+            self._conn.close()
+        for task in [self._main_task, *self._side_tasks]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._main_task, *self._side_tasks] if t is not None),
+                             return_exceptions=True)
+        self._main_task = None
+        self._side_tasks.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._ready.clear()
+
+    async def __aenter__(self) -> "Worker":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    def run(self) -> None:
+        """Run until interrupted (SIGINT/SIGTERM), on uvloop when installed."""
+        async def main() -> None:
+            import signal
+
+            await self.start(timeout=None)
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, done.set)
+            assert self._main_task is not None
+            waiter = asyncio.create_task(done.wait())
+            await asyncio.wait({waiter, self._main_task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            await self.stop()
+            if self._fatal is not None:
+                raise self._fatal
+
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(main())
+        else:
+            uvloop.run(main())
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set() and self._conn is not None and not self._conn.closed
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
+
+    # ---- connection management -------------------------------------------------------------
+    async def _run(self) -> None:
+        failures = 0
+        target: Optional[str] = None
+        hops = 0
+        while not self._stopping:
+            address = target or random.choice(self.servers)
+            target = None
+            try:
+                outcome = await self._session(address)
+            except WorkerError as exc:
+                self._fatal = exc
+                log.error("worker %s: %s", self.worker_id, exc)
+                return
+            except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as exc:
+                log.info("worker %s: connection to %s failed: %s", self.worker_id, address, exc or type(exc).__name__)
+                outcome = None
+            if outcome is not None and outcome.startswith("redirect:") and hops < 5:
+                target, hops = outcome[len("redirect:"):], hops + 1
+                continue
+            if outcome == "established":
+                failures = 0
+            hops = 0
+            if self._stopping:
+                return
+            delay = min(self.reconnect_max, self.reconnect_min * (2 ** failures)) * random.uniform(0.5, 1.0)
+            failures = min(failures + 1, 16)
+            await asyncio.sleep(delay)
+
+    async def _session(self, address: str) -> Optional[str]:
+        """One connection: handshake, then serve until it closes. Returns how it ended."""
+        loop = asyncio.get_running_loop()
+        host, port = parse_address(address)
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: _ClientConnection(self), host, port, ssl=self.ssl),
+            self.connect_timeout)
+        try:
+            reply = await conn.request("HELLO", self._hello_body(), timeout=self.connect_timeout)
+            if reply.type == "REDIRECT":
+                log.info("worker %s: app %s is owned by %s, following", self.worker_id, self.app, reply.body["address"])
+                return "redirect:" + reply.body["address"]
+            if reply.type == "REJECT":
+                code, reason = reply.body.get("code", ""), reply.body.get("reason", "")
+                if code in FATAL_REJECTS:
+                    raise WorkerError(f"rejected by {address}: {code}: {reason}")
+                log.warning("worker %s: %s refused the session (%s: %s); retrying", self.worker_id, address, code, reason)
+                return None
+            self.server_id = reply.body["server_id"]
+            self.heartbeat_interval = float(reply.body["heartbeat_interval"])
+            self.heartbeat_timeout = float(reply.body["heartbeat_timeout"])
+            self._conn = conn
+            await self._register_jobs(conn)
+            self._resend_results(conn)
+            self.second_level.connected()
+            self._ready.set()
+            log.info("worker %s: registered with %s for app %s", self.worker_id, self.server_id, self.app)
+            await self._heartbeat_until_closed(conn)
+            return "established"
+        finally:
+            if self._conn is conn:
+                self._conn = None
+                self._ready.clear()
+                self.second_level.disconnected()
+            conn.close()
+
+    def _hello_body(self) -> dict[str, Any]:
+        return {
+            "version": PROTOCOL_VERSION,
+            "app": self.app,
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "token": self.token,
+            "tags": self.tags,
+            "capacity": self.max_concurrency,
+            "running": sorted({*self._running, *self._unsent_results}),
+            "second_level": self.second_level.job_ids(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    async def _register_jobs(self, conn: _ClientConnection) -> None:
+        for spec in self.declared.values():
+            try:
+                await conn.request("JOB_UPSERT", {"job": _spec_to_wire(spec)}, timeout=self.connect_timeout)
+            except RemoteError as exc:
+                if exc.code == "invalid":
+                    raise WorkerError(f"job {spec.name!r} refused by the server: {exc.message}") from None
+                raise
+
+    async def _heartbeat_until_closed(self, conn: _ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while not conn.closed:
+            try:
+                await asyncio.wait_for(conn.wait_closed(), self.heartbeat_interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if loop.time() - conn.last_received > self.heartbeat_timeout:
+                log.warning("worker %s: server %s silent for %.1fs; reconnecting",
+                            self.worker_id, self.server_id, self.heartbeat_timeout)
+                conn.close()
+                return
+            conn.send("PING", {"ts": time.time(), "running": len(self._running)})
+
+    # ---- incoming ------------------------------------------------------------------------
+    def _on_message(self, conn: _ClientConnection, msg: Message) -> None:
+        kind = msg.type
+        if kind == "DISPATCH":
+            self._on_dispatch(conn, msg.body)
+        elif kind == "CANCEL":
+            task = self._running.get(msg.body["instance_id"])
+            if task is not None:
+                self._cancel_reasons[msg.body["instance_id"]] = msg.body.get("reason") or "cancelled"
+                task.cancel()
+        elif kind == "PING":
+            conn.send("PONG", {"ts": msg.body.get("ts", 0.0)})
+        elif kind == "SL_ASSIGN":
+            self.second_level.assign(msg.body["job"], float(msg.body["lease"]))
+        elif kind == "SL_REVOKE":
+            self.second_level.revoke(msg.body["job_id"], msg.body.get("reason") or "revoked")
+        elif kind in ("PONG", "ERROR"):
+            if kind == "ERROR":
+                log.warning("worker %s: server error %s: %s", self.worker_id, msg.body.get("code"), msg.body.get("message"))
+        else:
+            log.debug("worker %s: ignoring %s", self.worker_id, kind)
+
+    def _on_dispatch(self, conn: _ClientConnection, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        if instance_id in self._running:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})  # already ours: one copy only
+            return
+        if instance_id in self._unsent_results or instance_id in self._sent_results:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            conn.send("RESULT", self._unsent_results.get(instance_id) or self._sent_results[instance_id])
+            return
+        reason = None
+        if self._stopping:
+            reason = "worker stopping"
+        elif body["handler"] not in self.handlers:
+            reason = f"unknown handler {body['handler']!r}"
+        elif len(self._running) >= self.max_concurrency:
+            reason = "at max_concurrency"
+        if reason is not None:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
+            return
+        conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+        self._running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
+
+    # ---- running a handler -------------------------------------------------------------------
+    async def _execute(self, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        started_at = time.time()
+        self._send("START", {"instance_id": instance_id, "started_at": started_at})
+        ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
+                         body["scheduled_at"], JobLog(self, instance_id, body["job"]))
+        status, result, error = await self.run_handler(self.handlers[body["handler"]], ctx, body.get("timeout"),
+                                                       lambda: self._cancel_reasons.pop(instance_id, "cancelled"))
+        self._flush_logs(instance_id)
+        report = {"instance_id": instance_id, "status": status, "started_at": started_at,
+                  "finished_at": time.time(), "result": result, "error": error}
+        self._running.pop(instance_id, None)
+        self._unsent_results[instance_id] = report
+        if self._conn is not None and not self._conn.closed:
+            self._resend_results(self._conn)
+
+    async def run_handler(
+        self, fn: Handler, ctx: Any, timeout: Optional[float], cancel_reason: Callable[[], str]
+    ) -> tuple[str, Any, Optional[str]]:
+        """Run one handler call: (status, result, error). Only this call fails if it misbehaves."""
+        try:
+            if inspect.iscoroutinefunction(fn):
+                coro = fn(ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                coro = loop.run_in_executor(self._executor, functools.partial(fn, ctx))
+            result = await asyncio.wait_for(coro, timeout) if timeout else await coro
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.TimeoutError:
+            return "timed_out", None, f"handler exceeded its {timeout}s timeout"
+        except asyncio.CancelledError:
+            reason = cancel_reason()
+            if self._main_task is not None and self._main_task.cancelled():
+                raise
+            return ("timed_out" if reason == "timeout" else "cancelled"), None, f"cancelled: {reason}"
+        except Exception as exc:
+            log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
+            return "failed", None, f"{type(exc).__name__}: {exc}"
+        try:
+            msgpack.packb(result)
+        except Exception as exc:
+            return "failed", None, f"result not serialisable: {type(exc).__name__}: {exc}"
+        return "succeeded", result, None
+
+    # ---- outgoing ------------------------------------------------------------------------------
+    def _send(self, kind: str, body: dict[str, Any]) -> bool:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return False
+        conn.send(kind, body)
+        return True
+
+    def _resend_results(self, conn: _ClientConnection) -> None:
+        for instance_id in list(self._unsent_results):
+            report = self._unsent_results.pop(instance_id)
+            conn.send("RESULT", report)
+            self._sent_results[instance_id] = report
+            if len(self._sent_results) > REMEMBERED_RESULTS:
+                self._sent_results.popitem(last=False)
+
+    def _buffer_log(self, instance_id: int, level: str, text: str) -> None:
+        lines = self._log_buffer.setdefault(instance_id, [])
+        if len(lines) >= MAX_LOG_LINES_PER_INSTANCE:
+            return
+        lines.append([time.time(), level, text])
+
+    def _flush_logs(self, instance_id: Optional[int] = None) -> None:
+        ids = [instance_id] if instance_id is not None else list(self._log_buffer)
+        for key in ids:
+            lines = self._log_buffer.get(key)
+            if lines and self._send("LOG", {"instance_id": key, "lines": lines}):
+                del self._log_buffer[key]
+
+    async def _flush_logs_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self._flush_logs()
+
+    # ---- client API ---------------------------------------------------------------------------
+    async def call(self, kind: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """One API request to the app's owner; waits (bounded) for a connection."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await asyncio.wait_for(self._ready.wait(), max(0.01, deadline - asyncio.get_running_loop().time()))
+            conn = self._conn
+            if conn is None:
+                continue
+            try:
+                reply = await conn.request(kind, body, timeout=max(0.01, deadline - asyncio.get_running_loop().time()))
+                return reply.body
+            except ConnectionError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            except RemoteError as exc:
+                if exc.code not in ("not_owner", "unavailable") or asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def trigger(self, name: str, params: Any = None) -> int:
+        """Fire job ``name`` now with ``params``; returns the instance id."""
+        reply = await self.call("TRIGGER", {"name": name, "params": params})
+        return int(reply["instance_id"])
+
+    async def get_instance(self, instance_id: int) -> dict[str, Any]:
+        return (await self.call("INSTANCE_GET", {"instance_id": instance_id}))["instance"]
+
+    async def list_instances(self, job: Optional[str] = None, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+        body: dict[str, Any] = {"limit": limit}
+        if job:
+            body["job"] = job
+        if status:
+            body["status"] = list(status)
+        return (await self.call("INSTANCE_LIST", body))["instances"]
+
+    async def get_logs(self, instance_id: int) -> list[list[Any]]:
+        return (await self.call("LOG_GET", {"instance_id": instance_id}))["lines"]
+
+    async def get_job(self, name: str) -> dict[str, Any]:
+        return (await self.call("JOB_GET", {"name": name}))["job"]
+
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        return (await self.call("JOB_LIST", {}))["jobs"]
+
+    async def delete_job(self, name: str) -> bool:
+        return bool((await self.call("JOB_DELETE", {"name": name}))["deleted"])
+
+    async def set_enabled(self, name: str, enabled: bool) -> bool:
+        return bool((await self.call("JOB_ENABLE", {"name": name, "enabled": enabled}))["ok"])
+
+
+def _spec_to_wire(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name, "handler": spec.handler, "schedule_type": spec.schedule_type.value,
+        "schedule_expr": spec.schedule_expr, "timezone": spec.timezone, "params": spec.params,
+        "timeout": spec.timeout, "retry_times": spec.retry_times, "retry_backoff": spec.retry_backoff,
+        "misfire_policy": spec.misfire_policy, "tags": spec.tags, "routing": spec.routing,
+        "run_once": spec.run_once, "enabled": spec.enabled, "allow_overlap": spec.allow_overlap,
+    }
