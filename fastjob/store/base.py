@@ -253,8 +253,9 @@ class Store(abc.ABC):
         """Create or update the job (app, name); revives a logically deleted one.
 
         ``next_trigger_ms`` replaces the stored next fire only when the schedule
-        (type or expression or timezone) changed or the job is new or revived; an unchanged
-        schedule keeps its place. ``version`` is bumped when anything changed.
+        (type or expression or timezone) changed or the job is new, revived or re-enabled
+        (``enabled`` going from false to true); an unchanged schedule keeps its place.
+        ``version`` is bumped when anything changed.
         """
 
     @abc.abstractmethod
@@ -310,7 +311,9 @@ class Store(abc.ABC):
         type not in ``exclude_types``), write one ``waiting`` instance row per fire whose
         planned time is ``<= horizon_ms`` (fire times from ``next_fire``, starting at
         ``next_trigger_ms``; at most ``limit`` rows in all) and move ``next_trigger_ms`` to
-        the first fire after the horizon (or NULL). Rows are written with one multi-row
+        the first fire after the horizon (or NULL; or, when ``limit`` cut a job short, its
+        first unwritten fire). Rows are written with ``attempt = 1`` (a retry writes attempt
+        + 1 through ``insert_instance``) and ``trigger = "schedule"``, with one multi-row
         statement per table, not a round trip per job. A fire already recorded (the UNIQUE
         key) is skipped, not an error.
 

@@ -1,0 +1,724 @@
+"""Backend-independent half of the SQL stores.
+
+Every :class:`~fastjob.store.base.Store` method is written ONCE here as a "sans-IO" generator
+(an *op*): it yields :class:`Stmt` objects and receives a :class:`Result` for each, and its
+return value is the method's result. A backend only has to drive an op inside a transaction:
+
+* SQLite drives the whole op synchronously in its one dedicated thread (one thread hop per
+  call, and ``claim_due``'s ``next_fire`` callback runs in that thread);
+* MySQL drives it with ``await cursor.execute(...)`` on a pooled aiomysql connection.
+
+The retry loop (transient errors, exponential backoff, a total time bound, StoreError at the
+end) is also shared; the backends say which exceptions are theirs and which are transient.
+SQL is written with ``?`` placeholders; the MySQL backend turns them into ``%s``.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generator, Iterable, Optional, Sequence, TypeVar
+
+from .base import (
+    FINAL_STATUSES,
+    AppRow,
+    InstanceRow,
+    InstanceUpdate,
+    JobRow,
+    JobSpec,
+    LogLine,
+    NextFire,
+    NotOwnerError,
+    ScheduleType,
+    ServerRow,
+    Status,
+    Store,
+    StoreError,
+)
+from .schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+
+log = logging.getLogger("fastjob.store")
+
+T = TypeVar("T")
+
+#: Rows per multi-row statement: keeps statements well under SQLite's 32766 variables and
+#: MySQL's max_allowed_packet while amortising the round trip.
+CHUNK_ROWS = 1000
+#: Attempt number of a first fire; a retry writes attempt + 1 with the same planned time.
+FIRST_ATTEMPT = 1
+
+
+@dataclass(slots=True)
+class Stmt:
+    """One statement an op wants executed."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+@dataclass(slots=True)
+class Result:
+    """What the driver answered: all rows (if any), affected/matched rows, last insert id."""
+
+    rows: list[tuple]
+    rowcount: int
+    lastrowid: Optional[int]
+
+
+Op = Generator[Stmt, Result, T]
+
+
+class RetryTx(Exception):
+    """Raised by an op that lost a benign race (e.g. a concurrent insert of the same job):
+    the backend rolls back and the op is run again in a fresh transaction."""
+
+
+# ---- JSON / row codecs -----------------------------------------------------------------
+def dumps(value: Any) -> Optional[str]:
+    """JSON text for a params/result/tags/stats column; None stays NULL."""
+    if value is None:
+        return None
+    return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(text: Optional[str]) -> Any:
+    if text is None:
+        return None
+    return json.loads(text)
+
+
+JOB_COLS = (
+    "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
+    " retry_backoff, misfire_policy, tags, routing, run_once, enabled, allow_overlap,"
+    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats"
+)
+_J_PARAMS = 7
+
+INST_COLS = (
+    "id, job_id, app, planned_ms, attempt, status, trigger_kind, params, server, epoch, worker,"
+    " created_at, dispatched_at, started_at, finished_at, result, error"
+)
+# Columns written when an instance is created (the rest start NULL).
+INST_INSERT_COLS = (
+    "job_id", "app", "planned_ms", "attempt", "status", "trigger_kind", "params", "server",
+    "epoch", "created_at",
+)
+# Columns upsert_job writes from a JobSpec (plus `interval`, derived).
+_SPEC_COLS = (
+    "handler", "schedule_type", "schedule_expr", "timezone", "params", "timeout", "retry_times",
+    "retry_backoff", "misfire_policy", "tags", "routing", "run_once", "enabled", "allow_overlap",
+    "`interval`",
+)
+
+
+def row_to_job(r: Sequence[Any]) -> JobRow:
+    return JobRow(
+        id=int(r[0]), app=r[1], name=r[2], handler=r[3], schedule_type=ScheduleType(r[4]),
+        schedule_expr=r[5], timezone=r[6], params=loads(r[7]), timeout=r[8], retry_times=int(r[9]),
+        retry_backoff=float(r[10]), misfire_policy=r[11], tags=loads(r[12]) or [], routing=r[13],
+        run_once=bool(r[14]), enabled=bool(r[15]), allow_overlap=bool(r[16]),
+        next_trigger_ms=None if r[17] is None else int(r[17]), created_time=float(r[18]),
+        updated_time=float(r[19]), last_finished_time=r[20], is_delete=bool(r[21]),
+        version=int(r[22]), stats=loads(r[23]),
+    )
+
+
+def row_to_instance(r: Sequence[Any]) -> InstanceRow:
+    return InstanceRow(
+        id=int(r[0]), job_id=int(r[1]), app=r[2], planned_ms=int(r[3]), attempt=int(r[4]),
+        status=Status(r[5]), trigger=r[6], params=loads(r[7]), server=r[8], epoch=int(r[9]),
+        worker=r[10], created_at=float(r[11]), dispatched_at=r[12], started_at=r[13],
+        finished_at=r[14], result=loads(r[15]), error=r[16],
+    )
+
+
+def _spec_values(spec: JobSpec) -> tuple:
+    """The stored form of a spec's columns, in _SPEC_COLS order (comparable with a row)."""
+    st = ScheduleType(spec.schedule_type)
+    interval = spec.schedule_expr if st in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY) else None
+    return (
+        spec.handler, st.value, spec.schedule_expr or "", spec.timezone, dumps(spec.params),
+        None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
+        float(spec.retry_backoff), spec.misfire_policy, dumps(list(spec.tags)) or "[]", spec.routing,
+        int(bool(spec.run_once)), int(bool(spec.enabled)), int(bool(spec.allow_overlap)), interval,
+    )
+
+
+# Rank used to keep status updates monotonic; every final status has the top rank.
+_RANK = {Status.WAITING: 0, Status.DISPATCHED: 1, Status.RUNNING: 2}
+_FINAL_RANK = 3
+
+
+def _rank(status: Status) -> int:
+    return _RANK.get(status, _FINAL_RANK)
+
+
+def merge_updates(updates: Iterable[InstanceUpdate]) -> list[InstanceUpdate]:
+    """Collapse several updates of one instance into one, as if applied in order.
+
+    A multi-row UPDATE … JOIN may apply only one source row per target row, so the batch is
+    reduced first: the furthest status wins, a first final status is never replaced, and
+    fields given by earlier updates are kept unless a later applied one gives them too.
+    """
+    merged: dict[int, InstanceUpdate] = {}
+    for u in updates:
+        u = InstanceUpdate(u.id, Status(u.status), u.worker, u.dispatched_at, u.started_at,
+                           u.finished_at, u.result, u.error)
+        cur = merged.get(u.id)
+        if cur is None:
+            merged[u.id] = u
+            continue
+        if cur.status in FINAL_STATUSES or _rank(u.status) <= _rank(cur.status):
+            continue  # stale or duplicate report: the database would ignore it too
+        for f in ("worker", "dispatched_at", "started_at", "finished_at", "result", "error"):
+            if getattr(u, f) is None:
+                setattr(u, f, getattr(cur, f))
+        merged[u.id] = u
+    return list(merged.values())
+
+
+def chunks(seq: Sequence[T], n: int = CHUNK_ROWS) -> Iterable[Sequence[T]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def flat(rows: Iterable[Sequence[Any]]) -> list[Any]:
+    return [v for row in rows for v in row]
+
+
+# ---- dialects ------------------------------------------------------------------------------
+class Dialect:
+    """The few SQL spellings that differ between SQLite and MySQL/MariaDB."""
+
+    def __init__(self, name: str, *, returning: bool, transactional_ddl: bool) -> None:
+        self.name = name
+        #: INSERT … RETURNING (SQLite >= 3.35, MariaDB >= 10.5; not MySQL).
+        self.returning = returning
+        #: DDL can run inside a transaction (SQLite) rather than committing implicitly (MySQL).
+        self.transactional_ddl = transactional_ddl
+
+    @functools.lru_cache(maxsize=256)
+    def insert(self, table: str, cols: tuple[str, ...], nrows: int, *, ignore: bool = False,
+               returning: Optional[str] = None) -> str:
+        """A multi-row INSERT; ``ignore`` skips rows that hit a UNIQUE key."""
+        one = "(" + ",".join("?" * len(cols)) + ")"
+        values = ",".join([one] * nrows)
+        mysql = self.name == "mysql"
+        head = "INSERT IGNORE INTO" if ignore and mysql else "INSERT INTO"
+        sql = f"{head} {table} ({', '.join(cols)}) VALUES {values}"
+        if ignore and not mysql:
+            sql += " ON CONFLICT DO NOTHING"
+        if returning:
+            sql += f" RETURNING {returning}"
+        return sql
+
+    @functools.lru_cache(maxsize=64)
+    def upsert(self, table: str, cols: tuple[str, ...], key: str, update: tuple[str, ...]) -> str:
+        """INSERT one row, or update ``update`` columns of the row with the same ``key``."""
+        base = self.insert(table, cols, 1)
+        if self.name == "mysql":
+            return base + " ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in update)
+        return base + f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in update)
+
+    @functools.lru_cache(maxsize=64)
+    def update_join(self, table: str, cols: tuple[str, ...], nrows: int,
+                    sets: tuple[tuple[str, str], ...], where: str) -> str:
+        """UPDATE ``table`` from an inline relation ``u(cols)`` of ``nrows`` parameter rows,
+        joined on ``table.id = u.id`` (``cols[0]`` must be ``id``). One statement for many
+        rows with different values: UPDATE … FROM (VALUES …) on SQLite, a UNION ALL
+        derived table + multi-table UPDATE on MySQL (portable to MySQL 8 and MariaDB)."""
+        if self.name == "mysql":
+            first = "SELECT " + ", ".join(f"? AS {c}" for c in cols)
+            rest = " UNION ALL SELECT " + ",".join("?" * len(cols))
+            rel = first + rest * (nrows - 1)
+            set_sql = ", ".join(f"{table}.{c} = {e}" for c, e in sets)
+            return (f"UPDATE {table} JOIN ({rel}) AS u ON {table}.id = u.id"
+                    f" SET {set_sql} WHERE {where}")
+        one = "(" + ",".join("?" * len(cols)) + ")"
+        rel = ",".join([one] * nrows)
+        set_sql = ", ".join(f"{c} = {e}" for c, e in sets)
+        # Not "WITH u(...) AS (VALUES ...)": Python's sqlite3 reports no rowcount for a
+        # statement that does not start with UPDATE.
+        named = ", ".join(f"column{i + 1} AS {c}" for i, c in enumerate(cols))
+        return (f"UPDATE {table} SET {set_sql} FROM (SELECT {named} FROM (VALUES {rel})) AS u"
+                f" WHERE {table}.id = u.id AND ({where})")
+
+    def in_list(self, n: int) -> str:
+        return "(" + ",".join("?" * n) + ")"
+
+
+# ---- the shared store ----------------------------------------------------------------------
+@dataclass(slots=True)
+class _Attempts:
+    """Per-call state that survives retries: lets an op recognise rows it committed in an
+    attempt whose COMMIT reply was lost (the connection died after the server committed)."""
+
+    tried_insert: bool = False
+
+
+class SQLStore(Store):
+    """Implements the whole :class:`Store` contract on top of :meth:`_attempt`."""
+
+    dialect: Dialect
+
+    def __init__(self, *, retry_total: float = 10.0, retry_initial: float = 0.05,
+                 retry_max: float = 1.0) -> None:
+        self.retry_total = retry_total
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+
+    # ---- what a backend provides -----------------------------------------------------
+    @abc.abstractmethod
+    async def _attempt(self, factory: Callable[[], Op[T]], tx: bool) -> T:
+        """Run one op once: in one transaction if ``tx`` (committing at the end, rolling back
+        on any exception), else each statement in autocommit mode."""
+
+    @abc.abstractmethod
+    def _is_driver_error(self, exc: BaseException) -> bool:
+        """The exception came from the database or the connection to it."""
+
+    @abc.abstractmethod
+    def _is_transient(self, exc: BaseException) -> bool:
+        """Worth retrying: lost connection, server restarting, lock contention, deadlock."""
+
+    # ---- retry loop --------------------------------------------------------------------
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` until it succeeds, a non-transient error occurs, or the time bound
+        is spent. Raises StoreError (NotOwnerError passes through untouched, never retried);
+        errors that did not come from the database (a caller's callback) propagate as is."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        delay = self.retry_initial
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await attempt()
+            except StoreError:
+                raise
+            except RetryTx:
+                if loop.time() - start > self.retry_total:
+                    raise StoreError(f"{what}: kept losing a race for {self.retry_total:.0f}s") from None
+                continue
+            except Exception as exc:
+                if not self._is_driver_error(exc):
+                    raise
+                if not self._is_transient(exc):
+                    raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+                elapsed = loop.time() - start
+                if elapsed + delay > self.retry_total:
+                    raise StoreError(
+                        f"{what}: database unavailable for {elapsed:.1f}s after {tries} attempts:"
+                        f" {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning("store %s: transient error (attempt %d), retrying in %.2fs: %s",
+                            what, tries, delay, exc)
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.retry_max)
+
+    async def _run(self, what: str, factory: Callable[[], Op[T]], *, tx: bool) -> T:
+        return await self._retrying(what, lambda: self._attempt(factory, tx))
+
+    # ---- migrations --------------------------------------------------------------------
+    async def _migrate(self) -> None:
+        """Bring the schema to LATEST_VERSION; safe with several servers doing it at once."""
+        await self._run("migrate", self._op_bootstrap, tx=False)
+        while True:
+            version = await self._run("migrate", self._op_schema_version, tx=False)
+            if version >= LATEST_VERSION:
+                if version > LATEST_VERSION:
+                    log.warning("schema version %d is newer than this code (%d)", version, LATEST_VERSION)
+                return
+            await self._run("migrate", functools.partial(self._op_migrate_step, version + 1),
+                            tx=self.dialect.transactional_ddl)
+
+    def _op_bootstrap(self) -> Op[None]:
+        yield Stmt(SCHEMA_VERSION_DDL[self.dialect.name])
+        yield Stmt(self.dialect.insert("schema_version", ("id", "version"), 1, ignore=True), (1, 0))
+
+    def _op_schema_version(self) -> Op[int]:
+        r = yield Stmt("SELECT version FROM schema_version WHERE id = 1")
+        return int(r.rows[0][0])
+
+    def _op_migrate_step(self, target: int) -> Op[None]:
+        r = yield Stmt("SELECT version FROM schema_version WHERE id = 1")
+        if int(r.rows[0][0]) != target - 1:
+            return  # someone else moved it; the caller re-reads
+        for sql in MIGRATIONS[self.dialect.name][target - 1]:
+            yield Stmt(sql)
+        r = yield Stmt("UPDATE schema_version SET version = ? WHERE id = 1 AND version = ?",
+                       (target, target - 1))
+        if r.rowcount == 1:
+            log.info("store schema migrated to version %d", target)
+
+    # ---- cluster membership --------------------------------------------------------------
+    async def register_server(self, server_id: str, address: str, now: float) -> None:
+        sql = self.dialect.upsert("servers", ("id", "address", "started_at", "heartbeat_at"), "id",
+                                  ("address", "started_at", "heartbeat_at"))
+        await self._run("register_server", lambda: self._op_exec(sql, (server_id, address, now, now)), tx=False)
+
+    async def heartbeat_server(self, server_id: str, now: float) -> bool:
+        n = await self._run("heartbeat_server", lambda: self._op_exec(
+            "UPDATE servers SET heartbeat_at = ? WHERE id = ?", (now, server_id)), tx=False)
+        return n > 0
+
+    async def list_servers(self) -> list[ServerRow]:
+        rows = await self._run("list_servers", lambda: self._op_query(
+            "SELECT id, address, started_at, heartbeat_at FROM servers ORDER BY id"), tx=False)
+        return [ServerRow(r[0], r[1], float(r[2]), float(r[3])) for r in rows]
+
+    async def remove_server(self, server_id: str) -> None:
+        await self._run("remove_server", lambda: self._op_exec(
+            "DELETE FROM servers WHERE id = ?", (server_id,)), tx=False)
+
+    def _op_exec(self, sql: str, params: Sequence[Any] = ()) -> Op[int]:
+        r = yield Stmt(sql, params)
+        return r.rowcount
+
+    def _op_query(self, sql: str, params: Sequence[Any] = ()) -> Op[list[tuple]]:
+        r = yield Stmt(sql, params)
+        return r.rows
+
+    # ---- apps ------------------------------------------------------------------------------
+    _APP_SELECT = "SELECT name, owner, epoch, token_hash FROM apps"
+
+    @staticmethod
+    def _app(r: Sequence[Any]) -> AppRow:
+        return AppRow(r[0], r[1], int(r[2]), r[3])
+
+    async def ensure_app(self, app: str) -> AppRow:
+        return await self._run("ensure_app", lambda: self._op_ensure_app(app), tx=False)
+
+    def _op_ensure_app(self, app: str) -> Op[AppRow]:
+        yield Stmt(self.dialect.insert("apps", ("name", "epoch", "updated_at"), 1, ignore=True),
+                   (app, 0, time.time()))
+        r = yield Stmt(self._APP_SELECT + " WHERE name = ?", (app,))
+        return self._app(r.rows[0])
+
+    async def get_app(self, app: str) -> Optional[AppRow]:
+        rows = await self._run("get_app", lambda: self._op_query(self._APP_SELECT + " WHERE name = ?", (app,)), tx=False)
+        return self._app(rows[0]) if rows else None
+
+    async def list_apps(self) -> list[AppRow]:
+        rows = await self._run("list_apps", lambda: self._op_query(self._APP_SELECT + " ORDER BY name"), tx=False)
+        return [self._app(r) for r in rows]
+
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int) -> Optional[int]:
+        # A lost reply is retried; the retry then fails the CAS although we won. Recognise our
+        # own win: if the row already says (us, seen_epoch + 1) after a failed CAS on a retry.
+        state = _Attempts()
+        won = await self._run("claim_app", lambda: self._op_claim_app(state, app, server_id, seen_epoch), tx=False)
+        return seen_epoch + 1 if won else None
+
+    def _op_claim_app(self, state: _Attempts, app: str, server_id: str, seen_epoch: int) -> Op[bool]:
+        retry = state.tried_insert
+        state.tried_insert = True
+        r = yield Stmt("UPDATE apps SET owner = ?, epoch = epoch + 1, updated_at = ? WHERE name = ? AND epoch = ?",
+                       (server_id, time.time(), app, seen_epoch))
+        if r.rowcount == 1:
+            return True
+        if retry:
+            r = yield Stmt("SELECT owner, epoch FROM apps WHERE name = ?", (app,))
+            return bool(r.rows) and r.rows[0][0] == server_id and int(r.rows[0][1]) == seen_epoch + 1
+        return False
+
+    async def release_apps(self, server_id: str) -> list[str]:
+        return await self._run("release_apps", lambda: self._op_release_apps(server_id), tx=True)
+
+    def _op_release_apps(self, server_id: str) -> Op[list[str]]:
+        r = yield Stmt("SELECT name, epoch FROM apps WHERE owner = ? ORDER BY name", (server_id,))
+        released = []
+        now = time.time()
+        for name, epoch in r.rows:  # a CAS per app: a concurrent takeover keeps its win
+            u = yield Stmt("UPDATE apps SET owner = NULL, epoch = epoch + 1, updated_at = ?"
+                           " WHERE name = ? AND owner = ? AND epoch = ?", (now, name, server_id, epoch))
+            if u.rowcount == 1:
+                released.append(name)
+        return released
+
+    async def set_app_token(self, app: str, token_hash: Optional[str]) -> None:
+        await self._run("set_app_token", lambda: self._op_set_app_token(app, token_hash), tx=True)
+
+    def _op_set_app_token(self, app: str, token_hash: Optional[str]) -> Op[None]:
+        yield Stmt(self.dialect.insert("apps", ("name", "epoch", "updated_at"), 1, ignore=True), (app, 0, time.time()))
+        yield Stmt("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, app))
+
+    def _fence(self, server_id: str, app: str, epoch: int) -> Op[None]:
+        """Touch the app row only if we own it at ``epoch``. In MySQL the row lock taken here
+        is held to COMMIT, so a concurrent takeover CAS on the same row waits for us (and we
+        for it); in SQLite BEGIN IMMEDIATE already serialises every writer."""
+        r = yield Stmt("UPDATE apps SET updated_at = ? WHERE name = ? AND owner = ? AND epoch = ?",
+                       (time.time(), app, server_id, epoch))
+        if r.rowcount != 1:
+            raise NotOwnerError(app, epoch)
+
+    # ---- jobs --------------------------------------------------------------------------------
+    async def upsert_job(self, spec: JobSpec, next_trigger_ms: Optional[int], now: float) -> JobRow:
+        values = _spec_values(spec)
+        return await self._run("upsert_job", lambda: self._op_upsert_job(spec, values, next_trigger_ms, now), tx=True)
+
+    def _op_upsert_job(self, spec: JobSpec, values: tuple, next_trigger_ms: Optional[int], now: float) -> Op[JobRow]:
+        cols = ", ".join(_SPEC_COLS)
+        r = yield Stmt(f"SELECT id, version, is_delete, {cols} FROM jobs WHERE app = ? AND name = ?",
+                       (spec.app, spec.name))
+        if not r.rows:
+            ins_cols = ("app", "name") + _SPEC_COLS + ("next_trigger_ms", "created_time", "updated_time",
+                                                        "is_delete", "version")
+            w = yield Stmt(self.dialect.insert("jobs", ins_cols, 1, ignore=True),
+                           (spec.app, spec.name) + values + (next_trigger_ms, now, now, 0, 1))
+            if w.rowcount != 1:
+                raise RetryTx()  # a concurrent upsert created it: redo as an update
+        else:
+            job_id, version, is_delete = r.rows[0][0], r.rows[0][1], bool(r.rows[0][2])
+            old = tuple(r.rows[0][3:])
+            # handler..timezone are columns 0..3 of _SPEC_COLS; enabled is 12
+            schedule_changed = old[1:4] != values[1:4]
+            re_enabled = values[12] and not old[12]
+            changed = is_delete or any(_differs(a, b) for a, b in zip(old, values))
+            if changed:
+                sets = ", ".join(f"{c} = ?" for c in _SPEC_COLS)
+                new_next = is_delete or schedule_changed or re_enabled
+                sql = (f"UPDATE jobs SET {sets}, is_delete = 0, updated_time = ?, version = version + 1"
+                       + (", next_trigger_ms = ?" if new_next else "") + " WHERE id = ? AND version = ?")
+                params = values + (now,) + ((next_trigger_ms,) if new_next else ()) + (job_id, version)
+                w = yield Stmt(sql, params)
+                if w.rowcount != 1:
+                    raise RetryTx()  # changed under us: re-read and compare again
+        r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name = ?", (spec.app, spec.name))
+        return row_to_job(r.rows[0])
+
+    async def get_job(self, job_id: int) -> Optional[JobRow]:
+        rows = await self._run("get_job", lambda: self._op_query(f"SELECT {JOB_COLS} FROM jobs WHERE id = ?", (job_id,)), tx=False)
+        return row_to_job(rows[0]) if rows else None
+
+    async def get_job_by_name(self, app: str, name: str) -> Optional[JobRow]:
+        rows = await self._run("get_job_by_name", lambda: self._op_query(
+            f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name = ? AND is_delete = 0", (app, name)), tx=False)
+        return row_to_job(rows[0]) if rows else None
+
+    async def list_jobs(self, app: str) -> list[JobRow]:
+        rows = await self._run("list_jobs", lambda: self._op_query(
+            f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND is_delete = 0 ORDER BY name", (app,)), tx=False)
+        return [row_to_job(r) for r in rows]
+
+    async def delete_job(self, app: str, name: str, now: float) -> bool:
+        n = await self._run("delete_job", lambda: self._op_exec(
+            "UPDATE jobs SET is_delete = 1, enabled = 0, next_trigger_ms = NULL, updated_time = ?,"
+            " version = version + 1 WHERE app = ? AND name = ? AND is_delete = 0", (now, app, name)), tx=False)
+        return n > 0
+
+    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: Optional[int],
+                              now: float) -> bool:
+        n = await self._run("set_job_enabled", lambda: self._op_exec(
+            "UPDATE jobs SET enabled = ?, next_trigger_ms = ?, updated_time = ?, version = version + 1"
+            " WHERE app = ? AND name = ? AND is_delete = 0", (int(enabled), next_trigger_ms, now, app, name)), tx=False)
+        return n > 0
+
+    async def set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
+                               next_trigger_ms: Optional[int]) -> None:
+        await self._run("set_next_trigger", lambda: self._op_set_next_trigger(
+            server_id, app, epoch, job_id, next_trigger_ms), tx=True)
+
+    def _op_set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
+                             next_trigger_ms: Optional[int]) -> Op[None]:
+        yield from self._fence(server_id, app, epoch)
+        yield Stmt("UPDATE jobs SET next_trigger_ms = ? WHERE id = ? AND app = ?", (next_trigger_ms, job_id, app))
+
+    async def mark_job_finished(self, job_id: int, finished_at: float) -> None:
+        await self._run("mark_job_finished", lambda: self._op_exec(
+            "UPDATE jobs SET last_finished_time = ? WHERE id = ?", (finished_at, job_id)), tx=False)
+
+    async def set_job_stats(self, job_id: int, stats: Any, now: float) -> None:
+        # updated_time tracks the job's definition, so a stats report leaves it alone.
+        await self._run("set_job_stats", lambda: self._op_exec(
+            "UPDATE jobs SET stats = ? WHERE id = ?", (dumps(stats), job_id)), tx=False)
+
+    # ---- the WAL -------------------------------------------------------------------------------
+    async def claim_due(self, server_id: str, app: str, epoch: int, horizon_ms: int, next_fire: NextFire,
+                        now: float, limit: int = 5000,
+                        exclude_types: Sequence[ScheduleType] = ()) -> list[InstanceRow]:
+        state = _Attempts()
+        excl = tuple(ScheduleType(t).value for t in exclude_types)
+        rows = await self._run("claim_due", lambda: self._op_claim_due(
+            state, server_id, app, epoch, horizon_ms, next_fire, now, limit, excl), tx=True)
+        return [row_to_instance(r) for r in rows]
+
+    def _op_claim_due(self, state: _Attempts, server_id: str, app: str, epoch: int, horizon_ms: int,
+                      next_fire: NextFire, now: float, limit: int, excl: tuple[str, ...]) -> Op[list[tuple]]:
+        yield from self._fence(server_id, app, epoch)
+        out: list[tuple] = []
+        if state.tried_insert:
+            # An earlier attempt may have committed without us hearing back: its rows carry
+            # our (server, epoch, created_at) and belong in the answer.
+            r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND server = ? AND epoch = ?"
+                           " AND created_at = ? AND trigger_kind = 'schedule' ORDER BY id",
+                           (app, server_id, epoch, now))
+            out.extend(r.rows)
+        if limit <= 0:
+            return out
+        sql = (f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND enabled = 1 AND is_delete = 0"
+               " AND next_trigger_ms IS NOT NULL AND next_trigger_ms <= ?")
+        params: list[Any] = [app, horizon_ms]
+        if excl:
+            sql += " AND schedule_type NOT IN " + self.dialect.in_list(len(excl))
+            params.extend(excl)
+        sql += " ORDER BY next_trigger_ms, id LIMIT ?"
+        params.append(limit)
+        r = yield Stmt(sql, params)
+
+        fires: list[tuple] = []
+        advances: list[tuple[int, int, Optional[int]]] = []
+        budget = limit
+        for jr in r.rows:
+            if budget <= 0:
+                break
+            job = row_to_job(jr)
+            ptext = jr[_J_PARAMS]  # copy the job's params JSON as stored, no re-encode
+            t = job.next_trigger_ms
+            while t is not None and t <= horizon_ms and budget > 0:
+                fires.append((job.id, app, t, FIRST_ATTEMPT, "waiting", "schedule", ptext, server_id, epoch, now))
+                budget -= 1
+                nxt = next_fire(job, t)
+                if nxt is not None and nxt <= t:
+                    raise ValueError(f"next_fire did not advance for job {job.id}: {t} -> {nxt}")
+                t = nxt
+            advances.append((job.id, job.version, t))
+        if not fires:
+            return out
+
+        state.tried_insert = True
+        if self.dialect.returning:
+            for part in chunks(fires):
+                w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, len(part), ignore=True,
+                                                   returning=INST_COLS), flat(part))
+                out.extend(w.rows)
+        else:
+            # MySQL without RETURNING: every instance write of this app is fenced, and the fence
+            # row lock serialises them, so the app's rows above the current max id are ours.
+            m = yield Stmt("SELECT COALESCE(MAX(id), 0) FROM instances")
+            for part in chunks(fires):
+                yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, len(part), ignore=True), flat(part))
+            w = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND id > ? ORDER BY id",
+                           (app, m.rows[0][0]))
+            out.extend(w.rows)
+
+        # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
+        # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
+        sql_sets = (("next_trigger_ms", "u.nt"),)
+        for part in chunks(advances):
+            yield Stmt(self.dialect.update_join("jobs", ("id", "ver", "nt"), len(part), sql_sets,
+                                                "jobs.version = u.ver"), flat(part))
+        return out
+
+    async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
+                              attempt: int, trigger: str, params: Any, now: float) -> Optional[InstanceRow]:
+        state = _Attempts()
+        values = (job_id, app, planned_ms, attempt, Status.WAITING.value, trigger, dumps(params), server_id, epoch, now)
+        row = await self._run("insert_instance", lambda: self._op_insert_instance(state, server_id, app, epoch, values),
+                              tx=True)
+        return None if row is None else row_to_instance(row)
+
+    def _op_insert_instance(self, state: _Attempts, server_id: str, app: str, epoch: int,
+                            values: tuple) -> Op[Optional[tuple]]:
+        yield from self._fence(server_id, app, epoch)
+        retry = state.tried_insert
+        state.tried_insert = True
+        if self.dialect.returning:
+            w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True, returning=INST_COLS), values)
+            if w.rows:
+                return w.rows[0]
+        else:
+            w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True), values)
+            if w.rowcount == 1 and w.lastrowid:
+                r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE id = ?", (w.lastrowid,))
+                return r.rows[0]
+        if retry:  # did our previous attempt commit before the connection dropped?
+            r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE job_id = ? AND planned_ms = ? AND attempt = ?",
+                           values[0:1] + values[2:4])
+            if r.rows:
+                row = r.rows[0]
+                if (row[8], row[9], row[11], row[6]) == (server_id, epoch, values[9], values[5]):
+                    return row
+        return None
+
+    async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
+        batch = merge_updates(updates)
+        if not batch:
+            return 0
+        rows = [(u.id, u.status.value, _rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
+                 dumps(u.result), u.error) for u in batch]
+        return await self._run("update_instances", lambda: self._op_update_instances(rows), tx=True)
+
+    _UPD_COLS = ("id", "st", "rnk", "worker", "dispatched_at", "started_at", "finished_at", "result", "error")
+    _UPD_SETS = (("status", "u.st"),) + tuple(
+        (c, f"COALESCE(u.{c}, instances.{c})")
+        for c in ("worker", "dispatched_at", "started_at", "finished_at", "result", "error"))
+    # Monotonic: only unfinished rows change, and only forward (a final status from anywhere).
+    _UPD_WHERE = ("instances.status IN ('waiting', 'dispatched', 'running') AND u.rnk >"
+                  " (CASE instances.status WHEN 'waiting' THEN 0 WHEN 'dispatched' THEN 1 ELSE 2 END)")
+
+    def _op_update_instances(self, rows: list[tuple]) -> Op[int]:
+        changed = 0
+        for part in chunks(rows):
+            w = yield Stmt(self.dialect.update_join("instances", self._UPD_COLS, len(part), self._UPD_SETS,
+                                                    self._UPD_WHERE), flat(part))
+            changed += max(w.rowcount, 0)
+        return changed
+
+    async def get_instance(self, instance_id: int) -> Optional[InstanceRow]:
+        rows = await self._run("get_instance", lambda: self._op_query(
+            f"SELECT {INST_COLS} FROM instances WHERE id = ?", (instance_id,)), tx=False)
+        return row_to_instance(rows[0]) if rows else None
+
+    async def list_instances(self, app: str, job_id: Optional[int] = None,
+                             statuses: Optional[Sequence[Status]] = None, limit: int = 100) -> list[InstanceRow]:
+        sql = f"SELECT {INST_COLS} FROM instances WHERE app = ?"
+        params: list[Any] = [app]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            params.append(job_id)
+        if statuses is not None:
+            if not statuses:
+                return []
+            sql += " AND status IN " + self.dialect.in_list(len(statuses))
+            params.extend(Status(s).value for s in statuses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        rows = await self._run("list_instances", lambda: self._op_query(sql, params), tx=False)
+        return [row_to_instance(r) for r in rows]
+
+    async def load_unfinished(self, app: str) -> list[InstanceRow]:
+        rows = await self._run("load_unfinished", lambda: self._op_query(
+            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND status IN ('waiting', 'dispatched', 'running')"
+            " ORDER BY planned_ms, id", (app,)), tx=False)
+        return [row_to_instance(r) for r in rows]
+
+    # ---- job logs --------------------------------------------------------------------------
+    async def append_logs(self, lines: Sequence[LogLine]) -> None:
+        rows = [(ln.instance_id, ln.ts, ln.level, ln.message) for ln in lines]
+        if rows:
+            await self._run("append_logs", lambda: self._op_append_logs(rows), tx=True)
+
+    def _op_append_logs(self, rows: list[tuple]) -> Op[None]:
+        for part in chunks(rows):
+            yield Stmt(self.dialect.insert("job_logs", ("instance_id", "ts", "level", "message"), len(part)), flat(part))
+
+    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
+        rows = await self._run("get_logs", lambda: self._op_query(
+            "SELECT instance_id, ts, level, message FROM job_logs WHERE instance_id = ? ORDER BY id LIMIT ?",
+            (instance_id, limit)), tx=False)
+        return [LogLine(int(r[0]), float(r[1]), r[2], r[3]) for r in rows]
+
+
+def _differs(old: Any, new: Any) -> bool:
+    """Column comparison tolerant of driver types (1 vs True, 5 vs 5.0)."""
+    if old is None or new is None:
+        return old is not new
+    if isinstance(new, (int, float)) and isinstance(old, (int, float)):
+        return float(old) != float(new)
+    return old != new

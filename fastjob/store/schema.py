@@ -1,0 +1,167 @@
+"""Schema DDL and numbered migrations, one list per dialect.
+
+Migration ``n`` (1-based) is ``MIGRATIONS[dialect][n - 1]``: a list of statements. They must be
+idempotent (``IF NOT EXISTS``) because on MySQL DDL commits implicitly, so two servers starting
+at once may both run the statements of one step; only the compare-and-set of the version row
+(``UPDATE schema_version SET version = n WHERE version = n - 1``) is decided exactly once.
+On SQLite a step runs inside ``BEGIN IMMEDIATE`` and is atomic.
+"""
+from __future__ import annotations
+
+_MYSQL_TAIL = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+
+SCHEMA_VERSION_DDL = {
+    "sqlite": "CREATE TABLE IF NOT EXISTS schema_version ("
+    " id INTEGER NOT NULL PRIMARY KEY, version INTEGER NOT NULL)",
+    "mysql": "CREATE TABLE IF NOT EXISTS schema_version ("
+    " id TINYINT NOT NULL PRIMARY KEY, version INT NOT NULL)" + _MYSQL_TAIL,
+}
+
+_SQLITE_V1 = [
+    """CREATE TABLE IF NOT EXISTS servers (
+        id TEXT NOT NULL PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS apps (
+        name TEXT NOT NULL PRIMARY KEY,
+        owner TEXT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        token_hash TEXT NULL,
+        updated_at REAL NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS ix_apps_owner ON apps (owner)",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        name TEXT NOT NULL,
+        handler TEXT NOT NULL,
+        schedule_type TEXT NOT NULL,
+        schedule_expr TEXT NOT NULL DEFAULT '',
+        timezone TEXT NOT NULL DEFAULT 'UTC',
+        params TEXT NULL,
+        timeout REAL NULL,
+        retry_times INTEGER NOT NULL DEFAULT 0,
+        retry_backoff REAL NOT NULL DEFAULT 1,
+        misfire_policy TEXT NOT NULL DEFAULT 'fire_once',
+        tags TEXT NOT NULL DEFAULT '[]',
+        routing TEXT NOT NULL DEFAULT 'round_robin',
+        run_once INTEGER NOT NULL DEFAULT 0,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        allow_overlap INTEGER NOT NULL DEFAULT 0,
+        `interval` TEXT NULL,
+        next_trigger_ms INTEGER NULL,
+        created_time REAL NOT NULL,
+        updated_time REAL NOT NULL,
+        last_finished_time REAL NULL,
+        is_delete INTEGER NOT NULL DEFAULT 0,
+        version INTEGER NOT NULL DEFAULT 1,
+        stats TEXT NULL,
+        UNIQUE (app, name))""",
+    "CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (app, enabled, is_delete, next_trigger_ms)",
+    """CREATE TABLE IF NOT EXISTS instances (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        app TEXT NOT NULL,
+        planned_ms INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        trigger_kind TEXT NOT NULL,
+        params TEXT NULL,
+        server TEXT NULL,
+        epoch INTEGER NOT NULL,
+        worker TEXT NULL,
+        created_at REAL NOT NULL,
+        dispatched_at REAL NULL,
+        started_at REAL NULL,
+        finished_at REAL NULL,
+        result TEXT NULL,
+        error TEXT NULL,
+        UNIQUE (job_id, planned_ms, attempt))""",
+    "CREATE INDEX IF NOT EXISTS ix_instances_app_status ON instances (app, status)",
+    """CREATE TABLE IF NOT EXISTS job_logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        instance_id INTEGER NOT NULL,
+        ts REAL NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_job_logs_instance ON job_logs (instance_id)",
+]
+
+# MySQL 8 has no CREATE INDEX IF NOT EXISTS, so indexes live inside CREATE TABLE.
+_MYSQL_V1 = [
+    """CREATE TABLE IF NOT EXISTS servers (
+        id VARCHAR(191) NOT NULL PRIMARY KEY,
+        address VARCHAR(255) NOT NULL,
+        started_at DOUBLE NOT NULL,
+        heartbeat_at DOUBLE NOT NULL)""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS apps (
+        name VARCHAR(191) NOT NULL PRIMARY KEY,
+        owner VARCHAR(191) NULL,
+        epoch BIGINT NOT NULL DEFAULT 0,
+        token_hash VARCHAR(255) NULL,
+        updated_at DOUBLE NOT NULL DEFAULT 0,
+        KEY ix_apps_owner (owner))""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        app VARCHAR(191) NOT NULL,
+        name VARCHAR(191) NOT NULL,
+        handler VARCHAR(255) NOT NULL,
+        schedule_type VARCHAR(16) NOT NULL,
+        schedule_expr VARCHAR(255) NOT NULL DEFAULT '',
+        timezone VARCHAR(64) NOT NULL DEFAULT 'UTC',
+        params MEDIUMTEXT NULL,
+        timeout DOUBLE NULL,
+        retry_times INT NOT NULL DEFAULT 0,
+        retry_backoff DOUBLE NOT NULL DEFAULT 1,
+        misfire_policy VARCHAR(32) NOT NULL DEFAULT 'fire_once',
+        tags TEXT NOT NULL,
+        routing VARCHAR(32) NOT NULL DEFAULT 'round_robin',
+        run_once TINYINT NOT NULL DEFAULT 0,
+        enabled TINYINT NOT NULL DEFAULT 1,
+        allow_overlap TINYINT NOT NULL DEFAULT 0,
+        `interval` VARCHAR(64) NULL,
+        next_trigger_ms BIGINT NULL,
+        created_time DOUBLE NOT NULL,
+        updated_time DOUBLE NOT NULL,
+        last_finished_time DOUBLE NULL,
+        is_delete TINYINT NOT NULL DEFAULT 0,
+        version BIGINT NOT NULL DEFAULT 1,
+        stats MEDIUMTEXT NULL,
+        UNIQUE KEY uq_jobs_app_name (app, name),
+        KEY ix_jobs_due (app, enabled, is_delete, next_trigger_ms))""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS instances (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        job_id BIGINT NOT NULL,
+        app VARCHAR(191) NOT NULL,
+        planned_ms BIGINT NOT NULL,
+        attempt INT NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        trigger_kind VARCHAR(16) NOT NULL,
+        params MEDIUMTEXT NULL,
+        server VARCHAR(191) NULL,
+        epoch BIGINT NOT NULL,
+        worker VARCHAR(191) NULL,
+        created_at DOUBLE NOT NULL,
+        dispatched_at DOUBLE NULL,
+        started_at DOUBLE NULL,
+        finished_at DOUBLE NULL,
+        result MEDIUMTEXT NULL,
+        error TEXT NULL,
+        UNIQUE KEY uq_instances_fire (job_id, planned_ms, attempt),
+        KEY ix_instances_app_status (app, status))""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS job_logs (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        instance_id BIGINT NOT NULL,
+        ts DOUBLE NOT NULL,
+        level VARCHAR(16) NOT NULL,
+        message MEDIUMTEXT NOT NULL,
+        KEY ix_job_logs_instance (instance_id))""" + _MYSQL_TAIL,
+]
+
+MIGRATIONS: dict[str, list[list[str]]] = {
+    "sqlite": [_SQLITE_V1],
+    "mysql": [_MYSQL_V1],
+}
+
+LATEST_VERSION = len(MIGRATIONS["sqlite"])
+assert all(len(steps) == LATEST_VERSION for steps in MIGRATIONS.values())
