@@ -1,0 +1,118 @@
+"""Asyncio driver for the timing wheel: one loop timer for any number of pending fires.
+
+The loop sees a single ``call_at`` wake-up, armed at the wheel's ``next_deadline()``.  It is
+re-armed when an earlier deadline is scheduled, and after every wake-up.  A wake-up advances
+the wheel to ``loop.time()`` and hands the due items to ``on_due`` as one list, so a burst of
+a million fires costs a few thousand loop callbacks instead of a million.
+
+Early wake-ups: uvloop's clock and timers have millisecond resolution (and epoll rounds
+timeouts to milliseconds), so a wake-up may come a fraction of a millisecond before the
+deadline.  Nothing is delivered early; the timer re-arms no sooner than ``_MIN_SLEEP`` later,
+which bounds lateness to about one millisecond and rules out a busy loop of zero-delay timers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from .timewheel import TimingWheel
+
+__all__ = ["WheelTimer"]
+
+log = logging.getLogger("fastjob.timer")
+
+# Re-arm delay after a wake-up that found nothing due: the loops' timer granularity.
+_MIN_SLEEP = 0.001
+
+
+class WheelTimer:
+    """Deliver items to ``on_due(list)`` when their ``loop.time()`` deadline passes."""
+
+    __slots__ = ("_on_due", "_loop", "_wheel", "_handle", "_armed_at", "_closed", "_firing")
+
+    def __init__(
+        self,
+        on_due: Callable[[list], None],
+        *,
+        tick: float = 0.001,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._on_due = on_due
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._wheel = TimingWheel(tick, self._loop.time())
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at: float | None = None
+        self._closed = False
+        self._firing = False  # inside _fire: it re-arms once at the end
+
+    def call_at(self, when: float, item: object) -> int:
+        """Deliver item at loop time ``when``; returns a handle for cancel()."""
+        if self._closed:
+            raise RuntimeError("WheelTimer is closed")
+        handle = self._wheel.schedule(when, item)
+        if not self._firing and (self._armed_at is None or when < self._armed_at):
+            self._arm(when)
+        return handle
+
+    def call_later(self, delay: float, item: object) -> int:
+        """Deliver item ``delay`` seconds from now."""
+        return self.call_at(self._loop.time() + delay, item)
+
+    def cancel(self, handle: int) -> bool:
+        """Forget a pending item; False if it already fired, was cancelled or is unknown.
+
+        The wake-up is left armed: a wake-up with nothing due just re-arms.
+        """
+        return self._wheel.cancel(handle)
+
+    def __len__(self) -> int:
+        return len(self._wheel)
+
+    def close(self) -> None:
+        """Cancel the wake-up and drop every pending item; idempotent."""
+        self._closed = True
+        self._disarm()
+        self._wheel.clear()
+
+    # ---- internals ----
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self._armed_at = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_at = None
+        now = self._loop.time()
+        batch = self._wheel.advance(now)
+        self._firing = True
+        try:
+            if batch:
+                try:
+                    self._on_due(batch)
+                except Exception:
+                    log.exception("fastjob.timer: on_due failed for a batch of %d items", len(batch))
+        finally:
+            self._firing = False
+            if not self._closed:
+                self._rearm(now, bool(batch))
+
+    def _rearm(self, now: float, delivered: bool) -> None:
+        nd = self._wheel.next_deadline()
+        if nd is None:
+            self._disarm()
+            return
+        if not delivered and nd > now:
+            # Woke early (clock/timer granularity): wait at least one granule, never spin.
+            nd = max(nd, now + _MIN_SLEEP)
+        if self._armed_at != nd:
+            self._arm(nd)
