@@ -478,3 +478,135 @@ async def test_sqlite_locked_database_is_retried(store_url: str, make_store) -> 
         blocker.execute("ROLLBACK")
         blocker.close()
     assert (await s.ensure_app("y")).name == "y"
+
+
+@pytest.mark.parametrize("returning", [False])
+async def test_without_insert_returning(store: Store, returning: bool) -> None:
+    """The MySQL-proper path (no INSERT … RETURNING) gives the same answers."""
+    from fastjob.store._common import Dialect
+
+    d = store.dialect  # type: ignore[attr-defined]
+    store.dialect = Dialect(d.name, returning=returning, transactional_ddl=d.transactional_ddl)  # type: ignore[attr-defined]
+    epoch = await owned(store)
+    a = await store.upsert_job(spec("a"), 1000, NOW)
+    pre = await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW)
+    assert pre is not None and pre.params == {"x": 1} and pre.planned_ms == 2000
+    assert await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", None, NOW) is None
+    rows = await store.claim_due("s1", "app", epoch, 4000, every(1000), NOW)
+    assert sorted(r.planned_ms for r in rows) == [1000, 3000, 4000]
+    assert {r.id for r in rows}.isdisjoint({pre.id})
+
+
+# ---- a real MariaDB restart (mysql only) ------------------------------------------------------
+MARIADBD = "/usr/sbin/mariadbd"
+
+
+def _mariadb_running() -> bool:
+    return subprocess.run(["start-stop-daemon", "--status", "--exec", MARIADBD]).returncode == 0
+
+
+def _mariadb_answers(dsn: str) -> bool:
+    from tests.conftest import _admin_connect
+
+    try:
+        _admin_connect(dsn).close()
+        return True
+    except Exception:
+        return False
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _start_mariadb(dsn: str) -> None:
+    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD], check=False)
+    if not _wait(lambda: _mariadb_answers(dsn), 60):
+        raise RuntimeError("MariaDB did not come back within 60 s")
+
+
+def _restart_mariadb(dsn: str) -> None:
+    """Shut the server down, wait until the process is gone, start it, wait until it answers."""
+    subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=5", "shutdown"],
+                   check=True, timeout=30, capture_output=True)
+    if not _wait(lambda: not _mariadb_running(), 30):
+        raise RuntimeError("MariaDB did not stop within 30 s")
+    _start_mariadb(dsn)
+
+
+def _revive_sync_connections() -> None:
+    """The restart also killed conftest's session-long admin connection (it drops the test
+    database at the end of the session): reconnect every sync PyMySQL connection in the process."""
+    import gc
+
+    import pymysql
+
+    import warnings
+
+    for obj in gc.get_objects():
+        if isinstance(obj, pymysql.connections.Connection):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    obj.ping(reconnect=True)
+            except Exception:
+                pass
+
+
+@pytest.mark.mysql
+async def test_mariadb_restart_mid_operations(store_url: str, make_store) -> None:
+    if store_url.startswith("sqlite"):
+        pytest.skip("a MariaDB restart only concerns the MySQL backend")
+    if not (shutil.which("mysqladmin") and shutil.which("start-stop-daemon") and _mariadb_running()):
+        pytest.skip("needs a local MariaDB managed by start-stop-daemon")
+    s = await make_store(retry_total=30.0)
+    impatient = await make_store(retry_total=0.3)
+    epoch = await owned(s)
+    await s.upsert_job(spec("a"), 0, NOW)
+
+    outcomes: dict[str, int] = {"ok": 0, "store_error": 0}
+    raw_errors: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def hammer(st: Store, i: int) -> None:
+        horizon = 0
+        while not stop.is_set():
+            try:
+                if i % 2:
+                    await st.get_app("app")
+                else:
+                    horizon += 10
+                    await st.claim_due("s1", "app", epoch, horizon, every(10), NOW)
+                outcomes["ok"] += 1
+            except StoreError:
+                outcomes["store_error"] += 1
+            except Exception as exc:  # a raw driver exception is the failure we look for
+                raw_errors.append(exc)
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(hammer(s, 0)), asyncio.create_task(hammer(s, 1)),
+             asyncio.create_task(hammer(impatient, 1))]
+    try:
+        await asyncio.sleep(0.2)
+        before = outcomes["ok"]
+        await asyncio.to_thread(_restart_mariadb, store_url)
+        await asyncio.sleep(0.5)
+    finally:
+        if not _mariadb_answers(store_url):
+            await asyncio.to_thread(_start_mariadb, store_url)
+        await asyncio.to_thread(_revive_sync_connections)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 40)
+    assert raw_errors == []
+    assert outcomes["ok"] > before
+    # the patient store rode the outage out; both work again afterwards
+    assert (await s.get_app("app")).epoch == epoch
+    assert (await impatient.get_app("app")).owner == "s1"
+    rows = await s.claim_due("s1", "app", epoch, 10_000_000, every(1_000_000), NOW)
+    unfinished = await s.load_unfinished("app")
+    assert len({(r.job_id, r.planned_ms) for r in unfinished}) == len(unfinished) >= len(rows)

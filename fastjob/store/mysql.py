@@ -1,0 +1,212 @@
+"""MySQL / MariaDB backend for clusters (aiomysql pool).
+
+Connections run in autocommit mode, so single statements commit on their own; a multi-statement
+op runs between an explicit BEGIN and COMMIT on one pooled connection. Sessions use READ
+COMMITTED (fewer gap locks on the WAL's UNIQUE key, so concurrent claims of different apps do
+not deadlock on each other's ranges) and CLIENT.FOUND_ROWS, so an UPDATE reports the rows it
+*matched*: a fence or heartbeat that writes an unchanged value still counts as 1.
+
+Transient failures (server restarting, connection lost or killed, deadlock, lock wait timeout)
+close the connection, drop idle pooled ones that died with it, and are retried by the shared
+loop; the pool recycles connections well before the server's wait_timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Optional, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import aiomysql
+import pymysql
+from pymysql.constants import CLIENT
+
+from ._common import Dialect, Op, Result, RetryTx, SQLStore
+from .base import StoreError
+
+log = logging.getLogger("fastjob.store")
+T = TypeVar("T")
+
+MYSQL = Dialect("mysql", returning=True, transactional_ddl=False)
+MYSQL_NO_RETURNING = Dialect("mysql", returning=False, transactional_ddl=False)
+
+# Server/client error codes worth a retry.
+TRANSIENT_CODES = frozenset({
+    1040,  # too many connections
+    1053,  # server shutdown in progress
+    1205,  # lock wait timeout
+    1213,  # deadlock: the transaction was rolled back
+    1317,  # query interrupted
+    1927,  # connection was killed (MariaDB)
+    2002, 2003, 2005,  # cannot connect
+    2006,  # server has gone away
+    2013,  # lost connection during query
+    2014,  # commands out of sync (a broken connection)
+    2055,  # lost connection, system error
+    4031,  # disconnected by the server for inactivity (MySQL 8)
+})
+
+
+class _QuietCursor(aiomysql.Cursor):
+    """Skips aiomysql's SHOW WARNINGS round trip after every statement with warnings: INSERT
+    IGNORE's duplicate-key and CREATE TABLE IF NOT EXISTS's "already exists" warnings are the
+    expected outcome here, not news, and the extra query would cost a round trip per claim."""
+
+    async def _show_warnings(self, conn: Any) -> None:
+        return None
+
+
+class MySQLStore(SQLStore):
+    """Store on MySQL >= 5.7 / MariaDB >= 10.5 (uses INSERT … RETURNING when available)."""
+
+    dialect = MYSQL
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 3306, user: str = "root", password: str = "",
+                 db: str = "fastjob", *, pool_min: int = 1, pool_max: int = 10, connect_timeout: float = 5.0,
+                 pool_recycle: float = 3600.0, op_timeout: float = 60.0, **retry: Any) -> None:
+        super().__init__(**retry)
+        self.host, self.port, self.user, self.password, self.db = host, port, user, password, db
+        self.pool_min, self.pool_max = int(pool_min), int(pool_max)
+        self.connect_timeout = connect_timeout
+        self.pool_recycle = pool_recycle
+        self.op_timeout = op_timeout
+        self._pool: Optional[aiomysql.Pool] = None
+
+    @classmethod
+    def from_url(cls, url: str) -> "MySQLStore":
+        """``mysql://user:pass@host:port/db?pool_max=10&connect_timeout=5&retry_total=10``."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mysql", "mariadb") or not parts.path.strip("/"):
+            raise ValueError(f"bad MySQL URL {url!r}: use mysql://user:pass@host:port/db")
+        opts = {k: float(v) for k, v in parse_qsl(parts.query)}
+        return cls(parts.hostname or "127.0.0.1", parts.port or 3306, unquote(parts.username or "root"),
+                   unquote(parts.password or ""), unquote(parts.path.strip("/")), **opts)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def _conn_kwargs(self) -> dict[str, Any]:
+        return dict(host=self.host, port=self.port, user=self.user, password=self.password, db=self.db,
+                    charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
+                    client_flag=CLIENT.FOUND_ROWS, cursorclass=_QuietCursor,
+                    init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        # A probe connection learns wait_timeout (the pool must recycle below it) and the
+        # server flavour (MariaDB >= 10.5 has INSERT … RETURNING; MySQL does not).
+        wait_timeout, version = await self._retrying("open", self._probe)
+        self.dialect = MYSQL if _has_returning(version) else MYSQL_NO_RETURNING
+        recycle = min(self.pool_recycle, max(1.0, wait_timeout * 0.5))
+        self._pool = await self._retrying("open", lambda: aiomysql.create_pool(
+            minsize=self.pool_min, maxsize=self.pool_max, pool_recycle=int(recycle), **self._conn_kwargs()))
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _probe(self) -> tuple[float, str]:
+        conn = await aiomysql.connect(**self._conn_kwargs())
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT @@wait_timeout, VERSION()")
+                row = await cur.fetchone()
+            return float(row[0]), str(row[1])
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()
+
+    # ---- driving ops -----------------------------------------------------------------------
+    async def _attempt(self, factory: Callable[[], Op[T]], tx: bool) -> T:
+        pool = self._pool
+        if pool is None:
+            raise StoreError("MySQL store is not open")
+        conn = await asyncio.wait_for(pool.acquire(), self.connect_timeout + 1.0)
+        healthy = False
+        try:
+            value = await asyncio.wait_for(self._drive(conn, factory, tx), self.op_timeout)
+            healthy = True
+            return value
+        except (StoreError, RetryTx, pymysql.err.IntegrityError, pymysql.err.ProgrammingError,
+                pymysql.err.DataError, pymysql.err.NotSupportedError, ValueError) as exc:
+            # the connection is fine, the op is not: roll back and keep the connection
+            if not isinstance(exc, pymysql.err.Error) or _code(exc) not in TRANSIENT_CODES:
+                healthy = await self._rollback(conn, tx)
+            raise
+        except Exception as exc:
+            if self._is_transient(exc):
+                await self._drop_dead_idle(pool)
+            raise
+        finally:
+            if not healthy:
+                conn.close()  # the pool discards closed connections
+            pool.release(conn)
+
+    async def _drive(self, conn: aiomysql.Connection, factory: Callable[[], Op[T]], tx: bool) -> T:
+        async with conn.cursor() as cur:
+            if tx:
+                await conn.begin()
+            gen = factory()
+            try:
+                stmt = next(gen)
+                while True:
+                    params = stmt.params
+                    await cur.execute(stmt.sql.replace("?", "%s"), tuple(params) if params else None)
+                    rows = list(await cur.fetchall()) if cur.description is not None else []
+                    stmt = gen.send(Result(rows, cur.rowcount, cur.lastrowid))
+            except StopIteration as stop:
+                value = stop.value
+            if tx:
+                await conn.commit()
+            return value
+
+    @staticmethod
+    async def _rollback(conn: aiomysql.Connection, tx: bool) -> bool:
+        if not tx:
+            return True
+        try:
+            await asyncio.wait_for(conn.rollback(), 5.0)
+            return True
+        except Exception:
+            return False
+
+    @staticmethod
+    async def _drop_dead_idle(pool: aiomysql.Pool) -> None:
+        """After a lost connection, the idle ones most likely died with it (server restart):
+        drop them so the retry connects afresh instead of discovering each corpse in turn."""
+        try:
+            await pool.clear()
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+    def _is_driver_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, (pymysql.err.Error, OSError, asyncio.TimeoutError, EOFError))
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError, pymysql.err.InternalError)):
+            code = _code(exc)
+            # aiomysql raises InterfaceError(0, '') / OperationalError without a code for a
+            # connection it found closed
+            return code in TRANSIENT_CODES or code in (0, None)
+        return isinstance(exc, (ConnectionError, OSError, EOFError, asyncio.TimeoutError))
+
+
+def _code(exc: BaseException) -> Optional[int]:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _has_returning(version: str) -> bool:
+    """INSERT … RETURNING: MariaDB 10.5+. MySQL has none."""
+    if "mariadb" not in version.lower():
+        return False
+    try:
+        major, minor = (int(x) for x in version.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (10, 5)
