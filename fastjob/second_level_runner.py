@@ -1,38 +1,220 @@
-"""Worker side of second-level jobs: run jobs handed down by the server from the worker's own wheel."""
+"""Worker side of second-level jobs: run the jobs a server hands down, from the worker's own wheel.
+
+Fixed rate fires at planned + period (a late fire does not shift the grid; fires missed by
+more than a period are skipped and counted); fixed delay fires ``period`` after the previous
+run finished. A fire never overlaps a still-running one unless the job allows it.
+
+The lease: if the worker hears nothing from its server for ``lease`` seconds it drops every
+handed-down job, because by then the server may have handed them to another worker.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from .timer import WheelTimer
 
 if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger("fastjob.worker")
 
+REPORT_INTERVAL = 1.0
+MAX_LATENESS_SAMPLES = 100_000
+
+
+class _PlainLog:
+    """``ctx.log`` of a second-level run: no instance row, so lines go to the local logger only."""
+
+    def __init__(self, job: str) -> None:
+        self._logger = logging.getLogger("fastjob.job")
+        self._job = job
+
+    def debug(self, message: str, *args: Any) -> None:
+        self._logger.debug("[%s] " + message, self._job, *args)
+
+    def info(self, message: str, *args: Any) -> None:
+        self._logger.info("[%s] " + message, self._job, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self._logger.warning("[%s] " + message, self._job, *args)
+
+    def error(self, message: str, *args: Any) -> None:
+        self._logger.error("[%s] " + message, self._job, *args)
+
+
+@dataclass(slots=True)
+class _Job:
+    spec: dict[str, Any]
+    next_planned: float = 0.0  # epoch seconds of the next fire
+    handle: Optional[int] = None
+    running: int = 0
+    runs: int = 0
+    failures: int = 0
+    skipped: int = 0
+    last_error: Optional[str] = None
+    last_run_at: Optional[float] = None
+    lateness: list[float] = field(default_factory=list)  # seconds, since the last report
+
+    @property
+    def period(self) -> float:
+        return float(self.spec["period"])
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[index]
+
 
 class SecondLevelRunner:
-    """Placeholder until second-level jobs land (issue 6)."""
+    """The handed-down jobs of one worker."""
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
+        self.jobs: dict[int, _Job] = {}
+        self.lease = 0.0
+        self._timer: Optional[WheelTimer] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reporter: Optional[asyncio.Task[None]] = None
 
     def job_ids(self) -> list[int]:
-        return []
+        return sorted(self.jobs)
+
+    # ---- lease ------------------------------------------------------------------------------
+    def _lease_ok(self) -> bool:
+        return asyncio.get_running_loop().time() - self.worker.last_heard_from_server() < self.lease
+
+    def _check_lease(self) -> bool:
+        if self.jobs and not self._lease_ok():
+            self.stop_all(f"no word from the server for {self.lease:.2f}s (lease expired)")
+            return False
+        return True
 
     def connected(self) -> None:
-        pass
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.create_task(self._report_loop(), name="fastjob-sl-report")
 
     def disconnected(self) -> None:
-        pass
+        """Keep running within the lease: a quick reconnect to the same app owner causes no gap."""
 
-    def assign(self, job: dict[str, Any], lease: float) -> None:
-        pass
+    # ---- server orders ------------------------------------------------------------------------
+    def assign(self, spec: dict[str, Any], lease: float) -> None:
+        self.lease = lease
+        job_id = spec["id"]
+        if spec["handler"] not in self.worker.handlers:
+            log.error("second-level job %s: unknown handler %r on worker %s", spec["name"], spec["handler"],
+                      self.worker.worker_id)
+            return
+        if self._timer is None:
+            self._timer = WheelTimer(self._on_due)
+        current = self.jobs.get(job_id)
+        if current is not None:
+            changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
+            current.spec = spec
+            if changed and current.handle is not None:
+                self._timer.cancel(current.handle)
+                self._arm(current, time.time() + current.period)
+            return
+        job = _Job(spec)
+        self.jobs[job_id] = job
+        log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
+        self._arm(job, time.time())
 
     def revoke(self, job_id: int, reason: str) -> None:
-        pass
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            log.info("worker %s stops second-level job %s: %s", self.worker.worker_id, job.spec["name"], reason)
+            if job.handle is not None and self._timer is not None:
+                self._timer.cancel(job.handle)
 
     def stop_all(self, reason: str) -> None:
-        pass
+        for job_id in list(self.jobs):
+            self.revoke(job_id, reason)
 
     async def wait_stopped(self, timeout: float) -> None:
-        pass
+        if self._reporter is not None:
+            self._reporter.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    # ---- firing -------------------------------------------------------------------------------
+    def _arm(self, job: _Job, planned: float) -> None:
+        assert self._timer is not None
+        job.next_planned = planned
+        loop = asyncio.get_running_loop()
+        job.handle = self._timer.call_at(loop.time() + (planned - time.time()), job.spec["id"])
+
+    def _on_due(self, job_ids: list[int]) -> None:
+        if not self._check_lease():
+            return
+        now = time.time()
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            planned = job.next_planned
+            job.handle = None
+            if job.spec["schedule_type"] == "fixed_rate":
+                nxt = planned + job.period
+                if nxt <= now:  # far behind: skip whole missed periods rather than bursting
+                    missed = int((now - nxt) // job.period) + 1
+                    job.skipped += missed
+                    nxt += missed * job.period
+                self._arm(job, nxt)
+            if job.running and not job.spec.get("allow_overlap"):
+                job.skipped += 1
+                continue
+            self._start(job, planned)
+
+    def _start(self, job: _Job, planned: float) -> None:
+        job.running += 1
+        task = asyncio.create_task(self._run(job, planned), name=f"fastjob-sl-{job.spec['id']}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: _Job, planned: float) -> None:
+        from .worker import JobContext
+
+        started = time.time()
+        if len(job.lateness) < MAX_LATENESS_SAMPLES:
+            job.lateness.append(max(0.0, started - planned))
+        spec = job.spec
+        ctx = JobContext(0, spec["name"], spec["id"], spec.get("params"), 1, planned, _PlainLog(spec["name"]))
+        status, _, error = await self.worker.run_handler(
+            self.worker.handlers[spec["handler"]], ctx, spec.get("timeout"), lambda: "revoked")
+        job.running -= 1
+        job.runs += 1
+        job.last_run_at = started
+        if status != "succeeded":
+            job.failures += 1
+            job.last_error = error
+        if spec["schedule_type"] == "fixed_delay" and self.jobs.get(spec["id"]) is job:
+            self._arm(job, time.time() + job.period)
+
+    # ---- reports ------------------------------------------------------------------------------
+    def build_reports(self) -> list[dict[str, Any]]:
+        reports = []
+        for job_id, job in self.jobs.items():
+            samples = sorted(job.lateness)
+            job.lateness = []
+            reports.append({
+                "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,
+                "last_run_at": job.last_run_at, "lateness_p50": _percentile(samples, 0.5),
+                "lateness_p99": _percentile(samples, 0.99), "lateness_max": samples[-1] if samples else 0.0,
+            })
+        return reports
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self._check_lease()
+            if self.jobs and self.worker.connected:
+                self.worker._send("SL_REPORT", {"reports": self.build_reports()})

@@ -134,6 +134,7 @@ class Worker:
         self.heartbeat_interval = 2.0
         self.heartbeat_timeout = 10.0
         self._conn: Optional[_ClientConnection] = None
+        self._last_server_frame = float("-inf")  # loop.time() of the last frame of a closed connection
         self._ready = asyncio.Event()
         self._stopping = False
         self._fatal: Optional[BaseException] = None
@@ -308,6 +309,11 @@ class Worker:
         else:
             uvloop.run(main())
 
+    def last_heard_from_server(self) -> float:
+        """loop.time() of the last frame from our server (second-level jobs' lease runs from it)."""
+        conn = self._conn
+        return conn.last_received if conn is not None else self._last_server_frame
+
     @property
     def connected(self) -> bool:
         return self._ready.is_set() and self._conn is not None and not self._conn.closed
@@ -378,6 +384,7 @@ class Worker:
             return "established"
         finally:
             if self._conn is conn:
+                self._last_server_frame = conn.last_received
                 self._conn = None
                 self._ready.clear()
                 self.second_level.disconnected()

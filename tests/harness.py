@@ -132,3 +132,34 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, what: str, po
 async def next_event(queue: "asyncio.Queue[Any]", timeout: float = 10.0) -> Any:
     return await asyncio.wait_for(queue.get(), timeout)
 
+
+
+class WorkerProcess:
+    """A worker in its own process (tests/sl_worker.py), so it can be killed with -9."""
+
+    def __init__(self, server: str, worker_id: str, out_path: Path, period: float, log_path: Path) -> None:
+        self.argv = [sys.executable, str(Path(__file__).with_name("sl_worker.py")), server, worker_id,
+                     str(out_path), str(period)]
+        self.log_path = log_path
+        self.proc: Optional[asyncio.subprocess.Process] = None
+
+    async def start(self, timeout: float = 20.0) -> None:
+        repo = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+        with open(self.log_path, "ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if line.strip() != b"READY":
+            self.kill()
+            raise RuntimeError(f"worker did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def close(self) -> None:
+        self.kill()
+        if self.proc is not None:
+            await asyncio.wait_for(self.proc.wait(), 10)

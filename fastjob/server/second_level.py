@@ -1,10 +1,25 @@
-"""Second-level jobs: handed down to one worker of the app, which schedules them itself."""
+"""Second-level jobs: handed down to one worker of the app, which schedules and runs them itself.
+
+Fixed-rate and fixed-delay jobs whose period is under ``--second-level-threshold`` are too
+frequent for an instance row per fire. The owner server assigns each to one live worker of
+the app (the one with fewest such jobs) with SL_ASSIGN and a lease; the worker runs it from
+its own wheel and reports aggregated outcomes with SL_REPORT.
+
+No two runners: a worker stops its handed-down jobs when it has heard nothing from its
+server for ``lease`` seconds. So when a worker goes silent, the server waits until that
+worker's lease has surely run out (last frame from it + lease + margin) before handing its
+jobs to another worker; and after gaining an app it waits one lease before assigning jobs
+that no reconnecting worker reported as its own. Both waits are below one heartbeat timeout.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Optional
 
-from ..store import JobRow
+from .. import schedule
+from ..store import JobRow, StoreError
 
 if TYPE_CHECKING:
     from .app import FastJobServer
@@ -14,25 +29,128 @@ log = logging.getLogger("fastjob.second_level")
 
 
 class SecondLevel:
-    """Assigns each second-level job of an owned app to one live worker (issue 6)."""
+    """Which worker runs each second-level job of the apps this server owns."""
 
     def __init__(self, server: "FastJobServer") -> None:
         self.server = server
+        timeout = server.config.heartbeat_timeout
+        self.lease = 0.75 * timeout  # a worker stops its jobs after this much server silence
+        self.margin = 0.1 * timeout  # extra wait before reassigning, for clock-rate skew and RTT
+        self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
+        self.runner: dict[int, "WorkerSession"] = {}  # job id -> the session running it
+        self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
 
-    def worker_joined(self, session: "WorkerSession", running: list[int]) -> None:
-        pass
+    # ---- who runs what ----------------------------------------------------------------------
+    def _wire(self, job: JobRow) -> dict[str, Any]:
+        return {
+            "id": job.id, "name": job.name, "handler": job.handler,
+            "schedule_type": job.schedule_type.value, "period": schedule.parse_period(job.schedule_expr),
+            "params": job.params, "timeout": job.timeout, "allow_overlap": job.allow_overlap,
+            "version": job.version,
+        }
 
-    def worker_left(self, session: "WorkerSession") -> None:
-        pass
+    def _hand_to(self, session: "WorkerSession", job: JobRow) -> None:
+        self.runner[job.id] = session
+        session.second_level.add(job.id)
+        session.send("SL_ASSIGN", {"job": self._wire(job), "lease": self.lease})
+        log.info("second-level job %s (%d) of app %s handed to worker %s", job.name, job.id, job.app, session.worker_id)
 
-    def job_changed(self, job: JobRow) -> None:
-        pass
+    def _revoke(self, job_id: int, reason: str) -> None:
+        session = self.runner.pop(job_id, None)
+        if session is not None:
+            session.second_level.discard(job_id)
+            session.send("SL_REVOKE", {"job_id": job_id, "reason": reason})
 
+    def _pick(self, job: JobRow) -> Optional["WorkerSession"]:
+        candidates = [s for s in self.server.workers_of(job.app) if s.accepts_jobs and s.has_tags(job.tags)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda s: (len(s.second_level), s.worker_id))
+
+    def assign_unassigned(self, app: str) -> None:
+        """Hand every unassigned job of the app to a worker, unless the app is in its quiet period."""
+        loop = asyncio.get_running_loop()
+        quiet_until = self._quiet_until.get(app, 0.0)
+        if loop.time() < quiet_until:
+            loop.call_at(quiet_until + 0.01, self.assign_unassigned, app)
+            return
+        for job in list(self.jobs.values()):
+            if job.app == app and job.id not in self.runner:
+                session = self._pick(job)
+                if session is None:
+                    return  # no worker: the jobs wait and resume when one registers
+                self._hand_to(session, job)
+
+    # ---- events ------------------------------------------------------------------------------
     async def app_gained(self, app: str) -> None:
-        pass
+        for job in await self.server.store.list_jobs(app):
+            if self._wanted(job):
+                self.jobs[job.id] = job
+        # the previous owner's runners may still be within their lease: wait for their reports
+        self._quiet_until[app] = asyncio.get_running_loop().time() + self.lease + self.margin
+        self.assign_unassigned(app)
 
     def app_lost(self, app: str) -> None:
-        pass
+        for job_id in [j.id for j in self.jobs.values() if j.app == app]:
+            del self.jobs[job_id]
+            session = self.runner.pop(job_id, None)
+            if session is not None:
+                session.second_level.discard(job_id)
+        self._quiet_until.pop(app, None)
+
+    def worker_joined(self, session: "WorkerSession", reported: list[int]) -> None:
+        """A worker that says it still runs a job keeps it (no gap); it loses those now run elsewhere."""
+        for job_id in reported:
+            job = self.jobs.get(job_id)
+            current = self.runner.get(job_id)
+            if job is not None and (current is None or current.closed):
+                self._hand_to(session, job)  # refreshes its lease and version
+            elif current is not session:
+                session.send("SL_REVOKE", {"job_id": job_id, "reason": "assigned elsewhere"})
+        self.assign_unassigned(session.app)
+
+    def worker_left(self, session: "WorkerSession") -> None:
+        """Reassign its jobs once its lease has surely expired, so no two workers overlap."""
+        orphaned = [job_id for job_id, s in self.runner.items() if s is session]
+        if not orphaned:
+            return
+        loop = asyncio.get_running_loop()
+        safe_at = session.last_received + self.lease + self.margin
+        log.info("worker %s left with %d second-level jobs; reassigning in %.2fs",
+                 session.worker_id, len(orphaned), max(0.0, safe_at - loop.time()))
+        loop.call_at(safe_at, self._reassign, session, orphaned)
+
+    def _reassign(self, gone: "WorkerSession", job_ids: list[int]) -> None:
+        for job_id in job_ids:
+            if self.runner.get(job_id) is gone:
+                del self.runner[job_id]
+        apps = {self.jobs[j].app for j in job_ids if j in self.jobs}
+        for app in apps:
+            self.assign_unassigned(app)
+
+    def job_changed(self, job: JobRow) -> None:
+        if self._wanted(job) and self.server.cluster.owns(job.app):
+            self.jobs[job.id] = job
+            session = self.runner.get(job.id)
+            if session is not None and not session.closed:
+                self._hand_to(session, job)  # the new period/params/version reach its runner
+            else:
+                self.assign_unassigned(job.app)
+        elif job.id in self.jobs:
+            del self.jobs[job.id]
+            self._revoke(job.id, "job deleted, disabled or no longer second-level")
+
+    def _wanted(self, job: JobRow) -> bool:
+        return job.enabled and not job.is_delete and self.server.is_second_level(job)
 
     def on_report(self, session: "WorkerSession", body: dict[str, Any]) -> None:
-        pass
+        for report in body["reports"]:
+            job_id = report.get("job_id")
+            if self.runner.get(job_id) is session:
+                self.server.spawn(self._store_report(job_id, report), "fastjob-sl-report")
+
+    async def _store_report(self, job_id: int, report: dict[str, Any]) -> None:
+        try:
+            await self.server.store.set_job_stats(job_id, report, time.time())
+        except StoreError as exc:
+            log.warning("second-level job %d: report not stored: %s", job_id, exc)

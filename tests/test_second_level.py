@@ -1,0 +1,112 @@
+"""Second-level jobs with real processes: rate, worker failover, server restart, no double runners."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from fastjob import Worker
+from harness import FAST_CLUSTER_ARGS, WorkerProcess, wait_until
+
+PERIOD = 0.2
+TIMEOUT = 1.5  # the heartbeat timeout in FAST_CLUSTER_ARGS
+
+
+def read_ticks(path: Path) -> list[tuple[str, float]]:
+    if not path.exists():
+        return []
+    ticks = []
+    for line in path.read_text().splitlines():
+        worker_id, _, stamp = line.partition(" ")
+        if stamp:
+            ticks.append((worker_id, float(stamp)))
+    return sorted(ticks, key=lambda t: t[1])
+
+
+def assert_one_runner_at_a_time(ticks: list[tuple[str, float]]) -> None:
+    """Runs never interleave between workers, and no two runs share a period."""
+    order = [w for w, _ in ticks]
+    switches = [i for i in range(1, len(order)) if order[i] != order[i - 1]]
+    for i in switches:
+        assert order[i - 1] not in order[i:], f"worker {order[i - 1]} ran again after {order[i]} took over"
+    gaps = [b - a for (_, a), (_, b) in zip(ticks, ticks[1:])]
+    assert min(gaps) > PERIOD / 2, f"two runs within half a period: {min(gaps):.3f}s"
+
+
+@pytest.fixture
+async def workers(tmp_path):
+    started: list[WorkerProcess] = []
+
+    async def start(server: str, worker_id: str) -> WorkerProcess:
+        proc = WorkerProcess(server, worker_id, tmp_path / "ticks.txt", PERIOD, tmp_path / f"{worker_id}.log")
+        started.append(proc)
+        await proc.start()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            await proc.close()
+
+
+async def test_runs_at_its_rate_on_one_worker(servers, workers, sqlite_url, tmp_path):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    await workers(server.address, "a")
+    await workers(server.address, "b")
+    ticks_file = tmp_path / "ticks.txt"
+    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    start = read_ticks(ticks_file)[-1][1]
+    await asyncio.sleep(3.0)  # a measuring window: the rate is what is under test
+    window = [t for t in read_ticks(ticks_file) if start < t[1] <= start + 3.0]
+    assert 13 <= len(window) <= 16, f"{len(window)} runs in 3 s at a 0.2 s period"
+    assert len({w for w, _ in window}) == 1, "only one worker runs the job"
+    assert_one_runner_at_a_time(read_ticks(ticks_file))
+    # outcomes are reported and stored with the job
+    async with Worker(app="sl", servers=[server.address], role="client") as client:
+        job = await wait_until(lambda: _job_with_stats(client), 10, "a stored outcome report")
+        assert job["stats"]["runs"] >= 10 and job["stats"]["failures"] == 0
+        assert job["next_trigger_ms"] is None, "no WAL rows for a second-level job"
+        assert await client.list_instances(job="tick") == []
+
+
+async def _job_with_stats(client: Worker):
+    job = await client.get_job("tick")
+    return job if job.get("stats") and job["stats"]["runs"] >= 10 else None
+
+
+async def test_kill_9_worker_hands_job_to_the_other(servers, workers, sqlite_url, tmp_path):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    procs = {"a": await workers(server.address, "a"), "b": await workers(server.address, "b")}
+    ticks_file = tmp_path / "ticks.txt"
+    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    runner = read_ticks(ticks_file)[-1][0]
+    other = "b" if runner == "a" else "a"
+    procs[runner].kill()
+    await procs[runner].close()
+    killed_at = read_ticks(ticks_file)[-1][1]
+    ticks = await wait_until(
+        lambda: (t := read_ticks(ticks_file)) and sum(1 for w, _ in t if w == other) >= 3 and t, 10,
+        "the other worker to take over")
+    first_other = min(s for w, s in ticks if w == other)
+    assert first_other - killed_at <= TIMEOUT + PERIOD, f"handover took {first_other - killed_at:.2f}s"
+    assert_one_runner_at_a_time(ticks)
+
+
+async def test_server_restart_keeps_the_job_running(servers, workers, sqlite_url, tmp_path):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    await workers(server.address, "a")
+    await workers(server.address, "b")
+    ticks_file = tmp_path / "ticks.txt"
+    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    server.kill()
+    await server.wait()
+    restart_at = read_ticks(ticks_file)[-1][1]
+    await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, port=server.port)
+    await wait_until(lambda: sum(1 for _, s in read_ticks(ticks_file) if s > restart_at + 2) >= 5, 15,
+                     "runs after the restart")
+    ticks = read_ticks(ticks_file)
+    gaps = [b - a for (_, a), (_, b) in zip(ticks, ticks[1:])]
+    assert max(gaps) <= TIMEOUT + PERIOD, f"a gap of {max(gaps):.2f}s"
+    assert_one_runner_at_a_time(ticks)
