@@ -1,0 +1,110 @@
+"""Lock-free HA with real server processes on one MariaDB: redirects, takeover after kill -9, a frozen owner."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import time
+from typing import Any
+
+import pymysql
+import pytest
+
+from fastjob import Worker
+from harness import FAST_CLUSTER_ARGS, wait_until
+from conftest import _admin_connect
+
+REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0", "--scan-horizon", "2"]
+
+
+def app_row(dsn: str, app: str) -> tuple[Any, Any]:
+    conn = _admin_connect(dsn)
+    db = dsn.rsplit("/", 1)[1]
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT owner, epoch FROM `{db}`.apps WHERE name = %s", (app,))
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+async def test_workers_are_redirected_to_the_one_owner(servers, mysql_dsn):
+    s1 = await servers.start(mysql_dsn, *REGULAR)
+    s2 = await servers.start(mysql_dsn, *REGULAR)
+    w1 = Worker(app="shop", servers=[s1.address], worker_id="w1")
+    w2 = Worker(app="shop", servers=[s2.address], worker_id="w2")
+    async with w1, w2:
+        owner, epoch = app_row(mysql_dsn, "shop")
+        assert w1.server_id == w2.server_id == owner
+        assert epoch >= 1
+
+
+async def test_survivor_takes_over_a_killed_owner_and_fires_its_wal(servers, mysql_dsn):
+    s1 = await servers.start(mysql_dsn, *REGULAR)
+    s2 = await servers.start(mysql_dsn, *REGULAR)
+    by_address = {s1.address: s1, s2.address: s2}
+    executions: collections.Counter[int] = collections.Counter()
+    worker = Worker(app="shop", servers=[s1.address, s2.address], reconnect_max=0.3)
+
+    @worker.handler("tick")
+    async def tick(ctx):
+        executions[ctx.instance_id] += 1
+
+    worker.schedule("tick", interval=0.2)
+    await worker.start()
+    try:
+        await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks on the first owner")
+        owner, epoch = app_row(mysql_dsn, "shop")
+        by_address[owner].kill()
+        survivor = s2.address if owner == s1.address else s1.address
+        before = sum(executions.values())
+        await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 10, "the survivor to claim the app")
+        assert app_row(mysql_dsn, "shop")[1] > epoch
+        await wait_until(lambda: sum(executions.values()) >= before + 5, 15, "ticks on the survivor")
+        rows = await wait_until(lambda: _all_past_final(worker), 15, "every past fire to be final")
+    finally:
+        await worker.stop()
+    assert all(n == 1 for n in executions.values()), "an instance ran twice"
+    keys = [(r["planned_ms"], r["attempt"]) for r in rows]
+    assert len(keys) == len(set(keys))
+
+
+async def test_a_frozen_owner_wakes_up_fenced(servers, mysql_dsn):
+    """SIGSTOP the owner past the timeout: the survivor takes over; after SIGCONT nothing fires twice."""
+    s1 = await servers.start(mysql_dsn, *REGULAR)
+    s2 = await servers.start(mysql_dsn, *REGULAR)
+    by_address = {s1.address: s1, s2.address: s2}
+    executions: collections.Counter[int] = collections.Counter()
+    worker = Worker(app="shop", servers=[s1.address, s2.address], reconnect_max=0.3)
+
+    @worker.handler("tick")
+    async def tick(ctx):
+        executions[ctx.instance_id] += 1
+
+    worker.schedule("tick", interval=0.2)
+    await worker.start()
+    frozen = None
+    try:
+        await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks on the first owner")
+        owner, _ = app_row(mysql_dsn, "shop")
+        frozen = by_address[owner]
+        frozen.signal(signal.SIGSTOP)
+        survivor = s2.address if owner == s1.address else s1.address
+        await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 10, "the takeover")
+        frozen.signal(signal.SIGCONT)
+        before = sum(executions.values())
+        await wait_until(lambda: sum(executions.values()) >= before + 10, 15, "ticks after the wake-up")
+        rows = await wait_until(lambda: _all_past_final(worker), 15, "every past fire to be final")
+        assert app_row(mysql_dsn, "shop")[0] == survivor, "the woken server must not take the app back"
+    finally:
+        if frozen is not None:
+            frozen.signal(signal.SIGCONT)
+        await worker.stop()
+    assert all(n == 1 for n in executions.values()), "an instance ran twice"
+    assert len({(r["planned_ms"], r["attempt"]) for r in rows}) == len(rows)
+
+
+async def _all_past_final(worker: Worker) -> Any:
+    rows = await worker.list_instances(job="tick", limit=10_000)
+    past = [r for r in rows if r["planned_ms"] / 1000 < time.time() - 2]
+    return rows if past and all(r["status"] not in ("waiting", "dispatched", "running") for r in past) else None
