@@ -53,10 +53,13 @@ def mysql_session_dsn() -> Iterator[str]:
         pytest.fail(f"cannot reach MySQL at {base}: {exc}")
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    conn.close()
     parts = urlsplit(base)
     try:
         yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
     finally:
+        # a new connection: tests may have restarted MariaDB since the one above was open
+        conn = _admin_connect(base)
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
