@@ -480,21 +480,35 @@ async def test_sqlite_locked_database_is_retried(store_url: str, make_store) -> 
     assert (await s.ensure_app("y")).name == "y"
 
 
-@pytest.mark.parametrize("returning", [False])
-async def test_without_insert_returning(store: Store, returning: bool) -> None:
-    """The MySQL-proper path (no INSERT … RETURNING) gives the same answers."""
+@pytest.mark.parametrize("returning,consecutive", [(True, False), (False, False), (False, True)])
+async def test_inserted_id_strategies(store: Store, returning: bool, consecutive: bool) -> None:
+    """RETURNING, first-id + consecutive ids, and first-id + read back give the same answers."""
     from fastjob.store._common import Dialect
 
     d = store.dialect  # type: ignore[attr-defined]
+    if returning and d.name == "mysql":
+        pytest.skip("MySQL has no INSERT … RETURNING")
+    if consecutive and d.name == "sqlite":
+        pytest.skip("SQLite multi-row inserts are read back with RETURNING")
     store.dialect = Dialect(d.name, returning=returning, transactional_ddl=d.transactional_ddl)  # type: ignore[attr-defined]
+    store.consecutive_ids = consecutive  # type: ignore[attr-defined]
     epoch = await owned(store)
     a = await store.upsert_job(spec("a"), 1000, NOW)
     pre = await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW)
     assert pre is not None and pre.params == {"x": 1} and pre.planned_ms == 2000
     assert await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", None, NOW) is None
     rows = await store.claim_due("s1", "app", epoch, 4000, every(1000), NOW)
-    assert sorted(r.planned_ms for r in rows) == [1000, 3000, 4000]
+    assert sorted(r.planned_ms for r in rows) == [1000, 3000, 4000]  # 2000 was a duplicate
     assert {r.id for r in rows}.isdisjoint({pre.id})
+    for r in rows:
+        assert await store.get_instance(r.id) == r
+    b = await store.upsert_job(spec("b", params=[1]), 0, NOW)
+    rows = await store.claim_due("s1", "app", epoch, 2999, every(1), NOW, limit=3000)  # 3 chunks, no dups
+    assert len(rows) == 3000 and {r.job_id for r in rows} == {b.id}
+    for r in rows[::997]:
+        assert await store.get_instance(r.id) == r
+    row = await store.insert_instance("s1", "app", epoch, b.id, 99_999, 2, "retry", {"z": None}, NOW)
+    assert row is not None and await store.get_instance(row.id) == row
 
 
 # ---- a real MariaDB restart (mysql only) ------------------------------------------------------

@@ -116,24 +116,29 @@ _SPEC_COLS = (
 )
 
 
+_SCHEDULE_TYPES = {t.value: t for t in ScheduleType}
+_STATUSES = {t.value: t for t in Status}
+_loads = json.loads
+
+
+# The converters run once per claimed job / written row, so they are kept lean: positional
+# dataclass construction, dict lookups instead of Enum(value), and JSON decoding skipped for
+# NULL and the common empty values.
 def row_to_job(r: Sequence[Any]) -> JobRow:
+    tags = r[12]
     return JobRow(
-        id=int(r[0]), app=r[1], name=r[2], handler=r[3], schedule_type=ScheduleType(r[4]),
-        schedule_expr=r[5], timezone=r[6], params=loads(r[7]), timeout=r[8], retry_times=int(r[9]),
-        retry_backoff=float(r[10]), misfire_policy=r[11], tags=loads(r[12]) or [], routing=r[13],
-        run_once=bool(r[14]), enabled=bool(r[15]), allow_overlap=bool(r[16]),
-        next_trigger_ms=None if r[17] is None else int(r[17]), created_time=float(r[18]),
-        updated_time=float(r[19]), last_finished_time=r[20], is_delete=bool(r[21]),
-        version=int(r[22]), stats=loads(r[23]),
+        r[0], r[1], r[2], r[3], _SCHEDULE_TYPES[r[4]], r[5], r[6],
+        None if r[7] is None else _loads(r[7]), r[8], r[9], float(r[10]), r[11],
+        [] if tags is None or tags == "[]" else _loads(tags), r[13], bool(r[14]), bool(r[15]),
+        bool(r[16]), r[17], r[18], r[19], r[20], bool(r[21]), r[22],
+        None if r[23] is None else _loads(r[23]),
     )
 
 
 def row_to_instance(r: Sequence[Any]) -> InstanceRow:
     return InstanceRow(
-        id=int(r[0]), job_id=int(r[1]), app=r[2], planned_ms=int(r[3]), attempt=int(r[4]),
-        status=Status(r[5]), trigger=r[6], params=loads(r[7]), server=r[8], epoch=int(r[9]),
-        worker=r[10], created_at=float(r[11]), dispatched_at=r[12], started_at=r[13],
-        finished_at=r[14], result=loads(r[15]), error=r[16],
+        r[0], r[1], r[2], r[3], r[4], _STATUSES[r[5]], r[6], None if r[7] is None else _loads(r[7]),
+        r[8], r[9], r[10], r[11], r[12], r[13], r[14], None if r[15] is None else _loads(r[15]), r[16],
     )
 
 
@@ -542,23 +547,29 @@ class SQLStore(Store):
     async def claim_due(self, server_id: str, app: str, epoch: int, horizon_ms: int, next_fire: NextFire,
                         now: float, limit: int = 5000,
                         exclude_types: Sequence[ScheduleType] = ()) -> list[InstanceRow]:
+        """See :meth:`Store.claim_due`. The ``params`` of the returned rows of one job are one
+        shared object (decoded once per job, not once per fire): treat them as read-only."""
         state = _Attempts()
         excl = tuple(ScheduleType(t).value for t in exclude_types)
-        rows = await self._run("claim_due", lambda: self._op_claim_due(
+        return await self._run("claim_due", lambda: self._op_claim_due(
             state, server_id, app, epoch, horizon_ms, next_fire, now, limit, excl), tx=True)
-        return [row_to_instance(r) for r in rows]
+
+    #: Set by a backend whose multi-row INSERT takes consecutive auto-increment ids (InnoDB
+    #: autoinc lock mode 0/1): the ids of a fully inserted chunk follow from the first one.
+    consecutive_ids = False
 
     def _op_claim_due(self, state: _Attempts, server_id: str, app: str, epoch: int, horizon_ms: int,
-                      next_fire: NextFire, now: float, limit: int, excl: tuple[str, ...]) -> Op[list[tuple]]:
+                      next_fire: NextFire, now: float, limit: int,
+                      excl: tuple[str, ...]) -> Op[list[InstanceRow]]:
         yield from self._fence(server_id, app, epoch)
-        out: list[tuple] = []
+        out: list[InstanceRow] = []
         if state.tried_insert:
             # An earlier attempt may have committed without us hearing back: its rows carry
             # our (server, epoch, created_at) and belong in the answer.
             r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND server = ? AND epoch = ?"
                            " AND created_at = ? AND trigger_kind = 'schedule' ORDER BY id",
                            (app, server_id, epoch, now))
-            out.extend(r.rows)
+            out.extend(row_to_instance(x) for x in r.rows)
         if limit <= 0:
             return out
         sql = (f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND enabled = 1 AND is_delete = 0"
@@ -573,11 +584,13 @@ class SQLStore(Store):
 
         fires: list[tuple] = []
         advances: list[tuple[int, int, Optional[int]]] = []
+        job_params: dict[int, Any] = {}
         budget = limit
         for jr in r.rows:
             if budget <= 0:
                 break
             job = row_to_job(jr)
+            job_params[job.id] = job.params
             ptext = jr[_J_PARAMS]  # copy the job's params JSON as stored, no re-encode
             t = job.next_trigger_ms
             while t is not None and t <= horizon_ms and budget > 0:
@@ -592,20 +605,33 @@ class SQLStore(Store):
             return out
 
         state.tried_insert = True
-        if self.dialect.returning:
-            for part in chunks(fires):
+        waiting = Status.WAITING
+        for part in chunks(fires):
+            # Which rows went in (a fire already recorded is skipped): (id, job_id, planned_ms).
+            if self.dialect.returning:
                 w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, len(part), ignore=True,
-                                                   returning=INST_COLS), flat(part))
-                out.extend(w.rows)
-        else:
-            # MySQL without RETURNING: every instance write of this app is fenced, and the fence
-            # row lock serialises them, so the app's rows above the current max id are ours.
-            m = yield Stmt("SELECT COALESCE(MAX(id), 0) FROM instances")
-            for part in chunks(fires):
-                yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, len(part), ignore=True), flat(part))
-            w = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND id > ? ORDER BY id",
-                           (app, m.rows[0][0]))
-            out.extend(w.rows)
+                                                   returning="id, job_id, planned_ms"), flat(part))
+                got = w.rows
+            else:
+                w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, len(part), ignore=True), flat(part))
+                # MySQL reports the first id a multi-row INSERT took; SQLite the last one, and
+                # a skipped row may use up an id, so only a lower bound is known there.
+                if self.dialect.name == "mysql":
+                    first = w.lastrowid
+                else:
+                    first = max((w.lastrowid or 0) - len(part) + 1, max((x.id for x in out), default=0) + 1)
+                if w.rowcount <= 0:
+                    got = []
+                elif w.rowcount == len(part) and self.consecutive_ids:
+                    got = [(first + i, f[0], f[2]) for i, f in enumerate(part)]
+                else:
+                    # Every instance write of the app is fenced and the fence serialises them,
+                    # so the app's rows from this statement's first id on are this statement's.
+                    g = yield Stmt("SELECT id, job_id, planned_ms FROM instances WHERE app = ? AND id >= ?"
+                                   " ORDER BY id", (app, first))
+                    got = g.rows
+            out.extend(InstanceRow(i, j, app, pms, FIRST_ATTEMPT, waiting, "schedule", job_params[j], server_id,
+                                   epoch, None, now) for i, j, pms in got)
 
         # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
         # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
@@ -635,8 +661,7 @@ class SQLStore(Store):
         else:
             w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True), values)
             if w.rowcount == 1 and w.lastrowid:
-                r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE id = ?", (w.lastrowid,))
-                return r.rows[0]
+                return (w.lastrowid,) + values[:7] + values[7:9] + (None, values[9]) + (None,) * 5
         if retry:  # did our previous attempt commit before the connection dropped?
             r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE job_id = ? AND planned_ms = ? AND attempt = ?",
                            values[0:1] + values[2:4])

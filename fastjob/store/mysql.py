@@ -27,8 +27,9 @@ from .base import StoreError
 log = logging.getLogger("fastjob.store")
 T = TypeVar("T")
 
-MYSQL = Dialect("mysql", returning=True, transactional_ddl=False)
-MYSQL_NO_RETURNING = Dialect("mysql", returning=False, transactional_ddl=False)
+# No INSERT … RETURNING (MySQL lacks it; on MariaDB every returned row is one more protocol
+# packet to parse in Python): inserted ids come from the statement's first id instead.
+MYSQL = Dialect("mysql", returning=False, transactional_ddl=False)
 
 # Server/client error codes worth a retry.
 TRANSIENT_CODES = frozenset({
@@ -57,7 +58,7 @@ class _QuietCursor(aiomysql.Cursor):
 
 
 class MySQLStore(SQLStore):
-    """Store on MySQL >= 5.7 / MariaDB >= 10.5 (uses INSERT … RETURNING when available)."""
+    """Store on MySQL >= 5.7 / MariaDB >= 10.3."""
 
     dialect = MYSQL
 
@@ -92,10 +93,10 @@ class MySQLStore(SQLStore):
     async def open(self) -> None:
         if self._pool is not None:
             return
-        # A probe connection learns wait_timeout (the pool must recycle below it) and the
-        # server flavour (MariaDB >= 10.5 has INSERT … RETURNING; MySQL does not).
-        wait_timeout, version = await self._retrying("open", self._probe)
-        self.dialect = MYSQL if _has_returning(version) else MYSQL_NO_RETURNING
+        # A probe connection learns wait_timeout (the pool must recycle below it) and whether
+        # a multi-row INSERT gets consecutive auto-increment ids (lock mode 0 or 1).
+        wait_timeout, autoinc_mode = await self._retrying("open", self._probe)
+        self.consecutive_ids = autoinc_mode in (0, 1)
         recycle = min(self.pool_recycle, max(1.0, wait_timeout * 0.5))
         self._pool = await self._retrying("open", lambda: aiomysql.create_pool(
             minsize=self.pool_min, maxsize=self.pool_max, pool_recycle=int(recycle), **self._conn_kwargs()))
@@ -105,13 +106,13 @@ class MySQLStore(SQLStore):
             await self.close()
             raise
 
-    async def _probe(self) -> tuple[float, str]:
+    async def _probe(self) -> tuple[float, int]:
         conn = await aiomysql.connect(**self._conn_kwargs())
         try:
             async with conn.cursor() as cur:
-                await cur.execute("SELECT @@wait_timeout, VERSION()")
+                await cur.execute("SELECT @@wait_timeout, @@innodb_autoinc_lock_mode")
                 row = await cur.fetchone()
-            return float(row[0]), str(row[1])
+            return float(row[0]), int(row[1])
         finally:
             conn.close()
 
@@ -199,14 +200,3 @@ class MySQLStore(SQLStore):
 def _code(exc: BaseException) -> Optional[int]:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
-
-
-def _has_returning(version: str) -> bool:
-    """INSERT … RETURNING: MariaDB 10.5+. MySQL has none."""
-    if "mariadb" not in version.lower():
-        return False
-    try:
-        major, minor = (int(x) for x in version.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (10, 5)
