@@ -4,6 +4,10 @@ Fixed rate fires at planned + period (a late fire does not shift the grid; fires
 more than a period are skipped and counted); fixed delay fires ``period`` after the previous
 run finished. A fire never overlaps a still-running one unless the job allows it.
 
+A newly handed-down job first fires within one period, at a phase derived from its id
+(golden-ratio spacing), so that many jobs with the same period spread over it instead of
+all firing in the same millisecond, every period, forever.
+
 The lease: if the worker hears nothing from its server for ``lease`` seconds it drops every
 handed-down job, because by then the server may have handed them to another worker.
 """
@@ -62,6 +66,11 @@ class _Job:
     @property
     def period(self) -> float:
         return float(self.spec["period"])
+
+
+def _phase(job_id: int) -> float:
+    """A fraction of the period in [0, 1), evenly spread over consecutive job ids."""
+    return (job_id * 0.6180339887498949) % 1.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -123,7 +132,7 @@ class SecondLevelRunner:
         job = _Job(spec)
         self.jobs[job_id] = job
         log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
-        self._arm(job, time.time())
+        self._arm(job, time.time() + _phase(job_id) * job.period)
 
     def revoke(self, job_id: int, reason: str) -> None:
         job = self.jobs.pop(job_id, None)

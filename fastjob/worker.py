@@ -406,13 +406,19 @@ class Worker:
         }
 
     async def _register_jobs(self, conn: _ClientConnection) -> None:
-        for spec in self.declared.values():
-            try:
-                await conn.request("JOB_UPSERT", {"job": _spec_to_wire(spec)}, timeout=self.connect_timeout)
-            except RemoteError as exc:
-                if exc.code == "invalid":
-                    raise WorkerError(f"job {spec.name!r} refused by the server: {exc.message}") from None
-                raise
+        """Upsert every declared job, many requests in flight at once (one round trip per chunk)."""
+        specs = list(self.declared.values())
+        for start in range(0, len(specs), 256):
+            chunk = specs[start:start + 256]
+            replies = await asyncio.gather(
+                *(conn.request("JOB_UPSERT", {"job": _spec_to_wire(spec)}, timeout=max(30.0, self.connect_timeout))
+                  for spec in chunk),
+                return_exceptions=True)
+            for spec, reply in zip(chunk, replies):
+                if isinstance(reply, RemoteError) and reply.code == "invalid":
+                    raise WorkerError(f"job {spec.name!r} refused by the server: {reply.message}")
+                if isinstance(reply, BaseException):
+                    raise reply
 
     async def _heartbeat_until_closed(self, conn: _ClientConnection) -> None:
         loop = asyncio.get_running_loop()
