@@ -18,8 +18,9 @@ Layout and why
   exactly the nodes whose deadline is ``<= now`` (never early, and never later than the call
   that follows the deadline).  Empty time is skipped with the bitmaps, so advancing over hours
   costs a handful of bit operations.
-* Nodes are 40-byte C structs in one slab (an array grown by doubling, indices instead of
-  pointers so that ``realloc`` is safe and links are 4 bytes) with an intrusive free list.
+* Nodes are 40-byte C structs in a slab of 1024-node chunks (never moved, no realloc copy; at
+  most one chunk of slack), addressed by 32-bit indices so links cost 4 bytes, with an
+  intrusive free list.
   Bucket lists are doubly linked through node indices, so cancel is O(1).  The only Python
   object per timer is the caller's item, whose reference the wheel owns while it is pending.
 * Handles are ``gen << 32 | index``; a node's generation is bumped whenever it is freed, so a
@@ -65,7 +66,9 @@ cdef enum:
     B_FREE = -1                # node.bucket of a node on the free list
     B_FIRED = -2               # node.bucket of a node on the private fired chain
     GROUP_START = -2           # node.prev on the fired chain: first node of one tick's run
-    MIN_CAPACITY = 64
+    CHUNK_BITS = 10            # 1024 nodes (40 KiB) per slab chunk
+    CHUNK = 1024
+    CHUNK_MASK = 1023
     MAX_GEN = 0x7fffffff       # keeps handles below 2**63
 
 # Ticks are clamped to [-1, MAX_TICK]; clamping is monotonic, so order is preserved, and the
@@ -149,7 +152,9 @@ cdef double _as_seconds(object x, str what) except? -1.0:
 cdef class TimingWheel:
     """Hierarchical timing wheel; see the module docstring for the layout."""
 
-    cdef Node* nodes
+    cdef Node** chunks            # slab: fixed-size chunks, never moved once allocated
+    cdef int32_t nchunks
+    cdef int32_t chunks_cap
     cdef int32_t capacity
     cdef int32_t free_head
     cdef Py_ssize_t count
@@ -166,7 +171,9 @@ cdef class TimingWheel:
     cdef int32_t tail[NBUCKETS]
 
     def __cinit__(self):
-        self.nodes = NULL
+        self.chunks = NULL
+        self.nchunks = 0
+        self.chunks_cap = 0
         self.capacity = 0
         self.free_head = NIL
         self.count = 0
@@ -189,12 +196,14 @@ cdef class TimingWheel:
 
     def __dealloc__(self):
         cdef int32_t i
-        if self.nodes != NULL:
+        if self.chunks != NULL:
             for i in range(self.capacity):
-                if self.nodes[i].bucket >= 0:
-                    _xdecref(self.nodes[i].item)
-            PyMem_Free(self.nodes)
-            self.nodes = NULL
+                if self._n(i).bucket >= 0:
+                    _xdecref(self._n(i).item)
+            for i in range(self.nchunks):
+                PyMem_Free(self.chunks[i])
+            PyMem_Free(self.chunks)
+            self.chunks = NULL
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -218,35 +227,47 @@ cdef class TimingWheel:
             return -1
         return <int64_t>x
 
+    cdef inline Node* _n(self, int32_t i) noexcept:
+        return self.chunks[i >> CHUNK_BITS] + (i & CHUNK_MASK)
+
     cdef int _grow(self) except -1:
-        # Double while small, then grow by 1/8: large blocks are mmap'ed, so glibc's realloc
-        # moves pages instead of copying, and the slack stays under 12.5% (bytes per timer).
-        cdef int64_t new_cap
-        if self.capacity < 65536:
-            new_cap = (<int64_t>self.capacity) * 2 if self.capacity else MIN_CAPACITY
-        else:
-            new_cap = self.capacity + self.capacity // 8
-        cdef int32_t i
+        """Add one chunk of CHUNK free nodes.
+
+        Chunks instead of one realloc'ed array: no copy (a 40 MB realloc would stall the event
+        loop), and the slack is at most one chunk, which keeps bytes per timer near 40.
+        """
+        cdef int32_t i, base
         cdef Node* p
-        if new_cap > 0x7fffffff:
+        cdef Node** t
+        cdef int32_t new_tab
+        if self.capacity > 0x7fffffff - CHUNK:
             raise MemoryError("TimingWheel: too many pending timers")
-        p = <Node*>PyMem_Realloc(self.nodes, <size_t>new_cap * sizeof(Node))
+        if self.nchunks == self.chunks_cap:
+            new_tab = self.chunks_cap * 2 if self.chunks_cap else 8
+            t = <Node**>PyMem_Realloc(self.chunks, <size_t>new_tab * sizeof(Node*))
+            if t == NULL:
+                raise MemoryError()
+            self.chunks = t
+            self.chunks_cap = new_tab
+        p = <Node*>PyMem_Malloc(CHUNK * sizeof(Node))
         if p == NULL:
             raise MemoryError()
-        self.nodes = p
-        for i in range(self.capacity, <int32_t>new_cap):
+        self.chunks[self.nchunks] = p
+        self.nchunks += 1
+        base = self.capacity
+        for i in range(CHUNK):
             p[i].item = NULL
             p[i].gen = 1
             p[i].bucket = B_FREE
             p[i].prev = NIL
-            p[i].next = i + 1
-        p[new_cap - 1].next = self.free_head
-        self.free_head = self.capacity
-        self.capacity = <int32_t>new_cap
+            p[i].next = base + i + 1
+        p[CHUNK - 1].next = self.free_head
+        self.free_head = base
+        self.capacity = base + CHUNK
         return 0
 
     cdef inline void _free(self, int32_t i) noexcept:
-        cdef Node* n = &self.nodes[i]
+        cdef Node* n = self._n(i)
         n.item = NULL
         n.bucket = B_FREE
         n.gen = n.gen + 1 if n.gen < MAX_GEN else 1
@@ -254,7 +275,7 @@ cdef class TimingWheel:
         self.free_head = i
 
     cdef inline void _link(self, int32_t i, int32_t b) noexcept:
-        cdef Node* n = &self.nodes[i]
+        cdef Node* n = self._n(i)
         cdef int32_t t = self.tail[b]
         n.bucket = b
         n.next = NIL
@@ -264,18 +285,18 @@ cdef class TimingWheel:
             if b < OVERFLOW:
                 self.pending[b >> SLOT_BITS] |= (<uint64_t>1) << (b & SLOT_MASK)
         else:
-            self.nodes[t].next = i
+            self._n(t).next = i
         self.tail[b] = i
 
     cdef inline void _unlink(self, int32_t i) noexcept:
-        cdef Node* n = &self.nodes[i]
+        cdef Node* n = self._n(i)
         cdef int32_t b = n.bucket
         if n.prev != NIL:
-            self.nodes[n.prev].next = n.next
+            self._n(n.prev).next = n.next
         else:
             self.head[b] = n.next
         if n.next != NIL:
-            self.nodes[n.next].prev = n.prev
+            self._n(n.next).prev = n.prev
         else:
             self.tail[b] = n.prev
         if self.head[b] == NIL and b < OVERFLOW:
@@ -283,7 +304,7 @@ cdef class TimingWheel:
 
     cdef inline void _place(self, int32_t i) noexcept:
         """Put node i in the bucket its tick belongs to, relative to the current tick."""
-        cdef int64_t t = self._tick_of(self.nodes[i].deadline)
+        cdef int64_t t = self._tick_of(self._n(i).deadline)
         cdef uint64_t x
         cdef int level
         if t < self.cur:
@@ -337,7 +358,7 @@ cdef class TimingWheel:
         else:
             self.ov_min = INT64_MAX
         while i != NIL:
-            nxt = self.nodes[i].next
+            nxt = self._n(i).next
             self._place(i)
             i = nxt
 
@@ -360,27 +381,27 @@ cdef class TimingWheel:
             i = self.head[slot]
             first = 1
             while i != NIL:
-                nxt = self.nodes[i].next
-                if self.nodes[i].deadline <= now:
+                nxt = self._n(i).next
+                if self._n(i).deadline <= now:
                     self._unlink(i)
-                    self.nodes[i].bucket = B_FIRED
-                    self.nodes[i].next = NIL
-                    self.nodes[i].prev = GROUP_START if first else NIL
+                    self._n(i).bucket = B_FIRED
+                    self._n(i).next = NIL
+                    self._n(i).prev = GROUP_START if first else NIL
                     first = 0
                     if ft[0] == NIL:
                         fh[0] = i
                     else:
-                        self.nodes[ft[0]].next = i
+                        self._n(ft[0]).next = i
                     ft[0] = i
                 i = nxt
         else:
             # Every node of the slot is due: splice the whole list in O(1).
             i = self.head[slot]
-            self.nodes[i].prev = GROUP_START
+            self._n(i).prev = GROUP_START
             if ft[0] == NIL:
                 fh[0] = i
             else:
-                self.nodes[ft[0]].next = i
+                self._n(ft[0]).next = i
             ft[0] = self.tail[slot]
             self.head[slot] = NIL
             self.tail[slot] = NIL
@@ -394,7 +415,7 @@ cdef class TimingWheel:
         cdef list result
         while i != NIL:
             nf += 1
-            i = self.nodes[i].next
+            i = self._n(i).next
         entries = <Entry*>PyMem_Malloc(<size_t>nf * sizeof(Entry))
         try:
             if entries == NULL:
@@ -404,7 +425,7 @@ cdef class TimingWheel:
             # Put the due nodes back where the next advance will find them, then report.
             i = fh
             while i != NIL:
-                nxt = self.nodes[i].next
+                nxt = self._n(i).next
                 self._place(i)
                 i = nxt
             PyMem_Free(entries)
@@ -413,13 +434,13 @@ cdef class TimingWheel:
         k = 0
         start = 0
         while i != NIL:
-            if self.nodes[i].prev == GROUP_START and k > start:
+            if self._n(i).prev == GROUP_START and k > start:
                 _sort_run(entries + start, k - start)
                 start = k
-            entries[k].deadline = self.nodes[i].deadline
-            entries[k].seq = self.nodes[i].seq
-            entries[k].item = self.nodes[i].item
-            nxt = self.nodes[i].next
+            entries[k].deadline = self._n(i).deadline
+            entries[k].seq = self._n(i).seq
+            entries[k].item = self._n(i).item
+            nxt = self._n(i).next
             self._free(i)
             k += 1
             i = nxt
@@ -449,11 +470,11 @@ cdef class TimingWheel:
             else:
                 b = OVERFLOW
         i = self.head[b]
-        m = self.nodes[i].deadline
+        m = self._n(i).deadline
         while i != NIL:
-            if self.nodes[i].deadline < m:
-                m = self.nodes[i].deadline
-            i = self.nodes[i].next
+            if self._n(i).deadline < m:
+                m = self._n(i).deadline
+            i = self._n(i).next
         return m
 
     # ---- public API ------------------------------------------------------------------------
@@ -470,7 +491,7 @@ cdef class TimingWheel:
         if self.free_head == NIL:
             self._grow()
         i = self.free_head
-        n = &self.nodes[i]
+        n = self._n(i)
         self.free_head = n.next
         n.deadline = d
         self.seq += 1
@@ -502,7 +523,7 @@ cdef class TimingWheel:
         i = <uint32_t>(h & 0xffffffffu)
         if i >= <uint32_t>self.capacity:
             return False
-        n = &self.nodes[i]
+        n = self._n(i)
         if n.bucket < 0 or <uint64_t>n.gen != (h >> 32):
             return False
         item = n.item
@@ -567,8 +588,8 @@ cdef class TimingWheel:
             return
         items = PyList_New(self.count)
         for i in range(self.capacity):
-            if self.nodes[i].bucket >= 0:
-                _list_set_item(items, k, self.nodes[i].item)   # reference moves to the list
+            if self._n(i).bucket >= 0:
+                _list_set_item(items, k, self._n(i).item)   # reference moves to the list
                 k += 1
                 self._free(i)
         self.count = 0
@@ -577,7 +598,8 @@ cdef class TimingWheel:
 
     def memory_usage(self) -> int:
         """Bytes held by this wheel: the object itself plus its node slab (items not included)."""
-        return type(self).__basicsize__ + <Py_ssize_t>self.capacity * <Py_ssize_t>sizeof(Node)
+        return (type(self).__basicsize__ + <Py_ssize_t>self.capacity * <Py_ssize_t>sizeof(Node)
+                + <Py_ssize_t>self.chunks_cap * <Py_ssize_t>sizeof(Node*))
 
     @staticmethod
     def node_size() -> int:

@@ -5,10 +5,12 @@ re-armed when an earlier deadline is scheduled, and after every wake-up.  A wake
 the wheel to ``loop.time()`` and hands the due items to ``on_due`` as one list, so a burst of
 a million fires costs a few thousand loop callbacks instead of a million.
 
-Early wake-ups: uvloop's clock and timers have millisecond resolution (and epoll rounds
-timeouts to milliseconds), so a wake-up may come a fraction of a millisecond before the
-deadline.  Nothing is delivered early; the timer re-arms no sooner than ``_MIN_SLEEP`` later,
-which bounds lateness to about one millisecond and rules out a busy loop of zero-delay timers.
+Early wake-ups: nothing is ever delivered before its deadline, so a wake-up that comes early
+is wasted.  The loop timer is armed a hair after the deadline so that it does not come early:
+asyncio runs a timer up to ``loop._clock_resolution`` early, uvloop rounds delays to whole
+milliseconds (half a millisecond early at worst).  Should a wake-up still find nothing due
+twice at the same ``loop.time()`` (a coarse clock), the timer re-arms ``_MIN_SLEEP`` later
+instead of spinning on zero-delay timers.
 """
 from __future__ import annotations
 
@@ -22,14 +24,19 @@ __all__ = ["WheelTimer"]
 
 log = logging.getLogger("fastjob.timer")
 
-# Re-arm delay after a wake-up that found nothing due: the loops' timer granularity.
+# Re-arm delay after repeated early wake-ups at one clock reading: the loops' granularity.
 _MIN_SLEEP = 0.001
+# uvloop (and loops without asyncio's _clock_resolution): delays are rounded to milliseconds.
+_ROUNDING_SLACK = 0.0005
 
 
 class WheelTimer:
     """Deliver items to ``on_due(list)`` when their ``loop.time()`` deadline passes."""
 
-    __slots__ = ("_on_due", "_loop", "_wheel", "_handle", "_armed_at", "_closed", "_firing")
+    __slots__ = (
+        "_on_due", "_loop", "_wheel", "_handle", "_armed_at", "_closed", "_firing", "_slack",
+        "_early_at",
+    )
 
     def __init__(
         self,
@@ -45,6 +52,9 @@ class WheelTimer:
         self._armed_at: float | None = None
         self._closed = False
         self._firing = False  # inside _fire: it re-arms once at the end
+        res = getattr(self._loop, "_clock_resolution", None)
+        self._slack = float(res) if isinstance(res, (int, float)) else _ROUNDING_SLACK
+        self._early_at: float | None = None  # loop.time() of the last wake-up that was early
 
     def call_at(self, when: float, item: object) -> int:
         """Deliver item at loop time ``when``; returns a handle for cancel()."""
@@ -81,7 +91,7 @@ class WheelTimer:
         if self._handle is not None:
             self._handle.cancel()
         self._armed_at = when
-        self._handle = self._loop.call_at(when, self._fire)
+        self._handle = self._loop.call_at(when + self._slack, self._fire)
 
     def _disarm(self) -> None:
         if self._handle is not None:
@@ -111,8 +121,12 @@ class WheelTimer:
         if nd is None:
             self._disarm()
             return
-        if not delivered and nd > now:
-            # Woke early (clock/timer granularity): wait at least one granule, never spin.
+        if delivered or nd <= now:
+            self._early_at = None
+        elif self._early_at == now:
+            # Early again at the same clock reading: wait one granule rather than spin.
             nd = max(nd, now + _MIN_SLEEP)
+        else:
+            self._early_at = now
         if self._armed_at != nd:
             self._arm(nd)
