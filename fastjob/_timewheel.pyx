@@ -107,27 +107,77 @@ cdef int _cmp_entry(const void* a, const void* b) noexcept nogil:
     return 0
 
 
-cdef void _sort_run(Entry* e, Py_ssize_t n) noexcept nogil:
-    """Sort one tick's run in place; most runs are already sorted and cost one pass."""
+cdef inline bint _lt(const Entry* a, const Entry* b) noexcept nogil:
+    return a.deadline < b.deadline or (a.deadline == b.deadline and a.seq < b.seq)
+
+
+cdef void _insertion_sort(Entry* e, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef Entry tmp
-    cdef bint ordered = True
     for i in range(1, n):
-        if _cmp_entry(&e[i - 1], &e[i]) > 0:
-            ordered = False
-            break
-    if ordered:
-        return
-    if n <= 16:
-        for i in range(1, n):
-            tmp = e[i]
-            j = i
-            while j > 0 and _cmp_entry(&e[j - 1], &tmp) > 0:
-                e[j] = e[j - 1]
+        tmp = e[i]
+        j = i
+        while j > 0 and _lt(&tmp, &e[j - 1]):
+            e[j] = e[j - 1]
+            j -= 1
+        e[j] = tmp
+
+
+cdef void _quicksort(Entry* e, Py_ssize_t n, int depth) noexcept nogil:
+    """Median-of-three quicksort with inlined compares (libc qsort's indirect calls cost
+    several times more); past the depth limit it hands over to qsort, so no O(n**2)."""
+    cdef Py_ssize_t i, j, mid
+    cdef Entry pivot, tmp
+    while n > 16:
+        if depth == 0:
+            qsort(e, n, sizeof(Entry), _cmp_entry)
+            return
+        depth -= 1
+        mid = n >> 1
+        if _lt(&e[mid], &e[0]):
+            tmp = e[mid]; e[mid] = e[0]; e[0] = tmp
+        if _lt(&e[n - 1], &e[0]):
+            tmp = e[n - 1]; e[n - 1] = e[0]; e[0] = tmp
+        if _lt(&e[n - 1], &e[mid]):
+            tmp = e[n - 1]; e[n - 1] = e[mid]; e[mid] = tmp
+        pivot = e[mid]
+        i = -1
+        j = n
+        while True:
+            i += 1
+            while _lt(&e[i], &pivot):
+                i += 1
+            j -= 1
+            while _lt(&pivot, &e[j]):
                 j -= 1
-            e[j] = tmp
+            if i >= j:
+                break
+            tmp = e[i]; e[i] = e[j]; e[j] = tmp
+        # [0, j] and [j+1, n): recurse into the smaller part, loop on the larger one
+        if j + 1 < n - j - 1:
+            _quicksort(e, j + 1, depth)
+            e += j + 1
+            n -= j + 1
+        else:
+            _quicksort(e + j + 1, n - j - 1, depth)
+            n = j + 1
+    _insertion_sort(e, n)
+
+
+cdef void _sort_run(Entry* e, Py_ssize_t n) noexcept nogil:
+    """Sort one tick's run in place; most runs are already sorted and cost one pass."""
+    cdef Py_ssize_t i
+    cdef int depth = 0
+    for i in range(1, n):
+        if _lt(&e[i], &e[i - 1]):
+            break
     else:
-        qsort(e, n, sizeof(Entry), _cmp_entry)
+        return
+    i = n
+    while i:
+        depth += 2
+        i >>= 1
+    _quicksort(e, n, depth)
 
 
 cdef double _as_seconds(object x, str what) except? -1.0:
