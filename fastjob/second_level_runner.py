@@ -123,6 +123,8 @@ class SecondLevelRunner:
             self._timer = WheelTimer(self._on_due)
         current = self.jobs.get(job_id)
         if current is not None:
+            if spec["version"] <= current.spec["version"]:
+                return  # a re-assignment only refreshes the lease
             changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
             current.spec = spec
             if changed and current.handle is not None:

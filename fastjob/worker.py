@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
 import msgpack
 
 from . import schedule
-from .protocol import PROTOCOL_VERSION, Connection, Message, RemoteError, parse_address
+from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, RemoteError, parse_address
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, ScheduleType
 
@@ -431,7 +431,7 @@ class Worker:
             if loop.time() - conn.last_received > self.heartbeat_timeout:
                 log.warning("worker %s: server %s silent for %.1fs; reconnecting",
                             self.worker_id, self.server_id, self.heartbeat_timeout)
-                conn.close()
+                conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
                 return
             conn.send("PING", {"ts": time.time(), "running": len(self._running)})
 

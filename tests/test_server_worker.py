@@ -314,3 +314,28 @@ async def test_sigterm_stops_cleanly_and_releases_apps(servers, sqlite_url):
     servers_left = conn.execute("SELECT COUNT(*) FROM servers").fetchone()[0]
     conn.close()
     assert owners == [(None,)] and servers_left == 0
+
+
+@pytest.mark.parametrize("allow_overlap", [False, True])
+async def test_overlapping_fires_are_skipped_unless_allowed(servers, sqlite_url, allow_overlap):
+    server = await servers.start(sqlite_url, *REGULAR)
+    worker = make_worker(server.address)
+    running = 0
+    peak = 0
+
+    @worker.handler("long")
+    async def long(ctx):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.7)
+        running -= 1
+
+    worker.schedule("long", interval=0.2, allow_overlap=allow_overlap)
+    async with worker:
+        rows = await final_instances(worker, "long", 6)
+    skipped = [r for r in rows if r["status"] == "cancelled" and "still runs" in (r["error"] or "")]
+    if allow_overlap:
+        assert peak >= 2 and not skipped
+    else:
+        assert peak == 1 and skipped

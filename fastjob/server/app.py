@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .. import schedule
+from ..protocol import ErrorCode
 from ..store import DEFAULT_URL, JobRow, JobSpec, ScheduleType, Store, create_store
 from .cluster import Cluster
 from .scheduler import Scheduler
@@ -103,7 +104,7 @@ class FastJobServer:
         await self.scheduler.stop()
         await self.cluster.stop()
         for session in list(self.connections):
-            session.close()
+            session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         if self._listener is not None:
             await asyncio.wait_for(self._listener.wait_closed(), 5)
         await self.store.close()
@@ -131,7 +132,7 @@ class FastJobServer:
                 if session.established and session.last_received < deadline:
                     log.warning("worker %s of app %s silent for %.1fs: closing",
                                 session.worker_id, session.app, self.config.heartbeat_timeout)
-                    session.close()
+                    session.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
 
     # ---- sessions -----------------------------------------------------------------------
     def workers_of(self, app: str) -> list[WorkerSession]:

@@ -8,6 +8,7 @@ of the app; status changes are written in batches by :class:`StatusWriter`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -151,6 +152,7 @@ class Scheduler:
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
         self.held: list[InstanceRow] = []  # fires that came due while our lease was stale
         self._rr: dict[str, int] = {}
+        self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scan_task: Optional[asyncio.Task[None]] = None
         self._scan_now = asyncio.Event()
@@ -204,6 +206,7 @@ class Scheduler:
             elif row.id not in self.inflight:
                 flight = Inflight(row, job, None, row.status)
                 self.inflight[row.id] = flight
+                self.running_per_job[job.id] += 1
                 self._arm(("orphan", row.id), self.reattach_grace)
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
         self.wake_scan()
@@ -212,9 +215,9 @@ class Scheduler:
         """Forget every fire of the app; its new owner has them in the database."""
         # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
         self.pending.pop(app, None)
-        for instance_id, flight in list(self.inflight.items()):
+        for flight in list(self.inflight.values()):
             if flight.instance.app == app:
-                del self.inflight[instance_id]
+                self._forget_flight(flight)
         for session in self.workers_of(app):
             session.redirect_away()
 
@@ -308,6 +311,9 @@ class Scheduler:
         if row.trigger == "schedule" and late > self.misfire_threshold and job.misfire_policy == "skip":
             self._finish(row, Status.MISFIRED, error=f"fire was {late:.1f}s late; misfire policy skip")
             return
+        if row.trigger == "schedule" and not job.allow_overlap and self.running_per_job[job.id]:
+            self._finish(row, Status.CANCELLED, error="skipped: an earlier instance still runs (allow_overlap is false)")
+            return
         self._dispatch(row, job, set())
 
     def _dispatch(self, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
@@ -321,6 +327,7 @@ class Scheduler:
     def _send_dispatch(self, session: "WorkerSession", row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
         flight = Inflight(row, job, session, refused_by=refused_by)
         self.inflight[row.id] = flight
+        self.running_per_job[job.id] += 1
         session.running.add(row.id)
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
@@ -467,7 +474,10 @@ class Scheduler:
                      error=f"no result within the {flight.job.timeout}s timeout")
 
     def _forget_flight(self, flight: Inflight) -> None:
-        self.inflight.pop(flight.instance.id, None)
+        if self.inflight.pop(flight.instance.id, None) is not None:
+            self.running_per_job[flight.job.id] -= 1
+            if self.running_per_job[flight.job.id] <= 0:
+                del self.running_per_job[flight.job.id]
         if flight.session is not None:
             flight.session.running.discard(flight.instance.id)
         if flight.overdue_handle is not None and self.timer is not None:

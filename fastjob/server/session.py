@@ -57,7 +57,7 @@ class WorkerSession(Connection):
 
     def redirect_away(self) -> None:
         """The app moved to another server: close, and the worker's HELLO will be redirected."""
-        self.close()
+        self.fail(ErrorCode.NOT_OWNER, f"this server no longer owns app {self.app!r}; reconnect")
 
     # ---- connection hooks ----------------------------------------------------------------
     def on_connect(self) -> None:
@@ -93,8 +93,8 @@ class WorkerSession(Connection):
             self._report(msg)
         elif kind in API_TYPES:
             self.server.spawn(self._api(msg), f"fastjob-api-{kind}")
-        else:
-            self.respond_error(msg, ErrorCode.BAD_MESSAGE, f"{kind} is not a message a server accepts here")
+        else:  # a second HELLO, or a server-to-client type: not allowed in this state
+            self.fail(ErrorCode.BAD_MESSAGE, f"{kind} is not allowed on an established session")
 
     # ---- handshake -----------------------------------------------------------------------
     async def _hello(self, msg: Message) -> None:
@@ -105,7 +105,7 @@ class WorkerSession(Connection):
                 return
             app = body["app"]
             if not app or len(app) > 128:
-                self._reject(msg, ErrorCode.BAD_MESSAGE, "app must be a non-empty name of at most 128 characters")
+                self._reject(msg, ErrorCode.INVALID, "app must be a non-empty name of at most 128 characters")
                 return
             row = await self.server.store.ensure_app(app)
             if row.token_hash is not None:
