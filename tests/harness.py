@@ -163,3 +163,34 @@ class WorkerProcess:
         self.kill()
         if self.proc is not None:
             await asyncio.wait_for(self.proc.wait(), 10)
+
+
+MARIADBD = "/usr/sbin/mariadbd"
+
+
+def restart_mariadb(timeout: float = 60.0) -> None:
+    """Stop the local MariaDB, wait until it is gone, start it again, wait until it answers."""
+    import subprocess
+    import time
+
+    def mariadb_running() -> bool:
+        return subprocess.run(["start-stop-daemon", "--status", "--exec", MARIADBD]).returncode == 0
+
+    def answers() -> bool:
+        return subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=2", "ping"],
+                              capture_output=True).returncode == 0
+
+    def wait(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MariaDB {what} within {timeout}s")
+            time.sleep(0.05)
+
+    try:
+        subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=5", "shutdown"],
+                       check=True, timeout=30, capture_output=True)
+        wait(lambda: not mariadb_running(), "did not stop")
+    finally:
+        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD], check=False)
+        wait(answers, "did not come back")

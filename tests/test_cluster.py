@@ -11,7 +11,7 @@ import pymysql
 import pytest
 
 from fastjob import Worker
-from harness import FAST_CLUSTER_ARGS, wait_until
+from harness import FAST_CLUSTER_ARGS, restart_mariadb, wait_until
 from conftest import _admin_connect
 
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0", "--scan-horizon", "2"]
@@ -108,3 +108,28 @@ async def _all_past_final(worker: Worker) -> Any:
     rows = await worker.list_instances(job="tick", limit=10_000)
     past = [r for r in rows if r["planned_ms"] / 1000 < time.time() - 2]
     return rows if past and all(r["status"] not in ("waiting", "dispatched", "running") for r in past) else None
+
+
+async def test_server_survives_a_database_restart(servers, mysql_dsn):
+    """MariaDB restarts under a running server: it keeps serving, and every fire still ends once."""
+    server = await servers.start(mysql_dsn, *REGULAR)
+    executions: collections.Counter[int] = collections.Counter()
+    worker = Worker(app="shop", servers=[server.address], reconnect_max=0.3)
+
+    @worker.handler("tick")
+    async def tick(ctx):
+        executions[ctx.instance_id] += 1
+
+    worker.schedule("tick", interval=0.3)
+    await worker.start()
+    try:
+        await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks before the restart")
+        await asyncio.to_thread(restart_mariadb)
+        after = sum(executions.values())
+        await wait_until(lambda: sum(executions.values()) >= after + 5, 30, "ticks after the restart")
+        rows = await wait_until(lambda: _all_past_final(worker), 30, "every past fire to be final")
+    finally:
+        await worker.stop()
+    assert server.running, "the server must survive its database going away"
+    assert all(n == 1 for n in executions.values()), "an instance ran twice"
+    assert len({(r["planned_ms"], r["attempt"]) for r in rows}) == len(rows)
