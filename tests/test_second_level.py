@@ -110,3 +110,55 @@ async def test_server_restart_keeps_the_job_running(servers, workers, sqlite_url
     gaps = [b - a for (_, a), (_, b) in zip(ticks, ticks[1:])]
     assert max(gaps) <= TIMEOUT + PERIOD, f"a gap of {max(gaps):.2f}s"
     assert_one_runner_at_a_time(ticks)
+
+
+async def test_job_changes_reach_the_runner_and_jobs_wait_for_a_worker(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    seen: asyncio.Queue = asyncio.Queue()
+
+    def make(worker_id: str) -> Worker:
+        worker = Worker(app="sl", servers=[server.address], worker_id=worker_id, reconnect_max=0.3)
+
+        @worker.handler("tick")
+        async def tick(ctx):
+            seen.put_nowait((worker_id, ctx.params))
+
+        worker.schedule("tick", interval=PERIOD, params={"v": 1})
+        return worker
+
+    async def next_params(want, timeout=5.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            _, params = await asyncio.wait_for(seen.get(), max(0.01, deadline - asyncio.get_running_loop().time()))
+            if params == want:
+                return
+
+    first = make("first")
+    async with first:
+        await next_params({"v": 1})
+        job = await first.get_job("tick")
+        await first.call("JOB_UPSERT", {"job": {"name": "tick", "handler": "tick", "schedule_type": "fixed_rate",
+                                                 "schedule_expr": str(PERIOD), "params": {"v": 2}}})
+        await next_params({"v": 2})  # new params reach the runner
+        assert await first.set_enabled("tick", False)
+        await asyncio.sleep(0.3)  # a run already started may still land
+        while not seen.empty():
+            seen.get_nowait()
+        await asyncio.sleep(3 * PERIOD)  # disabled: no runs in a window of several periods
+        assert seen.empty()
+        assert await first.set_enabled("tick", True)
+        await next_params({"v": 2})
+        assert job["id"] == (await first.get_job("tick"))["id"]
+    # the only worker left: the job waits, then resumes on the next worker that registers
+    while not seen.empty():
+        seen.get_nowait()
+    second = make("second")
+    async with second:
+        worker_id, _ = await asyncio.wait_for(seen.get(), 10)
+        assert worker_id == "second"
+        assert await second.delete_job("tick")
+        await asyncio.sleep(0.3)
+        while not seen.empty():
+            seen.get_nowait()
+        await asyncio.sleep(3 * PERIOD)
+        assert seen.empty(), "a deleted job must stop running"
