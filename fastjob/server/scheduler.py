@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastjob.scheduler")
 
+DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs between slices
+
 
 class StatusWriter:
     """Collects status changes and log lines and writes them in batches, never losing one.
@@ -50,6 +52,7 @@ class StatusWriter:
         self.max_batch = max_batch
         self._updates: list[InstanceUpdate] = []
         self._logs: list[LogLine] = []
+        self._finished: dict[int, float] = {}  # job id -> latest finish, for last_finished_time
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task[None]] = None
 
@@ -59,6 +62,11 @@ class StatusWriter:
 
     def logs(self, lines: list[LogLine]) -> None:
         self._logs.extend(lines)
+        self._wake.set()
+
+    def job_finished(self, job_id: int, finished_at: float) -> None:
+        if finished_at > self._finished.get(job_id, 0.0):
+            self._finished[job_id] = finished_at
         self._wake.set()
 
     def start(self) -> None:
@@ -84,17 +92,24 @@ class StatusWriter:
         """Write what is pending; False (and keep it) if the database refused."""
         updates, self._updates = self._updates, []
         lines, self._logs = self._logs, []
+        finished, self._finished = self._finished, {}
         try:
             if updates:
                 await self.store.update_instances(updates)
+                updates = []
             if lines:
                 await self.store.append_logs(lines)
+                lines = []
+            if finished:
+                await self.store.mark_jobs_finished(finished)
             return True
         except StoreError as exc:
             log.warning("status write of %d updates, %d log lines failed, will retry: %s",
                         len(updates), len(lines), exc)
             self._updates[:0] = updates
             self._logs[:0] = lines
+            for job_id, finished_at in finished.items():
+                self.job_finished(job_id, finished_at)
             return False
 
 
@@ -197,6 +212,7 @@ class Scheduler:
     async def app_gained(self, app: str, epoch: int) -> None:
         """Recover the app's WAL: waiting fires go into the wheel, running ones await re-attach."""
         rows = await self.store.load_unfinished(app)
+        await self.load_jobs(app)
         for row in rows:
             job = await self.job(row.job_id)
             if job is None:
@@ -230,6 +246,10 @@ class Scheduler:
                 self.jobs[job_id] = cached
         return cached
 
+    async def load_jobs(self, app: str) -> None:
+        for job in await self.store.list_jobs(app):
+            self.jobs[job.id] = job
+
     def job_changed(self, job: JobRow) -> None:
         self.jobs[job.id] = job
         self.wake_scan()
@@ -261,6 +281,8 @@ class Scheduler:
         horizon_ms = int((now + self.scan_horizon) * 1000)
         next_fire = schedule.make_next_fire(int(now * 1000), int(self.misfire_threshold * 1000))
         rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, next_fire, now)
+        if any(row.job_id not in self.jobs for row in rows):
+            await self.load_jobs(app)  # one query for the app, not a round trip per job
         for row in rows:
             if await self.job(row.job_id) is not None:
                 self._enter_wheel(row)
@@ -283,6 +305,10 @@ class Scheduler:
         return self.timer.call_later(delay, item)
 
     def _on_due(self, items: list[tuple[str, Any]]) -> None:
+        """Handle due items; a big burst goes in slices so frames leave while the rest waits."""
+        if len(items) > DUE_SLICE:
+            asyncio.get_running_loop().call_soon(self._on_due, items[DUE_SLICE:])
+            items = items[:DUE_SLICE]
         for kind, payload in items:
             if kind == "fire":
                 self.wheel_handles.pop(payload.id, None)
@@ -504,15 +530,26 @@ class Scheduler:
         self.writer.update(InstanceUpdate(row.id, status, worker=worker, started_at=started_at,
                                           finished_at=finished_at, result=result, error=error))
         job = job or self.jobs.get(row.job_id)
-        if job is not None and status not in (Status.CANCELLED,):
-            self.spawn(self._after_final(row, job, status, finished_at), f"fastjob-after-{row.id}")
+        if job is None or status is Status.CANCELLED:
+            return
+        retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
+        if not retry and status is not Status.MISFIRED:
+            self.writer.job_finished(job.id, finished_at)
+        if retry or self._delay_follows(row, job):
+            self.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
 
-    async def _after_final(self, row: InstanceRow, job: JobRow, status: Status, finished_at: float) -> None:
+    def _delay_follows(self, row: InstanceRow, job: JobRow) -> bool:
+        """Does this finish schedule a fixed-delay job's next fire?"""
+        current = self.jobs.get(job.id, job)
+        return (current.schedule_type is ScheduleType.FIXED_DELAY and not current.run_once
+                and current.enabled and not current.is_delete and row.trigger != "api")
+
+    async def _after_final(self, row: InstanceRow, job: JobRow, retry: bool, finished_at: float) -> None:
+        """Write the WAL row of what follows a final status: a retry, or a fixed delay's next fire."""
         epoch = self.cluster.owned.get(row.app)
         if epoch is None:
             return
         server_id = self.cluster.server_id
-        retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
         if retry:
             again = await self.store.insert_instance(
                 server_id, row.app, epoch, job.id, row.planned_ms, row.attempt + 1, "retry", row.params, time.time())
@@ -521,11 +558,8 @@ class Scheduler:
                 log.info("instance %d: retry as %d (attempt %d) in %.2fs", row.id, again.id, again.attempt, delay)
                 self._enter_wheel(again, asyncio.get_running_loop().time() + delay)
             return
-        if status is not Status.MISFIRED:
-            await self.store.mark_job_finished(job.id, finished_at)
         current = self.jobs.get(job.id, job)
-        if (current.schedule_type is ScheduleType.FIXED_DELAY and not current.run_once
-                and current.enabled and not current.is_delete and row.trigger != "api"):
+        if self._delay_follows(row, current):
             period = schedule.parse_period(current.schedule_expr)
             planned_ms = int((finished_at + period) * 1000)
             nxt = await self.store.insert_instance(

@@ -288,6 +288,11 @@ class Store(abc.ABC):
     async def mark_job_finished(self, job_id: int, finished_at: float) -> None:
         """Record last_finished_time."""
 
+    async def mark_jobs_finished(self, finished: dict[int, float]) -> None:
+        """Record last_finished_time of many jobs (job id -> time). Backends may batch this."""
+        for job_id, finished_at in finished.items():
+            await self.mark_job_finished(job_id, finished_at)
+
     @abc.abstractmethod
     async def set_job_stats(self, job_id: int, stats: Any, now: float) -> None:
         """Store the aggregated outcome report of a second-level job."""
