@@ -31,6 +31,7 @@ from . import schedule
 from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, RemoteError, parse_address
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, ScheduleType
+from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
 job_log = logging.getLogger("fastjob.job")
@@ -147,7 +148,7 @@ class Worker:
         self._sent_results: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._log_buffer: dict[int, list[list[Any]]] = {}
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)
 
     # ---- declaration ---------------------------------------------------------------------
@@ -229,7 +230,7 @@ class Worker:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.max_concurrency), thread_name_prefix=f"fastjob-{self.app}")
         self._main_task = asyncio.create_task(self._run(), name=f"fastjob-worker-{self.app}")
-        self._spawn(self._flush_logs_loop(), "fastjob-log-flush")
+        self._side_tasks.spawn(self._flush_logs_loop(), "fastjob-log-flush")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
         except BaseException:
@@ -265,13 +266,11 @@ class Worker:
         self._flush_logs()
         if self._conn is not None:
             self._conn.close()
-        for task in [self._main_task, *self._side_tasks]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in [self._main_task, *self._side_tasks] if t is not None),
-                             return_exceptions=True)
-        self._main_task = None
-        self._side_tasks.clear()
+        if self._main_task is not None:
+            self._main_task.cancel()
+            await asyncio.gather(self._main_task, return_exceptions=True)
+            self._main_task = None
+        await self._side_tasks.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -317,12 +316,6 @@ class Worker:
     @property
     def connected(self) -> bool:
         return self._ready.is_set() and self._conn is not None and not self._conn.closed
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-        return task
 
     # ---- connection management -------------------------------------------------------------
     async def _run(self) -> None:

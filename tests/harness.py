@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import sys
@@ -194,3 +195,28 @@ def restart_mariadb(timeout: float = 60.0) -> None:
     finally:
         subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD], check=False)
         wait(answers, "did not come back")
+
+
+def ticking_worker(addresses: list[str], executions: "collections.Counter[int]", *, app: str = "shop",
+                   interval: float = 0.2) -> Any:
+    """A worker whose fixed-rate job 'tick' counts how often each instance id runs."""
+    from fastjob import Worker
+
+    worker = Worker(app=app, servers=addresses, reconnect_max=0.3)
+
+    @worker.handler("tick")
+    async def tick(ctx: Any) -> None:
+        executions[ctx.instance_id] += 1
+
+    worker.schedule("tick", interval=interval)
+    return worker
+
+
+async def past_fires_final(worker: Any, job: str = "tick", settle: float = 2.0) -> Any:
+    """All instance rows of ``job`` if every fire planned over ``settle`` s ago is final, else None."""
+    import time
+
+    rows = await worker.list_instances(job=job, limit=10_000)
+    past = [r for r in rows if r["planned_ms"] / 1000 < time.time() - settle]
+    unfinished = [r for r in past if r["status"] in ("waiting", "dispatched", "running")]
+    return rows if past and not unfinished else None

@@ -4,14 +4,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-import time
 from typing import Any
 
-import pymysql
-import pytest
-
 from fastjob import Worker
-from harness import FAST_CLUSTER_ARGS, restart_mariadb, wait_until
+from harness import FAST_CLUSTER_ARGS, past_fires_final, restart_mariadb, ticking_worker, wait_until
 from conftest import _admin_connect
 
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0", "--scan-horizon", "2"]
@@ -44,13 +40,7 @@ async def test_survivor_takes_over_a_killed_owner_and_fires_its_wal(servers, mys
     s2 = await servers.start(mysql_dsn, *REGULAR)
     by_address = {s1.address: s1, s2.address: s2}
     executions: collections.Counter[int] = collections.Counter()
-    worker = Worker(app="shop", servers=[s1.address, s2.address], reconnect_max=0.3)
-
-    @worker.handler("tick")
-    async def tick(ctx):
-        executions[ctx.instance_id] += 1
-
-    worker.schedule("tick", interval=0.2)
+    worker = ticking_worker([s1.address, s2.address], executions)
     await worker.start()
     try:
         await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks on the first owner")
@@ -61,12 +51,15 @@ async def test_survivor_takes_over_a_killed_owner_and_fires_its_wal(servers, mys
         await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 10, "the survivor to claim the app")
         assert app_row(mysql_dsn, "shop")[1] > epoch
         await wait_until(lambda: sum(executions.values()) >= before + 5, 15, "ticks on the survivor")
-        rows = await wait_until(lambda: _all_past_final(worker), 15, "every past fire to be final")
+        rows = await wait_until(lambda: past_fires_final(worker), 15, "every past fire to be final")
     finally:
         await worker.stop()
+    assert_each_fire_once(executions, rows)
+
+
+def assert_each_fire_once(executions: collections.Counter[int], rows: list[dict[str, Any]]) -> None:
     assert all(n == 1 for n in executions.values()), "an instance ran twice"
-    keys = [(r["planned_ms"], r["attempt"]) for r in rows]
-    assert len(keys) == len(set(keys))
+    assert len({(r["planned_ms"], r["attempt"]) for r in rows}) == len(rows), "a fire was recorded twice"
 
 
 async def test_a_frozen_owner_wakes_up_fenced(servers, mysql_dsn):
@@ -75,13 +68,7 @@ async def test_a_frozen_owner_wakes_up_fenced(servers, mysql_dsn):
     s2 = await servers.start(mysql_dsn, *REGULAR)
     by_address = {s1.address: s1, s2.address: s2}
     executions: collections.Counter[int] = collections.Counter()
-    worker = Worker(app="shop", servers=[s1.address, s2.address], reconnect_max=0.3)
-
-    @worker.handler("tick")
-    async def tick(ctx):
-        executions[ctx.instance_id] += 1
-
-    worker.schedule("tick", interval=0.2)
+    worker = ticking_worker([s1.address, s2.address], executions)
     await worker.start()
     frozen = None
     try:
@@ -94,42 +81,28 @@ async def test_a_frozen_owner_wakes_up_fenced(servers, mysql_dsn):
         frozen.signal(signal.SIGCONT)
         before = sum(executions.values())
         await wait_until(lambda: sum(executions.values()) >= before + 10, 15, "ticks after the wake-up")
-        rows = await wait_until(lambda: _all_past_final(worker), 15, "every past fire to be final")
+        rows = await wait_until(lambda: past_fires_final(worker), 15, "every past fire to be final")
         assert app_row(mysql_dsn, "shop")[0] == survivor, "the woken server must not take the app back"
     finally:
         if frozen is not None:
             frozen.signal(signal.SIGCONT)
         await worker.stop()
-    assert all(n == 1 for n in executions.values()), "an instance ran twice"
-    assert len({(r["planned_ms"], r["attempt"]) for r in rows}) == len(rows)
-
-
-async def _all_past_final(worker: Worker) -> Any:
-    rows = await worker.list_instances(job="tick", limit=10_000)
-    past = [r for r in rows if r["planned_ms"] / 1000 < time.time() - 2]
-    return rows if past and all(r["status"] not in ("waiting", "dispatched", "running") for r in past) else None
+    assert_each_fire_once(executions, rows)
 
 
 async def test_server_survives_a_database_restart(servers, mysql_dsn):
     """MariaDB restarts under a running server: it keeps serving, and every fire still ends once."""
     server = await servers.start(mysql_dsn, *REGULAR)
     executions: collections.Counter[int] = collections.Counter()
-    worker = Worker(app="shop", servers=[server.address], reconnect_max=0.3)
-
-    @worker.handler("tick")
-    async def tick(ctx):
-        executions[ctx.instance_id] += 1
-
-    worker.schedule("tick", interval=0.3)
+    worker = ticking_worker([server.address], executions, interval=0.3)
     await worker.start()
     try:
         await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks before the restart")
         await asyncio.to_thread(restart_mariadb)
         after = sum(executions.values())
         await wait_until(lambda: sum(executions.values()) >= after + 5, 30, "ticks after the restart")
-        rows = await wait_until(lambda: _all_past_final(worker), 30, "every past fire to be final")
+        rows = await wait_until(lambda: past_fires_final(worker), 30, "every past fire to be final")
     finally:
         await worker.stop()
     assert server.running, "the server must survive its database going away"
-    assert all(n == 1 for n in executions.values()), "an instance ran twice"
-    assert len({(r["planned_ms"], r["attempt"]) for r in rows}) == len(rows)
+    assert_each_fire_once(executions, rows)

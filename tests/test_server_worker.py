@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fastjob import RemoteError, Worker, WorkerError
-from harness import FAST_CLUSTER_ARGS, next_event, wait_until
+from harness import FAST_CLUSTER_ARGS, next_event, past_fires_final, ticking_worker, wait_until
 
 # Regular-path tests: every job goes through the server's WAL and wheel.
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0"]
@@ -270,13 +270,7 @@ async def test_kill_9_restart_loses_nothing_and_duplicates_nothing(servers, tmp_
     db = f"sqlite:///{tmp_path / 'wal.db'}"
     server = await servers.start(db, *REGULAR, "--scan-horizon", "3")
     executions: collections.Counter[int] = collections.Counter()
-    worker = make_worker(server.address, reconnect_max=0.3)
-
-    @worker.handler("tick")
-    async def tick(ctx):
-        executions[ctx.instance_id] += 1
-
-    worker.schedule("tick", interval=0.2)
+    worker = ticking_worker([server.address], executions, app="billing")
     await worker.start()
     try:
         await wait_until(lambda: sum(executions.values()) >= 3, 10, "some ticks")
@@ -285,20 +279,13 @@ async def test_kill_9_restart_loses_nothing_and_duplicates_nothing(servers, tmp_
         before = sum(executions.values())
         restarted = await servers.start(db, *REGULAR, "--scan-horizon", "3", port=server.port)
         await wait_until(lambda: sum(executions.values()) >= before + 5, 20, "ticks after the restart")
-        rows = await wait_until(lambda: _all_final_before(worker, time.time()), 20, "every past fire to be final")
+        rows = await wait_until(lambda: past_fires_final(worker, settle=1.0), 20, "every past fire to be final")
     finally:
         await worker.stop()
     assert all(n == 1 for n in executions.values()), "an instance ran twice"
     keys = [(r["planned_ms"], r["attempt"]) for r in rows]
     assert len(keys) == len(set(keys)), "a fire was recorded twice"
     assert restarted.running
-
-
-async def _all_final_before(worker: Worker, cutoff: float) -> Any:
-    rows = await worker.list_instances(job="tick", limit=10_000)
-    past = [r for r in rows if r["planned_ms"] / 1000 < cutoff - 1]
-    unfinished = [r for r in past if r["status"] in ("waiting", "dispatched", "running")]
-    return rows if past and not unfinished else None
 
 
 async def test_sigterm_stops_cleanly_and_releases_apps(servers, sqlite_url):

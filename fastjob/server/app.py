@@ -7,11 +7,12 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from .. import schedule
 from ..protocol import ErrorCode
-from ..store import DEFAULT_URL, JobRow, JobSpec, ScheduleType, Store, create_store
+from ..store import DEFAULT_URL, JobRow, JobSpec, Store, StoreError, create_store
+from ..tasks import BackgroundTasks
 from .cluster import Cluster
 from .scheduler import Scheduler
 from .second_level import SecondLevel
@@ -53,7 +54,7 @@ class FastJobServer:
         self.connections: set[WorkerSession] = set()
         self.sessions: dict[str, list[WorkerSession]] = {}  # app -> established sessions
         self._listener: Optional[asyncio.base_events.Server] = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = BackgroundTasks(expected=(StoreError,))
         self._sweeper: Optional[asyncio.Task[None]] = None
         self.address = ""
         self.cluster: Cluster
@@ -98,9 +99,7 @@ class FastJobServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         await self.scheduler.stop()
         await self.cluster.stop()
         for session in list(self.connections):
@@ -116,11 +115,6 @@ class FastJobServer:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         return context
-
-    def spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _sweep_silent_sessions(self) -> None:
         """Close sessions that sent nothing for a heartbeat timeout (a dead or frozen worker)."""

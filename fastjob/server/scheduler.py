@@ -28,6 +28,7 @@ from ..store import (
     Store,
     StoreError,
 )
+from ..tasks import BackgroundTasks
 from ..timer import WheelTimer
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class Scheduler:
         self.held: list[InstanceRow] = []  # fires that came due while our lease was stale
         self._rr: dict[str, int] = {}
         self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = BackgroundTasks(expected=(StoreError,))
         self._scan_task: Optional[asyncio.Task[None]] = None
         self._scan_now = asyncio.Event()
         self._revalidating = False
@@ -183,27 +184,10 @@ class Scheduler:
         if self._scan_task is not None:
             self._scan_task.cancel()
             await asyncio.gather(self._scan_task, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         if self.timer is not None:
             self.timer.close()
         await self.writer.stop()
-
-    def spawn(self, coro: Any, name: str) -> None:
-        """Run a background step we own: cancelled and awaited on stop, errors logged."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if isinstance(exc, (StoreError, NotOwnerError)):
-                log.warning("%s failed: %s", task.get_name(), exc)
-            else:
-                log.error("%s crashed", task.get_name(), exc_info=exc)
 
     def wake_scan(self) -> None:
         self._scan_now.set()
@@ -269,7 +253,7 @@ class Scheduler:
                     await self.scan_app(app, epoch)
                 except NotOwnerError:
                     log.warning("app %s: scan fenced at epoch %d; re-syncing ownership", app, epoch)
-                    self.spawn(self.cluster.sync(), "fastjob-resync")
+                    self.tasks.spawn(self.cluster.sync(), "fastjob-resync")
                 except StoreError as exc:
                     log.warning("app %s: scan failed, will retry: %s", app, exc)
                 except Exception:
@@ -536,7 +520,7 @@ class Scheduler:
         if not retry and status is not Status.MISFIRED:
             self.writer.job_finished(job.id, finished_at)
         if retry or self._delay_follows(row, job):
-            self.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
+            self.tasks.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
 
     def _delay_follows(self, row: InstanceRow, job: JobRow) -> bool:
         """Does this finish schedule a fixed-delay job's next fire?"""
@@ -587,7 +571,7 @@ class Scheduler:
         if self._revalidating:
             return
         self._revalidating = True
-        self.spawn(self._release_held(), "fastjob-lease")
+        self.tasks.spawn(self._release_held(), "fastjob-lease")
 
     async def _release_held(self) -> None:
         """Re-read our epochs, drop fires of apps we lost, then fire the rest."""

@@ -147,7 +147,7 @@ class SecondLevel:
         for report in body["reports"]:
             job_id = report.get("job_id")
             if self.runner.get(job_id) is session:
-                self.server.spawn(self._store_report(job_id, report), "fastjob-sl-report")
+                self.server.tasks.spawn(self._store_report(job_id, report), "fastjob-sl-report")
 
     async def _store_report(self, job_id: int, report: dict[str, Any]) -> None:
         try:

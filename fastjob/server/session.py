@@ -92,7 +92,7 @@ class WorkerSession(Connection):
         elif kind in REPORT_TYPES:
             self._report(msg)
         elif kind in API_TYPES:
-            self.server.spawn(self._api(msg), f"fastjob-api-{kind}")
+            self.server.tasks.spawn(self._api(msg), f"fastjob-api-{kind}")
         else:  # a second HELLO, or a server-to-client type: not allowed in this state
             self.fail(ErrorCode.BAD_MESSAGE, f"{kind} is not allowed on an established session")
 
