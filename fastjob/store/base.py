@@ -324,6 +324,13 @@ class Store(abc.ABC):
 
         Fenced: if ``server_id`` does not own ``app`` at ``epoch`` nothing is written and
         :class:`NotOwnerError` is raised. Returns the new instance rows.
+
+        The rows are written and returned with ``params = None``: a scheduled fire runs with
+        its job's params (the dispatcher falls back to them), so they are not copied per fire.
+        The :class:`JobRow` passed to ``next_fire`` carries only ``id``, ``app``,
+        ``schedule_type``, ``schedule_expr``, ``timezone``, ``run_once``, ``next_trigger_ms``
+        and ``version``; its other fields are placeholders (empty name and handler, None
+        params, default settings), not the job's values.
         """
 
     @abc.abstractmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiomysql
@@ -95,7 +95,7 @@ class MySQLStore(SQLStore):
             return
         # A probe connection learns wait_timeout (the pool must recycle below it) and whether
         # a multi-row INSERT gets consecutive auto-increment ids (lock mode 0 or 1).
-        wait_timeout, autoinc_mode = await self._retrying("open", self._probe)
+        wait_timeout, autoinc_mode, self.json_rows = await self._retrying("open", self._probe)
         self.consecutive_ids = autoinc_mode in (0, 1)
         recycle = min(self.pool_recycle, max(1.0, wait_timeout * 0.5))
         self._pool = await self._retrying("open", lambda: aiomysql.create_pool(
@@ -106,13 +106,19 @@ class MySQLStore(SQLStore):
             await self.close()
             raise
 
-    async def _probe(self) -> tuple[float, int]:
+    async def _probe(self) -> tuple[float, int, bool]:
+        """wait_timeout, innodb_autoinc_lock_mode, and whether JSON_ARRAYAGG exists."""
         conn = await aiomysql.connect(**self._conn_kwargs())
         try:
             async with conn.cursor() as cur:
                 await cur.execute("SELECT @@wait_timeout, @@innodb_autoinc_lock_mode")
                 row = await cur.fetchone()
-            return float(row[0]), int(row[1])
+                try:
+                    await cur.execute("SELECT JSON_ARRAYAGG(1)")
+                    json_agg = True
+                except pymysql.err.ProgrammingError:  # MariaDB < 10.5, MySQL < 5.7.22
+                    json_agg = False
+            return float(row[0]), int(row[1]), json_agg
         finally:
             conn.close()
 
@@ -156,8 +162,8 @@ class MySQLStore(SQLStore):
             try:
                 stmt = next(gen)
                 while True:
-                    params = stmt.params
-                    await cur.execute(stmt.sql.replace("?", "%s"), tuple(params) if params else None)
+                    sql = stmt.sql.replace("?", "%s")
+                    await cur.execute(sql % _escape_all(conn, stmt.params) if stmt.params else sql)
                     rows = list(await cur.fetchall()) if cur.description is not None else []
                     stmt = gen.send(Result(rows, cur.rowcount, cur.lastrowid))
             except StopIteration as stop:
@@ -195,6 +201,18 @@ class MySQLStore(SQLStore):
             # connection it found closed
             return code in TRANSIENT_CODES or code in (0, None)
         return isinstance(exc, (ConnectionError, OSError, EOFError, asyncio.TimeoutError))
+
+
+def _escape_all(conn: aiomysql.Connection, params: Sequence[Any]) -> tuple[str, ...]:
+    """The driver's SQL literal of every parameter, escaping each parameter object once.
+
+    A claim's multi-row INSERT passes the same app, status, server, epoch and time objects
+    in every row: escaping per distinct object (by identity; the objects live as long as
+    ``params``) instead of per position saves most of the escaping. Exact ints take the
+    literal pymysql gives them, ``str(value)``, directly."""
+    memo = {id(p): p for p in params if p.__class__ is not int}
+    memo = {k: conn.escape(v) for k, v in memo.items()}
+    return tuple([str(p) if p.__class__ is int else memo[id(p)] for p in params])
 
 
 def _code(exc: BaseException) -> Optional[int]:

@@ -37,6 +37,9 @@ class SQLiteStore(SQLStore):
     """SQLite store on one file; see the module docstring for the threading model."""
 
     dialect = SQLITE
+    #: The one writer (BEGIN IMMEDIATE) gives a multi-row INSERT ids max(rowid)+1, +2, …: a
+    #: chunk's ids follow from lastrowid, cheaper than RETURNING (a third of the insert time).
+    consecutive_ids = True
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0, **retry: Any) -> None:
         super().__init__(**retry)
