@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastjob.worker")
 
-REPORT_INTERVAL = 1.0
+REPORT_INTERVAL = 2.0  # protocol.md: every few seconds, at most once a second
+REPORTS_PER_FRAME = 500  # ~75 kB per SL_REPORT frame, far below max_frame
 MAX_LATENESS_SAMPLES = 100_000
 
 
@@ -211,21 +212,27 @@ class SecondLevelRunner:
             self._arm(job, time.time() + job.period)
 
     # ---- reports ------------------------------------------------------------------------------
-    def build_reports(self) -> list[dict[str, Any]]:
-        reports = []
-        for job_id, job in self.jobs.items():
-            samples = sorted(job.lateness)
-            job.lateness = []
-            reports.append({
-                "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,
-                "last_run_at": job.last_run_at, "lateness_p50": _percentile(samples, 0.5),
-                "lateness_p99": _percentile(samples, 0.99), "lateness_max": samples[-1] if samples else 0.0,
-            })
-        return reports
+    @staticmethod
+    def _report(job_id: int, job: _Job) -> dict[str, Any]:
+        samples = sorted(job.lateness)
+        job.lateness = []
+        return {
+            "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,
+            "last_run_at": job.last_run_at, "lateness_p50": _percentile(samples, 0.5),
+            "lateness_p99": _percentile(samples, 0.99), "lateness_max": samples[-1] if samples else 0.0,
+        }
 
     async def _report_loop(self) -> None:
+        """Report in frames of REPORTS_PER_FRAME jobs, yielding between them so fires stay on time."""
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
             self._check_lease()
-            if self.jobs and self.worker.connected:
-                self.worker._send("SL_REPORT", {"reports": self.build_reports()})
+            job_ids = list(self.jobs)
+            for start in range(0, len(job_ids), REPORTS_PER_FRAME):
+                if not self.worker.connected:
+                    break
+                chunk = [(j, self.jobs.get(j)) for j in job_ids[start:start + REPORTS_PER_FRAME]]
+                reports = [self._report(j, job) for j, job in chunk if job is not None]
+                if reports:
+                    self.worker._send("SL_REPORT", {"reports": reports})
+                await asyncio.sleep(0)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastjob.second_level")
 
+STATS_WRITE_INTERVAL = 2.0  # seconds between batched writes of outcome reports
+
 
 class SecondLevel:
     """Which worker runs each second-level job of the apps this server owns."""
@@ -39,6 +41,9 @@ class SecondLevel:
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, "WorkerSession"] = {}  # job id -> the session running it
         self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
+        self._retry_armed: set[str] = set()  # apps with an assignment pass armed for the quiet period's end
+        self._stats: dict[int, dict[str, Any]] = {}  # latest report per job, written in batches
+        self._stats_task: Optional[asyncio.Task[None]] = None
 
     # ---- who runs what ----------------------------------------------------------------------
     def _wire(self, job: JobRow) -> dict[str, Any]:
@@ -67,12 +72,24 @@ class SecondLevel:
             return None
         return min(candidates, key=lambda s: (len(s.second_level), s.worker_id))
 
-    def assign_unassigned(self, app: str) -> None:
-        """Hand every unassigned job of the app to a worker, unless the app is in its quiet period."""
+    def _in_quiet_period(self, app: str) -> bool:
+        """True while a newly gained app waits for its old runners' reports; one retry is armed then."""
         loop = asyncio.get_running_loop()
         quiet_until = self._quiet_until.get(app, 0.0)
-        if loop.time() < quiet_until:
-            loop.call_at(quiet_until + 0.01, self.assign_unassigned, app)
+        if loop.time() >= quiet_until:
+            return False
+        if app not in self._retry_armed:
+            self._retry_armed.add(app)
+            loop.call_at(quiet_until + 0.01, self._quiet_period_over, app)
+        return True
+
+    def _quiet_period_over(self, app: str) -> None:
+        self._retry_armed.discard(app)
+        self.assign_unassigned(app)
+
+    def assign_unassigned(self, app: str) -> None:
+        """Hand every unassigned job of the app to a worker, unless the app is in its quiet period."""
+        if self._in_quiet_period(app):
             return
         for job in list(self.jobs.values()):
             if job.app == app and job.id not in self.runner:
@@ -132,10 +149,12 @@ class SecondLevel:
         if self._wanted(job) and self.server.cluster.owns(job.app):
             self.jobs[job.id] = job
             session = self.runner.get(job.id)
-            if session is not None and not session.closed:
-                self._hand_to(session, job)  # the new period/params/version reach its runner
-            else:
-                self.assign_unassigned(job.app)
+            if session is None or session.closed:
+                if self._in_quiet_period(job.app):
+                    return
+                session = self._pick(job)  # one job changed: place just this one
+            if session is not None:
+                self._hand_to(session, job)  # new jobs, and new period/params/version, reach the runner
         elif job.id in self.jobs:
             del self.jobs[job.id]
             self._revoke(job.id, "job deleted, disabled or no longer second-level")
@@ -144,13 +163,19 @@ class SecondLevel:
         return job.enabled and not job.is_delete and self.server.is_second_level(job)
 
     def on_report(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        """Keep the latest report of each job; they are written in batches, not one row per report."""
         for report in body["reports"]:
             job_id = report.get("job_id")
             if self.runner.get(job_id) is session:
-                self.server.tasks.spawn(self._store_report(job_id, report), "fastjob-sl-report")
+                self._stats[job_id] = report
+        if self._stats and (self._stats_task is None or self._stats_task.done()):
+            self._stats_task = self.server.tasks.spawn(self._write_stats(), "fastjob-sl-stats")
 
-    async def _store_report(self, job_id: int, report: dict[str, Any]) -> None:
+    async def _write_stats(self) -> None:
+        await asyncio.sleep(STATS_WRITE_INTERVAL)
+        stats, self._stats = self._stats, {}
         try:
-            await self.server.store.set_job_stats(job_id, report, time.time())
+            await self.server.store.set_jobs_stats(stats, time.time())
         except StoreError as exc:
-            log.warning("second-level job %d: report not stored: %s", job_id, exc)
+            log.warning("%d second-level reports not stored, keeping them: %s", len(stats), exc)
+            self._stats = {**stats, **self._stats}

@@ -297,6 +297,11 @@ class Store(abc.ABC):
     async def set_job_stats(self, job_id: int, stats: Any, now: float) -> None:
         """Store the aggregated outcome report of a second-level job."""
 
+    async def set_jobs_stats(self, stats: dict[int, Any], now: float) -> None:
+        """Store the reports of many second-level jobs (job id -> report). Backends may batch this."""
+        for job_id, report in stats.items():
+            await self.set_job_stats(job_id, report, now)
+
     # ---- the WAL -----------------------------------------------------------------------
     @abc.abstractmethod
     async def claim_due(
