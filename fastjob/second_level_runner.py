@@ -27,15 +27,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastjob.worker")
 
 REPORT_INTERVAL = 2.0  # protocol.md: every few seconds, at most once a second
-REPORTS_PER_FRAME = 500  # ~75 kB per SL_REPORT frame, far below max_frame
+REPORTS_PER_FRAME = 200  # ~30 kB per SL_REPORT frame, far below max_frame; the loop yields between
 MAX_LATENESS_SAMPLES = 100_000
+
+
+_JOB_LOGGER = logging.getLogger("fastjob.job")
 
 
 class _PlainLog:
     """``ctx.log`` of a second-level run: no instance row, so lines go to the local logger only."""
 
     def __init__(self, job: str) -> None:
-        self._logger = logging.getLogger("fastjob.job")
+        self._logger = _JOB_LOGGER
         self._job = job
 
     def debug(self, message: str, *args: Any) -> None:
@@ -54,6 +57,7 @@ class _PlainLog:
 @dataclass(slots=True)
 class _Job:
     spec: dict[str, Any]
+    log: _PlainLog
     next_planned: float = 0.0  # epoch seconds of the next fire
     handle: Optional[int] = None
     running: int = 0
@@ -67,6 +71,10 @@ class _Job:
     @property
     def period(self) -> float:
         return float(self.spec["period"])
+
+
+def _revoked() -> str:
+    return "revoked"
 
 
 def _phase(job_id: int) -> float:
@@ -128,11 +136,12 @@ class SecondLevelRunner:
                 return  # a re-assignment only refreshes the lease
             changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
             current.spec = spec
+            current.log = _PlainLog(spec["name"])
             if changed and current.handle is not None:
                 self._timer.cancel(current.handle)
                 self._arm(current, time.time() + current.period)
             return
-        job = _Job(spec)
+        job = _Job(spec, _PlainLog(spec["name"]))
         self.jobs[job_id] = job
         log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
         self._arm(job, time.time() + _phase(job_id) * job.period)
@@ -199,9 +208,9 @@ class SecondLevelRunner:
         if len(job.lateness) < MAX_LATENESS_SAMPLES:
             job.lateness.append(max(0.0, started - planned))
         spec = job.spec
-        ctx = JobContext(0, spec["name"], spec["id"], spec.get("params"), 1, planned, _PlainLog(spec["name"]))
+        ctx = JobContext(0, spec["name"], spec["id"], spec.get("params"), 1, planned, job.log)
         status, _, error = await self.worker.run_handler(
-            self.worker.handlers[spec["handler"]], ctx, spec.get("timeout"), lambda: "revoked")
+            self.worker.handlers[spec["handler"]], ctx, spec.get("timeout"), _revoked, check_result=False)
         job.running -= 1
         job.runs += 1
         job.last_run_at = started

@@ -130,6 +130,7 @@ class Worker:
         self.max_frame = max_frame
         self.role = role
         self.handlers: dict[str, Handler] = {}
+        self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
         self.declared: dict[str, JobSpec] = {}
         self.server_id: Optional[str] = None
         self.heartbeat_interval = 2.0
@@ -490,11 +491,18 @@ class Worker:
             self._resend_results(self._conn)
 
     async def run_handler(
-        self, fn: Handler, ctx: Any, timeout: Optional[float], cancel_reason: Callable[[], str]
+        self, fn: Handler, ctx: Any, timeout: Optional[float], cancel_reason: Callable[[], str],
+        check_result: bool = True,
     ) -> tuple[str, Any, Optional[str]]:
-        """Run one handler call: (status, result, error). Only this call fails if it misbehaves."""
+        """Run one handler call: (status, result, error). Only this call fails if it misbehaves.
+
+        ``check_result`` verifies that the result can be shipped; second-level runs ship none.
+        """
         try:
-            if inspect.iscoroutinefunction(fn):
+            is_async = self._is_async.get(fn)
+            if is_async is None:
+                is_async = self._is_async[fn] = inspect.iscoroutinefunction(fn)
+            if is_async:
                 coro = fn(ctx)
             else:
                 loop = asyncio.get_running_loop()
@@ -512,6 +520,8 @@ class Worker:
         except Exception as exc:
             log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
             return "failed", None, f"{type(exc).__name__}: {exc}"
+        if not check_result:
+            return "succeeded", result, None
         try:
             msgpack.packb(result)
         except Exception as exc:

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastjob.second_level")
 
-STATS_WRITE_INTERVAL = 2.0  # seconds between batched writes of outcome reports
 
 
 class SecondLevel:
@@ -38,6 +37,8 @@ class SecondLevel:
         timeout = server.config.heartbeat_timeout
         self.lease = 0.75 * timeout  # a worker stops its jobs after this much server silence
         self.margin = 0.1 * timeout  # extra wait before reassigning, for clock-rate skew and RTT
+        # the latest report of each job is written this often (a row per job): 10 s by default
+        self.stats_interval = 5 * server.config.heartbeat_interval
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, "WorkerSession"] = {}  # job id -> the session running it
         self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
@@ -172,7 +173,7 @@ class SecondLevel:
             self._stats_task = self.server.tasks.spawn(self._write_stats(), "fastjob-sl-stats")
 
     async def _write_stats(self) -> None:
-        await asyncio.sleep(STATS_WRITE_INTERVAL)
+        await asyncio.sleep(self.stats_interval)
         stats, self._stats = self._stats, {}
         try:
             await self.server.store.set_jobs_stats(stats, time.time())
