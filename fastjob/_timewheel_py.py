@@ -97,6 +97,11 @@ class TimingWheel:
             heappop(heap)
         return heap[0][0] if heap else None
 
+    def next_wakeup(self) -> float | None:
+        """When a driver should next call advance(): a heap has no cascades to prepare, so
+        this is the earliest deadline."""
+        return self.next_deadline()
+
     def clear(self) -> None:
         live = self._live
         self._live = {}

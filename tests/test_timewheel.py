@@ -105,7 +105,11 @@ class Harness:
 
     def check(self) -> None:
         assert len(self.wheel) == len(self.model.live)
-        assert self.wheel.next_deadline() == self.model.next_deadline()
+        nd = self.model.next_deadline()
+        assert self.wheel.next_deadline() == nd
+        wake = self.wheel.next_wakeup()
+        assert (wake is None) == (nd is None)
+        assert wake is None or wake <= nd  # may ask to be woken early, never late
 
 
 # ---- property test ---------------------------------------------------------------------------
@@ -177,6 +181,48 @@ def test_large_counts_match_model(Wheel, seed):
     while h.model.live:
         h.advance(h.now + rnd.choice([0.0004, 0.003, 0.2, 30.0]))
         h.check()
+
+
+def test_driven_by_next_wakeup_matches_model(Wheel):
+    """A driver that sleeps until next_wakeup(): big slots are cascaded ahead, a share per
+    tick; nothing changes in what fires when."""
+    rnd = random.Random(5)
+    h = Harness(Wheel, 0.001)
+    for _ in range(6_000):
+        h.schedule(rnd.choice([1.0 + rnd.random(), 5.0 + 0.2 * rnd.random(), rnd.uniform(0, 400)]))
+    for i in range(0, len(h.handles), 7):
+        h.cancel_index(i)
+    h.check()
+    wakes = 0
+    while h.model.live:
+        w = h.wheel.next_wakeup()
+        wakes += w < h.model.next_deadline()
+        h.advance(max(w, h.now) + rnd.choice([0.0, 0.0002, 0.0013]))
+        h.check()
+    if Wheel.__module__.endswith("_timewheel"):
+        assert wakes > 0  # the compiled wheel asked to prepare its cascades
+
+
+def test_cancelled_nodes_are_reused_not_grown():
+    from fastjob._timewheel import TimingWheel
+
+    w = TimingWheel(0.001, now=0.0)
+    rnd = random.Random(3)
+    hs = [w.schedule(rnd.uniform(0, 100), None) for _ in range(50_000)]
+    size = w.memory_usage()
+    for _ in range(3):
+        for hd in hs:
+            assert w.cancel(hd)
+        assert len(w) == 0 and w.next_deadline() is None
+        assert not any(w.cancel(hd) for hd in hs[:100])  # stale after a lazy cancel
+        hs = [w.schedule(rnd.uniform(0, 100), None) for _ in range(50_000)]
+        assert w.memory_usage() == size
+    keep = hs[::2]
+    for hd in hs[1::2]:
+        w.cancel(hd)
+    assert len(w) == len(keep)
+    got = w.advance(200.0)
+    assert len(got) == len(keep) and len(w) == 0
 
 
 def test_far_future_is_kept_not_clamped(Wheel):
