@@ -28,6 +28,8 @@ log = logging.getLogger("fastjob.timer")
 _MIN_SLEEP = 0.001
 # uvloop (and loops without asyncio's _clock_resolution): delays are rounded to milliseconds.
 _ROUNDING_SLACK = 0.0005
+# How often call_at() asks the wheel whether it wants an earlier wake-up (its batch size).
+_WAKEUP_CHECK = 256
 
 
 class WheelTimer:
@@ -35,7 +37,7 @@ class WheelTimer:
 
     __slots__ = (
         "_on_due", "_loop", "_wheel", "_handle", "_armed_at", "_closed", "_firing", "_slack",
-        "_early_at",
+        "_early_at", "_since_check",
     )
 
     def __init__(
@@ -55,14 +57,26 @@ class WheelTimer:
         res = getattr(self._loop, "_clock_resolution", None)
         self._slack = float(res) if isinstance(res, (int, float)) else _ROUNDING_SLACK
         self._early_at: float | None = None  # loop.time() of the last wake-up that was early
+        self._since_check = 0  # schedules since the wake-up was last compared with next_wakeup()
 
     def call_at(self, when: float, item: object) -> int:
         """Deliver item at loop time ``when``; returns a handle for cancel()."""
         if self._closed:
             raise RuntimeError("WheelTimer is closed")
         handle = self._wheel.schedule(when, item)
-        if not self._firing and (self._armed_at is None or when < self._armed_at):
-            self._arm(when)
+        if not self._firing:
+            if self._armed_at is None or when < self._armed_at:
+                self._arm(when)
+            else:
+                # A burst of schedules into one far slot makes the wheel want an earlier
+                # wake-up (to spread that slot's cascade); it can only change after
+                # _WAKEUP_CHECK schedules, so looking every _WAKEUP_CHECK calls suffices.
+                self._since_check += 1
+                if self._since_check >= _WAKEUP_CHECK:
+                    self._since_check = 0
+                    w = self._wheel.next_wakeup()
+                    if w is not None and w < self._armed_at:
+                        self._arm(w)
         return handle
 
     def call_later(self, delay: float, item: object) -> int:
@@ -117,7 +131,9 @@ class WheelTimer:
                 self._rearm(now, bool(batch))
 
     def _rearm(self, now: float, delivered: bool) -> None:
-        nd = self._wheel.next_deadline()
+        # next_wakeup() is the earliest deadline, or earlier when the wheel wants to spread a
+        # large cascade over the ticks before it (a wake-up that then delivers nothing).
+        nd = self._wheel.next_wakeup()
         if nd is None:
             self._disarm()
             return
