@@ -84,6 +84,7 @@ class FastJobServer:
             misfire_threshold=cfg.misfire_threshold,
             reattach_grace=cfg.heartbeat_timeout,
             workers_of=self.workers_of,
+            is_second_level=self.is_second_level,
         )
         self.second_level = SecondLevel(self)
         self.scheduler.start()
@@ -99,11 +100,12 @@ class FastJobServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        # sessions first: after this no report can arrive, so the final flush below has them all
+        for session in list(self.connections):
+            session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         await self.tasks.close()
         await self.scheduler.stop()
         await self.cluster.stop()
-        for session in list(self.connections):
-            session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         if self._listener is not None:
             await asyncio.wait_for(self._listener.wait_closed(), 5)
         await self.store.close()

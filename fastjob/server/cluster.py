@@ -85,19 +85,31 @@ class Cluster:
         self.owned.clear()
 
     async def _heartbeat_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
             try:
-                now = time.time()
-                if not await self.store.heartbeat_server(self.server_id, now):
-                    await self.store.register_server(self.server_id, self.address, now)
-                self._last_heartbeat_ok = loop.time()
-                await self.sync()
+                await self.renew()
             except StoreError as exc:
                 log.warning("server %s heartbeat failed: %s", self.server_id, exc)
+                if self.owned and not self.lease_valid():
+                    # others may own our apps by now: stop serving them (workers reconnect elsewhere)
+                    for app in list(self.owned):
+                        await self._lose(app, "lease expired while the database was unreachable")
             except Exception:  # keep heartbeating whatever a callback did
                 log.exception("server %s: error in cluster loop", self.server_id)
+
+    async def renew(self) -> None:
+        """Heartbeat, then re-read epochs; the lease is renewed only once the epochs are known.
+
+        The lease counts from when the heartbeat was sent, and is granted after ``sync`` has
+        dropped any app we lost, so no stale fire can slip out while the epochs are read.
+        """
+        sent_at = asyncio.get_running_loop().time()
+        now = time.time()
+        if not await self.store.heartbeat_server(self.server_id, now):
+            await self.store.register_server(self.server_id, self.address, now)
+        await self.sync()
+        self._last_heartbeat_ok = sent_at
 
     # ---- ownership ----------------------------------------------------------------------
     def _alive(self, server: ServerRow, now: float) -> bool:
@@ -116,6 +128,8 @@ class Cluster:
             loop = asyncio.get_running_loop()
             for row in apps:
                 held = self.owned.get(row.name)
+                if held is not None and row.epoch < held:
+                    continue  # a snapshot older than a claim made meanwhile by route()
                 if held is not None and (row.owner != self.server_id or row.epoch != held):
                     await self._lose(row.name, f"now owned by {row.owner} at epoch {row.epoch}")
                     continue
@@ -154,7 +168,13 @@ class Cluster:
         log.info("app %s: claimed for %s at epoch %d (was %s)", row.name, owner, epoch, row.owner)
         if owner == self.server_id:
             self.owned[row.name] = epoch
-            await self._on_gained(row.name, epoch)
+            try:
+                await self._on_gained(row.name, epoch)
+            except BaseException:
+                # not recovered: let go of it here, so the next sync adopts it again and reloads
+                self.owned.pop(row.name, None)
+                await self._on_lost(row.name)
+                raise
         return True
 
     async def _lose(self, app: str, why: str) -> None:
@@ -171,22 +191,14 @@ class Cluster:
         for _ in range(5):
             if app in self.owned:
                 return "own", ""
-            row = await self.store.ensure_app(app)
-            live = await self.live_servers()
-            if row.owner == self.server_id:
-                await self._claim(row)  # adopt: it was assigned to us
-                continue
-            if row.owner is not None and row.owner in live:
-                return "redirect", live[row.owner].address
-            load = self._load_by_server(await self.store.list_apps(), live)
-            target = self._least_loaded(load)
-            await self._claim(row, for_server=target)
+            async with self._sync_lock:  # claims never interleave with a sync pass
+                row = await self.store.ensure_app(app)
+                live = await self.live_servers()
+                if row.owner == self.server_id:
+                    await self._claim(row)  # adopt: it was assigned to us
+                    continue
+                if row.owner is not None and row.owner in live:
+                    return "redirect", live[row.owner].address
+                load = self._load_by_server(await self.store.list_apps(), live)
+                await self._claim(row, for_server=self._least_loaded(load))
         raise StoreError(f"app {app}: ownership did not settle after 5 attempts")
-
-    async def revalidate(self) -> None:
-        """After a stale lease: heartbeat, then re-read epochs before firing anything."""
-        now = time.time()
-        if not await self.store.heartbeat_server(self.server_id, now):
-            await self.store.register_server(self.server_id, self.address, now)
-        self._last_heartbeat_ok = asyncio.get_running_loop().time()
-        await self.sync()

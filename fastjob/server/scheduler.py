@@ -29,6 +29,7 @@ from ..store import (
     StoreError,
 )
 from ..tasks import BackgroundTasks
+from ..protocol import ProtocolError
 from ..timer import WheelTimer
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastjob.scheduler")
 
 DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs between slices
+MAX_TEXT = 8192  # error texts and log lines are cut to this many characters before they are stored
 
 
 class StatusWriter:
@@ -151,6 +153,7 @@ class Scheduler:
         misfire_threshold: float,
         reattach_grace: float,
         workers_of: Callable[[str], list["WorkerSession"]],
+        is_second_level: Callable[[JobRow], bool],
     ) -> None:
         self.store = store
         self.cluster = cluster
@@ -160,13 +163,14 @@ class Scheduler:
         self.misfire_threshold = misfire_threshold
         self.reattach_grace = reattach_grace
         self.workers_of = workers_of
+        self.is_second_level = is_second_level
         self.writer = StatusWriter(store)
         self.timer: Optional[WheelTimer] = None
         self.jobs: dict[int, JobRow] = {}
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
-        self.held: list[InstanceRow] = []  # fires that came due while our lease was stale
+        self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
         self._rr: dict[str, int] = {}
         self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
         self.tasks = BackgroundTasks(expected=(StoreError,))
@@ -202,14 +206,23 @@ class Scheduler:
             if job is None:
                 continue
             if row.status is Status.WAITING:
-                self._enter_wheel(row)
+                self._enter_wheel(row, epoch)
             elif row.id not in self.inflight:
                 flight = Inflight(row, job, None, row.status)
                 self.inflight[row.id] = flight
                 self.running_per_job[job.id] += 1
                 self._arm(("orphan", row.id), self.reattach_grace)
+        await self._restart_delay_chains(app, epoch, rows)
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
         self.wake_scan()
+
+    async def _restart_delay_chains(self, app: str, epoch: int, unfinished: list[InstanceRow]) -> None:
+        """A fixed-delay job with no next fire and nothing in flight lost its chain in a crash: restart it."""
+        busy = {row.job_id for row in unfinished}
+        for job in [j for j in self.jobs.values() if j.app == app]:
+            if (job.next_trigger_ms is None and job.id not in busy and self._delay_chain(job)):
+                log.info("job %s (%d): fixed-delay chain had no next fire; restarting it", job.name, job.id)
+                await self.store.set_next_trigger(self.cluster.server_id, app, epoch, job.id, schedule.now_ms())
 
     async def app_lost(self, app: str) -> None:
         """Forget every fire of the app; its new owner has them in the database."""
@@ -269,7 +282,7 @@ class Scheduler:
             await self.load_jobs(app)  # one query for the app, not a round trip per job
         for row in rows:
             if await self.job(row.job_id) is not None:
-                self._enter_wheel(row)
+                self._enter_wheel(row, epoch)
         if rows:
             log.debug("app %s: claimed %d fires", app, len(rows))
         return len(rows)
@@ -279,10 +292,14 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         return loop.time() + (epoch_ms / 1000.0 - time.time())
 
-    def _enter_wheel(self, row: InstanceRow, at: Optional[float] = None) -> None:
+    def _enter_wheel(self, row: InstanceRow, epoch: int, at: Optional[float] = None) -> None:
+        """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
         assert self.timer is not None
+        previous = self.wheel_handles.pop(row.id, None)
+        if previous is not None:
+            self.timer.cancel(previous)
         when = at if at is not None else self._loop_time_of(row.planned_ms)
-        self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", row))
+        self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", (row, epoch)))
 
     def _arm(self, item: tuple[str, Any], delay: float) -> int:
         assert self.timer is not None
@@ -294,23 +311,27 @@ class Scheduler:
             asyncio.get_running_loop().call_soon(self._on_due, items[DUE_SLICE:])
             items = items[:DUE_SLICE]
         for kind, payload in items:
-            if kind == "fire":
-                self.wheel_handles.pop(payload.id, None)
-                self.fire(payload)
-            elif kind == "overdue":
-                self._overdue(payload)
-            elif kind == "orphan":
-                self._orphan_expired(payload)
-            elif kind == "pending":
-                self._pending_expired(payload)
+            try:
+                if kind == "fire":
+                    row, epoch = payload
+                    self.wheel_handles.pop(row.id, None)
+                    self.fire(row, epoch)
+                elif kind == "overdue":
+                    self._overdue(payload)
+                elif kind == "orphan":
+                    self._orphan_expired(payload)
+                elif kind == "pending":
+                    self._pending_expired(payload)
+            except Exception:  # one bad item must not cost the rest of the batch
+                log.exception("scheduler: %s item failed", kind)
 
     # ---- dispatch --------------------------------------------------------------------------
-    def fire(self, row: InstanceRow) -> None:
+    def fire(self, row: InstanceRow, epoch: int) -> None:
         """A fire is due: dispatch it now, or hold it (stale lease) or queue it (no worker)."""
-        if not self.cluster.owns(row.app):
-            return  # the app moved; its new owner fires this row from the WAL
+        if not self.cluster.owns(row.app, epoch):
+            return  # the app moved (maybe and came back): its current owner fires this row from the WAL
         if not self.cluster.lease_valid():
-            self.held.append(row)
+            self.held.append((row, epoch))
             self._revalidate_lease()
             return
         job = self.jobs.get(row.job_id)
@@ -335,6 +356,11 @@ class Scheduler:
             self._send_dispatch(session, row, job, refused_by)
 
     def _send_dispatch(self, session: "WorkerSession", row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+        try:
+            self._send_dispatch_frame(session, row, job)
+        except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
+            self._finish(row, Status.FAILED, error=f"could not dispatch: {exc.message}", job=job)
+            return
         flight = Inflight(row, job, session, refused_by=refused_by)
         self.inflight[row.id] = flight
         self.running_per_job[job.id] += 1
@@ -342,6 +368,11 @@ class Scheduler:
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
             flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.reattach_grace)
+        self.writer.update(InstanceUpdate(
+            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
+
+    @staticmethod
+    def _send_dispatch_frame(session: "WorkerSession", row: InstanceRow, job: JobRow) -> None:
         session.send("DISPATCH", {
             "instance_id": row.id,
             "job_id": job.id,
@@ -352,8 +383,6 @@ class Scheduler:
             "scheduled_at": row.planned_ms / 1000.0,
             "timeout": job.timeout,
         })
-        self.writer.update(InstanceUpdate(
-            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
 
     def _route(self, app: str, job: JobRow, refused_by: set[str]) -> Optional["WorkerSession"]:
         candidates = [
@@ -396,9 +425,16 @@ class Scheduler:
                          error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
 
     # ---- worker reports --------------------------------------------------------------------
+    def _flight_of(self, session: "WorkerSession", instance_id: int) -> Optional[Inflight]:
+        """The instance in flight on this very session; reports about any other are ignored."""
+        flight = self.inflight.get(instance_id)
+        if flight is None or flight.session is not session or flight.instance.app != session.app:
+            return None
+        return flight
+
     def on_ack(self, session: "WorkerSession", body: dict[str, Any]) -> None:
-        flight = self.inflight.get(body["instance_id"])
-        if flight is None or flight.session is not session or body["accepted"]:
+        flight = self._flight_of(session, body["instance_id"])
+        if flight is None or body["accepted"]:
             return
         reason = body.get("reason") or "refused"
         log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
@@ -412,8 +448,8 @@ class Scheduler:
             self._send_dispatch(routed, flight.instance, flight.job, refused)
 
     def on_start(self, session: "WorkerSession", body: dict[str, Any]) -> None:
-        flight = self.inflight.get(body["instance_id"])
-        if flight is None or flight.session is not session:
+        flight = self._flight_of(session, body["instance_id"])
+        if flight is None:
             return
         flight.status = Status.RUNNING
         self.writer.update(InstanceUpdate(
@@ -421,29 +457,43 @@ class Scheduler:
 
     def on_logs(self, session: "WorkerSession", body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
-        self.writer.logs([LogLine(instance_id, float(ts), str(level), str(message))
+        if self._flight_of(session, instance_id) is None:
+            return  # logs come before their RESULT; lines for instances not on this session are dropped
+        self.writer.logs([LogLine(instance_id, float(ts), str(level)[:16], str(message)[:MAX_TEXT])
                           for ts, level, message in body["lines"]])
 
     def on_result(self, session: "WorkerSession", body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
-        flight = self.inflight.get(instance_id)
         try:
             status = Status(body["status"])
         except ValueError:
             status = Status.FAILED
         if status not in FINAL_STATUSES:
             status = Status.FAILED
+        error = body.get("error")
+        error = str(error)[:MAX_TEXT] if error is not None else None
+        flight = self._flight_of(session, instance_id)
         if flight is None:
-            # a result for an instance we no longer track (late, or after a takeover): record it
-            self.writer.update(InstanceUpdate(
-                instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
-                finished_at=body["finished_at"], result=body.get("result"), error=body.get("error")))
+            if instance_id not in self.inflight:  # late, or after a takeover: record it if it is this app's
+                self.tasks.spawn(self._record_untracked(session, instance_id, status, body, error),
+                                 f"fastjob-late-result-{instance_id}")
             return
         self._forget_flight(flight)
-        self._finish(flight.instance, status, result=body.get("result"), error=body.get("error"),
+        self._finish(flight.instance, status, result=body.get("result"), error=error,
                      worker=session.worker_id, started_at=body.get("started_at"),
                      finished_at=body["finished_at"], job=flight.job)
         self.drain_pending(flight.instance.app)
+
+    async def _record_untracked(self, session: "WorkerSession", instance_id: int, status: Status,
+                                body: dict[str, Any], error: Optional[str]) -> None:
+        row = await self.store.get_instance(instance_id)
+        if row is None or row.app != session.app:
+            log.warning("worker %s of app %s reported instance %d of another app; ignored",
+                        session.worker_id, session.app, instance_id)
+            return
+        self.writer.update(InstanceUpdate(
+            instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
+            finished_at=body["finished_at"], result=body.get("result"), error=error))
 
     def worker_joined(self, session: "WorkerSession", running: list[int]) -> None:
         """Re-attach the instances a (re)connecting worker says it still runs."""
@@ -514,19 +564,18 @@ class Scheduler:
         self.writer.update(InstanceUpdate(row.id, status, worker=worker, started_at=started_at,
                                           finished_at=finished_at, result=result, error=error))
         job = job or self.jobs.get(row.job_id)
-        if job is None or status is Status.CANCELLED:
+        if job is None:
             return
         retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
-        if not retry and status is not Status.MISFIRED:
+        if not retry and status not in (Status.MISFIRED, Status.CANCELLED):
             self.writer.job_finished(job.id, finished_at)
-        if retry or self._delay_follows(row, job):
+        if retry or (row.trigger != "api" and self._delay_chain(self.jobs.get(job.id, job))):
             self.tasks.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
 
-    def _delay_follows(self, row: InstanceRow, job: JobRow) -> bool:
-        """Does this finish schedule a fixed-delay job's next fire?"""
-        current = self.jobs.get(job.id, job)
-        return (current.schedule_type is ScheduleType.FIXED_DELAY and not current.run_once
-                and current.enabled and not current.is_delete and row.trigger != "api")
+    def _delay_chain(self, job: JobRow) -> bool:
+        """Is this a live fixed-delay job whose next fire is chained to the previous finish?"""
+        return (job.schedule_type is ScheduleType.FIXED_DELAY and not job.run_once and job.enabled
+                and not job.is_delete and not self.is_second_level(job))
 
     async def _after_final(self, row: InstanceRow, job: JobRow, retry: bool, finished_at: float) -> None:
         """Write the WAL row of what follows a final status: a retry, or a fixed delay's next fire."""
@@ -540,16 +589,13 @@ class Scheduler:
             if again is not None:
                 delay = schedule.retry_delay(job, row.attempt)
                 log.info("instance %d: retry as %d (attempt %d) in %.2fs", row.id, again.id, again.attempt, delay)
-                self._enter_wheel(again, asyncio.get_running_loop().time() + delay)
+                self._enter_wheel(again, epoch, asyncio.get_running_loop().time() + delay)
             return
-        current = self.jobs.get(job.id, job)
-        if self._delay_follows(row, current):
-            period = schedule.parse_period(current.schedule_expr)
-            planned_ms = int((finished_at + period) * 1000)
-            nxt = await self.store.insert_instance(
-                server_id, row.app, epoch, job.id, planned_ms, 1, "schedule", None, time.time())
-            if nxt is not None:
-                self._enter_wheel(nxt)
+        # the chain lives in one place, the job's next_trigger_ms: a re-enable or an edit that
+        # also set it can never start a second chain, and the scan claims it like any fire
+        period = schedule.parse_period(self.jobs.get(job.id, job).schedule_expr)
+        await self.store.set_next_trigger(server_id, row.app, epoch, job.id, int((finished_at + period) * 1000))
+        self.wake_scan()
 
     async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
         """An API call fires the job now (WAL first, then the wheel)."""
@@ -562,7 +608,7 @@ class Scheduler:
                 self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, time.time())
             if row is not None:
                 self.jobs[job.id] = job
-                self._enter_wheel(row, asyncio.get_running_loop().time())
+                self._enter_wheel(row, epoch, asyncio.get_running_loop().time())
                 return row
         raise StoreError(f"job {job.name}: could not record the trigger")
 
@@ -578,14 +624,14 @@ class Scheduler:
         try:
             while True:
                 try:
-                    await self.cluster.revalidate()
+                    await self.cluster.renew()
                     break
                 except StoreError as exc:
                     log.warning("lease renewal failed, fires stay held: %s", exc)
                     await asyncio.sleep(self.cluster.interval)
             held, self.held = self.held, []
             log.info("lease renewed; releasing %d held fires", len(held))
-            for row in held:
-                self.fire(row)
+            for row, epoch in held:
+                self.fire(row, epoch)
         finally:
             self._revalidating = False

@@ -120,6 +120,8 @@ class SecondLevel:
         """A worker that says it still runs a job keeps it (no gap); it loses those now run elsewhere."""
         for job_id in reported:
             job = self.jobs.get(job_id)
+            if job is not None and job.app != session.app:
+                continue  # only jobs of its own app
             current = self.runner.get(job_id)
             if job is not None and (current is None or current.closed):
                 self._hand_to(session, job)  # refreshes its lease and version

@@ -107,6 +107,12 @@ class WorkerSession(Connection):
             if not app or len(app) > 128:
                 self._reject(msg, ErrorCode.INVALID, "app must be a non-empty name of at most 128 characters")
                 return
+            if not body["worker_id"] or len(body["worker_id"]) > 128:
+                self._reject(msg, ErrorCode.INVALID, "worker_id must be a non-empty string of at most 128 characters")
+                return
+            if body.get("role", "worker") not in ("worker", "client"):
+                self._reject(msg, ErrorCode.INVALID, f"role must be 'worker' or 'client', got {body.get('role')!r}")
+                return
             row = await self.server.store.ensure_app(app)
             if row.token_hash is not None:
                 given = self.server.hash_token(app, body.get("token") or "")
