@@ -6,9 +6,10 @@ For each backend (SQLite always; MySQL/MariaDB when a DSN is given, or FASTJOB_T
 set) it creates one app owned by one server and N due jobs (default 10,000), then writes one
 ``waiting`` instance row per job three ways, on fresh rows each time:
 
-  batched    ``Store.claim_due``: fence, one SELECT, multi-row INSERT … (1000 rows per statement)
-             and a multi-row UPDATE of next_trigger_ms, one transaction. It does MORE work than
-             the naive paths (it also advances every job).
+  batched    ``Store.claim_due``: fence, one SELECT, multi-row INSERT … (1000 rows per statement;
+             on MySQL/MariaDB with JSON_TABLE one INSERT … SELECT of up to 10k rows sent as one
+             JSON parameter) and a multi-row UPDATE of next_trigger_ms, one transaction. It does
+             MORE work than the naive paths (it also advances every job).
   naive-tx   the same INSERTs one row per statement (a round trip each), in ONE transaction.
   multi-tx   the same rows as naive-tx with 1000-row INSERT statements: the write half of the
              batched path alone, compared like for like with naive-tx.

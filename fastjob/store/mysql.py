@@ -95,7 +95,7 @@ class MySQLStore(SQLStore):
             return
         # A probe connection learns wait_timeout (the pool must recycle below it) and whether
         # a multi-row INSERT gets consecutive auto-increment ids (lock mode 0 or 1).
-        wait_timeout, autoinc_mode, self.json_rows = await self._retrying("open", self._probe)
+        wait_timeout, autoinc_mode, self.json_rows, self.json_table = await self._retrying("open", self._probe)
         self.consecutive_ids = autoinc_mode in (0, 1)
         recycle = min(self.pool_recycle, max(1.0, wait_timeout * 0.5))
         self._pool = await self._retrying("open", lambda: aiomysql.create_pool(
@@ -106,19 +106,26 @@ class MySQLStore(SQLStore):
             await self.close()
             raise
 
-    async def _probe(self) -> tuple[float, int, bool]:
-        """wait_timeout, innodb_autoinc_lock_mode, and whether JSON_ARRAYAGG exists."""
+    async def _probe(self) -> tuple[float, int, bool, bool]:
+        """wait_timeout, innodb_autoinc_lock_mode, and whether JSON_ARRAYAGG and JSON_TABLE exist."""
         conn = await aiomysql.connect(**self._conn_kwargs())
+
+        async def works(cur: Any, sql: str) -> bool:
+            try:
+                await cur.execute(sql)
+                await cur.fetchall()
+                return True
+            except pymysql.err.ProgrammingError:  # a syntax error: not in this server version
+                return False
+
         try:
             async with conn.cursor() as cur:
                 await cur.execute("SELECT @@wait_timeout, @@innodb_autoinc_lock_mode")
                 row = await cur.fetchone()
-                try:
-                    await cur.execute("SELECT JSON_ARRAYAGG(1)")
-                    json_agg = True
-                except pymysql.err.ProgrammingError:  # MariaDB < 10.5, MySQL < 5.7.22
-                    json_agg = False
-            return float(row[0]), int(row[1]), json_agg
+                # MariaDB >= 10.5 / MySQL >= 5.7.22, and MariaDB >= 10.6 / MySQL >= 8.0.4
+                json_agg = await works(cur, "SELECT JSON_ARRAYAGG(1)")
+                json_table = await works(cur, "SELECT COUNT(*) FROM " + MYSQL.json_rel(("a",)).replace("?", "'[[1]]'"))
+            return float(row[0]), int(row[1]), json_agg, json_table
         finally:
             conn.close()
 
