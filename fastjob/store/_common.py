@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import operator
 import random
 import time
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ JOB_COLS = (
 # timezone, run_once) and those it needs itself. Reading and decoding all 24 columns of 10k
 # jobs was most of a claim's time (pure-Python row parsing on MySQL, JSON decoding on SQLite).
 CLAIM_COLS = "id, schedule_type, schedule_expr, timezone, run_once, next_trigger_ms, version"
+_DUE_ORDER = operator.itemgetter(5, 0)  # (next_trigger_ms, id) of a CLAIM_COLS row
 
 INST_COLS = (
     "id, job_id, app, planned_ms, attempt, status, trigger_kind, params, server, epoch, worker,"
@@ -663,7 +665,7 @@ class SQLStore(Store):
             except (TypeError, ValueError):
                 rows = None  # NULL or cut short: larger than group_concat_max_len (MariaDB)
             if rows is not None and len(rows) == count:
-                rows.sort(key=lambda x: (x[5], x[0]))  # an aggregate's order is not guaranteed
+                rows.sort(key=_DUE_ORDER)  # an aggregate's order is not guaranteed
                 return rows
         r = yield Stmt(sql, params)
         return r.rows
