@@ -105,7 +105,7 @@ class SecondLevelRunner:
 
     # ---- lease ------------------------------------------------------------------------------
     def _lease_ok(self) -> bool:
-        return asyncio.get_running_loop().time() - self.worker.last_heard_from_server() < self.lease
+        return asyncio.get_running_loop().time() - self.worker.server_alive_at() < self.lease
 
     def _check_lease(self) -> bool:
         if self.jobs and not self._lease_ok():
@@ -137,9 +137,13 @@ class SecondLevelRunner:
             changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
             current.spec = spec
             current.log = _PlainLog(spec["name"])
-            if changed and current.handle is not None:
-                self._timer.cancel(current.handle)
-                self._arm(current, time.time() + current.period)
+            if changed:
+                if current.handle is not None:
+                    self._timer.cancel(current.handle)
+                    current.handle = None
+                # a fixed-delay run in progress arms the next fire when it ends; otherwise arm now
+                if spec["schedule_type"] == "fixed_rate" or not current.running:
+                    self._arm(current, time.time() + current.period)
             return
         job = _Job(spec, _PlainLog(spec["name"]))
         self.jobs[job_id] = job
@@ -217,7 +221,7 @@ class SecondLevelRunner:
         if status != "succeeded":
             job.failures += 1
             job.last_error = error
-        if spec["schedule_type"] == "fixed_delay" and self.jobs.get(spec["id"]) is job:
+        if job.spec["schedule_type"] == "fixed_delay" and self.jobs.get(spec["id"]) is job and job.handle is None:
             self._arm(job, time.time() + job.period)
 
     # ---- reports ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import ssl as ssl_module
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
 import msgpack
 
 from . import schedule
-from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, RemoteError, parse_address
+from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, ScheduleType
 from .tasks import BackgroundTasks
@@ -40,6 +41,9 @@ Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
 MAX_LOG_LINES_PER_INSTANCE = 10_000
 REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
+MAX_LOG_LINE = 4096  # characters kept of one log line
+LOG_LINES_PER_FRAME = 100  # so a LOG frame stays far below max_frame (100 x 4 KiB)
+RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
 
 
 class WorkerError(Exception):
@@ -136,7 +140,13 @@ class Worker:
         self.heartbeat_interval = 2.0
         self.heartbeat_timeout = 10.0
         self._conn: Optional[_ClientConnection] = None
-        self._last_server_frame = float("-inf")  # loop.time() of the last frame of a closed connection
+        # The second-level lease runs from the send time of our last PING (or HELLO) that the
+        # server answered, not from when we read the answer: a worker that was frozen reads old
+        # buffered frames on waking, and must not take them as a sign its server is alive now.
+        self._server_alive_at = float("-inf")
+        self._pings: dict[float, float] = {}  # PING ts (wall clock) -> loop.time() it was sent
+        self._log_lock = threading.Lock()  # ctx.log is called from handler threads too
+        self._max_frame = max_frame  # lowered to the server's limit at WELCOME
         self._ready = asyncio.Event()
         self._stopping = False
         self._fatal: Optional[BaseException] = None
@@ -309,10 +319,10 @@ class Worker:
         else:
             uvloop.run(main())
 
-    def last_heard_from_server(self) -> float:
-        """loop.time() of the last frame from our server (second-level jobs' lease runs from it)."""
-        conn = self._conn
-        return conn.last_received if conn is not None else self._last_server_frame
+    def server_alive_at(self) -> float:
+        """loop.time() at which our server was last known alive: when we sent the last PING
+        (or HELLO) it answered. Second-level jobs' lease runs from it."""
+        return self._server_alive_at
 
     @property
     def connected(self) -> bool:
@@ -332,7 +342,7 @@ class Worker:
                 self._fatal = exc
                 log.error("worker %s: %s", self.worker_id, exc)
                 return
-            except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError) as exc:
+            except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError, ProtocolError) as exc:
                 log.info("worker %s: connection to %s failed: %s", self.worker_id, address, exc or type(exc).__name__)
                 outcome = None
             if outcome is not None and outcome.startswith("redirect:") and hops < 5:
@@ -355,6 +365,7 @@ class Worker:
             loop.create_connection(lambda: _ClientConnection(self), host, port, ssl=self.ssl),
             self.connect_timeout)
         try:
+            hello_sent_at = loop.time()
             reply = await conn.request("HELLO", self._hello_body(), timeout=self.connect_timeout)
             if reply.type == "REDIRECT":
                 log.info("worker %s: app %s is owned by %s, following", self.worker_id, self.app, reply.body["address"])
@@ -368,6 +379,8 @@ class Worker:
             self.server_id = reply.body["server_id"]
             self.heartbeat_interval = float(reply.body["heartbeat_interval"])
             self.heartbeat_timeout = float(reply.body["heartbeat_timeout"])
+            self._max_frame = min(self.max_frame, int(reply.body["max_frame"]))
+            self._server_alive_at = max(self._server_alive_at, hello_sent_at)
             self._conn = conn
             await self._register_jobs(conn)
             self._resend_results(conn)
@@ -378,7 +391,6 @@ class Worker:
             return "established"
         finally:
             if self._conn is conn:
-                self._last_server_frame = conn.last_received
                 self._conn = None
                 self._ready.clear()
                 self.second_level.disconnected()
@@ -427,7 +439,10 @@ class Worker:
                             self.worker_id, self.server_id, self.heartbeat_timeout)
                 conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
                 return
-            conn.send("PING", {"ts": time.time(), "running": len(self._running)})
+            ts = time.time()
+            self._pings = {t: at for t, at in self._pings.items() if ts - t < 2 * self.heartbeat_timeout}
+            self._pings[ts] = loop.time()
+            conn.send("PING", {"ts": ts, "running": len(self._running)})
 
     # ---- incoming ------------------------------------------------------------------------
     def _on_message(self, conn: _ClientConnection, msg: Message) -> None:
@@ -445,9 +460,12 @@ class Worker:
             self.second_level.assign(msg.body["job"], float(msg.body["lease"]))
         elif kind == "SL_REVOKE":
             self.second_level.revoke(msg.body["job_id"], msg.body.get("reason") or "revoked")
-        elif kind in ("PONG", "ERROR"):
-            if kind == "ERROR":
-                log.warning("worker %s: server error %s: %s", self.worker_id, msg.body.get("code"), msg.body.get("message"))
+        elif kind == "PONG":
+            sent_at = self._pings.pop(msg.body.get("ts"), None)
+            if sent_at is not None:
+                self._server_alive_at = max(self._server_alive_at, sent_at)
+        elif kind == "ERROR":
+            log.warning("worker %s: server error %s: %s", self.worker_id, msg.body.get("code"), msg.body.get("message"))
         else:
             log.debug("worker %s: ignoring %s", self.worker_id, kind)
 
@@ -523,9 +541,11 @@ class Worker:
         if not check_result:
             return "succeeded", result, None
         try:
-            msgpack.packb(result)
+            size = len(msgpack.packb(result))
         except Exception as exc:
             return "failed", None, f"result not serialisable: {type(exc).__name__}: {exc}"
+        if size > self._max_frame - RESULT_HEADROOM:
+            return "failed", None, f"result too large: {size} bytes encoded, the frame limit is {self._max_frame}"
         return "succeeded", result, None
 
     # ---- outgoing ------------------------------------------------------------------------------
@@ -533,29 +553,42 @@ class Worker:
         conn = self._conn
         if conn is None or conn.closed:
             return False
-        conn.send(kind, body)
+        try:
+            conn.send(kind, body)
+        except ProtocolError as exc:  # a frame over the limit: dropped, never fatal to the worker
+            log.error("worker %s: %s frame not sent: %s", self.worker_id, kind, exc.message)
+            return False
         return True
 
     def _resend_results(self, conn: _ClientConnection) -> None:
         for instance_id in list(self._unsent_results):
             report = self._unsent_results.pop(instance_id)
-            conn.send("RESULT", report)
+            try:
+                conn.send("RESULT", report)
+            except ProtocolError as exc:  # should not happen (results are size-checked); fail, never lose
+                report = {**report, "status": "failed", "result": None, "error": f"result not sent: {exc.message}"}
+                conn.send("RESULT", report)
             self._sent_results[instance_id] = report
             if len(self._sent_results) > REMEMBERED_RESULTS:
                 self._sent_results.popitem(last=False)
 
     def _buffer_log(self, instance_id: int, level: str, text: str) -> None:
-        lines = self._log_buffer.setdefault(instance_id, [])
-        if len(lines) >= MAX_LOG_LINES_PER_INSTANCE:
-            return
-        lines.append([time.time(), level, text])
+        with self._log_lock:
+            lines = self._log_buffer.setdefault(instance_id, [])
+            if len(lines) < MAX_LOG_LINES_PER_INSTANCE:
+                lines.append([time.time(), level, text[:MAX_LOG_LINE]])
 
     def _flush_logs(self, instance_id: Optional[int] = None) -> None:
-        ids = [instance_id] if instance_id is not None else list(self._log_buffer)
-        for key in ids:
-            lines = self._log_buffer.get(key)
-            if lines and self._send("LOG", {"instance_id": key, "lines": lines}):
-                del self._log_buffer[key]
+        """Ship buffered lines in frames of LOG_LINES_PER_FRAME (each line is bounded)."""
+        with self._log_lock:
+            ids = [instance_id] if instance_id is not None else list(self._log_buffer)
+            batches = {key: self._log_buffer.pop(key) for key in ids if self._log_buffer.get(key)}
+        for key, lines in batches.items():
+            for start in range(0, len(lines), LOG_LINES_PER_FRAME):
+                if not self._send("LOG", {"instance_id": key, "lines": lines[start:start + LOG_LINES_PER_FRAME]}):
+                    with self._log_lock:  # not connected: keep the rest for the next flush
+                        self._log_buffer[key] = lines[start:] + self._log_buffer.get(key, [])
+                    break
 
     async def _flush_logs_loop(self) -> None:
         while True:
@@ -598,8 +631,8 @@ class Worker:
             body["status"] = list(status)
         return (await self.call("INSTANCE_LIST", body))["instances"]
 
-    async def get_logs(self, instance_id: int) -> list[list[Any]]:
-        return (await self.call("LOG_GET", {"instance_id": instance_id}))["lines"]
+    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[list[Any]]:
+        return (await self.call("LOG_GET", {"instance_id": instance_id, "limit": limit}))["lines"]
 
     async def get_job(self, name: str) -> dict[str, Any]:
         return (await self.call("JOB_GET", {"name": name}))["job"]

@@ -157,10 +157,14 @@ class WorkerProcess:
             raise RuntimeError(f"worker did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
 
     def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.send_signal(sig)
 
     async def close(self) -> None:
+        self.signal(signal.SIGCONT)  # a stopped process cannot die of SIGKILL until it runs
         self.kill()
         if self.proc is not None:
             await asyncio.wait_for(self.proc.wait(), 10)

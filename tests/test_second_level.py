@@ -162,3 +162,26 @@ async def test_job_changes_reach_the_runner_and_jobs_wait_for_a_worker(servers, 
             seen.get_nowait()
         await asyncio.sleep(3 * PERIOD)
         assert seen.empty(), "a deleted job must stop running"
+
+
+async def test_a_frozen_runner_wakes_without_its_job(servers, workers, sqlite_url, tmp_path):
+    """SIGSTOP the runner past the timeout: the other worker takes over, and on SIGCONT the old one
+    must not run the job again, although frames its server sent before the stop are still waiting."""
+    import signal
+
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    procs = {"a": await workers(server.address, "a"), "b": await workers(server.address, "b")}
+    ticks_file = tmp_path / "ticks.txt"
+    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    runner = read_ticks(ticks_file)[-1][0]
+    other = "b" if runner == "a" else "a"
+    procs[runner].signal(signal.SIGSTOP)
+    await wait_until(lambda: sum(1 for w, _ in read_ticks(ticks_file) if w == other) >= 3, 10,
+                     "the other worker to take over")
+    procs[runner].signal(signal.SIGCONT)
+    woke_at = read_ticks(ticks_file)[-1][1]
+    await wait_until(lambda: sum(1 for _, s in read_ticks(ticks_file) if s > woke_at) >= 10, 10,
+                     "runs after the wake-up")
+    ticks = read_ticks(ticks_file)
+    assert not [s for w, s in ticks if w == runner and s > woke_at], "the woken worker ran the job again"
+    assert_one_runner_at_a_time(ticks)

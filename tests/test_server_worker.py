@@ -326,3 +326,52 @@ async def test_overlapping_fires_are_skipped_unless_allowed(servers, sqlite_url,
         assert peak >= 2 and not skipped
     else:
         assert peak == 1 and skipped
+
+
+async def test_oversized_results_and_many_log_lines_fail_or_pass_alone(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *REGULAR)
+    worker = make_worker(server.address)
+
+    @worker.handler("huge")
+    async def huge(ctx):
+        return "x" * (2 << 20)  # more than a frame can carry
+
+    @worker.handler("chatty")
+    async def chatty(ctx):
+        for i in range(3000):
+            ctx.log.info("line %d %s", i, "y" * 300)
+        return "done"
+
+    worker.schedule("huge")
+    worker.schedule("chatty")
+    async with worker:
+        huge_id = await worker.trigger("huge")
+        chatty_id = await worker.trigger("chatty")
+        huge_row = await wait_until(lambda: _final(worker, huge_id), 10, "the huge result to fail")
+        chatty_row = await wait_until(lambda: _final(worker, chatty_id), 10, "the chatty job to finish")
+        assert huge_row["status"] == "failed" and "too large" in huge_row["error"]
+        assert chatty_row["status"] == "succeeded"
+        lines = await worker.get_logs(chatty_id, limit=5000)
+        assert len(lines) == 3000 and lines[-1][2].startswith("line 2999")
+
+
+async def test_reenabling_a_fixed_delay_job_keeps_one_chain(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *REGULAR)
+    worker = make_worker(server.address)
+    starts: list[float] = []
+
+    @worker.handler("slow")
+    async def slow(ctx):
+        starts.append(time.time())
+        await asyncio.sleep(0.2)
+
+    worker.schedule("slow", delay=0.3, allow_overlap=True)
+    async with worker:
+        await wait_until(lambda: len(starts) >= 2, 10, "the chain to run")
+        for _ in range(3):  # each re-enable sets a fresh next fire; it must not add a chain
+            assert await worker.set_enabled("slow", True)
+            await asyncio.sleep(0.1)
+        first = len(starts)
+        await asyncio.sleep(3.0)  # a window in which a second chain would double the rate
+        runs = len(starts) - first
+    assert runs <= 7, f"{runs} runs in 3 s: more than one chain (one chain runs about 6)"

@@ -170,6 +170,7 @@ class Scheduler:
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
+        self.waiting_per_job: collections.Counter[int] = collections.Counter()  # fires in the wheel, by job
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
         self._rr: dict[str, int] = {}
         self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
@@ -298,8 +299,21 @@ class Scheduler:
         previous = self.wheel_handles.pop(row.id, None)
         if previous is not None:
             self.timer.cancel(previous)
+        else:
+            self.waiting_per_job[row.job_id] += 1
         when = at if at is not None else self._loop_time_of(row.planned_ms)
         self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", (row, epoch)))
+
+    def _left_wheel(self, job_id: int) -> None:
+        self.waiting_per_job[job_id] -= 1
+        if self.waiting_per_job[job_id] <= 0:
+            del self.waiting_per_job[job_id]
+
+    def _links_in_motion(self, job: JobRow) -> bool:
+        """Has the job a fire waiting in the wheel, queued for a worker, held, or running?"""
+        return (self.waiting_per_job[job.id] > 0 or self.running_per_job[job.id] > 0
+                or any(entry.job.id == job.id for entry in self.pending.get(job.app, ()))
+                or any(row.job_id == job.id for row, _ in self.held))
 
     def _arm(self, item: tuple[str, Any], delay: float) -> int:
         assert self.timer is not None
@@ -314,7 +328,8 @@ class Scheduler:
             try:
                 if kind == "fire":
                     row, epoch = payload
-                    self.wheel_handles.pop(row.id, None)
+                    if self.wheel_handles.pop(row.id, None) is not None:
+                        self._left_wheel(row.job_id)
                     self.fire(row, epoch)
                 elif kind == "overdue":
                     self._overdue(payload)
@@ -569,7 +584,11 @@ class Scheduler:
         retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
         if not retry and status not in (Status.MISFIRED, Status.CANCELLED):
             self.writer.job_finished(job.id, finished_at)
-        if retry or (row.trigger != "api" and self._delay_chain(self.jobs.get(job.id, job))):
+        current = self.jobs.get(job.id, job)
+        # one chain per fixed-delay job: a finish continues it only when no other link is in motion
+        # (a re-enable or an API run may have started one), so parallel links merge into one
+        chain = row.trigger != "api" and self._delay_chain(current) and not self._links_in_motion(current)
+        if retry or chain:
             self.tasks.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
 
     def _delay_chain(self, job: JobRow) -> bool:
