@@ -126,6 +126,7 @@ class Inflight:
     status: Status = Status.DISPATCHED
     refused_by: set[str] = field(default_factory=set)
     overdue_handle: Optional[int] = None
+    orphan_handle: Optional[int] = None  # armed while no session holds it (awaiting re-attach)
 
 
 @dataclass(slots=True)
@@ -212,7 +213,7 @@ class Scheduler:
                 flight = Inflight(row, job, None, row.status)
                 self.inflight[row.id] = flight
                 self.running_per_job[job.id] += 1
-                self._arm(("orphan", row.id), self.reattach_grace)
+                flight.orphan_handle = self._arm(("orphan", row.id), self.reattach_grace)
         await self._restart_delay_chains(app, epoch, rows)
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
         self.wake_scan()
@@ -517,6 +518,9 @@ class Scheduler:
             if flight is not None and flight.instance.app == session.app and flight.session is None:
                 flight.session = session
                 session.running.add(instance_id)
+                if flight.orphan_handle is not None and self.timer is not None:
+                    self.timer.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
+                    flight.orphan_handle = None
                 log.info("instance %d: re-attached to worker %s", instance_id, session.worker_id)
         self.drain_pending(session.app)
 
@@ -526,13 +530,14 @@ class Scheduler:
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.session is session:
                 flight.session = None
-                self._arm(("orphan", instance_id), self.reattach_grace)
+                flight.orphan_handle = self._arm(("orphan", instance_id), self.reattach_grace)
         session.running.clear()
 
     def _orphan_expired(self, instance_id: int) -> None:
         flight = self.inflight.get(instance_id)
         if flight is None or flight.session is not None:
             return
+        flight.orphan_handle = None
         self._forget_flight(flight)
         self._finish(flight.instance, Status.FAILED, job=flight.job,
                      error="worker lost: it did not report the instance within the grace period")

@@ -89,6 +89,9 @@ class WorkerSession(Connection):
             self.send("PONG", {"ts": msg.body.get("ts", 0.0)})
         elif kind == "PONG":
             pass
+        elif kind == "ERROR":  # a worker's complaint not tied to a request: log it, keep the session
+            log.warning("worker %s of app %s reports error %s: %s", self.worker_id, self.app,
+                        msg.body.get("code"), msg.body.get("message"))
         elif kind in REPORT_TYPES:
             self._report(msg)
         elif kind in API_TYPES:
