@@ -35,18 +35,23 @@ async def test_workers_are_redirected_to_the_one_owner(servers, mysql_dsn):
         assert epoch >= 1
 
 
-async def test_survivor_takes_over_a_killed_owner_and_fires_its_wal(servers, mysql_dsn):
-    s1 = await servers.start(mysql_dsn, *REGULAR)
-    s2 = await servers.start(mysql_dsn, *REGULAR)
-    by_address = {s1.address: s1, s2.address: s2}
+async def two_servers_and_a_ticking_worker(servers, dsn: str):
+    """Two servers on one database and a started worker whose 'tick' job counts each instance's runs."""
+    s1 = await servers.start(dsn, *REGULAR)
+    s2 = await servers.start(dsn, *REGULAR)
     executions: collections.Counter[int] = collections.Counter()
     worker = ticking_worker([s1.address, s2.address], executions)
     await worker.start()
+    return {s1.address: s1, s2.address: s2}, executions, worker
+
+
+async def test_survivor_takes_over_a_killed_owner_and_fires_its_wal(servers, mysql_dsn):
+    by_address, executions, worker = await two_servers_and_a_ticking_worker(servers, mysql_dsn)
     try:
         await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks on the first owner")
         owner, epoch = app_row(mysql_dsn, "shop")
         by_address[owner].kill()
-        survivor = s2.address if owner == s1.address else s1.address
+        survivor = next(address for address in by_address if address != owner)
         before = sum(executions.values())
         await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 10, "the survivor to claim the app")
         assert app_row(mysql_dsn, "shop")[1] > epoch
@@ -64,19 +69,14 @@ def assert_each_fire_once(executions: collections.Counter[int], rows: list[dict[
 
 async def test_a_frozen_owner_wakes_up_fenced(servers, mysql_dsn):
     """SIGSTOP the owner past the timeout: the survivor takes over; after SIGCONT nothing fires twice."""
-    s1 = await servers.start(mysql_dsn, *REGULAR)
-    s2 = await servers.start(mysql_dsn, *REGULAR)
-    by_address = {s1.address: s1, s2.address: s2}
-    executions: collections.Counter[int] = collections.Counter()
-    worker = ticking_worker([s1.address, s2.address], executions)
-    await worker.start()
+    by_address, executions, worker = await two_servers_and_a_ticking_worker(servers, mysql_dsn)
     frozen = None
     try:
         await wait_until(lambda: sum(executions.values()) >= 3, 10, "ticks on the first owner")
         owner, _ = app_row(mysql_dsn, "shop")
         frozen = by_address[owner]
         frozen.signal(signal.SIGSTOP)
-        survivor = s2.address if owner == s1.address else s1.address
+        survivor = next(address for address in by_address if address != owner)
         await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 10, "the takeover")
         frozen.signal(signal.SIGCONT)
         before = sum(executions.values())

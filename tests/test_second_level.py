@@ -51,12 +51,17 @@ async def workers(tmp_path):
             await proc.close()
 
 
-async def test_runs_at_its_rate_on_one_worker(servers, workers, sqlite_url, tmp_path):
-    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
-    await workers(server.address, "a")
-    await workers(server.address, "b")
+async def server_with_two_runners(servers, workers, db: str, tmp_path: Path):
+    """A server and two worker processes of app 'sl'; returns once the 0.2 s job has run 3 times."""
+    server = await servers.start(db, *FAST_CLUSTER_ARGS)
+    procs = {"a": await workers(server.address, "a"), "b": await workers(server.address, "b")}
     ticks_file = tmp_path / "ticks.txt"
     await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    return server, procs, ticks_file
+
+
+async def test_runs_at_its_rate_on_one_worker(servers, workers, sqlite_url, tmp_path):
+    server, _, ticks_file = await server_with_two_runners(servers, workers, sqlite_url, tmp_path)
     start = read_ticks(ticks_file)[-1][1]
     await asyncio.sleep(3.0)  # a measuring window: the rate is what is under test
     window = [t for t in read_ticks(ticks_file) if start < t[1] <= start + 3.0]
@@ -77,10 +82,7 @@ async def _job_with_stats(client: Worker):
 
 
 async def test_kill_9_worker_hands_job_to_the_other(servers, workers, sqlite_url, tmp_path):
-    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
-    procs = {"a": await workers(server.address, "a"), "b": await workers(server.address, "b")}
-    ticks_file = tmp_path / "ticks.txt"
-    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    server, procs, ticks_file = await server_with_two_runners(servers, workers, sqlite_url, tmp_path)
     runner = read_ticks(ticks_file)[-1][0]
     other = "b" if runner == "a" else "a"
     procs[runner].kill()
@@ -95,11 +97,7 @@ async def test_kill_9_worker_hands_job_to_the_other(servers, workers, sqlite_url
 
 
 async def test_server_restart_keeps_the_job_running(servers, workers, sqlite_url, tmp_path):
-    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
-    await workers(server.address, "a")
-    await workers(server.address, "b")
-    ticks_file = tmp_path / "ticks.txt"
-    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    server, _, ticks_file = await server_with_two_runners(servers, workers, sqlite_url, tmp_path)
     server.kill()
     await server.wait()
     restart_at = read_ticks(ticks_file)[-1][1]
@@ -169,10 +167,7 @@ async def test_a_frozen_runner_wakes_without_its_job(servers, workers, sqlite_ur
     must not run the job again, although frames its server sent before the stop are still waiting."""
     import signal
 
-    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
-    procs = {"a": await workers(server.address, "a"), "b": await workers(server.address, "b")}
-    ticks_file = tmp_path / "ticks.txt"
-    await wait_until(lambda: len(read_ticks(ticks_file)) >= 3, 10, "the first runs")
+    server, procs, ticks_file = await server_with_two_runners(servers, workers, sqlite_url, tmp_path)
     runner = read_ticks(ticks_file)[-1][0]
     other = "b" if runner == "a" else "a"
     procs[runner].signal(signal.SIGSTOP)
