@@ -4,7 +4,8 @@ The public API is the embeddable worker; the server runs as ``fastjob-server``.
 """
 from .protocol import ProtocolError, RemoteError
 from .schedule import ScheduleError
-from .worker import JobContext, Worker, WorkerError
+from .context import JobContext
+from .worker import Worker, WorkerError
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from .context import JobContext, LocalLog
 from .timer import WheelTimer
 
 if TYPE_CHECKING:
@@ -31,33 +32,10 @@ REPORTS_PER_FRAME = 200  # ~30 kB per SL_REPORT frame, far below max_frame; the 
 MAX_LATENESS_SAMPLES = 100_000
 
 
-_JOB_LOGGER = logging.getLogger("fastjob.job")
-
-
-class _PlainLog:
-    """``ctx.log`` of a second-level run: no instance row, so lines go to the local logger only."""
-
-    def __init__(self, job: str) -> None:
-        self._logger = _JOB_LOGGER
-        self._job = job
-
-    def debug(self, message: str, *args: Any) -> None:
-        self._logger.debug("[%s] " + message, self._job, *args)
-
-    def info(self, message: str, *args: Any) -> None:
-        self._logger.info("[%s] " + message, self._job, *args)
-
-    def warning(self, message: str, *args: Any) -> None:
-        self._logger.warning("[%s] " + message, self._job, *args)
-
-    def error(self, message: str, *args: Any) -> None:
-        self._logger.error("[%s] " + message, self._job, *args)
-
-
 @dataclass(slots=True)
 class _Job:
     spec: dict[str, Any]
-    log: _PlainLog
+    log: LocalLog
     next_planned: float = 0.0  # epoch seconds of the next fire
     handle: Optional[int] = None
     running: int = 0
@@ -136,7 +114,7 @@ class SecondLevelRunner:
                 return  # a re-assignment only refreshes the lease
             changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
             current.spec = spec
-            current.log = _PlainLog(spec["name"])
+            current.log = LocalLog(spec["name"])
             if changed:
                 if current.handle is not None:
                     self._timer.cancel(current.handle)
@@ -145,7 +123,7 @@ class SecondLevelRunner:
                 if spec["schedule_type"] == "fixed_rate" or not current.running:
                     self._arm(current, time.time() + current.period)
             return
-        job = _Job(spec, _PlainLog(spec["name"]))
+        job = _Job(spec, LocalLog(spec["name"]))
         self.jobs[job_id] = job
         log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
         self._arm(job, time.time() + _phase(job_id) * job.period)
@@ -201,13 +179,11 @@ class SecondLevelRunner:
 
     def _start(self, job: _Job, planned: float) -> None:
         job.running += 1
-        task = asyncio.create_task(self._run(job, planned), name=f"fastjob-sl-{job.spec['id']}")
+        task = asyncio.create_task(self._run(job, planned))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, job: _Job, planned: float) -> None:
-        from .worker import JobContext
-
         started = time.time()
         if len(job.lateness) < MAX_LATENESS_SAMPLES:
             job.lateness.append(max(0.0, started - planned))

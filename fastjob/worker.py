@@ -23,19 +23,18 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
 
 import msgpack
 
 from . import schedule
 from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
+from .context import JobContext, JobLog
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, ScheduleType
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
-job_log = logging.getLogger("fastjob.job")
 
 Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
@@ -48,45 +47,6 @@ RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
 
 class WorkerError(Exception):
     """The worker cannot go on: rejected by the server, or a job declaration was refused."""
-
-
-class JobLog:
-    """``ctx.log``: lines go to the server with the instance (and to the ``fastjob.job`` logger)."""
-
-    def __init__(self, worker: "Worker", instance_id: int, job: str) -> None:
-        self._worker = worker
-        self._instance_id = instance_id
-        self._job = job
-
-    def _emit(self, level: str, message: str, *args: Any) -> None:
-        text = message % args if args else str(message)
-        job_log.log(logging.getLevelName(level), "[%s #%d] %s", self._job, self._instance_id, text)
-        self._worker._buffer_log(self._instance_id, level, text)
-
-    def debug(self, message: str, *args: Any) -> None:
-        self._emit("DEBUG", message, *args)
-
-    def info(self, message: str, *args: Any) -> None:
-        self._emit("INFO", message, *args)
-
-    def warning(self, message: str, *args: Any) -> None:
-        self._emit("WARNING", message, *args)
-
-    def error(self, message: str, *args: Any) -> None:
-        self._emit("ERROR", message, *args)
-
-
-@dataclass
-class JobContext:
-    """What a handler receives."""
-
-    instance_id: int
-    job: str
-    job_id: int
-    params: Any
-    attempt: int
-    scheduled_at: float  # planned fire time, epoch seconds
-    log: JobLog
 
 
 class _ClientConnection(Connection):

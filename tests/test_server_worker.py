@@ -110,7 +110,8 @@ async def test_fixed_delay_counts_from_finish(servers, sqlite_url):
     async with worker:
         times = [await next_event(starts) for _ in range(3)]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(gap >= 0.7 for gap in gaps), gaps  # 0.4 s run + 0.3 s delay
+    # 0.4 s run + 0.3 s delay, less 10 ms of timer granularity (a rate from the start would give ~0.4)
+    assert all(gap >= 0.69 for gap in gaps), gaps
 
 
 async def test_one_shot_at_time_and_trigger_with_params(servers, sqlite_url):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -618,7 +619,8 @@ class Scheduler:
         # the chain lives in one place, the job's next_trigger_ms: a re-enable or an edit that
         # also set it can never start a second chain, and the scan claims it like any fire
         period = schedule.parse_period(self.jobs.get(job.id, job).schedule_expr)
-        await self.store.set_next_trigger(server_id, row.app, epoch, job.id, int((finished_at + period) * 1000))
+        next_ms = math.ceil((finished_at + period) * 1000)  # never before finish + delay
+        await self.store.set_next_trigger(server_id, row.app, epoch, job.id, next_ms)
         self.wake_scan()
 
     async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
