@@ -137,6 +137,7 @@ STRUCTS: dict[str, Any] = {
         "lateness_p50": "float",
         "lateness_p99": "float",
         "lateness_max": "float",
+        "skipped": "int?",
     },
     "job_def": {
         "name": "str",

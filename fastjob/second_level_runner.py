@@ -211,6 +211,7 @@ class SecondLevelRunner:
             "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,
             "last_run_at": job.last_run_at, "lateness_p50": _percentile(samples, 0.5),
             "lateness_p99": _percentile(samples, 0.99), "lateness_max": samples[-1] if samples else 0.0,
+            "skipped": job.skipped,
         }
 
     async def _report_loop(self) -> None:

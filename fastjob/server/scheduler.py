@@ -124,7 +124,6 @@ class Inflight:
     instance: InstanceRow
     job: JobRow
     session: Optional["WorkerSession"]
-    status: Status = Status.DISPATCHED
     refused_by: set[str] = field(default_factory=set)
     overdue_handle: Optional[int] = None
     orphan_handle: Optional[int] = None  # armed while no session holds it (awaiting re-attach)
@@ -136,7 +135,6 @@ class Pending:
 
     instance: InstanceRow
     job: JobRow
-    give_up_at: float  # loop.time()
     refused_by: set[str] = field(default_factory=set)
     reason: str = "no worker connected"
 
@@ -211,7 +209,7 @@ class Scheduler:
             if row.status is Status.WAITING:
                 self._enter_wheel(row, epoch)
             elif row.id not in self.inflight:
-                flight = Inflight(row, job, None, row.status)
+                flight = Inflight(row, job, None)
                 self.inflight[row.id] = flight
                 self.running_per_job[job.id] += 1
                 flight.orphan_handle = self._arm(("orphan", row.id), self.reattach_grace)
@@ -417,9 +415,7 @@ class Scheduler:
         return candidates[index % len(candidates)]
 
     def _queue_pending(self, row: InstanceRow, job: JobRow, refused_by: set[str], reason: str = "") -> None:
-        loop = asyncio.get_running_loop()
-        entry = Pending(row, job, loop.time() + self.dispatch_wait, refused_by,
-                        reason or f"no worker of app {row.app!r} could take it")
+        entry = Pending(row, job, refused_by, reason or f"no worker of app {row.app!r} could take it")
         self.pending.setdefault(row.app, []).append(entry)
         self._arm(("pending", entry), self.dispatch_wait)
 
@@ -468,7 +464,6 @@ class Scheduler:
         flight = self._flight_of(session, body["instance_id"])
         if flight is None:
             return
-        flight.status = Status.RUNNING
         self.writer.update(InstanceUpdate(
             flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
 
