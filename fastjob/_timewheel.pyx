@@ -979,6 +979,10 @@ cdef class TimingWheel:
         for j in range(k):
             if j + 8 < k:
                 __builtin_prefetch(self._s(self.out[j + 8].hidx))
+            if j + 16 < k:
+                # The consumer will touch each item (a list iteration increfs it): start
+                # loading them now, many at a time, rather than one miss after another later.
+                __builtin_prefetch(self.out[j + 16].item)
             self._free(self.out[j].hidx)
             _list_set_item(result, j, self.out[j].item)
         self.out_len = 0
