@@ -152,8 +152,7 @@ class SecondLevelRunner:
     def _arm(self, job: _Job, planned: float) -> None:
         assert self._timer is not None
         job.next_planned = planned
-        loop = asyncio.get_running_loop()
-        job.handle = self._timer.call_at(loop.time() + (planned - time.time()), job.spec["id"])
+        job.handle = self._timer.call_at(WheelTimer.time() + (planned - time.time()), job.spec["id"])
 
     def _on_due(self, job_ids: list[int]) -> None:
         if not self._check_lease():

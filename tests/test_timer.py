@@ -35,6 +35,16 @@ def run(request):
     return runner
 
 
+@pytest.fixture(params=["timerfd", "loop"], autouse=True)
+def wake_source(request, monkeypatch):
+    """Both wake-up sources: the timerfd (Linux default) and loop.call_at (the fallback)."""
+    if request.param == "loop":
+        monkeypatch.setattr(timer_mod, "_TimerFd", None)
+    elif timer_mod._TimerFd is None:
+        pytest.skip("no timerfd here (not Linux, or FASTJOB_PUREPYTHON=1)")
+    return request.param
+
+
 @pytest.fixture(params=["cython", "python"], autouse=True)
 def wheel_impl(request, monkeypatch):
     if request.param == "python":
@@ -47,7 +57,7 @@ def wheel_impl(request, monkeypatch):
 
 
 class Recorder:
-    """on_due callback: records (loop time, batch) and resolves a future after n items."""
+    """on_due callback: records (time.monotonic(), batch) and resolves a future after n items."""
 
     def __init__(self, expected: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -57,7 +67,7 @@ class Recorder:
         self.done = self.loop.create_future()
 
     def __call__(self, batch: list) -> None:
-        self.batches.append((self.loop.time(), list(batch)))
+        self.batches.append((time.monotonic(), list(batch)))
         self.items.extend(batch)
         if len(self.items) >= self.expected and not self.done.done():
             self.done.set_result(None)
@@ -67,8 +77,7 @@ def test_items_delivered_not_before_their_time(run):
     async def main():
         rec = Recorder(20)
         t = WheelTimer(rec)
-        loop = asyncio.get_running_loop()
-        base = loop.time()
+        base = t.time()
         deadlines = {}
         for i in range(20):
             when = base + 0.005 + i * 0.0037  # sub-millisecond offsets: exercises early wake-ups
@@ -177,7 +186,7 @@ def test_schedule_and_close_from_callback(run):
         t.call_later(30.0, "never")
         await asyncio.wait_for(done, WAIT)
         assert rec_items == [0, 1, 2, 3, 4, 5]
-        assert len(t) == 0 and t._handle is None
+        assert len(t) == 0 and t._armed_at is None
 
     run(main())
 
@@ -190,7 +199,7 @@ def test_close_cancels_wakeup_and_is_idempotent(run):
         t.call_later(0.005, "x")
         t.close()
         t.close()
-        assert len(t) == 0 and t._handle is None
+        assert len(t) == 0 and t._armed_at is None
         with pytest.raises(RuntimeError):
             t.call_later(0.001, "y")
         # A plain loop timer well after x's deadline: by then x would have been delivered.
@@ -220,13 +229,14 @@ def test_early_wakeup_rearms_without_spinning(run):
 
         def on_due(batch):
             for when in batch:
-                assert loop.time() >= when
+                assert time.monotonic() >= when
             if not done.done():
                 done.set_result(None)
 
         t = Counting(on_due)
+        base = t.time()
         for k in range(5):
-            t.call_at(loop.time() + 0.0104 + k * 0.00001, loop.time() + 0.0104 + k * 0.00001)
+            t.call_at(base + 0.0104 + k * 0.00001, base + 0.0104 + k * 0.00001)
         await asyncio.wait_for(done, WAIT)
         assert fires <= 4, fires
         t.close()
@@ -246,6 +256,57 @@ def test_call_later_delay_and_len(run):
         await asyncio.wait_for(rec.done, WAIT)
         assert rec.items == [0, 1, 2]
         assert rec.batches[-1][0] >= start + 0.01 * 2
+        t.close()
+
+    run(main())
+
+
+def test_wake_source_choice(run, wake_source):
+    async def main():
+        t = WheelTimer(list)
+        assert t.precise is (wake_source == "timerfd")
+        t.close()
+        with pytest.raises(ValueError):
+            WheelTimer(list, wake="sometimes")
+        if wake_source == "loop":
+            with pytest.raises(RuntimeError):
+                WheelTimer(list, wake="timerfd")
+        t = WheelTimer(list, wake="loop")
+        assert not t.precise
+        t.close()
+
+    run(main())
+
+
+def test_close_releases_the_timerfd(run, wake_source):
+    if wake_source != "timerfd":
+        pytest.skip("timerfd only")
+
+    async def main():
+        t = WheelTimer(list)
+        fd = t._wake._fd
+        t.call_later(10.0, "x")
+        t.close()
+        assert fd.closed
+        t.close()
+
+    run(main())
+
+
+def test_dense_deadlines_are_batched(run, wake_source):
+    """A thousand deadlines 5 us apart: a handful of wake-ups, all in order, none early."""
+
+    async def main():
+        rec = Recorder(1000)
+        t = WheelTimer(rec)
+        base = t.time() + 0.01
+        for i in range(1000):
+            t.call_at(base + i * 5e-6, i)
+        await asyncio.wait_for(rec.done, WAIT)
+        assert rec.items == list(range(1000))
+        for at, batch in rec.batches:
+            assert at >= base + batch[-1] * 5e-6
+        assert len(rec.batches) < 100, len(rec.batches)
         t.close()
 
     run(main())

@@ -289,9 +289,10 @@ class Scheduler:
         return len(rows)
 
     # ---- the wheel -------------------------------------------------------------------------
-    def _loop_time_of(self, epoch_ms: int) -> float:
-        loop = asyncio.get_running_loop()
-        return loop.time() + (epoch_ms / 1000.0 - time.time())
+    @staticmethod
+    def _timer_time_of(epoch_ms: int) -> float:
+        """A wall-clock instant on the timer's monotonic clock."""
+        return WheelTimer.time() + (epoch_ms / 1000.0 - time.time())
 
     def _enter_wheel(self, row: InstanceRow, epoch: int, at: Optional[float] = None) -> None:
         """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
@@ -301,7 +302,7 @@ class Scheduler:
             self.timer.cancel(previous)
         else:
             self.waiting_per_job[row.job_id] += 1
-        when = at if at is not None else self._loop_time_of(row.planned_ms)
+        when = at if at is not None else self._timer_time_of(row.planned_ms)
         self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", (row, epoch)))
 
     def _left_wheel(self, job_id: int) -> None:
@@ -609,7 +610,7 @@ class Scheduler:
             if again is not None:
                 delay = schedule.retry_delay(job, row.attempt)
                 log.info("instance %d: retry as %d (attempt %d) in %.2fs", row.id, again.id, again.attempt, delay)
-                self._enter_wheel(again, epoch, asyncio.get_running_loop().time() + delay)
+                self._enter_wheel(again, epoch, WheelTimer.time() + delay)
             return
         # the chain lives in one place, the job's next_trigger_ms: a re-enable or an edit that
         # also set it can never start a second chain, and the scan claims it like any fire
@@ -629,7 +630,7 @@ class Scheduler:
                 self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, time.time())
             if row is not None:
                 self.jobs[job.id] = job
-                self._enter_wheel(row, epoch, asyncio.get_running_loop().time())
+                self._enter_wheel(row, epoch, WheelTimer.time())
                 return row
         raise StoreError(f"job {job.name}: could not record the trigger")
 
