@@ -239,6 +239,31 @@ def test_far_future_is_kept_not_clamped(Wheel):
     assert len(w) == 0
 
 
+@pytest.mark.parametrize("tick", [0.001, 1.0])
+def test_dense_tick_advanced_in_steps_matches_model(Wheel, tick):
+    """Thousands of deadlines inside one tick (the compiled wheel sorts such a slot by dealing
+    it into buckets), with exact ties, past deadlines and far ones, taken a slice at a time."""
+    rnd = random.Random(11)
+    h = Harness(Wheel, tick)
+    h.advance(50 * tick)
+    start = 60 * tick
+    for _ in range(3000):
+        r = rnd.random()
+        if r < 0.8:
+            h.schedule(start + rnd.random() * tick)
+        elif r < 0.9:
+            h.schedule(start + tick * rnd.choice([0.0, 0.25, 0.5, 0.999]))  # exact ties
+        else:
+            h.schedule(rnd.uniform(0, 50 * tick))  # already past: the current slot
+    for i in range(0, len(h.handles), 5):
+        h.cancel_index(i)
+    h.advance(start - tick / 3)  # inside the tick before: the past ones go
+    h.check()
+    while h.model.live:
+        h.advance(h.now + tick * rnd.choice([0.01, 0.07, 0.3]))
+        h.check()
+
+
 def test_not_early_within_the_current_tick(Wheel):
     w = Wheel(1.0, now=0.0)
     w.schedule(0.7, "a")
