@@ -6,7 +6,9 @@
 How it measures (same Python loop shapes for every implementation, GC left on):
 * schedule: N timers with random deadlines spread over an hour, into an empty structure
   (so pending grows 0 -> N); ns per call.
-* cancel: all N, in random order; ns per call.  heapq has no cancel (n/a).
+* cancel: all N, in random order; ns per call.  heapq has no cancel (n/a).  "(walk)" is a bare
+  loop over the same shuffled handles; "in order" cancels N fresh timers in the order they were
+  scheduled (the cache-friendly case: a timeout cancelled soon after it was set).
 * expiry: N timers, then time advancing through all of them in 1000 steps (wheel, heapq);
   for asyncio/uvloop, N already-due timers and the loop run until every callback ran, so their
   figure includes one Python callback per timer, which is how those loops deliver an expiry.
@@ -83,8 +85,15 @@ def bench_wheel(cls, ds: list[float], rnd: random.Random) -> dict:
         n += len(adv(SPAN * k / steps))
     t5 = pc()
     assert n == len(ds)
+    hs = [s(d, item) for d in ds]
+    gc.collect()
+    t6 = pc()
+    for h in hs:
+        c(h)
+    t7 = pc()
     N = len(ds)
-    return {"schedule": (t1 - t0) / N, "cancel": (t3 - t2) / N, "expiry": (t5 - t4) / N, "walk": walk}
+    return {"schedule": (t1 - t0) / N, "cancel": (t3 - t2) / N, "expiry": (t5 - t4) / N, "walk": walk,
+            "cancel_fifo": (t7 - t6) / N}
 
 
 def walk_cost(handles: list) -> float:
@@ -118,7 +127,7 @@ def bench_heapq(ds: list[float], rnd: random.Random) -> dict:
     t5 = pc()
     assert n == len(ds)
     N = len(ds)
-    return {"schedule": (t1 - t0) / N, "cancel": None, "expiry": (t5 - t4) / N, "walk": None}
+    return {"schedule": (t1 - t0) / N, "cancel": None, "expiry": (t5 - t4) / N, "walk": None, "cancel_fifo": None}
 
 
 def bench_loop(factory, ds: list[float], rnd: random.Random) -> dict:
@@ -140,6 +149,17 @@ def bench_loop(factory, ds: list[float], rnd: random.Random) -> dict:
     loop.close()
 
     loop = factory()
+    cl = loop.call_later
+    hs = [cl(d, _noop) for d in ds]
+    gc.collect()
+    t6 = pc()
+    for h in hs:
+        h.cancel()
+    t7 = pc()
+    del hs
+    loop.close()
+
+    loop = factory()
     count = 0
 
     def cb() -> None:
@@ -157,7 +177,8 @@ def bench_loop(factory, ds: list[float], rnd: random.Random) -> dict:
     t5 = pc()
     loop.close()
     assert count == N
-    return {"schedule": (t1 - t0) / N, "cancel": (t3 - t2) / N, "expiry": (t5 - t4) / N, "walk": walk}
+    return {"schedule": (t1 - t0) / N, "cancel": (t3 - t2) / N, "expiry": (t5 - t4) / N, "walk": walk,
+            "cancel_fifo": (t7 - t6) / N}
 
 
 def memory_per_timer(name: str, factory, ds: list[float]) -> tuple[float, float | None]:
@@ -335,12 +356,14 @@ def main() -> None:
         hq = results[N]["heapq"]
         print(f"\n== {N:,} pending timers (ns per op; ratio = baseline / this, higher is better)")
         print(f"{'impl':<14}{'schedule':>9}{'vs asyncio':>11}{'vs heapq':>9}"
-              f"{'cancel':>9}{'vs asyncio':>11}{'(walk)':>8}{'expiry':>9}{'vs asyncio':>11}{'B/timer':>9}")
+              f"{'cancel':>9}{'vs asyncio':>11}{'(walk)':>8}{'in order':>9}{'vs asyncio':>11}"
+              f"{'expiry':>9}{'vs asyncio':>11}{'B/timer':>9}")
         for name, r in results[N].items():
             own = f"  (own count {r['own']:.1f})" if r["own"] else ""
             print(f"{name:<14}{fmt_ns(r['schedule']):>9}{ratio(a['schedule'], r['schedule']):>11}"
                   f"{ratio(hq['schedule'], r['schedule']):>9}{fmt_ns(r['cancel']):>9}"
-                  f"{ratio(a['cancel'], r['cancel']):>11}{fmt_ns(r['walk']):>8}{fmt_ns(r['expiry']):>9}"
+                  f"{ratio(a['cancel'], r['cancel']):>11}{fmt_ns(r['walk']):>8}{fmt_ns(r['cancel_fifo']):>9}"
+                  f"{ratio(a['cancel_fifo'], r['cancel_fifo']):>11}{fmt_ns(r['expiry']):>9}"
                   f"{ratio(a['expiry'], r['expiry']):>11}{r['bytes']:>9.1f}{own}")
 
     lo, hi = sizes[0], sizes[-1]
