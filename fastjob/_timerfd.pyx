@@ -10,7 +10,7 @@ wait within tens of microseconds of the instant it is armed for, on either loop.
 
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t
-from libc.math cimport isnan, floor
+from libc.math cimport isnan, floor, ceil
 from posix.time cimport timespec, itimerspec, CLOCK_MONOTONIC
 from posix.unistd cimport read, close
 import os as _os
@@ -24,6 +24,11 @@ cdef extern from "<sys/timerfd.h>" nogil:
     int timerfd_settime(int fd, int flags, const itimerspec* new_value, itimerspec* old_value)
 
 
+cdef int _raise_errno(str what) except -1:
+    cdef int err = errno  # before any other call can change it
+    raise OSError(err, f"{what}: {_os.strerror(err)}")
+
+
 cdef class TimerFd:
     """One non-blocking timerfd on CLOCK_MONOTONIC (the clock of time.monotonic())."""
 
@@ -35,7 +40,9 @@ cdef class TimerFd:
     def __init__(self):
         cdef int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
         if fd < 0:
-            raise OSError(errno, f"timerfd_create: {_os.strerror(errno)}")
+            _raise_errno("timerfd_create")
+        if self.fd >= 0:  # __init__ called again: do not leak the first descriptor
+            close(self.fd)
         self.fd = fd
 
     def __dealloc__(self):
@@ -65,13 +72,14 @@ cdef class TimerFd:
         else:
             sec = floor(when)
             spec.it_value.tv_sec = <long>sec
-            spec.it_value.tv_nsec = <long>((when - sec) * 1e9)
+            spec.it_value.tv_nsec = <long>ceil((when - sec) * 1e9)  # never before `when`
             if spec.it_value.tv_nsec > 999999999:
-                spec.it_value.tv_nsec = 999999999
+                spec.it_value.tv_sec += 1
+                spec.it_value.tv_nsec = 0
             if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
                 spec.it_value.tv_nsec = 1
         if timerfd_settime(self.fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
-            raise OSError(errno, f"timerfd_settime: {_os.strerror(errno)}")
+            _raise_errno("timerfd_settime")
 
     def disarm(self) -> None:
         cdef itimerspec spec
@@ -81,7 +89,7 @@ cdef class TimerFd:
         spec.it_value.tv_sec = 0
         spec.it_value.tv_nsec = 0
         if timerfd_settime(self.fd, 0, &spec, NULL) < 0:
-            raise OSError(errno, f"timerfd_settime: {_os.strerror(errno)}")
+            _raise_errno("timerfd_settime")
 
     def consume(self) -> int:
         """Clear readability; the number of expirations since the last call (0 if none)."""
@@ -96,7 +104,7 @@ cdef class TimerFd:
                 continue
             if r < 0 and errno == EAGAIN:
                 return 0
-            raise OSError(errno, f"timerfd read: {_os.strerror(errno)}")
+            _raise_errno("timerfd read")
 
     def close(self) -> None:
         """Close the descriptor; idempotent."""

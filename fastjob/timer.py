@@ -1,9 +1,8 @@
 """Asyncio driver for the timing wheel: one wake-up source for any number of pending fires.
 
 Deadlines are ``time.monotonic()`` seconds (:meth:`WheelTimer.time`).  That is asyncio's
-``loop.time()``; uvloop's ``loop.time()`` is the same clock but rounded down to the millisecond
-and read once per loop iteration, so it lags by up to a few milliseconds and the driver never
-uses it.
+``loop.time()``; uvloop's ``loop.time()`` is the same clock rounded down to the millisecond (it
+lags by up to 1 ms), so the driver never uses it.
 
 The loop sees a single wake-up, armed at the wheel's ``next_wakeup()`` (its earliest deadline,
 or a little earlier when a large cascade is to be spread over the ticks before it).  It is
@@ -16,9 +15,9 @@ Two wake-up sources:
 * **timerfd** (Linux, the default): a timerfd registered as a loop reader and armed for the
   exact deadline.  It ends the loop's wait within tens of microseconds, where loop timers
   round to whole milliseconds (asyncio's selector rounds its sleep up, uvloop counts whole
-  milliseconds).  Under a dense burst the driver wakes at most once per ``tick / 4`` after a
-  delivery, so a tick's fires go out in a few batches and the loop gets a turn in between
-  (both sources do this).
+  milliseconds).  Under a dense burst the driver waits ``_MIN_GAP`` (a quarter tick, at most
+  250 us) after a delivery before it wakes again, so a tick's fires go out in a few batches
+  and the loop gets a turn in between (both sources do this).
 * **loop timer** (elsewhere, or ``wake="loop"``): ``loop.call_at`` armed a hair after the
   deadline, since loops may run a timer early by their clock resolution (asyncio) or by half a
   millisecond (uvloop's rounding).  A wake-up that still finds nothing due twice at the same
@@ -45,6 +44,9 @@ _MIN_SLEEP = 0.001
 _ROUNDING_SLACK = 0.0005
 # How often call_at() asks the wheel whether it wants an earlier wake-up (its batch size).
 _WAKEUP_CHECK = 256
+# After a delivery the next wake-up waits at least min(tick / 4, _MIN_GAP): dense deadlines go out
+# in batches (a 1e6/s burst made 33k wake-ups without it) while every fire stays well within a tick.
+_MIN_GAP = 0.00025
 
 
 def _load_timerfd() -> type | None:
@@ -153,7 +155,7 @@ class WheelTimer:
         self._armed_at: float | None = None
         self._closed = False
         self._firing = False  # inside _fire: it re-arms once at the end
-        self._min_gap = tick / 4  # after a delivery, the next wake-up waits at least this long
+        self._min_gap = min(tick / 4, _MIN_GAP)  # after a delivery, the next wake-up waits this long
         self._early_at: float | None = None  # loop.time() of the last loop-timer wake-up that was early
         self._since_check = 0  # schedules since the wake-up was last compared with next_wakeup()
 
@@ -163,9 +165,11 @@ class WheelTimer:
         if wake != "loop" and _TimerFd is not None:
             try:
                 return _TimerFdWake(self._loop, self._fire)
-            except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+            except (NotImplementedError, OSError) as exc:
+                # a loop without add_reader (Windows' proactor), or no descriptor to spare
                 if wake == "timerfd":
                     raise
+                log.warning("fastjob.timer: timerfd unavailable (%s); using loop timers", exc)
         return _LoopTimerWake(self._loop, self._fire)
 
     @staticmethod
@@ -228,7 +232,14 @@ class WheelTimer:
     def _fire(self) -> None:
         self._armed_at = None
         now = time.monotonic()
-        batch = self._wheel.advance(now)
+        try:
+            batch = self._wheel.advance(now)
+        except BaseException:
+            # (MemoryError: the wheel kept its timers.)  Stay armed, or they would wait for
+            # the next call_at().
+            if not self._closed:
+                self._arm(now + _MIN_SLEEP)
+            raise
         self._firing = True
         try:
             if batch:
