@@ -3,8 +3,9 @@
 
 Layout and why
 --------------
-* Time is cut into ticks (default 1 ms: the granularity of uvloop's clock and of epoll timeouts,
-  so a finer tick buys nothing for a driver on an event loop).
+* Time is cut into ticks (default 1 ms: the precision a job scheduler needs; the driver in
+  timer.py wakes to within tens of microseconds, and a tick only bounds how late a fire may be
+  when its driver visits often enough, while a finer tick means more slots to step through).
 * ``LEVELS`` = 6 levels of 64 slots.  64 slots per level means one ``uint64`` "pending" bitmap per
   level, so the next non-empty slot is found with one count-trailing-zeros instruction (Linux's
   timer wheel uses the same 6-bit levels).  Level ``l`` slots are ``64**l`` ticks wide; six
@@ -39,7 +40,7 @@ Layout and why
   slot reused.
 * A level-0 slot is sorted by deadline once when time is inside its tick, so repeated
   advances within one tick take the due prefix; each level-0 slot keeps its earliest live
-  deadline.  A slot's deadlines lie within its tick, so the sort deals them into ~n/2 buckets
+  deadline.  A slot's deadlines lie within its tick, so the sort deals them into n/2..n buckets
   by position in the tick and sorts each small bucket (about linear: a 1e6/s burst spent a
   third of the wheel's time in a comparison sort of ~1000-entry slots).
 * Due entries of one tick are resolved through the handle table (prefetched; independent
@@ -271,7 +272,7 @@ cdef void _sort_ents(Ent* e, Py_ssize_t n, int depth) noexcept nogil:
 
 cdef void _distribute_ents(Ent* a, Py_ssize_t n, double lo, double width, Ent* tmp) noexcept nogil:
     """Sort one level-0 slot's Ents by deadline in about linear time (a tick's deadlines are
-    spread over the tick): deal them by position within [lo, lo + width) into ~n/2 buckets,
+    spread over the tick): deal them by position within [lo, lo + width) into n/2..n buckets,
     sort each small bucket, copy back.  Keys are clamped, so a deadline outside the tick (a
     past one) only lands in the first or last bucket, where _sort_ents orders it exactly."""
     cdef uint32_t counts[1025]
@@ -408,8 +409,9 @@ cdef class TimingWheel:
 
     def __init__(self, tick=0.001, now=None):
         cdef double t = _as_seconds(tick, "tick")
-        if t <= 0.0:
-            raise ValueError(f"tick must be > 0 seconds, got {tick!r}")
+        if not t >= 1e-6:
+            # (a vanishing tick would overflow the tick arithmetic and the slot sort's scale)
+            raise ValueError(f"tick must be >= 1 microsecond (in seconds), got {tick!r}")
         cdef double n = _time.monotonic() if now is None else _as_seconds(now, "now")
         if self.count or self.zombies:
             self.clear()

@@ -46,8 +46,9 @@ class TimingWheel:
 
     def __init__(self, tick: float = 0.001, now: float | None = None) -> None:
         t = _as_seconds(tick, "tick")
-        if t <= 0.0:
-            raise ValueError(f"tick must be > 0 seconds, got {tick!r}")
+        if not t >= 1e-6:
+            # (a vanishing tick would overflow the tick arithmetic and the slot sort's scale)
+            raise ValueError(f"tick must be >= 1 microsecond (in seconds), got {tick!r}")
         if now is not None:
             _as_seconds(now, "now")
         self._tick = t

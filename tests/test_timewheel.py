@@ -242,7 +242,8 @@ def test_far_future_is_kept_not_clamped(Wheel):
 @pytest.mark.parametrize("tick", [0.001, 1.0])
 def test_dense_tick_advanced_in_steps_matches_model(Wheel, tick):
     """Thousands of deadlines inside one tick (the compiled wheel sorts such a slot by dealing
-    it into buckets), with exact ties, past deadlines and far ones, taken a slice at a time."""
+    it into buckets), with exact ties and cancelled ones, taken a slice at a time; deadlines
+    already past, scheduled while time is inside the tick, join its slot (the clamped keys)."""
     rnd = random.Random(11)
     h = Harness(Wheel, tick)
     h.advance(50 * tick)
@@ -259,6 +260,11 @@ def test_dense_tick_advanced_in_steps_matches_model(Wheel, tick):
         h.cancel_index(i)
     h.advance(start - tick / 3)  # inside the tick before: the past ones go
     h.check()
+    h.advance(start + tick * 0.05)  # inside the dense tick: its slot gets sorted
+    h.check()
+    for _ in range(200):
+        h.schedule(rnd.uniform(0, start))  # past: into the current slot, which is unsorted again
+    h.schedule(start + tick * 0.9)
     while h.model.live:
         h.advance(h.now + tick * rnd.choice([0.01, 0.07, 0.3]))
         h.check()
@@ -388,9 +394,9 @@ def test_other_real_numbers_are_accepted(Wheel):
     assert w.advance(Fraction(5, 2)) == ["bool", "fraction", "int"]
 
 
-@pytest.mark.parametrize("tick", [0, -0.001, 0.0])
+@pytest.mark.parametrize("tick", [0, -0.001, 0.0, 1e-300, 5e-324, 9e-7])
 def test_bad_tick(Wheel, tick):
-    with pytest.raises(ValueError, match="tick must be > 0"):
+    with pytest.raises(ValueError, match="tick must be >= 1 microsecond"):
         Wheel(tick)
 
 
