@@ -169,6 +169,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "tags": "array[str]?",
         "capacity": "int?",
         "running": "array[int]?",
+        "finished": "array[int]?",
         "second_level": "array[int]?",
         "host": "str?",
         "pid": "int?",

@@ -14,6 +14,7 @@ import concurrent.futures
 import datetime as dt
 import functools
 import inspect
+import itertools
 import logging
 import os
 import random
@@ -40,6 +41,8 @@ Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
 MAX_LOG_LINES_PER_INSTANCE = 10_000
 REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
+# How many of those a HELLO names in `finished` (the newest), for a new owner after a failover.
+FINISHED_IN_HELLO = 1000
 MAX_LOG_LINE = 4096  # characters kept of one log line
 LOG_LINES_PER_FRAME = 100  # so a LOG frame stays far below max_frame (100 x 4 KiB)
 RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
@@ -366,6 +369,8 @@ class Worker:
             "tags": self.tags,
             "capacity": self.max_concurrency,
             "running": sorted({*self._running, *self._unsent_results}),
+            # results the last owner may have received but not written before it died
+            "finished": list(itertools.islice(reversed(self._sent_results), FINISHED_IN_HELLO)),
             "second_level": self.second_level.job_ids(),
             "host": socket.gethostname(),
             "pid": os.getpid(),

@@ -106,3 +106,108 @@ async def test_server_survives_a_database_restart(servers, mysql_dsn):
         await worker.stop()
     assert server.running, "the server must survive its database going away"
     assert_each_fire_once(executions, rows)
+
+
+async def final_row(client: Worker, instance_id: int) -> Any:
+    """The instance's row once its status is final; None before, or while the client reconnects."""
+    try:
+        row = await client.get_instance(instance_id)
+    except Exception:
+        return None
+    return row if row["status"] not in ("waiting", "dispatched", "running") else None
+
+
+async def test_a_fire_dispatched_just_before_the_owner_died_runs_once(servers, mysql_dsn):
+    """kill -9 the owner while a job runs and its 'dispatched' status is still unwritten (a long
+    status flush interval holds it back): the new owner recovers the fire as waiting, and gives
+    it back to the worker running it instead of firing it on the idle one (least_busy would pick
+    that one)."""
+    args = [*REGULAR, "--status-flush-interval", "6"]
+    s1 = await servers.start(mysql_dsn, *args)
+    s2 = await servers.start(mysql_dsn, *args)
+    by_address = {s1.address: s1, s2.address: s2}
+    started: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    release = asyncio.Event()
+    runs: collections.Counter[int] = collections.Counter()
+
+    def make_worker(worker_id: str) -> Worker:
+        worker = Worker(app="shop", servers=[s1.address, s2.address], worker_id=worker_id, reconnect_max=0.3)
+
+        @worker.handler("slow")
+        async def slow(ctx: Any) -> str:
+            runs[ctx.instance_id] += 1
+            started.put_nowait((worker_id, ctx.instance_id))
+            await asyncio.wait_for(release.wait(), 60)
+            return "done"
+
+        worker.schedule("slow", routing="least_busy")
+        return worker
+
+    w1, w2 = make_worker("w1"), make_worker("w2")
+    async with w1, w2:
+        instance_id = await w1.trigger("slow")
+        runner, started_id = await asyncio.wait_for(started.get(), 10)
+        assert started_id == instance_id
+        owner, epoch = app_row(mysql_dsn, "shop")
+        assert (await w1.get_instance(instance_id))["status"] == "waiting"  # the status write is held back
+        by_address[owner].kill()
+        survivor = next(address for address in by_address if address != owner)
+        await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 15, "the survivor to claim the app")
+        assert app_row(mysql_dsn, "shop")[1] > epoch
+        release.set()
+        row = await wait_until(lambda: final_row(w1, instance_id), 60, "the instance to be final")
+    assert row["status"] == "succeeded", row
+    assert runs[instance_id] == 1, f"instance ran {runs[instance_id]} times"
+    assert started.empty(), "a second copy started"
+
+
+async def test_a_result_the_dead_owner_never_wrote_is_replayed_not_rerun(servers, mysql_dsn):
+    """The worker finished an instance and sent its RESULT, but the owner died before writing any
+    of its statuses: the worker names it in its next HELLO (`finished`) and the new owner takes
+    the stored result from it.  The runner is then busy at max_concurrency=1, so a fire anew
+    would have had to run on the other worker."""
+    args = [*REGULAR, "--status-flush-interval", "6"]
+    s1 = await servers.start(mysql_dsn, *args)
+    s2 = await servers.start(mysql_dsn, *args)
+    by_address = {s1.address: s1, s2.address: s2}
+    runs: collections.Counter[int] = collections.Counter()
+    ran_on: dict[int, str] = {}
+    release = asyncio.Event()
+
+    def make_worker(worker_id: str) -> Worker:
+        worker = Worker(app="shop", servers=[s1.address, s2.address], worker_id=worker_id,
+                        reconnect_max=0.3, max_concurrency=1, tags=[worker_id])
+
+        @worker.handler("quick")
+        async def quick(ctx: Any) -> str:
+            runs[ctx.instance_id] += 1
+            ran_on[ctx.instance_id] = worker_id
+            return "quick result"
+
+        @worker.handler("block")
+        async def block(ctx: Any) -> None:
+            await asyncio.wait_for(release.wait(), 60)
+
+        worker.schedule("quick", routing="least_busy")
+        worker.schedule("block_w1", handler="block", tags=["w1"])
+        worker.schedule("block_w2", handler="block", tags=["w2"])
+        return worker
+
+    workers = {"w1": make_worker("w1"), "w2": make_worker("w2")}
+    async with workers["w1"], workers["w2"]:
+        client = workers["w1"]
+        instance_id = await client.trigger("quick")
+        await wait_until(lambda: any(instance_id in w._sent_results for w in workers.values()), 10,
+                         "the worker to send the result")
+        runner = ran_on[instance_id]
+        assert (await client.get_instance(instance_id))["status"] == "waiting"  # nothing written yet
+        await client.trigger(f"block_{runner}")  # the runner is now at max_concurrency
+        await wait_until(lambda: len(workers[runner]._running) == 1, 10, "the runner to be busy")
+        owner, _ = app_row(mysql_dsn, "shop")
+        by_address[owner].kill()
+        survivor = next(address for address in by_address if address != owner)
+        await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 15, "the survivor to claim the app")
+        row = await wait_until(lambda: final_row(client, instance_id), 30, "the instance to be final")
+        release.set()
+    assert row["status"] == "succeeded" and row["result"] == "quick result", row
+    assert runs[instance_id] == 1, f"instance ran {runs[instance_id]} times"

@@ -33,6 +33,7 @@ class ServerConfig:
     log_level: str = "INFO"
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
+    status_flush_interval: float = 0.02  # status changes gather this long into one batched write
     scan_horizon: float = 5.0
     scan_interval: Optional[float] = None  # default: a fifth of the horizon
     dispatch_wait: float = 30.0  # how long a due fire waits for a worker before it fails
@@ -83,6 +84,7 @@ class FastJobServer:
             dispatch_wait=cfg.dispatch_wait,
             misfire_threshold=cfg.misfire_threshold,
             reattach_grace=cfg.heartbeat_timeout,
+            status_flush_interval=cfg.status_flush_interval,
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
         )
@@ -134,10 +136,11 @@ class FastJobServer:
     def workers_of(self, app: str) -> list[WorkerSession]:
         return self.sessions.get(app, [])
 
-    def session_joined(self, session: WorkerSession, running: list[int], second_level: list[int]) -> None:
+    def session_joined(self, session: WorkerSession, running: list[int], finished: list[int],
+                       second_level: list[int]) -> None:
         self.sessions.setdefault(session.app, []).append(session)
         if session.role == "worker":
-            self.scheduler.worker_joined(session, running)
+            self.scheduler.worker_joined(session, running, finished)
             self.second_level.worker_joined(session, second_level)
 
     def session_left(self, session: WorkerSession) -> None:

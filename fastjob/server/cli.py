@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 2.0)))
     p.add_argument("--heartbeat-timeout", type=float, default=float(_env("heartbeat_timeout", 10.0)))
+    p.add_argument("--status-flush-interval", type=float, default=float(_env("status_flush_interval", 0.02)),
+                   help="seconds status changes gather into one batched database write")
     p.add_argument("--scan-horizon", type=float, default=float(_env("scan_horizon", 5.0)))
     p.add_argument("--dispatch-wait", type=float, default=float(_env("dispatch_wait", 30.0)),
                    help="seconds a due fire waits for a worker before it is failed")
@@ -56,10 +58,13 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ServerConfig:
         tokens[app] = token
     if args.heartbeat_timeout <= args.heartbeat_interval:
         raise SystemExit("--heartbeat-timeout must be longer than --heartbeat-interval")
+    if not 0 < args.status_flush_interval <= 60:
+        raise SystemExit("--status-flush-interval must be in (0, 60] seconds")
     return ServerConfig(
         host=args.host, port=args.port, db=args.db, advertise=args.advertise, server_id=args.server_id,
         log_level=args.log_level, heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout, scan_horizon=args.scan_horizon,
+        heartbeat_timeout=args.heartbeat_timeout, status_flush_interval=args.status_flush_interval,
+        scan_horizon=args.scan_horizon,
         dispatch_wait=args.dispatch_wait, misfire_threshold=args.misfire_threshold,
         second_level_threshold=args.second_level_threshold, max_frame=args.max_frame,
         tls_cert=args.tls_cert, tls_key=args.tls_key, app_tokens=tokens,

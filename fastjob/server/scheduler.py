@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .. import schedule
 from ..store import (
@@ -154,6 +154,7 @@ class Scheduler:
         reattach_grace: float,
         workers_of: Callable[[str], list["WorkerSession"]],
         is_second_level: Callable[[JobRow], bool],
+        status_flush_interval: float = 0.02,
     ) -> None:
         self.store = store
         self.cluster = cluster
@@ -164,7 +165,7 @@ class Scheduler:
         self.reattach_grace = reattach_grace
         self.workers_of = workers_of
         self.is_second_level = is_second_level
-        self.writer = StatusWriter(store)
+        self.writer = StatusWriter(store, flush_interval=status_flush_interval)
         self.timer: Optional[WheelTimer] = None
         self.jobs: dict[int, JobRow] = {}
         self.inflight: dict[int, Inflight] = {}
@@ -172,6 +173,10 @@ class Scheduler:
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
         self.waiting_per_job: collections.Counter[int] = collections.Counter()  # fires in the wheel, by job
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
+        # Overdue waiting fires recovered from an older epoch: the dead owner may have dispatched
+        # them (its status write lost), so they wait in the wheel for the re-attach grace, and a
+        # worker that names one in its HELLO gets it back instead.  instance id -> (row, epoch)
+        self.suspects: dict[int, tuple[InstanceRow, int]] = {}
         self._rr: dict[str, int] = {}
         self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
         self.tasks = BackgroundTasks(expected=(StoreError,))
@@ -202,11 +207,15 @@ class Scheduler:
         """Recover the app's WAL: waiting fires go into the wheel, running ones await re-attach."""
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
+        now_ms = schedule.now_ms()
         for row in rows:
             job = await self.job(row.job_id)
             if job is None:
                 continue
-            if row.status is Status.WAITING:
+            if row.status is Status.WAITING and row.epoch < epoch and row.planned_ms <= now_ms:
+                self.suspects[row.id] = (row, epoch)
+                self._enter_wheel(row, epoch, WheelTimer.time() + self.reattach_grace)
+            elif row.status is Status.WAITING:
                 self._enter_wheel(row, epoch)
             elif row.id not in self.inflight:
                 flight = Inflight(row, job, None)
@@ -229,6 +238,8 @@ class Scheduler:
         """Forget every fire of the app; its new owner has them in the database."""
         # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
         self.pending.pop(app, None)
+        for instance_id in [i for i, (row, _) in self.suspects.items() if row.app == app]:
+            del self.suspects[instance_id]
         for flight in list(self.inflight.values()):
             if flight.instance.app == app:
                 self._forget_flight(flight)
@@ -331,6 +342,7 @@ class Scheduler:
                     row, epoch = payload
                     if self.wheel_handles.pop(row.id, None) is not None:
                         self._left_wheel(row.job_id)
+                    self.suspects.pop(row.id, None)  # unclaimed through the grace: fire it anew
                     self.fire(row, epoch)
                 elif kind == "overdue":
                     self._overdue(payload)
@@ -508,8 +520,11 @@ class Scheduler:
             instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
             finished_at=body["finished_at"], result=body.get("result"), error=error))
 
-    def worker_joined(self, session: "WorkerSession", running: list[int]) -> None:
-        """Re-attach the instances a (re)connecting worker says it still runs."""
+    def worker_joined(self, session: "WorkerSession", running: Sequence[int], finished: Sequence[int] = ()) -> None:
+        """Re-attach the instances a (re)connecting worker says it still runs or just finished."""
+        for instance_id in (*running, *finished):
+            if instance_id in self.suspects:
+                self._reclaim_suspect(session, instance_id)
         for instance_id in running:
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.instance.app == session.app and flight.session is None:
@@ -520,6 +535,24 @@ class Scheduler:
                     flight.orphan_handle = None
                 log.info("instance %d: re-attached to worker %s", instance_id, session.worker_id)
         self.drain_pending(session.app)
+
+    def _reclaim_suspect(self, session: "WorkerSession", instance_id: int) -> None:
+        """A fire the dead owner had sent to this worker: send it to the same worker again.
+
+        The worker keeps its one running copy (answering ACK) or replays its stored RESULT, so
+        the instance runs once and its outcome is recorded here."""
+        row, epoch = self.suspects[instance_id]
+        job = self.jobs.get(row.job_id)
+        if (row.app != session.app or job is None or not self.cluster.owns(row.app, epoch)
+                or not self.cluster.lease_valid()):
+            return  # left in the wheel: fire() decides when the grace is over
+        del self.suspects[instance_id]
+        handle = self.wheel_handles.pop(instance_id, None)
+        if handle is not None and self.timer is not None:
+            self.timer.cancel(handle)
+            self._left_wheel(row.job_id)
+        log.info("instance %d: reclaimed from worker %s after the failover", instance_id, session.worker_id)
+        self._send_dispatch(session, row, job, set())
 
     def worker_left(self, session: "WorkerSession") -> None:
         """Its running instances wait a grace period for the worker to come back, then fail."""

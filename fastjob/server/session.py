@@ -151,7 +151,8 @@ class WorkerSession(Connection):
             "max_frame": cfg.max_frame,
         }, type="WELCOME")
         log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername)
-        self.server.session_joined(self, list(body.get("running") or ()), list(body.get("second_level") or ()))
+        self.server.session_joined(self, list(body.get("running") or ()), list(body.get("finished") or ()),
+                                   list(body.get("second_level") or ()))
 
     def _reject(self, msg: Message, code: str, reason: str) -> None:
         log.warning("HELLO from %s rejected: %s (%s)", self.peername, code, reason)
