@@ -152,8 +152,8 @@ class FastJobServer:
             self.scheduler.worker_left(session)
             self.second_level.worker_left(session)
 
-    async def _app_gained(self, app: str, epoch: int) -> None:
-        await self.scheduler.app_gained(app, epoch)
+    async def _app_gained(self, app: str, epoch: int, previous_owner: Optional[str]) -> None:
+        await self.scheduler.app_gained(app, epoch, previous_owner)
         await self.second_level.app_gained(app)
 
     async def _app_lost(self, app: str) -> None:

@@ -21,7 +21,7 @@ from ..store import AppRow, ServerRow, Store, StoreError
 
 log = logging.getLogger("fastjob.cluster")
 
-AppGained = Callable[[str, int], Awaitable[None]]
+AppGained = Callable[[str, int, Optional[str]], Awaitable[None]]  # app, epoch, previous owner
 AppLost = Callable[[str], Awaitable[None]]
 
 
@@ -169,7 +169,7 @@ class Cluster:
         if owner == self.server_id:
             self.owned[row.name] = epoch
             try:
-                await self._on_gained(row.name, epoch)
+                await self._on_gained(row.name, epoch, row.owner)
             except BaseException:
                 # not recovered: let go of it here, so the next sync adopts it again and reloads
                 self.owned.pop(row.name, None)

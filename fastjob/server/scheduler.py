@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastjob.scheduler")
 
 DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs between slices
+# Allowed disagreement between servers' wall clocks when comparing one's heartbeat with fire times.
+CLOCK_SKEW_MARGIN = 1.0
 MAX_TEXT = 8192  # error texts and log lines are cut to this many characters before they are stored
 
 
@@ -203,16 +205,16 @@ class Scheduler:
         self._scan_now.set()
 
     # ---- ownership callbacks -------------------------------------------------------------
-    async def app_gained(self, app: str, epoch: int) -> None:
+    async def app_gained(self, app: str, epoch: int, previous_owner: Optional[str] = None) -> None:
         """Recover the app's WAL: waiting fires go into the wheel, running ones await re-attach."""
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
-        now_ms = schedule.now_ms()
+        dispatch_cutoff_ms = await self._last_possible_dispatch_ms(previous_owner)
         for row in rows:
             job = await self.job(row.job_id)
             if job is None:
                 continue
-            if row.status is Status.WAITING and row.epoch < epoch and row.planned_ms <= now_ms:
+            if row.status is Status.WAITING and row.epoch < epoch and row.planned_ms <= dispatch_cutoff_ms:
                 self.suspects[row.id] = (row, epoch)
                 self._enter_wheel(row, epoch, WheelTimer.time() + self.reattach_grace)
             elif row.status is Status.WAITING:
@@ -225,6 +227,20 @@ class Scheduler:
         await self._restart_delay_chains(app, epoch, rows)
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
         self.wake_scan()
+
+    async def _last_possible_dispatch_ms(self, previous_owner: Optional[str]) -> int:
+        """Up to when the app's previous owner may have dispatched fires we cannot see.
+
+        An owner dispatches only while its lease holds: at most ``reattach_grace`` (the
+        heartbeat timeout) after its last heartbeat, plus a margin for clock skew between
+        servers.  No previous owner (released on a clean stop, after its final flush): none."""
+        if previous_owner is None:
+            return -1
+        last_seen = next((s.heartbeat_at for s in await self.store.list_servers() if s.id == previous_owner), None)
+        now_ms = schedule.now_ms()
+        if last_seen is None:
+            return now_ms
+        return min(now_ms, math.ceil((last_seen + self.reattach_grace + CLOCK_SKEW_MARGIN) * 1000))
 
     async def _restart_delay_chains(self, app: str, epoch: int, unfinished: list[InstanceRow]) -> None:
         """A fixed-delay job with no next fire and nothing in flight lost its chain in a crash: restart it."""
