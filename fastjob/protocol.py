@@ -88,6 +88,7 @@ class ErrorCode:
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
     SLOW_CONSUMER = "slow_consumer"
+    BUSY = "busy"
 
 
 class ProtocolError(Exception):

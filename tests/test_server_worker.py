@@ -376,3 +376,22 @@ async def test_reenabling_a_fixed_delay_job_keeps_one_chain(servers, sqlite_url)
         await asyncio.sleep(3.0)  # a window in which a second chain would double the rate
         runs = len(starts) - first
     assert runs <= 7, f"{runs} runs in 3 s: more than one chain (one chain runs about 6)"
+
+
+async def test_a_request_flood_is_answered_busy_and_the_connection_lives_on(servers, sqlite_url):
+    """Thousands of requests pipelined at once on one connection: the server works on at most
+    1,024 at a time and answers the rest `busy` at once; afterwards the same connection (and
+    another client) are served normally."""
+    server = await servers.start(sqlite_url, *REGULAR)
+    flooder = make_worker(server.address, role="client")
+    other = make_worker(server.address, role="client")
+    async with flooder, other:
+        await flooder.call("JOB_UPSERT", {"job": {"name": "noop", "handler": "noop", "schedule_type": "api"}})
+        replies = await asyncio.gather(
+            *(flooder.call("JOB_GET", {"name": "noop"}, timeout=30) for _ in range(4000)), return_exceptions=True)
+        busy = [r for r in replies if isinstance(r, RemoteError) and r.code == "busy"]
+        served = [r for r in replies if isinstance(r, dict)]
+        assert busy and served and len(busy) + len(served) == len(replies), {type(r) for r in replies}
+        assert all(r["job"]["name"] == "noop" for r in served)
+        assert (await flooder.call("JOB_GET", {"name": "noop"}))["job"]["name"] == "noop"
+        assert (await other.call("JOB_GET", {"name": "noop"}))["job"]["name"] == "noop"

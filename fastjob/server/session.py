@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastjob.session")
 
 REPORT_TYPES = frozenset({"ACK", "START", "LOG", "RESULT", "SL_REPORT"})
+# API requests one connection may have in progress; more are answered `busy` at once, so one
+# client flooding requests cannot pile up unbounded work (the worker pipelines 256 at a time).
+MAX_API_INFLIGHT = 1024
 
 
 class WorkerSession(Connection):
@@ -36,6 +39,7 @@ class WorkerSession(Connection):
         self.tags: frozenset[str] = frozenset()
         self.capacity = 0
         self.running: set[int] = set()  # instance ids dispatched to it and not finished
+        self._api_inflight = 0  # API requests being answered
         self.second_level: set[int] = set()  # second-level job ids handed down to it
         self.established = False
         self._hello_task: Optional[asyncio.Task[None]] = None
@@ -95,6 +99,11 @@ class WorkerSession(Connection):
         elif kind in REPORT_TYPES:
             self._report(msg)
         elif kind in API_TYPES:
+            if self._api_inflight >= MAX_API_INFLIGHT:
+                self.respond_error(msg, ErrorCode.BUSY,
+                                   f"{MAX_API_INFLIGHT} requests already in progress on this connection; retry later")
+                return
+            self._api_inflight += 1
             self.server.tasks.spawn(self._api(msg), f"fastjob-api-{kind}")
         else:  # a second HELLO, or a server-to-client type: not allowed in this state
             self.fail(ErrorCode.BAD_MESSAGE, f"{kind} is not allowed on an established session")
@@ -179,6 +188,12 @@ class WorkerSession(Connection):
             self.server.second_level.on_report(self, msg.body)
 
     async def _api(self, msg: Message) -> None:
+        try:
+            await self._answer_api(msg)
+        finally:
+            self._api_inflight -= 1
+
+    async def _answer_api(self, msg: Message) -> None:
         try:
             reply = await handle_api(self.server, self.app, msg.type, msg.body)
         except ApiError as exc:
