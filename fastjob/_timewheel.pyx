@@ -33,6 +33,12 @@ Layout and why
   chunks (never moved) owns the items.  Handles are ``gen << 32 | index``; a slot's generation
   is bumped when it is reused, so a stale, fired or cancelled handle never cancels a later
   timer.  Entries are never located through the handle table, so cascading never touches it.
+  Free slots are kept in a bitmap (one bit per slot, plus one summary bit per 64) and handed out
+  next-fit in address order: timers scheduled together sit together in the table however
+  scattered the slots that came free were, so a long-running wheel keeps the locality of a
+  fresh one (after a million timers fired in random order, scheduling a million more cost
+  180-218 ns each with a LIFO free list, 103-126 ns next-fit; cancelling them in order 155-175
+  ns, now 76-78 ns).
 * Cancel is O(1) and touches only the timer's slot: it releases the item and marks the slot
   cancelled; its bucket entry stays as a tombstone until it is met (expiry, a slot-minimum
   scan, a level-0 minimum check while cascading) or until the table would grow while a
@@ -89,7 +95,6 @@ cdef enum:
     NBUCKETS = 577
     NPEND = 9                  # OVERFLOW / 64 pending words
     PREP_BATCH = 256           # entries one visit may cascade ahead before a wake-up is asked for
-    NIL = -1                   # "no slot": end of the handle free list
     CHUNK_BITS = 10            # 1024 handle-table slots (16 KiB) per chunk
     CHUNK = 1024
     CHUNK_MASK = 1023
@@ -355,6 +360,10 @@ cdef inline int _ring128_first(uint64_t lo, uint64_t hi, int p) noexcept nogil:
     return -1
 
 
+# item value of a free handle-table slot (odd: never an object's address)
+cdef PyObject* FREE = <PyObject*>1
+
+
 cdef inline bint _is_free(PyObject* p) noexcept:
     return (<size_t>p) & 1
 
@@ -366,7 +375,10 @@ cdef class TimingWheel:
     cdef int32_t nchunks
     cdef int32_t chunks_cap
     cdef int32_t capacity
-    cdef int32_t free_head
+    cdef uint64_t* fbits          # free handle-table slots, one bit each (1 = free)
+    cdef uint64_t* fsum           # bit w set when fbits[w] has a free slot
+    cdef int32_t fcursor          # fbits word the next allocation starts looking at
+    cdef Py_ssize_t nfree
     cdef Py_ssize_t count         # live (pending) timers
     cdef Py_ssize_t zombies       # cancelled timers whose Ent is still in a bucket
     cdef uint64_t seq
@@ -394,7 +406,10 @@ cdef class TimingWheel:
         self.nchunks = 0
         self.chunks_cap = 0
         self.capacity = 0
-        self.free_head = NIL
+        self.fbits = NULL
+        self.fsum = NULL
+        self.fcursor = 0
+        self.nfree = 0
         self.count = 0
         self.zombies = 0
         self.seq = 0
@@ -431,6 +446,10 @@ cdef class TimingWheel:
                 PyMem_Free(self.chunks[i])
             PyMem_Free(self.chunks)
             self.chunks = NULL
+        PyMem_Free(self.fbits)
+        PyMem_Free(self.fsum)
+        self.fbits = NULL
+        self.fsum = NULL
         for k in range(NBUCKETS):
             if self.vec[k] != NULL:
                 PyMem_Free(self.vec[k])
@@ -475,9 +494,10 @@ cdef class TimingWheel:
         return <Ent*>(self.vec[b] + 1)
 
     cdef int _grow(self) except -1:
-        cdef int32_t i, base
+        cdef int32_t i, base, w, words, sum_words
         cdef Slot* p
         cdef Slot** t
+        cdef uint64_t* bits
         cdef int32_t new_tab
         if self.capacity > 0x7fffffff - CHUNK:
             raise MemoryError("TimingWheel: too many pending timers")
@@ -488,24 +508,71 @@ cdef class TimingWheel:
                 raise MemoryError()
             self.chunks = t
             self.chunks_cap = new_tab
+        base = self.capacity
+        words = (base + CHUNK) >> 6
+        sum_words = (words + 63) >> 6
+        # (each step below only enlarges a buffer: a failure leaves the wheel as it was)
+        bits = <uint64_t*>PyMem_Realloc(self.fbits, <size_t>words * sizeof(uint64_t))
+        if bits == NULL:
+            raise MemoryError()
+        self.fbits = bits
+        bits = <uint64_t*>PyMem_Realloc(self.fsum, <size_t>sum_words * sizeof(uint64_t))
+        if bits == NULL:
+            raise MemoryError()
+        self.fsum = bits
         p = <Slot*>PyMem_Malloc(CHUNK * sizeof(Slot))
         if p == NULL:
             raise MemoryError()
         self.chunks[self.nchunks] = p
         self.nchunks += 1
-        base = self.capacity
         for i in range(CHUNK):
             p[i].gen = 1
             p[i].seq_hi = 0
-            p[i].item = <PyObject*>(((<size_t>(base + i + 1 + 1)) << 1) | 1)
-        p[CHUNK - 1].item = <PyObject*>(((<size_t>(self.free_head + 1)) << 1) | 1)
-        self.free_head = base
+            p[i].item = FREE
+        for w in range(((base >> 6) + 63) >> 6, sum_words):
+            self.fsum[w] = 0
+        for w in range(base >> 6, words):
+            self.fbits[w] = ~(<uint64_t>0)
+            self.fsum[w >> 6] |= (<uint64_t>1) << (w & 63)
         self.capacity = base + CHUNK
+        self.nfree += CHUNK
         return 0
 
     cdef inline void _free(self, uint32_t i) noexcept:
-        self._s(i).item = <PyObject*>(((<size_t>(self.free_head + 1)) << 1) | 1)
-        self.free_head = <int32_t>i
+        cdef uint32_t w = i >> 6
+        self._s(i).item = FREE
+        self.fbits[w] |= (<uint64_t>1) << (i & 63)
+        self.fsum[w >> 6] |= (<uint64_t>1) << (w & 63)
+        self.nfree += 1
+
+    cdef inline uint32_t _alloc(self) noexcept:
+        """A free slot (the caller made sure there is one), the next one in address order from
+        where the last allocation was: timers scheduled together sit together in the table, so
+        cancelling or firing them in that order streams through it instead of jumping around
+        (a LIFO free list handed out slots in the order the last ones fired: random)."""
+        cdef int32_t w = self.fcursor
+        cdef uint64_t bits = self.fbits[w]
+        if bits == 0:
+            w = self._next_free_word(w)
+            bits = self.fbits[w]
+        self.fbits[w] = bits & (bits - 1)
+        if bits & (bits - 1) == 0:
+            self.fsum[w >> 6] &= ~((<uint64_t>1) << (w & 63))
+        self.fcursor = w
+        self.nfree -= 1
+        return (<uint32_t>w << 6) | <uint32_t>__builtin_ctzll(bits)
+
+    cdef int32_t _next_free_word(self, int32_t w) noexcept:
+        """The first fbits word after w (wrapping around) with a free slot; there is one."""
+        cdef int32_t sw = w >> 6
+        cdef int32_t nsw = ((self.capacity >> 6) + 63) >> 6
+        cdef uint64_t m = self.fsum[sw] & ~((<uint64_t>2 << (w & 63)) - 1)  # words above w
+        while m == 0:
+            sw += 1
+            if sw == nsw:
+                sw = 0
+            m = self.fsum[sw]
+        return (sw << 6) | __builtin_ctzll(m)
 
     cdef int _reserve(self, int32_t b, uint32_t extra) except -1:
         """Room for `extra` more Ents in bucket b (grows by 1.5x: little slack)."""
@@ -915,16 +982,15 @@ cdef class TimingWheel:
         cdef uint32_t i
         cdef Slot* s
         cdef Ent e
-        if self.free_head == NIL:
+        if self.nfree == 0:
             if self.zombies * 4 >= self.capacity and self.zombies > 0:
                 self._compact()
-            if self.free_head == NIL:
+            if self.nfree == 0:
                 self._grow()
         b = self._bucket_for(d)
         self._reserve(b, 1)
-        i = <uint32_t>self.free_head
+        i = self._alloc()
         s = self._s(i)
-        self.free_head = <int32_t>((<size_t>s.item) >> 1) - 1
         s.gen = s.gen + 1 if s.gen < MAX_GEN else 1
         self.seq += 1
         s.seq_hi = <uint32_t>(self.seq >> 32)
@@ -1102,13 +1168,16 @@ cdef class TimingWheel:
         if self.count == 0 and self.zombies == 0:
             return
         items = PyList_New(self.count)
-        self.free_head = NIL
-        for i in range(self.capacity - 1, -1, -1):
+        for i in range(self.capacity):
             s = self._s(i)
             if s.item != NULL and not _is_free(s.item):
                 _list_set_item(items, k, s.item)
                 k += 1
-            self._free(i)
+                s.item = FREE
+                self._free(i)
+            elif s.item == NULL:
+                self._free(i)
+        self.fcursor = 0
         self.count = 0
         self.zombies = 0
         self._reset_buckets()
@@ -1119,7 +1188,9 @@ cdef class TimingWheel:
         cdef Py_ssize_t total = (type(self).__basicsize__
                                  + <Py_ssize_t>self.capacity * <Py_ssize_t>sizeof(Slot)
                                  + <Py_ssize_t>self.chunks_cap * <Py_ssize_t>sizeof(Slot*)
-                                 + self.out_cap * <Py_ssize_t>sizeof(Entry))
+                                 + self.out_cap * <Py_ssize_t>sizeof(Entry)
+                                 + <Py_ssize_t>(self.capacity >> 6) * 8
+                                 + <Py_ssize_t>(((self.capacity >> 6) + 63) >> 6) * 8)
         cdef int k
         for k in range(NBUCKETS):
             if self.vec[k] != NULL:

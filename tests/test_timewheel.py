@@ -226,6 +226,28 @@ def test_cancelled_nodes_are_reused_not_grown():
     assert len(got) == len(keep) and len(w) == 0
 
 
+def test_slots_are_handed_out_in_address_order_after_churn():
+    """Timers fired in random order free their slots in random order; the next ones scheduled
+    still get table slots in ascending order (next fit), so using them in the order they were
+    scheduled streams through memory.  Handles stay unique and valid throughout."""
+    from fastjob._timewheel import TimingWheel
+
+    w = TimingWheel(0.001, now=0.0)
+    rnd = random.Random(8)
+    for _ in range(20_000):
+        w.schedule(rnd.uniform(0, 10), None)
+    w.advance(5.0)  # about half fire, in deadline order: their slots come free scattered
+    live = len(w)
+    hs = [w.schedule(rnd.uniform(20, 30), i) for i in range(5_000)]
+    slots = [h & 0xFFFFFFFF for h in hs]
+    assert len(set(hs)) == len(hs)
+    ascending = sum(b > a for a, b in zip(slots, slots[1:]))
+    assert ascending >= len(slots) - 3, ascending  # one wrap-around at most
+    assert len(w) == live + 5_000
+    assert all(w.cancel(h) for h in hs[::2]) and not any(w.cancel(h) for h in hs[::2])
+    assert sorted(w.advance(40.0)[-2_500:]) == list(range(1, 5_000, 2))
+
+
 def test_far_future_is_kept_not_clamped(Wheel):
     w = Wheel(1.0, now=0.0)
     far = 5.0 * TOP_TICKS
