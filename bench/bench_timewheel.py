@@ -380,6 +380,7 @@ def main() -> None:
         x, y = results[lo][name], results[hi][name]
         if x["walk"] is not None:
             parts.append(f"cancel net of walk {(y['cancel'] - y['walk']) / (x['cancel'] - x['walk']):4.2f}")
+            parts.append(f"cancel in order {y['cancel_fifo'] / x['cancel_fifo']:4.2f}")
         print(f"{name:<14}" + "   ".join(parts))
 
     probe = wake_probe(3.0)
