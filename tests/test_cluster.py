@@ -108,6 +108,11 @@ async def test_server_survives_a_database_restart(servers, mysql_dsn):
     assert_each_fire_once(executions, rows)
 
 
+def reclaimed(server: Any, instance_id: int, worker_id: str) -> bool:
+    """Has the server's log recorded sending the instance back to the worker that had it?"""
+    return f"instance {instance_id}: reclaimed from worker {worker_id}" in server.log_path.read_text(errors="replace")
+
+
 async def final_row(client: Worker, instance_id: int) -> Any:
     """The instance's row once its status is final; None before, or while the client reconnects."""
     try:
@@ -120,8 +125,8 @@ async def final_row(client: Worker, instance_id: int) -> Any:
 async def test_a_fire_dispatched_just_before_the_owner_died_runs_once(servers, mysql_dsn):
     """kill -9 the owner while a job runs and its 'dispatched' status is still unwritten (a long
     status flush interval holds it back): the new owner recovers the fire as waiting, and gives
-    it back to the worker running it instead of firing it on the idle one (least_busy would pick
-    that one)."""
+    it back to the worker running it (its log says so) instead of firing it anew, maybe on the
+    idle worker."""
     args = [*REGULAR, "--status-flush-interval", "6"]
     s1 = await servers.start(mysql_dsn, *args)
     s2 = await servers.start(mysql_dsn, *args)
@@ -154,6 +159,8 @@ async def test_a_fire_dispatched_just_before_the_owner_died_runs_once(servers, m
         survivor = next(address for address in by_address if address != owner)
         await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 15, "the survivor to claim the app")
         assert app_row(mysql_dsn, "shop")[1] > epoch
+        await wait_until(lambda: reclaimed(by_address[survivor], instance_id, runner), 15,
+                         "the survivor to give the instance back to its runner")
         release.set()
         row = await wait_until(lambda: final_row(w1, instance_id), 60, "the instance to be final")
     assert row["status"] == "succeeded", row
@@ -204,9 +211,12 @@ async def test_a_result_the_dead_owner_never_wrote_is_replayed_not_rerun(servers
         await client.trigger(f"block_{runner}")  # the runner is now at max_concurrency
         await wait_until(lambda: len(workers[runner]._running) == 1, 10, "the runner to be busy")
         owner, _ = app_row(mysql_dsn, "shop")
+        assert (await client.get_instance(instance_id))["status"] == "waiting", "flushed before the kill"
         by_address[owner].kill()
         survivor = next(address for address in by_address if address != owner)
         await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 15, "the survivor to claim the app")
+        await wait_until(lambda: reclaimed(by_address[survivor], instance_id, runner), 15,
+                         "the survivor to ask the runner for its result")
         row = await wait_until(lambda: final_row(client, instance_id), 30, "the instance to be final")
         release.set()
     assert row["status"] == "succeeded" and row["result"] == "quick result", row

@@ -58,6 +58,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ServerConfig:
         tokens[app] = token
     if args.heartbeat_timeout <= args.heartbeat_interval:
         raise SystemExit("--heartbeat-timeout must be longer than --heartbeat-interval")
+    if args.max_frame < 65536:
+        raise SystemExit("--max-frame must be at least 65536 bytes (a worker's HELLO alone may need several KiB)")
     if not 0 < args.status_flush_interval <= 60:
         raise SystemExit("--status-flush-interval must be in (0, 60] seconds")
     return ServerConfig(

@@ -179,6 +179,7 @@ class Scheduler:
         # them (its status write lost), so they wait in the wheel for the re-attach grace, and a
         # worker that names one in its HELLO gets it back instead.  instance id -> (row, epoch)
         self.suspects: dict[int, tuple[InstanceRow, int]] = {}
+        self.claimed_by: dict[int, "WorkerSession"] = {}  # suspect -> the worker that named it
         self._rr: dict[str, int] = {}
         self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
         self.tasks = BackgroundTasks(expected=(StoreError,))
@@ -226,18 +227,23 @@ class Scheduler:
                 flight.orphan_handle = self._arm(("orphan", row.id), self.reattach_grace)
         await self._restart_delay_chains(app, epoch, rows)
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
+        # workers accepted while the WAL was loading named their instances before they were known
+        for session in self.workers_of(app):
+            self.worker_joined(session, session.hello_running, session.hello_finished)
         self.wake_scan()
 
     async def _last_possible_dispatch_ms(self, previous_owner: Optional[str]) -> int:
         """Up to when the app's previous owner may have dispatched fires we cannot see.
 
         An owner dispatches only while its lease holds: at most ``reattach_grace`` (the
-        heartbeat timeout) after its last heartbeat, plus a margin for clock skew between
-        servers.  No previous owner (released on a clean stop, after its final flush): none."""
-        if previous_owner is None:
-            return -1
-        last_seen = next((s.heartbeat_at for s in await self.store.list_servers() if s.id == previous_owner), None)
+        heartbeat timeout, the same on every server of a cluster) after its last heartbeat,
+        plus a margin for clock skew between servers."""
         now_ms = schedule.now_ms()
+        if previous_owner is None:
+            # released: on a clean stop, after its final flush, but that flush may have failed, or
+            # the releasing owner may itself have been holding fires back from a dead one
+            return now_ms
+        last_seen = next((s.heartbeat_at for s in await self.store.list_servers() if s.id == previous_owner), None)
         if last_seen is None:
             return now_ms
         return min(now_ms, math.ceil((last_seen + self.reattach_grace + CLOCK_SKEW_MARGIN) * 1000))
@@ -256,6 +262,7 @@ class Scheduler:
         self.pending.pop(app, None)
         for instance_id in [i for i, (row, _) in self.suspects.items() if row.app == app]:
             del self.suspects[instance_id]
+            self.claimed_by.pop(instance_id, None)
         for flight in list(self.inflight.values()):
             if flight.instance.app == app:
                 self._forget_flight(flight)
@@ -358,7 +365,7 @@ class Scheduler:
                     row, epoch = payload
                     if self.wheel_handles.pop(row.id, None) is not None:
                         self._left_wheel(row.job_id)
-                    self.suspects.pop(row.id, None)  # unclaimed through the grace: fire it anew
+                    self.suspects.pop(row.id, None)  # grace over: to its claimant (if any), else anew
                     self.fire(row, epoch)
                 elif kind == "overdue":
                     self._overdue(payload)
@@ -374,6 +381,15 @@ class Scheduler:
         """A fire is due: dispatch it now, or hold it (stale lease) or queue it (no worker)."""
         if not self.cluster.owns(row.app, epoch):
             return  # the app moved (maybe and came back): its current owner fires this row from the WAL
+        if row.id in self.inflight:
+            return  # already sent (a reclaimed suspect whose wheel entry was on its way out)
+        claimant = self.claimed_by.pop(row.id, None)
+        if claimant is not None and not claimant.closed and row.job_id in self.jobs:
+            # The worker that has it keeps its one running copy (ACK) or replays its stored
+            # RESULT: the instance runs once.  No lease check: it cannot run twice there.
+            log.info("instance %d: reclaimed from worker %s after the failover", row.id, claimant.worker_id)
+            self._send_dispatch(claimant, row, self.jobs[row.job_id], set())
+            return
         if not self.cluster.lease_valid():
             self.held.append((row, epoch))
             self._revalidate_lease()
@@ -540,8 +556,8 @@ class Scheduler:
         """Re-attach the instances a (re)connecting worker says it still runs or just finished."""
         for instance_id in (*running, *finished):
             if instance_id in self.suspects:
-                self._reclaim_suspect(session, instance_id)
-        for instance_id in running:
+                self._claim_suspect(session, instance_id)
+        for instance_id in (*running, *finished):
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.instance.app == session.app and flight.session is None:
                 flight.session = session
@@ -549,29 +565,31 @@ class Scheduler:
                 if flight.orphan_handle is not None and self.timer is not None:
                     self.timer.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
                     flight.orphan_handle = None
+                if instance_id not in running:  # finished while we were apart: ask for the result again
+                    self._send_dispatch_frame(session, flight.instance, flight.job)
                 log.info("instance %d: re-attached to worker %s", instance_id, session.worker_id)
         self.drain_pending(session.app)
 
-    def _reclaim_suspect(self, session: "WorkerSession", instance_id: int) -> None:
-        """A fire the dead owner had sent to this worker: send it to the same worker again.
+    def _claim_suspect(self, session: "WorkerSession", instance_id: int) -> None:
+        """A worker names a fire the dead owner may have sent it: it is that worker's.
 
-        The worker keeps its one running copy (answering ACK) or replays its stored RESULT, so
-        the instance runs once and its outcome is recorded here."""
+        Sent back to it now if the fire is still waiting in the wheel, else by fire() when its
+        entry (already on its way out of the wheel) arrives."""
         row, epoch = self.suspects[instance_id]
-        job = self.jobs.get(row.job_id)
-        if (row.app != session.app or job is None or not self.cluster.owns(row.app, epoch)
-                or not self.cluster.lease_valid()):
-            return  # left in the wheel: fire() decides when the grace is over
-        del self.suspects[instance_id]
-        handle = self.wheel_handles.pop(instance_id, None)
-        if handle is not None and self.timer is not None:
-            self.timer.cancel(handle)
+        if row.app != session.app:
+            return
+        self.claimed_by[instance_id] = session
+        handle = self.wheel_handles.get(instance_id)
+        if handle is not None and self.timer is not None and self.timer.cancel(handle):
+            del self.wheel_handles[instance_id]
             self._left_wheel(row.job_id)
-        log.info("instance %d: reclaimed from worker %s after the failover", instance_id, session.worker_id)
-        self._send_dispatch(session, row, job, set())
+            del self.suspects[instance_id]
+            self.fire(row, epoch)
 
     def worker_left(self, session: "WorkerSession") -> None:
         """Its running instances wait a grace period for the worker to come back, then fail."""
+        for instance_id in [i for i, claimant in self.claimed_by.items() if claimant is session]:
+            del self.claimed_by[instance_id]  # it names them again when it reconnects
         for instance_id in list(session.running):
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.session is session:

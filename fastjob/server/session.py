@@ -40,6 +40,8 @@ class WorkerSession(Connection):
         self.capacity = 0
         self.running: set[int] = set()  # instance ids dispatched to it and not finished
         self._api_inflight = 0  # API requests being answered
+        self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
+        self.hello_finished: list[int] = []
         self.second_level: set[int] = set()  # second-level job ids handed down to it
         self.established = False
         self._hello_task: Optional[asyncio.Task[None]] = None
@@ -160,8 +162,9 @@ class WorkerSession(Connection):
             "max_frame": cfg.max_frame,
         }, type="WELCOME")
         log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername)
-        self.server.session_joined(self, list(body.get("running") or ()), list(body.get("finished") or ()),
-                                   list(body.get("second_level") or ()))
+        self.hello_running = list(body.get("running") or ())
+        self.hello_finished = list(body.get("finished") or ())
+        self.server.session_joined(self, self.hello_running, self.hello_finished, list(body.get("second_level") or ()))
 
     def _reject(self, msg: Message, code: str, reason: str) -> None:
         log.warning("HELLO from %s rejected: %s (%s)", self.peername, code, reason)
