@@ -229,7 +229,8 @@ class Scheduler:
         log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
         # workers accepted while the WAL was loading named their instances before they were known
         for session in self.workers_of(app):
-            self.worker_joined(session, session.hello_running, session.hello_finished)
+            if session.role == "worker":
+                self.worker_joined(session, session.hello_running, session.hello_finished)
         self.wake_scan()
 
     async def _last_possible_dispatch_ms(self, previous_owner: Optional[str]) -> int:
@@ -576,7 +577,7 @@ class Scheduler:
         Sent back to it now if the fire is still waiting in the wheel, else by fire() when its
         entry (already on its way out of the wheel) arrives."""
         row, epoch = self.suspects[instance_id]
-        if row.app != session.app:
+        if row.app != session.app or session.role != "worker":
             return
         self.claimed_by[instance_id] = session
         handle = self.wheel_handles.get(instance_id)
