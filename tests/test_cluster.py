@@ -221,3 +221,27 @@ async def test_a_result_the_dead_owner_never_wrote_is_replayed_not_rerun(servers
         release.set()
     assert row["status"] == "succeeded" and row["result"] == "quick result", row
     assert runs[instance_id] == 1, f"instance ran {runs[instance_id]} times"
+
+
+async def test_an_owner_holding_fires_back_stops_without_releasing(servers, mysql_dsn):
+    """The survivor of a kill -9 holds back the dead owner's overdue fire (no worker claims it);
+    stopped cleanly (SIGTERM) during that grace, it must not release the app: a successor that
+    found it released would hold nothing back.  The app stays owned, to expire like a crash."""
+    args = [*REGULAR, "--heartbeat-timeout", "4", "--dispatch-wait", "60"]
+    s1 = await servers.start(mysql_dsn, *args)
+    s2 = await servers.start(mysql_dsn, *args)
+    by_address = {s1.address: s1, s2.address: s2}
+    client = Worker(app="shop", servers=[s1.address, s2.address], role="client", reconnect_max=0.3)
+    async with client:
+        await client.call("JOB_UPSERT", {"job": {"name": "nobody", "handler": "nobody", "schedule_type": "api"}})
+        instance_id = await client.trigger("nobody")  # no worker: it waits in the owner's queue
+        owner, epoch = app_row(mysql_dsn, "shop")
+        by_address[owner].kill()
+        survivor = next(address for address in by_address if address != owner)
+        await wait_until(lambda: app_row(mysql_dsn, "shop")[0] == survivor, 20, "the survivor to claim the app")
+        await wait_until(lambda: "recovered" in by_address[survivor].log_tail(200), 5, "the survivor to load the app")
+        by_address[survivor].signal(signal.SIGTERM)
+        assert await by_address[survivor].wait(15) == 0
+    assert app_row(mysql_dsn, "shop")[0] == survivor, "released while holding a fire back"
+    assert "stops without releasing" in by_address[survivor].log_tail(200)
+    assert instance_id > 0 and epoch >= 1

@@ -106,8 +106,8 @@ class FastJobServer:
         for session in list(self.connections):
             session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         await self.tasks.close()
-        await self.scheduler.stop()
-        await self.cluster.stop()
+        releasable = await self.scheduler.stop()
+        await self.cluster.stop(release=releasable)
         if self._listener is not None:
             await asyncio.wait_for(self._listener.wait_closed(), 5)
         await self.store.close()

@@ -70,12 +70,20 @@ class Cluster:
         await self.sync()
         self._task = asyncio.create_task(self._heartbeat_loop(), name="fastjob-cluster")
 
-    async def stop(self) -> None:
-        """Stop heartbeating and set our apps free so survivors claim them at once."""
+    async def stop(self, release: bool = True) -> None:
+        """Stop heartbeating and set our apps free so survivors claim them at once.
+
+        ``release=False`` (unwritten statuses, or fires held back from a dead owner): leave them
+        to expire as if we had crashed, so the successor holds back what we might have sent."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if not release:
+            log.warning("server %s stops without releasing its apps: they expire after the heartbeat timeout",
+                        self.server_id)
+            self.owned.clear()
+            return
         try:
             released = await self.store.release_apps(self.server_id)
             await self.store.remove_server(self.server_id)

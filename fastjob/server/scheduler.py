@@ -78,12 +78,13 @@ class StatusWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fastjob-status-writer")
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """Stop the background flushing; True if the final flush wrote everything."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.flush()
+        return await self.flush()
 
     async def _run(self) -> None:
         while True:
@@ -193,14 +194,18 @@ class Scheduler:
         self.writer.start()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="fastjob-scan")
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """Stop firing and write what is pending.  True when our apps can be released: every
+        status is written and no fire is held back from a dead owner (a successor that finds
+        an app released holds nothing back)."""
         if self._scan_task is not None:
             self._scan_task.cancel()
             await asyncio.gather(self._scan_task, return_exceptions=True)
         await self.tasks.close()
         if self.timer is not None:
             self.timer.close()
-        await self.writer.stop()
+        flushed = await self.writer.stop()
+        return flushed and not self.suspects
 
     def wake_scan(self) -> None:
         self._scan_now.set()
@@ -241,9 +246,7 @@ class Scheduler:
         plus a margin for clock skew between servers."""
         now_ms = schedule.now_ms()
         if previous_owner is None:
-            # released: on a clean stop, after its final flush, but that flush may have failed, or
-            # the releasing owner may itself have been holding fires back from a dead one
-            return now_ms
+            return -1  # released: only after a final flush, and with nothing held (Scheduler.stop)
         last_seen = next((s.heartbeat_at for s in await self.store.list_servers() if s.id == previous_owner), None)
         if last_seen is None:
             return now_ms
