@@ -150,30 +150,37 @@ cdef int _cmp_entry(const void* a, const void* b) noexcept nogil:
     return 0
 
 
-cdef inline bint _lt(const Entry* a, const Entry* b) noexcept nogil:
-    return a.deadline < b.deadline or (a.deadline == b.deadline and a.seq < b.seq)
+cdef int _cmp_ent(const void* a, const void* b) noexcept nogil:
+    cdef double x = (<const Ent*>a).deadline, y = (<const Ent*>b).deadline
+    return -1 if x < y else (1 if x > y else 0)
 
 
-cdef void _insertion_sort(Entry* e, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef Entry tmp
-    for i in range(1, n):
-        tmp = e[i]
-        j = i
-        while j > 0 and _lt(&tmp, &e[j - 1]):
-            e[j] = e[j - 1]
-            j -= 1
-        e[j] = tmp
+# The two records sorted in the hot path: delivery Entries by (deadline, sequence), bucket
+# Ents by deadline only (their ties are ordered later, by sequence, when they fire).  One
+# quicksort serves both; Cython compiles a copy per type, so each keeps its inlined compare.
+ctypedef fused Sortable:
+    Entry
+    Ent
 
 
-cdef void _quicksort(Entry* e, Py_ssize_t n, int depth) noexcept nogil:
+cdef inline bint _lt(const Sortable* a, const Sortable* b) noexcept nogil:
+    if Sortable is Entry:
+        return a.deadline < b.deadline or (a.deadline == b.deadline and a.seq < b.seq)
+    else:
+        return a.deadline < b.deadline
+
+
+cdef void _quicksort(Sortable* e, Py_ssize_t n, int depth) noexcept nogil:
     """Median-of-three quicksort with inlined compares (libc qsort's indirect calls cost
     several times more); past the depth limit it hands over to qsort, so no O(n**2)."""
     cdef Py_ssize_t i, j, mid
-    cdef Entry pivot, tmp
+    cdef Sortable pivot, tmp
     while n > 16:
         if depth == 0:
-            qsort(e, n, sizeof(Entry), _cmp_entry)
+            if Sortable is Entry:
+                qsort(e, n, sizeof(Entry), _cmp_entry)
+            else:
+                qsort(e, n, sizeof(Ent), _cmp_ent)
             return
         depth -= 1
         mid = n >> 1
@@ -204,82 +211,35 @@ cdef void _quicksort(Entry* e, Py_ssize_t n, int depth) noexcept nogil:
         else:
             _quicksort(e + j + 1, n - j - 1, depth)
             n = j + 1
-    _insertion_sort(e, n)
+    for i in range(1, n):  # insertion sort of the short rest
+        tmp = e[i]
+        j = i
+        while j > 0 and _lt(&tmp, &e[j - 1]):
+            e[j] = e[j - 1]
+            j -= 1
+        e[j] = tmp
+
+
+cdef inline int _depth_limit(Py_ssize_t n) noexcept nogil:
+    return 2 * (64 - __builtin_clzll(<uint64_t>n | 1))
 
 
 cdef void _sort_run(Entry* e, Py_ssize_t n) noexcept nogil:
     """Sort one tick's run in place; most runs are already sorted and cost one pass."""
     cdef Py_ssize_t i
-    cdef int depth = 0
     for i in range(1, n):
         if _lt(&e[i], &e[i - 1]):
             break
     else:
         return
-    i = n
-    while i:
-        depth += 2
-        i >>= 1
-    _quicksort(e, n, depth)
-
-
-cdef int _cmp_ent(const void* a, const void* b) noexcept nogil:
-    cdef double x = (<const Ent*>a).deadline, y = (<const Ent*>b).deadline
-    return -1 if x < y else (1 if x > y else 0)
-
-
-cdef void _sort_ents(Ent* e, Py_ssize_t n, int depth) noexcept nogil:
-    """Sort Ents by deadline only (ties are ordered later, by sequence, when they fire).
-    Past the depth limit it hands over to qsort, so no O(n**2)."""
-    cdef Py_ssize_t i, j, mid
-    cdef Ent pivot, tmp
-    cdef double pv
-    while n > 16:
-        if depth == 0:
-            qsort(e, n, sizeof(Ent), _cmp_ent)
-            return
-        depth -= 1
-        mid = n >> 1
-        if e[mid].deadline < e[0].deadline:
-            tmp = e[mid]; e[mid] = e[0]; e[0] = tmp
-        if e[n - 1].deadline < e[0].deadline:
-            tmp = e[n - 1]; e[n - 1] = e[0]; e[0] = tmp
-        if e[n - 1].deadline < e[mid].deadline:
-            tmp = e[n - 1]; e[n - 1] = e[mid]; e[mid] = tmp
-        pv = e[mid].deadline
-        i = -1
-        j = n
-        while True:
-            i += 1
-            while e[i].deadline < pv:
-                i += 1
-            j -= 1
-            while pv < e[j].deadline:
-                j -= 1
-            if i >= j:
-                break
-            tmp = e[i]; e[i] = e[j]; e[j] = tmp
-        if j + 1 < n - j - 1:
-            _sort_ents(e, j + 1, depth)
-            e += j + 1
-            n -= j + 1
-        else:
-            _sort_ents(e + j + 1, n - j - 1, depth)
-            n = j + 1
-    for i in range(1, n):
-        tmp = e[i]
-        j = i
-        while j > 0 and tmp.deadline < e[j - 1].deadline:
-            e[j] = e[j - 1]
-            j -= 1
-        e[j] = tmp
+    _quicksort(e, n, _depth_limit(n))
 
 
 cdef void _distribute_ents(Ent* a, Py_ssize_t n, double lo, double width, Ent* tmp) noexcept nogil:
     """Sort one level-0 slot's Ents by deadline in about linear time (a tick's deadlines are
     spread over the tick): deal them by position within [lo, lo + width) into n/2..n buckets,
     sort each small bucket, copy back.  Keys are clamped, so a deadline outside the tick (a
-    past one) only lands in the first or last bucket, where _sort_ents orders it exactly."""
+    past one) only lands in the first or last bucket, where _quicksort orders it exactly."""
     cdef uint32_t counts[1025]
     cdef Py_ssize_t i, nb = 16
     cdef uint32_t k, start, end, c
@@ -306,7 +266,7 @@ cdef void _distribute_ents(Ent* a, Py_ssize_t n, double lo, double width, Ent* t
         end = counts[i]
         c = end - start
         if c > 1:
-            _sort_ents(tmp + start, c, 2 * (64 - __builtin_clzll(<uint64_t>c | 1)))
+            _quicksort(tmp + start, c, _depth_limit(c))
         start = end
     memcpy(a, tmp, <size_t>n * sizeof(Ent))
 
@@ -844,7 +804,7 @@ cdef class TimingWheel:
                     _distribute_ents(a, n, self.origin + <double>self.cur * self.tick_s, self.tick_s,
                                      <Ent*>(self.out + self.out_len))
                 else:
-                    _sort_ents(a, n, 2 * (64 - __builtin_clzll(<uint64_t>n | 1)))
+                    _quicksort(a, n, _depth_limit(n))
                 self.ssorted[slot >> 6] |= bit
             i = 0
             while i < n:

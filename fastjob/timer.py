@@ -98,7 +98,7 @@ class _TimerFdWake:
 class _LoopTimerWake:
     """Wake-ups from ``loop.call_at``, a hair late so that they are never early."""
 
-    __slots__ = ("_loop", "_callback", "_handle", "_slack", "_offset")
+    __slots__ = ("_loop", "_callback", "_handle", "_slack")
 
     precise = False
 
