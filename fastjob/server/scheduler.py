@@ -580,7 +580,7 @@ class Scheduler:
         Sent back to it now if the fire is still waiting in the wheel, else by fire() when its
         entry (already on its way out of the wheel) arrives."""
         row, epoch = self.suspects[instance_id]
-        if row.app != session.app or session.role != "worker":
+        if row.app != session.app:
             return
         self.claimed_by[instance_id] = session
         handle = self.wheel_handles.get(instance_id)
