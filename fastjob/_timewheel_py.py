@@ -10,7 +10,6 @@ the live ones, so a schedule/cancel loop runs in bounded memory.
 from __future__ import annotations
 
 import math
-import time
 from heapq import heapify, heappop, heappush
 from typing import Any
 

@@ -34,6 +34,7 @@ __all__ = [
     "RemoteError",
     "REPLY_TYPES",
     "SCHEMAS",
+    "SINCE_VERSION",
     "STRUCTS",
     "encode",
     "validate",
@@ -45,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger("fastjob.protocol")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """The highest protocol version this implementation speaks."""
 MIN_PROTOCOL_VERSION = 1
 """The lowest protocol version this implementation still accepts."""
@@ -155,6 +156,9 @@ STRUCTS: dict[str, Any] = {
         "routing": "str?",
         "run_once": "bool?",
         "enabled": "bool?",
+        "overlap": "str?",
+        "catch_up_window": "float?",
+        "max_queued": "int?",
         "allow_overlap": "bool?",
     },
 }
@@ -181,12 +185,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "heartbeat_interval": "float",
         "heartbeat_timeout": "float",
         "max_frame": "int",
+        "run_lease": "float?",
     },
-    "REDIRECT": {"address": "str", "server_id": "str?"},
+    "REDIRECT": {"address": "str", "server_id": "str?", "retry_in": "float?"},
     "REJECT": {"code": "str", "reason": "str"},
     # liveness
     "PING": {"ts": "float?", "running": "int?"},
-    "PONG": {"ts": "float?"},
+    "PONG": {"ts": "float?", "lease": "bool?"},
+    "DRAIN": {"reason": "str?"},
     # regular jobs
     "DISPATCH": {
         "instance_id": "int",
@@ -228,6 +234,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "RESPONSE": {},
     "ERROR": {"code": "str", "message": "str", "fatal": "bool?"},
 }
+
+#: Message types added after version 1, with the version that defines them: a peer must not
+#: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
+SINCE_VERSION: dict[str, int] = {"DRAIN": 2}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

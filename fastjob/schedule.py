@@ -13,9 +13,13 @@ from typing import Optional
 
 from croniter import croniter
 
-from .store.base import JobRow, JobSpec, NextFire, ScheduleType
+from .store.base import FirePlan, FirePlanner, JobRow, JobSpec, Misfire, NextFire, Overlap, ScheduleType
 
 Job = JobRow | JobSpec
+
+
+_MISFIRE_POLICIES = tuple(m.value for m in Misfire)
+_OVERLAP_POLICIES = tuple(o.value for o in Overlap)
 
 
 class ScheduleError(ValueError):
@@ -80,8 +84,15 @@ def validate(job: Job) -> None:
     elif kind is ScheduleType.ONCE:
         if job.schedule_expr:
             parse_at(job.schedule_expr)
-    if job.misfire_policy not in ("fire_once", "skip"):
-        raise ScheduleError(f"misfire_policy must be 'fire_once' or 'skip', got {job.misfire_policy!r}")
+    if job.misfire_policy not in _MISFIRE_POLICIES:
+        raise ScheduleError(f"misfire_policy must be one of {', '.join(_MISFIRE_POLICIES)}, got {job.misfire_policy!r}")
+    if job.overlap not in _OVERLAP_POLICIES:
+        raise ScheduleError(f"overlap must be one of {', '.join(_OVERLAP_POLICIES)}, got {job.overlap!r}")
+    if not (isinstance(job.catch_up_window, (int, float)) and math.isfinite(job.catch_up_window)
+            and job.catch_up_window > 0):
+        raise ScheduleError(f"catch_up_window must be a positive number of seconds, got {job.catch_up_window!r}")
+    if not isinstance(job.max_queued, int) or isinstance(job.max_queued, bool) or job.max_queued < 0:
+        raise ScheduleError(f"max_queued must be a whole number >= 0, got {job.max_queued!r}")
     if job.routing not in ("round_robin", "random", "least_busy"):
         raise ScheduleError(f"routing must be round_robin, random or least_busy, got {job.routing!r}")
     if job.retry_times < 0 or job.retry_backoff < 0:
@@ -116,32 +127,74 @@ def period_seconds(job: Job) -> Optional[float]:
     return None
 
 
-def make_next_fire(now_ms: int, catch_up_ms: int) -> NextFire:
-    """A ``NextFire`` for the store's claim: the fire after ``prev_ms``, skipping a late backlog.
-
-    After downtime a job may be far behind. Only the first late fire is kept (the misfire
-    policy then decides whether it runs); later fires resume from ``now - catch_up_ms``,
-    so a 10 s job that was down for an hour yields one late row, not 360.
-    Fixed delay, one-shot, api and run-once jobs have no next fire here: fixed delay's next
-    fire is written when the previous one finishes.
-    """
-    floor_ms = now_ms - catch_up_ms
-
-    def next_fire(job: JobRow, prev_ms: int) -> Optional[int]:
-        if job.run_once:
-            return None
-        kind = job.schedule_type
-        if kind is ScheduleType.FIXED_RATE:
-            period_ms = max(1, int(round(parse_period(job.schedule_expr) * 1000)))
-            nxt = prev_ms + period_ms
-            if nxt < floor_ms:
-                nxt += ((floor_ms - nxt) // period_ms + 1) * period_ms
-            return nxt
-        if kind is ScheduleType.CRON:
-            return cron_after(job.schedule_expr, job.timezone, max(prev_ms, floor_ms))
+def next_fire(job: JobRow, prev_ms: int) -> Optional[int]:
+    """The planned time after ``prev_ms``, or None when the job has no further fire here:
+    one-shot, run-once and api jobs, and fixed delay (its next fire is written when the
+    previous one finishes)."""
+    if job.run_once:
         return None
+    kind = job.schedule_type
+    if kind is ScheduleType.FIXED_RATE:
+        return prev_ms + max(1, int(round(parse_period(job.schedule_expr) * 1000)))
+    if kind is ScheduleType.CRON:
+        return cron_after(job.schedule_expr, job.timezone, prev_ms)
+    return None
 
-    return next_fire
+
+def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = next_fire) -> FirePlanner:
+    """A ``FirePlanner`` for the store's claim at ``now_ms``.
+
+    A fire planned more than ``misfire_threshold_ms`` before now was never written to the WAL
+    in time (the app had no owner for longer than the scan horizon): its job's misfire policy
+    decides, and every missed fire that does not run is planned as ``skipped`` with its reason,
+    so that each planned fire gets one final record. Fires written in time always run, subject
+    only to their overlap policy; so do a fixed-delay job's late fire (one fire, counted from
+    when it can run) and fires of the future.
+    """
+    missed_before = now_ms - misfire_threshold_ms
+
+    def plan(job: JobRow, horizon_ms: int, budget: int) -> FirePlan:
+        out = FirePlan()
+        t = job.next_trigger_ms
+        if t is not None and t < missed_before and job.schedule_type is not ScheduleType.FIXED_DELAY:
+            t = _plan_missed(job, t, missed_before, now_ms, budget, following, out)
+        while t is not None and t <= horizon_ms and len(out) < budget:
+            out.runs.append(t)
+            t = _advance(job, t, following)
+        out.next_ms = t
+        return out
+
+    return plan
+
+
+def _advance(job: JobRow, t: int, following: NextFire) -> Optional[int]:
+    nxt = following(job, t)
+    if nxt is not None and nxt <= t:
+        raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
+    return nxt
+
+
+def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int, budget: int,
+                 following: NextFire, out: FirePlan) -> Optional[int]:
+    """Plan the job's missed fires from ``t`` by its misfire policy; return the first fire not planned."""
+    policy = job.misfire_policy
+    window_start = now_ms - int(job.catch_up_window * 1000)
+    while t is not None and t < missed_before and len(out) < budget:
+        nxt = _advance(job, t, following)
+        last = nxt is None or nxt >= missed_before
+        if policy == Misfire.FIRE_ALL.value:
+            if t >= window_start:
+                out.catch_up.append(t)
+            else:
+                out.skipped.append((t, f"misfire: older than the catch-up window of {job.catch_up_window:g}s"))
+        elif policy == Misfire.FIRE_ONCE.value and last:
+            out.catch_up.append(t)
+        elif policy == Misfire.FIRE_ONCE.value:
+            out.skipped.append((t, "misfire: coalesced into the last missed fire (policy fire_once)"))
+        else:
+            out.skipped.append((t, "misfire: not run (policy skip)"))
+        t = nxt
+    return t
 
 
 def retry_delay(job: Job, attempt: int) -> float:

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import msgpack
 
@@ -32,7 +32,7 @@ from . import schedule
 from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
 from .context import JobContext, JobLog
 from .second_level_runner import SecondLevelRunner
-from .store.base import JobSpec, ScheduleType
+from .store.base import JobSpec, Overlap, ScheduleType
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
@@ -50,6 +50,13 @@ RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
 
 class WorkerError(Exception):
     """The worker cannot go on: rejected by the server, or a job declaration was refused."""
+
+
+class _Redirect(NamedTuple):
+    """A REDIRECT: the owner's address, and when to come back if it does not answer."""
+
+    address: str
+    retry_in: Optional[float]
 
 
 class _ClientConnection(Connection):
@@ -102,6 +109,10 @@ class Worker:
         self.server_id: Optional[str] = None
         self.heartbeat_interval = 2.0
         self.heartbeat_timeout = 10.0
+        self.version = PROTOCOL_VERSION  # negotiated at WELCOME
+        # with no owning server heard for this long, running instances are stopped: the server
+        # then runs them again elsewhere, never at the same time (WELCOME run_lease)
+        self.run_lease = 10.0
         self._conn: Optional[_ClientConnection] = None
         # The second-level lease runs from the send time of our last PING (or HELLO) that the
         # server answered, not from when we read the answer: a worker that was frozen reads old
@@ -151,16 +162,23 @@ class Worker:
         params: Any = None,
         timezone: str = "UTC",
         misfire: str = "fire_once",
+        catch_up_window: float = 3600.0,
         tags: Iterable[str] = (),
         routing: str = "round_robin",
-        allow_overlap: bool = False,
+        overlap: Optional[str] = None,
+        max_queued: int = 100,
         enabled: bool = True,
+        allow_overlap: Optional[bool] = None,
     ) -> JobSpec:
         """Declare a job in code; it is created or updated on the server at registration.
 
         Exactly one of interval (fixed rate, seconds), delay (fixed delay), cron, at (one
         shot) may be given; none means API-triggered, or one run at once with run_once.
-        Raises ValueError at once for an unknown handler or a bad schedule.
+        ``overlap`` (queue, buffer_one, skip, allow; default queue) says what a fire does when
+        the previous one still runs; ``misfire`` (fire_once, fire_all, skip) what happens to
+        fires missed while no server ran the app. ``allow_overlap`` is the old boolean
+        (True: allow, False: queue). Raises ValueError at once for an unknown handler or a bad
+        schedule.
         """
         handler = handler or name
         if handler not in self.handlers:
@@ -185,7 +203,8 @@ class Worker:
             app=self.app, name=name, handler=handler, schedule_type=kind, schedule_expr=expr,
             timezone=timezone, params=params, timeout=timeout, retry_times=retries,
             retry_backoff=retry_backoff, misfire_policy=misfire, tags=list(tags), routing=routing,
-            run_once=run_once, enabled=enabled, allow_overlap=allow_overlap,
+            run_once=run_once, enabled=enabled, overlap=overlap or _overlap_of(allow_overlap),
+            catch_up_window=catch_up_window, max_queued=max_queued,
         )
         schedule.validate(spec)
         self.declared[name] = spec
@@ -205,11 +224,37 @@ class Worker:
             max_workers=max(1, self.max_concurrency), thread_name_prefix=f"fastjob-{self.app}")
         self._main_task = asyncio.create_task(self._run(), name=f"fastjob-worker-{self.app}")
         self._side_tasks.spawn(self._flush_logs_loop(), "fastjob-log-flush")
+        self._side_tasks.spawn(self._watch_run_lease(), "fastjob-run-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
         except BaseException:
             await self.stop(grace=0)
             raise
+
+    def _interrupt_after(self, grace: float, reason: str) -> None:
+        """Cancel the running instances still running after ``grace`` seconds (reported interrupted)."""
+        def interrupt() -> None:
+            self._interrupt(reason)
+
+        asyncio.get_running_loop().call_later(grace, interrupt)
+
+    def _interrupt(self, reason: str) -> None:
+        for instance_id, task in list(self._running.items()):
+            if not task.done():
+                self._cancel_reasons[instance_id] = reason
+                task.cancel()
+
+    async def _watch_run_lease(self) -> None:
+        """Stop running instances when no owning server has been heard for the run lease: by then
+        the server may have given them to another worker, and they must not run twice at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, min(1.0, self.run_lease / 4)))
+            silent = loop.time() - self._server_alive_at
+            if self._running and silent > self.run_lease:
+                log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",
+                            self.worker_id, silent, len(self._running))
+                self._interrupt(f"run lease expired: no owning server heard for {silent:.1f}s")
 
     async def _wait_ready(self) -> None:
         while True:
@@ -225,18 +270,19 @@ class Worker:
                 raise WorkerError("worker stopped before it registered")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking jobs, let running ones finish for ``grace`` seconds, cancel the rest."""
+        """Stop taking jobs, let running ones finish for ``grace`` seconds, interrupt the rest.
+
+        The server is told first (DRAIN), so it sends nothing more and hands this worker's
+        second-level jobs to another; an instance interrupted here is run again by the server
+        (status ``interrupted``, not a failure of the handler)."""
         self._stopping = True
         self.second_level.stop_all("worker stopping")
-        if self._running:
-            done, pending = await asyncio.wait(list(self._running.values()), timeout=grace)
-            for instance_id, task in list(self._running.items()):
-                if not task.done():
-                    self._cancel_reasons[instance_id] = "worker stopping"
-                    task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=2.0)
         await self.second_level.wait_stopped(2.0)
+        if self.connected and self.version >= 2:
+            self._send("DRAIN", {"reason": "worker stopping"})
+        if self._running:
+            self._interrupt_after(grace, "worker stopping")
+            await asyncio.wait(list(self._running.values()), timeout=grace + 2.0)
         self._flush_logs()
         if self._conn is not None:
             self._conn.close()
@@ -293,14 +339,21 @@ class Worker:
 
     # ---- connection management -------------------------------------------------------------
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
         target: Optional[str] = None
         hops = 0
+        # A server that redirected us to an owner whose heartbeat is late: come back to it when
+        # that owner's lease runs out (it will then take the app over), not after a long backoff.
+        fallback: Optional[tuple[str, float]] = None  # (address, loop.time())
         while not self._stopping:
             address = target or random.choice(self.servers)
             target = None
+            patience = self.connect_timeout
+            if fallback is not None:
+                patience = min(patience, max(0.2, fallback[1] - loop.time()))
             try:
-                outcome = await self._session(address)
+                outcome = await self._session(address, patience)
             except WorkerError as exc:
                 self._fatal = exc
                 log.error("worker %s: %s", self.worker_id, exc)
@@ -308,31 +361,43 @@ class Worker:
             except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError, ProtocolError) as exc:
                 log.info("worker %s: connection to %s failed: %s", self.worker_id, address, exc or type(exc).__name__)
                 outcome = None
-            if outcome is not None and outcome.startswith("redirect:") and hops < 5:
-                target, hops = outcome[len("redirect:"):], hops + 1
+            if isinstance(outcome, _Redirect) and hops < 5:
+                target, hops = outcome.address, hops + 1
+                if outcome.retry_in is not None:
+                    fallback = (address, loop.time() + outcome.retry_in)
                 continue
             if outcome == "established":
                 failures = 0
             hops = 0
             if self._stopping:
                 return
+            if fallback is not None and outcome != "established":
+                back_to, at = fallback
+                fallback = None
+                log.info("worker %s: the owner of app %s did not answer; back to %s in %.2fs", self.worker_id,
+                         self.app, back_to, max(0.0, at - loop.time()))
+                await asyncio.sleep(max(0.0, at - loop.time()))
+                target = back_to
+                continue
+            fallback = None
             delay = min(self.reconnect_max, self.reconnect_min * (2 ** failures)) * random.uniform(0.5, 1.0)
             failures = min(failures + 1, 16)
             await asyncio.sleep(delay)
 
-    async def _session(self, address: str) -> Optional[str]:
-        """One connection: handshake, then serve until it closes. Returns how it ended."""
+    async def _session(self, address: str, patience: float) -> "Optional[str | _Redirect]":
+        """One connection: handshake, then serve until it closes. Returns how it ended.
+
+        ``patience`` bounds the connect and the HELLO's answer."""
         loop = asyncio.get_running_loop()
         host, port = parse_address(address)
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _ClientConnection(self), host, port, ssl=self.ssl),
-            self.connect_timeout)
+            loop.create_connection(lambda: _ClientConnection(self), host, port, ssl=self.ssl), patience)
         try:
             hello_sent_at = loop.time()
-            reply = await conn.request("HELLO", self._hello_body(), timeout=self.connect_timeout)
+            reply = await conn.request("HELLO", self._hello_body(), timeout=patience)
             if reply.type == "REDIRECT":
                 log.info("worker %s: app %s is owned by %s, following", self.worker_id, self.app, reply.body["address"])
-                return "redirect:" + reply.body["address"]
+                return _Redirect(reply.body["address"], reply.body.get("retry_in"))
             if reply.type == "REJECT":
                 code, reason = reply.body.get("code", ""), reply.body.get("reason", "")
                 if code in FATAL_REJECTS:
@@ -340,8 +405,10 @@ class Worker:
                 log.warning("worker %s: %s refused the session (%s: %s); retrying", self.worker_id, address, code, reason)
                 return None
             self.server_id = reply.body["server_id"]
+            self.version = int(reply.body["version"])
             self.heartbeat_interval = float(reply.body["heartbeat_interval"])
             self.heartbeat_timeout = float(reply.body["heartbeat_timeout"])
+            self.run_lease = float(reply.body.get("run_lease") or self.heartbeat_timeout)
             self._max_frame = min(self.max_frame, int(reply.body["max_frame"]))
             self._server_alive_at = max(self._server_alive_at, hello_sent_at)
             self._conn = conn
@@ -393,21 +460,24 @@ class Worker:
 
     async def _heartbeat_until_closed(self, conn: _ClientConnection) -> None:
         loop = asyncio.get_running_loop()
-        while not conn.closed:
-            try:
-                await asyncio.wait_for(conn.wait_closed(), self.heartbeat_interval)
-                return
-            except asyncio.TimeoutError:
-                pass
-            if loop.time() - conn.last_received > self.heartbeat_timeout:
-                log.warning("worker %s: server %s silent for %.1fs; reconnecting",
-                            self.worker_id, self.server_id, self.heartbeat_timeout)
-                conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
-                return
-            ts = time.time()
-            self._pings = {t: at for t, at in self._pings.items() if ts - t < 2 * self.heartbeat_timeout}
-            self._pings[ts] = loop.time()
-            conn.send("PING", {"ts": ts, "running": len(self._running)})
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            while not closed.done():
+                # asyncio.wait, not wait_for: it never swallows a cancellation (Python < 3.12)
+                await asyncio.wait({closed}, timeout=self.heartbeat_interval)
+                if closed.done():
+                    return
+                if loop.time() - conn.last_received > self.heartbeat_timeout:
+                    log.warning("worker %s: server %s silent for %.1fs; reconnecting",
+                                self.worker_id, self.server_id, self.heartbeat_timeout)
+                    conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
+                    return
+                ts = time.time()
+                self._pings = {t: at for t, at in self._pings.items() if ts - t < 2 * self.heartbeat_timeout}
+                self._pings[ts] = loop.time()
+                conn.send("PING", {"ts": ts, "running": len(self._running)})
+        finally:
+            closed.cancel()
 
     # ---- incoming ------------------------------------------------------------------------
     def _on_message(self, conn: _ClientConnection, msg: Message) -> None:
@@ -427,7 +497,8 @@ class Worker:
             self.second_level.revoke(msg.body["job_id"], msg.body.get("reason") or "revoked")
         elif kind == "PONG":
             sent_at = self._pings.pop(msg.body.get("ts"), None)
-            if sent_at is not None:
+            # a server that cannot vouch for its ownership (lease false) renews nothing
+            if sent_at is not None and msg.body.get("lease", True):
                 self._server_alive_at = max(self._server_alive_at, sent_at)
         elif kind == "ERROR":
             log.warning("worker %s: server error %s: %s", self.worker_id, msg.body.get("code"), msg.body.get("message"))
@@ -499,7 +570,10 @@ class Worker:
             reason = cancel_reason()
             if self._main_task is not None and self._main_task.cancelled():
                 raise
-            return ("timed_out" if reason == "timeout" else "cancelled"), None, f"cancelled: {reason}"
+            if reason == "timeout":
+                return "timed_out", None, "cancelled: timeout"
+            # cut short by its worker or server, not by the handler: version 1 calls it cancelled
+            return ("interrupted" if self.version >= 2 else "cancelled"), None, f"interrupted: {reason}"
         except Exception as exc:
             log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
             return "failed", None, f"{type(exc).__name__}: {exc}"
@@ -612,11 +686,18 @@ class Worker:
         return bool((await self.call("JOB_ENABLE", {"name": name, "enabled": enabled}))["ok"])
 
 
+def _overlap_of(allow_overlap: Optional[bool]) -> str:
+    return (Overlap.ALLOW if allow_overlap else Overlap.QUEUE).value
+
+
 def _spec_to_wire(spec: JobSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "handler": spec.handler, "schedule_type": spec.schedule_type.value,
         "schedule_expr": spec.schedule_expr, "timezone": spec.timezone, "params": spec.params,
         "timeout": spec.timeout, "retry_times": spec.retry_times, "retry_backoff": spec.retry_backoff,
         "misfire_policy": spec.misfire_policy, "tags": spec.tags, "routing": spec.routing,
-        "run_once": spec.run_once, "enabled": spec.enabled, "allow_overlap": spec.allow_overlap,
+        "run_once": spec.run_once, "enabled": spec.enabled, "overlap": spec.overlap,
+        "catch_up_window": spec.catch_up_window, "max_queued": spec.max_queued,
+        # for version-1 servers, which know only the boolean
+        "allow_overlap": spec.overlap == Overlap.ALLOW.value,
     }

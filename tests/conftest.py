@@ -17,6 +17,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import harness
 
+from private_mariadb import private_mariadb  # noqa: E402,F401  (a fixture for every test module)
+
 MYSQL_DSN_ENV = "FASTJOB_TEST_MYSQL_DSN"
 
 

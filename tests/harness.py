@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import signal
 import sys
@@ -103,9 +102,17 @@ class ServerFactory:
         return server
 
     async def close(self) -> None:
+        """SIGTERM (so that coverage in the servers is written), then SIGKILL after 5 s."""
         for server in self.servers:
-            server.kill()
-            if server.proc is not None:
+            server.signal(signal.SIGCONT)  # a stopped process cannot act on a signal until it runs
+            server.signal(signal.SIGTERM)
+        for server in self.servers:
+            if server.proc is None:
+                continue
+            try:
+                await server.wait(5)
+            except asyncio.TimeoutError:
+                server.kill()
                 try:
                     await server.wait(10)
                 except asyncio.TimeoutError:
@@ -170,57 +177,101 @@ class WorkerProcess:
             await asyncio.wait_for(self.proc.wait(), 10)
 
 
-MARIADBD = "/usr/sbin/mariadbd"
+class ProcWorker:
+    """A worker in its own process (tests/worker_proc.py), recording its runs in a ledger."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+        self.config = config
+        self.worker_id = config["worker_id"]
+        self.log_path = log_path
+        self.proc: Optional[asyncio.subprocess.Process] = None
+
+    async def start(self, timeout: float = 30.0) -> "ProcWorker":
+        import json
+
+        here = Path(__file__).resolve().parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(here.parent), str(here), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(here / "worker_proc.py"), json.dumps(self.config),
+                stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if line.strip() != b"READY":
+            self.signal(signal.SIGKILL)
+            raise RuntimeError(f"worker did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def close(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        if self.proc is None:
+            return
+        try:
+            await asyncio.wait_for(self.proc.wait(), 15)
+        except asyncio.TimeoutError:
+            self.kill()
+            await asyncio.wait_for(self.proc.wait(), 10)
 
 
-def restart_mariadb(timeout: float = 60.0) -> None:
-    """Stop the local MariaDB, wait until it is gone, start it again, wait until it answers."""
-    import subprocess
-    import time
+def db_rows(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the database directly (SQLite file or MySQL URL), as an operator would; ``?`` placeholders."""
+    if db.startswith("sqlite:///"):
+        import sqlite3
 
-    def mariadb_running() -> bool:
-        return subprocess.run(["start-stop-daemon", "--status", "--exec", MARIADBD]).returncode == 0
+        conn = sqlite3.connect(db[len("sqlite:///"):])
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+    from conftest import _admin_connect
 
-    def answers() -> bool:
-        return subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=2", "ping"],
-                              capture_output=True).returncode == 0
-
-    def wait(predicate: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"MariaDB {what} within {timeout}s")
-            time.sleep(0.05)
-
+    conn = _admin_connect(db)
     try:
-        subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=5", "shutdown"],
-                       check=True, timeout=30, capture_output=True)
-        wait(lambda: not mariadb_running(), "did not stop")
+        with conn.cursor() as cur:
+            cur.execute(f"USE `{db.rsplit('/', 1)[1]}`")
+            cur.execute(sql.replace("?", "%s"), params)
+            return list(cur.fetchall())
     finally:
-        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD], check=False)
-        wait(answers, "did not come back")
+        conn.close()
 
 
-def ticking_worker(addresses: list[str], executions: "collections.Counter[int]", *, app: str = "shop",
-                   interval: float = 0.2) -> Any:
-    """A worker whose fixed-rate job 'tick' counts how often each instance id runs."""
-    from fastjob import Worker
-
-    worker = Worker(app=app, servers=addresses, reconnect_max=0.3)
-
-    @worker.handler("tick")
-    async def tick(ctx: Any) -> None:
-        executions[ctx.instance_id] += 1
-
-    worker.schedule("tick", interval=interval)
-    return worker
+def app_row(db: str, app: str) -> tuple[Any, Any]:
+    """(owner, epoch) of an app."""
+    rows = db_rows(db, "SELECT owner, epoch FROM apps WHERE name = ?", (app,))
+    return rows[0] if rows else (None, None)
 
 
-async def past_fires_final(worker: Any, job: str = "tick", settle: float = 2.0) -> Any:
-    """All instance rows of ``job`` if every fire planned over ``settle`` s ago is final, else None."""
-    import time
+def instance_rows(db: str, app: str, job: str) -> list[dict[str, Any]]:
+    """Every instance of one job, as dicts."""
+    cols = ["id", "planned_ms", "attempt", "status", "trigger_kind", "server", "epoch", "worker", "error",
+            "started_at", "finished_at", "reruns"]
+    rows = db_rows(db, f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i JOIN jobs j ON j.id = i.job_id"
+                   " WHERE j.app = ? AND j.name = ? ORDER BY i.planned_ms, i.attempt", (app, job))
+    return [dict(zip(cols, r)) for r in rows]
 
-    rows = await worker.list_instances(job=job, limit=10_000)
-    past = [r for r in rows if r["planned_ms"] / 1000 < time.time() - settle]
-    unfinished = [r for r in past if r["status"] in ("waiting", "dispatched", "running")]
-    return rows if past and not unfinished else None
+
+UNFINISHED = ("waiting", "queued", "dispatched", "running")
+
+
+def settled_rows(db: str, app: str, job: str, planned: list[int]) -> Optional[list[dict[str, Any]]]:
+    """The job's rows once the last attempt of every planned fire is final, else None."""
+    rows = instance_rows(db, app, job)
+    last: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row["planned_ms"] not in last or row["attempt"] > last[row["planned_ms"]]["attempt"]:
+            last[row["planned_ms"]] = row
+    done = all(t in last and last[t]["status"] not in UNFINISHED for t in planned)
+    return rows if done else None

@@ -3,6 +3,11 @@
 Every socket scenario runs once per event loop implementation (asyncio and uvloop). Tests are
 plain functions driving a fresh loop through the ``run`` fixture, which also bounds each
 scenario with a timeout; synchronisation is by futures and queues, never by sleeping.
+
+The socket tests here pair a client Connection with ``EchoPeer``, a test double of the
+Connection base. The server's session rules (handshake, versions, tokens, heartbeats) are
+tested against the real server in tests/test_session.py, TLS of the real server and worker in
+tests/test_tls.py.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from typing import Any, Awaitable, Callable, Optional
 
 import msgpack
 import pytest
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastjob.protocol import (
     DEFAULT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     REPLY_TYPES,
     SCHEMAS,
@@ -104,6 +111,9 @@ JOB_DEF = {
     "routing": "least_busy",
     "run_once": False,
     "enabled": True,
+    "overlap": "buffer_one",
+    "catch_up_window": 600,
+    "max_queued": 10,
     "allow_overlap": False,
 }
 DISPATCH_BODY = {
@@ -136,11 +146,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "heartbeat_timeout": 15,
         "max_frame": DEFAULT_MAX_FRAME,
+        "run_lease": 15,
     },
-    "REDIRECT": {"address": "10.0.0.2:7070", "server_id": "s-2"},
+    "REDIRECT": {"address": "10.0.0.2:7070", "server_id": "s-2", "retry_in": 1.25},
     "REJECT": {"code": ErrorCode.BAD_TOKEN, "reason": "token does not match"},
     "PING": {"ts": 1700000000.5, "running": 3},
-    "PONG": {"ts": 1700000000.5},
+    "PONG": {"ts": 1700000000.5, "lease": True},
+    "DRAIN": {"reason": "worker stopping"},
     "DISPATCH": DISPATCH_BODY,
     "ACK": {"instance_id": 1, "accepted": False, "reason": "at capacity"},
     "START": {"instance_id": 1, "started_at": 1700000001.0},
@@ -285,7 +297,8 @@ def test_helpers() -> None:
             parse_address(bad)
     assert negotiate_version(PROTOCOL_VERSION + 5) == PROTOCOL_VERSION
     assert negotiate_version(PROTOCOL_VERSION) == PROTOCOL_VERSION
-    assert negotiate_version(0) is None
+    assert negotiate_version(MIN_PROTOCOL_VERSION) == MIN_PROTOCOL_VERSION
+    assert negotiate_version(MIN_PROTOCOL_VERSION - 1) is None
 
 
 # ---- hypothesis fuzzing -------------------------------------------------------------------
@@ -352,78 +365,41 @@ def test_fuzz_valid_streams_any_split(types: list[str], cuts: list[int]) -> None
     assert dec.buffered == 0
 
 
-# ---- a small server and client built on Connection -------------------------------------------
+# ---- an echo peer and a client built on Connection -------------------------------------------
+#
+# These tests are about the Connection base only: framing on real sockets, request/response
+# correlation, fatal errors, flow control. The peer below is a test double, not a server: it has
+# no handshake and no session rules. The real server's rules (HELLO first, handshake and
+# heartbeat timeouts, version, token, REJECT/REDIRECT/WELCOME, API dispatch) are tested against
+# the real FastJobServer in tests/test_session.py.
 
-API_TYPES = {
-    "JOB_UPSERT", "JOB_DELETE", "JOB_ENABLE", "JOB_GET", "JOB_LIST",
-    "TRIGGER", "INSTANCE_GET", "INSTANCE_LIST", "LOG_GET",
-}
 
+class EchoPeer(Connection):
+    """Test double for the Connection base only (NOT a FastJob server: no handshake, no rules).
 
-class ServerConn(Connection):
-    """The handshake and a toy API: echoes one-way messages, answers API requests."""
+    Echoes every one-way message (rid 0) back unchanged. Answers every request (rid > 0) with
+    RESPONSE ``{"type": ..., "body": ...}``, except by the request body's ``name``:
+    ``missing`` -> ERROR not_found, ``boom`` -> raises in on_message (Connection answers ERROR
+    internal), ``hold`` -> kept in ``held`` for the test to answer, ``hang-up`` -> close,
+    ``fail`` -> ``fail()`` with the code given in ``params`` (a fatal ERROR, then close).
+    """
 
-    def __init__(self, server: "TestServer", **kw: Any) -> None:
+    def __init__(self, listener: "EchoListener", **kw: Any) -> None:
         super().__init__(**kw)
-        self.server = server
-        self.established = False
+        self.listener = listener
         self.held: list[Message] = []
         self.closed_with: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def on_connect(self) -> None:
-        self.server.conns.append(self)
-        self.watch_idle(self.server.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT)
+        self.listener.peers.append(self)
 
     def on_close(self, exc: Optional[Exception]) -> None:
         self.closed_with.set_result(exc)
 
     def on_message(self, msg: Message) -> None:
-        if not self.established:
-            self._handshake(msg)
-        elif msg.type == "PING":
-            self.send("PONG", {"ts": msg.body.get("ts")}, msg.rid)
-        elif msg.type in API_TYPES and msg.rid:
-            self._api(msg)
-        elif msg.type == "HELLO":
-            self.fail(ErrorCode.BAD_MESSAGE, "HELLO after handshake")
-        else:
+        if not msg.rid:
             self.send(msg.type, msg.body)  # echo, so the client sees it round-trip
-
-    def _handshake(self, msg: Message) -> None:
-        if msg.type != "HELLO" or not msg.rid:
-            self.fail(ErrorCode.BAD_MESSAGE, "expected HELLO request")
             return
-        hello = msg.body
-        version = negotiate_version(hello["version"])
-        if version is None:
-            self.respond(
-                msg,
-                {"code": ErrorCode.UNSUPPORTED_VERSION, "reason": f"version {hello['version']}"},
-                "REJECT",
-            )
-            self.close()
-        elif hello.get("token") == "bad":
-            self.respond(msg, {"code": ErrorCode.BAD_TOKEN, "reason": "bad token"}, "REJECT")
-            self.close()
-        elif hello["app"] == "elsewhere":
-            self.respond(msg, {"address": "10.1.2.3:7070", "server_id": "s-9"}, "REDIRECT")
-            self.close()
-        else:
-            self.established = True
-            self.respond(
-                msg,
-                {
-                    "version": version,
-                    "server_id": "s-test",
-                    "heartbeat_interval": 1.0,
-                    "heartbeat_timeout": 3.0,
-                    "max_frame": self.max_frame,
-                },
-                "WELCOME",
-            )
-            self.watch_idle(self.server.heartbeat_timeout)
-
-    def _api(self, msg: Message) -> None:
         name = msg.body.get("name")
         if name == "missing":
             self.respond_error(msg, ErrorCode.NOT_FOUND, "no such job")
@@ -433,33 +409,32 @@ class ServerConn(Connection):
             self.held.append(msg)  # answered later by the test
         elif name == "hang-up":
             self.close()
+        elif name == "fail":
+            self.fail(msg.body["params"], "told to fail")
         else:
             self.respond(msg, {"type": msg.type, "body": msg.body})
 
 
-class TestServer:
-    __test__ = False  # not a pytest class
+class EchoListener:
+    """A loopback listener of EchoPeers (see EchoPeer: a test double, not a server)."""
 
-    def __init__(self, handshake_timeout: float = 5.0, heartbeat_timeout: Optional[float] = None,
-                 **conn_kw: Any) -> None:
-        self.handshake_timeout = handshake_timeout
-        self.heartbeat_timeout = heartbeat_timeout
+    def __init__(self, **conn_kw: Any) -> None:
         self.conn_kw = conn_kw
-        self.conns: list[ServerConn] = []
+        self.peers: list[EchoPeer] = []
         self.server: Optional[asyncio.AbstractServer] = None
         self.port = 0
 
-    async def start(self, ssl_ctx: Optional[ssl.SSLContext] = None) -> "TestServer":
+    async def start(self, ssl_ctx: Optional[ssl.SSLContext] = None) -> "EchoListener":
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ServerConn(self, **self.conn_kw), "127.0.0.1", 0, ssl=ssl_ctx
+            lambda: EchoPeer(self, **self.conn_kw), "127.0.0.1", 0, ssl=ssl_ctx
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
-        for conn in self.conns:
-            conn.close()
+        for peer in self.peers:
+            peer.close()
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
@@ -479,65 +454,31 @@ class ClientConn(Connection):
 
 
 async def connect(port: int, ssl_ctx: Optional[ssl.SSLContext] = None, **kw: Any) -> ClientConn:
+    """A ClientConn to an EchoListener, once a first request has made the round trip (so the
+    listener's side of it is in ``peers``)."""
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_connection(
         lambda: ClientConn(**kw), "127.0.0.1", port, ssl=ssl_ctx,
         server_hostname="localhost" if ssl_ctx else None,
     )
-    return conn
-
-
-async def hello(conn: ClientConn, **over: Any) -> Message:
-    return await conn.request("HELLO", dict(SAMPLES["HELLO"], **over), timeout=5)
-
-
-async def session(port: int, **kw: Any) -> ClientConn:
-    conn = await connect(port, **kw)
-    reply = await hello(conn)
-    assert reply.type == "WELCOME"
+    reply = await conn.request("JOB_LIST", {}, timeout=5)
+    assert reply == Message("RESPONSE", reply.rid, {"type": "JOB_LIST", "body": {}})
     return conn
 
 
 # ---- over real sockets ----------------------------------------------------------------------
 
 
-def test_handshake_outcomes(run: Callable[..., Any]) -> None:
-    async def main() -> None:
-        srv = await TestServer().start()
-        conn = await connect(srv.port)
-        welcome = await hello(conn, version=PROTOCOL_VERSION + 3)
-        assert welcome.type == "WELCOME" and welcome.body["version"] == PROTOCOL_VERSION
-        validate("WELCOME", welcome.body)
-        for over, rtype, field, value in [
-            ({"app": "elsewhere"}, "REDIRECT", "address", "10.1.2.3:7070"),
-            ({"token": "bad"}, "REJECT", "code", ErrorCode.BAD_TOKEN),
-            ({"version": 0}, "REJECT", "code", ErrorCode.UNSUPPORTED_VERSION),
-        ]:
-            other = await connect(srv.port)
-            reply = await hello(other, **over)
-            assert reply.type == rtype and reply.body[field] == value
-            await asyncio.wait_for(other.wait_closed(), 5)  # the server closes after answering
-            assert other.closed
-        conn.close()
-        await srv.stop()
-
-    run(main())
-
-
 def test_every_message_type_over_a_connection(run: Callable[..., Any]) -> None:
     async def main() -> None:
-        srv = await TestServer().start()
-        conn = await session(srv.port)
+        srv = await EchoListener().start()
+        conn = await connect(srv.port)
         for mtype, body in SAMPLES.items():
-            if mtype in API_TYPES:
+            conn.send(mtype, body)  # one-way: echoed back as it was
+            assert await asyncio.wait_for(conn.inbox.get(), 5) == Message(mtype, 0, body)
+            if mtype not in REPLY_TYPES:  # every other type also travels as a request
                 reply = await conn.request(mtype, body)
                 assert reply == Message("RESPONSE", reply.rid, {"type": mtype, "body": body})
-            elif mtype == "PING":
-                conn.send("PING", body)
-                assert await conn.inbox.get() == Message("PONG", 0, {"ts": body["ts"]})
-            elif mtype != "HELLO":
-                conn.send(mtype, body)  # the server echoes it back
-                assert await conn.inbox.get() == Message(mtype, 0, body)
         conn.close()
         await conn.wait_closed()
         await srv.stop()
@@ -547,9 +488,9 @@ def test_every_message_type_over_a_connection(run: Callable[..., Any]) -> None:
 
 def test_requests_correlate_time_out_and_fail_on_close(run: Callable[..., Any]) -> None:
     async def main() -> None:
-        srv = await TestServer().start()
-        conn = await session(srv.port)
-        server_side = srv.conns[0]
+        srv = await EchoListener().start()
+        conn = await connect(srv.port)
+        server_side = srv.peers[0]
         # out-of-order answers land on the right requests
         held = [asyncio.ensure_future(conn.request("TRIGGER", {"name": "hold", "params": i}))
                 for i in range(5)]
@@ -563,7 +504,7 @@ def test_requests_correlate_time_out_and_fail_on_close(run: Callable[..., Any]) 
         with pytest.raises(RemoteError) as info:
             await conn.request("JOB_GET", {"name": "missing"})
         assert info.value.code == ErrorCode.NOT_FOUND
-        # an exception in the server's on_message becomes ERROR internal, not a dead connection
+        # an exception in the peer's on_message becomes ERROR internal, not a dead connection
         with pytest.raises(RemoteError) as info:
             await conn.request("TRIGGER", {"name": "boom"})
         assert info.value.code == ErrorCode.INTERNAL
@@ -584,8 +525,31 @@ def test_requests_correlate_time_out_and_fail_on_close(run: Callable[..., Any]) 
     run(main())
 
 
+def test_fatal_error_reaches_on_close_on_both_sides(run: Callable[..., Any]) -> None:
+    async def main() -> None:
+        srv = await EchoListener().start()
+        conn = await connect(srv.port)
+        pending = asyncio.ensure_future(conn.request("TRIGGER", {"name": "hold"}))
+        await conn.request("JOB_GET", {"name": "sync"})  # the held request has arrived
+        conn.send("TRIGGER", {"name": "fail", "params": ErrorCode.SHUTTING_DOWN}, rid=999)
+        # the failing side reports its own ProtocolError, the other side the peer's RemoteError
+        exc = await asyncio.wait_for(conn.closed_with, 5)
+        assert isinstance(exc, RemoteError) and exc.code == ErrorCode.SHUTTING_DOWN
+        server_exc = await asyncio.wait_for(srv.peers[0].closed_with, 5)
+        assert isinstance(server_exc, ProtocolError) and server_exc.code == ErrorCode.SHUTTING_DOWN
+        with pytest.raises(ConnectionError) as info:  # outstanding requests fail, naming the cause
+            await pending
+        assert ErrorCode.SHUTTING_DOWN in str(info.value)
+        err = conn.inbox.get_nowait()  # on_message saw the fatal ERROR too, before the close
+        assert err.type == "ERROR" and err.rid == 0 and err.body["fatal"] is True
+        assert conn.inbox.empty()
+        await srv.stop()
+
+    run(main())
+
+
 async def _bad_peer(port: int, data: bytes, eof: bool = False) -> list[Message]:
-    """Send raw bytes, read until the server hangs up, decode what it said."""
+    """Send raw bytes, read until the other side hangs up, decode what it said."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     if data:
         writer.write(data)
@@ -608,25 +572,22 @@ HELLO_FRAME = encode("HELLO", SAMPLES["HELLO"], rid=1)
         (b"\x00\x00\x00\x00", False, ErrorCode.BAD_FRAME),
         (HELLO_FRAME[:20], True, ErrorCode.BAD_FRAME),  # truncated frame, then EOF
         (frame(msgpack.packb({"type": "HELLO"})), False, ErrorCode.BAD_MESSAGE),
-        (frame(msgpack.packb(["HELLO", 1, {"version": 1}])), False, ErrorCode.BAD_MESSAGE),
+        (frame(msgpack.packb(["HELLO", 1, {"version": PROTOCOL_VERSION}])), False, ErrorCode.BAD_MESSAGE),
         (encode("NOT_A_TYPE", {}, rid=1), False, ErrorCode.UNKNOWN_TYPE),
-        (encode("PING", {}), False, ErrorCode.BAD_MESSAGE),  # anything before HELLO
-        (b"", False, ErrorCode.HANDSHAKE_TIMEOUT),  # nothing at all
     ],
-    ids=["garbage", "http", "oversized", "zero", "truncated", "shape", "fields", "unknown",
-         "no-hello", "silent"],
+    ids=["garbage", "http", "oversized", "zero", "truncated", "shape", "fields", "unknown"],
 )
-def test_misbehaving_peer_is_dropped_others_keep_working(
+def test_malformed_stream_fails_that_connection_only(
     run: Callable[..., Any], data: bytes, eof: bool, code: str
 ) -> None:
     async def main() -> None:
-        srv = await TestServer(handshake_timeout=0.2).start()
-        good = await session(srv.port)
+        srv = await EchoListener().start()
+        good = await connect(srv.port)
         msgs = await _bad_peer(srv.port, data, eof)
         assert len(msgs) == 1
         err = msgs[0]
         assert err.type == "ERROR" and err.body["code"] == code and err.body["fatal"] is True
-        bad_side = srv.conns[1]
+        bad_side = srv.peers[1]
         exc = await asyncio.wait_for(bad_side.closed_with, 5)
         assert isinstance(exc, ProtocolError) and exc.code == code
         # the well-behaved connection is unaffected
@@ -639,35 +600,10 @@ def test_misbehaving_peer_is_dropped_others_keep_working(
     run(main())
 
 
-def test_wrong_version_is_rejected_over_raw_socket(run: Callable[..., Any]) -> None:
-    async def main() -> None:
-        srv = await TestServer().start()
-        msgs = await _bad_peer(srv.port, encode("HELLO", dict(SAMPLES["HELLO"], version=0), rid=9))
-        assert msgs == [Message("REJECT", 9, {"code": ErrorCode.UNSUPPORTED_VERSION,
-                                              "reason": "version 0"})]
-        await srv.stop()
-
-    run(main())
-
-
-def test_heartbeat_timeout_and_fatal_error_reaches_on_close(run: Callable[..., Any]) -> None:
-    async def main() -> None:
-        srv = await TestServer(heartbeat_timeout=0.2).start()
-        conn = await session(srv.port)
-        exc = await asyncio.wait_for(conn.closed_with, 5)  # we send nothing: the server hangs up
-        assert isinstance(exc, RemoteError) and exc.code == ErrorCode.HEARTBEAT_TIMEOUT
-        server_exc = await asyncio.wait_for(srv.conns[0].closed_with, 5)
-        assert isinstance(server_exc, ProtocolError)
-        assert server_exc.code == ErrorCode.HEARTBEAT_TIMEOUT
-        await srv.stop()
-
-    run(main())
-
-
 def test_drain_follows_pause_and_resume(run: Callable[..., Any]) -> None:
     async def main() -> None:
-        srv = await TestServer().start()
-        conn = await session(srv.port)
+        srv = await EchoListener().start()
+        conn = await connect(srv.port)
         # protocol level: pause_writing blocks drain, resume_writing releases it
         conn.pause_writing()
         waiter = asyncio.ensure_future(conn.drain())
@@ -676,8 +612,8 @@ def test_drain_follows_pause_and_resume(run: Callable[..., Any]) -> None:
         conn.resume_writing()
         await asyncio.wait_for(waiter, 1)
 
-        # socket level: the server writes to a client that stopped reading
-        server_side = srv.conns[0]
+        # socket level: the peer writes to a client that stopped reading
+        server_side = srv.peers[0]
         conn.transport.pause_reading()
         big = {"anything": "x" * (256 * 1024)}
         sent = 0
@@ -703,9 +639,9 @@ def test_drain_follows_pause_and_resume(run: Callable[..., Any]) -> None:
 
 def test_slow_consumer_is_disconnected(run: Callable[..., Any]) -> None:
     async def main() -> None:
-        srv = await TestServer(max_write_buffer=1 << 20).start()
-        conn = await session(srv.port)
-        server_side = srv.conns[0]
+        srv = await EchoListener(max_write_buffer=1 << 20).start()
+        conn = await connect(srv.port)
+        server_side = srv.peers[0]
         conn.transport.pause_reading()
         big = {"anything": "x" * (256 * 1024)}
         for _ in range(2000):  # up to 500 MiB: far beyond socket buffers + max_write_buffer
@@ -724,8 +660,8 @@ def test_slow_consumer_is_disconnected(run: Callable[..., Any]) -> None:
 
 def test_send_refuses_frames_over_max_frame(run: Callable[..., Any]) -> None:
     async def main() -> None:
-        srv = await TestServer().start()
-        conn = await session(srv.port, max_frame=1024)
+        srv = await EchoListener().start()
+        conn = await connect(srv.port, max_frame=1024)
         with pytest.raises(ProtocolError) as info:
             conn.send("RESPONSE", {"x": "y" * 2000})
         assert info.value.code == ErrorCode.FRAME_TOO_LARGE
@@ -736,8 +672,9 @@ def test_send_refuses_frames_over_max_frame(run: Callable[..., Any]) -> None:
     run(main())
 
 
-def test_tls_round_trip(run: Callable[..., Any]) -> None:
-    trustme = pytest.importorskip("trustme")
+def test_connection_over_tls(run: Callable[..., Any]) -> None:
+    """The Connection base over TLS transports of both loops (the real server and worker over
+    TLS: tests/test_tls.py)."""
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -746,14 +683,18 @@ def test_tls_round_trip(run: Callable[..., Any]) -> None:
     ca.configure_trust(client_ctx)
 
     async def main() -> None:
-        srv = await TestServer().start(server_ctx)
+        srv = await EchoListener().start(server_ctx)
         conn = await connect(srv.port, client_ctx)
-        assert (await hello(conn)).type == "WELCOME"
         assert conn.transport.get_extra_info("ssl_object") is not None
+        assert srv.peers[0].transport.get_extra_info("ssl_object") is not None
         reply = await conn.request("TRIGGER", {"name": "tls", "params": {"p": 1}})
         assert reply.body["body"] == {"name": "tls", "params": {"p": 1}}
         conn.send("DISPATCH", DISPATCH_BODY)
         assert await conn.inbox.get() == Message("DISPATCH", 0, DISPATCH_BODY)
+        # many frames coalesced into TLS records arrive whole and in order
+        for i in range(200):
+            conn.send("PING", {"ts": float(i)})
+        assert [(await conn.inbox.get()).body["ts"] for _ in range(200)] == [float(i) for i in range(200)]
         conn.close()
         await conn.wait_closed()
         await srv.stop()

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from fastjob import RemoteError, Worker, WorkerError
-from harness import FAST_CLUSTER_ARGS, next_event, past_fires_final, ticking_worker, wait_until
+from harness import FAST_CLUSTER_ARGS, next_event, settled_rows, wait_until
+from ledger import FINAL, Ledger, assert_each_ran_once, assert_final_records, assert_no_overlap, per_second
 
 # Regular-path tests: every job goes through the server's WAL and wheel.
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0"]
@@ -21,11 +22,9 @@ def make_worker(address: str, app: str = "billing", **kw: Any) -> Worker:
 
 
 async def final_instances(worker: Worker, job: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
-    final = {"succeeded", "failed", "timed_out", "cancelled", "misfired"}
-
     async def done() -> Any:
         rows = await worker.list_instances(job=job, limit=1000)
-        finished = [r for r in rows if r["status"] in final]
+        finished = [r for r in rows if r["status"] in FINAL]
         return finished if len(finished) >= count else None
 
     return await wait_until(done, timeout, f"{count} final instances of {job}", poll=0.1)
@@ -40,7 +39,7 @@ async def test_seed_cases(servers, db_url):
 
     @worker.handler("task1")
     async def task1(ctx):
-        runs["task1"].append(time.time())
+        runs["task1"].append(ctx.scheduled_at)
         ctx.log.info("task1 running.....")
 
     @worker.handler("task2")
@@ -61,21 +60,25 @@ async def test_seed_cases(servers, db_url):
         assert sorted(r["attempt"] for r in rows) == [1, 2, 3, 4]
         assert all(r["status"] == "failed" and "mock job failed" in r["error"] for r in rows)
         await wait_until(lambda: len(runs["task1"]) >= 4, 10, "four runs of task1")
-        gaps = [b - a for a, b in zip(runs["task1"], runs["task1"][1:])]
-        assert all(0.3 < gap < 0.8 for gap in gaps[1:]), gaps
+        # fixed rate: planned exactly every 0.5 s, none skipped, none twice
+        gaps = [round(b - a, 3) for a, b in zip(runs["task1"], runs["task1"][1:])]
+        assert gaps == [0.5] * len(gaps), gaps
         task1_rows = await final_instances(worker, "task1", 2)
         logs = await worker.get_logs(task1_rows[-1]["id"])
         assert [line[2] for line in logs] == ["task1 running....."]
         assert len(runs["task2"]) == 1
-    # a restarted worker re-declares run-once jobs without running them again
+    # a restarted worker re-declares run-once jobs without running them again: once task1 has
+    # run twice more, the re-declaration has been scanned (a wrong second run would be due at once)
     worker2 = make_worker(server.address)
     worker2.handler("task1")(task1)
     worker2.handler("task2")(task2)
     worker2.handler("task3")(task3)
     worker2.schedule("task2", run_once=True)
     async with worker2:
-        await asyncio.sleep(1.5)  # a window in which a wrong second run would happen
+        seen = len(runs["task1"])
+        await wait_until(lambda: len(runs["task1"]) >= seen + 2, 10, "task1 to run twice more")
         assert len(runs["task2"]) == 1
+        assert len(await worker2.list_instances(job="task2")) == 1
 
 
 async def test_cron_with_seconds_fires_on_the_second(servers, sqlite_url):
@@ -183,7 +186,7 @@ async def test_misbehaving_handlers_fail_only_their_instance(servers, sqlite_url
 
 async def _final(worker: Worker, instance_id: int) -> Any:
     row = await worker.get_instance(instance_id)
-    return row if row["status"] in {"succeeded", "failed", "timed_out", "cancelled", "misfired"} else None
+    return row if row["status"] in FINAL else None
 
 
 async def test_no_worker_fails_with_a_reason(servers, sqlite_url):
@@ -267,26 +270,39 @@ async def test_routing_spreads_and_tags_restrict(servers, sqlite_url):
 
 
 async def test_kill_9_restart_loses_nothing_and_duplicates_nothing(servers, tmp_path):
-    """kill -9 the server with fires in its WAL; a restart finishes every one of them, once."""
+    """kill -9 the only server with fires in its WAL and an instance running; the restarted server
+    fires every WAL row once, holds back what it may have sent until its worker re-attached (not for
+    the 30 s run lease), and takes the running instance's result from the worker, which kept it."""
     db = f"sqlite:///{tmp_path / 'wal.db'}"
-    server = await servers.start(db, *REGULAR, "--scan-horizon", "3")
-    executions: collections.Counter[int] = collections.Counter()
-    worker = ticking_worker([server.address], executions, app="billing")
-    await worker.start()
-    try:
-        await wait_until(lambda: sum(executions.values()) >= 3, 10, "some ticks")
-        server.kill()  # the WAL now holds waiting rows claimed up to 3 s ahead
+    args = [*REGULAR, "--scan-horizon", "3", "--run-lease", "30"]
+    server = await servers.start(db, *args)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    worker = make_worker(server.address, worker_id="w1")
+    worker.handler("tick")(ledger.handler("w1"))
+    worker.handler("long")(ledger.handler("w1", hold=2.0))
+    worker.schedule("tick", cron="* * * * * *")
+    worker.schedule("long")
+    async with worker:
+        await wait_until(lambda: len(ledger.runs("tick")) >= 3, 10, "some ticks")
+        long_id = await worker.trigger("long")
+        await wait_until(lambda: _status_is(worker, long_id, "running"), 10, "the long run to be recorded running")
+        server.kill()  # the WAL holds waiting rows claimed up to 3 s ahead, and one running row
         await server.wait()
-        before = sum(executions.values())
-        restarted = await servers.start(db, *REGULAR, "--scan-horizon", "3", port=server.port)
-        await wait_until(lambda: sum(executions.values()) >= before + 5, 20, "ticks after the restart")
-        rows = await wait_until(lambda: past_fires_final(worker, settle=1.0), 20, "every past fire to be final")
-    finally:
-        await worker.stop()
-    assert all(n == 1 for n in executions.values()), "an instance ran twice"
-    keys = [(r["planned_ms"], r["attempt"]) for r in rows]
-    assert len(keys) == len(set(keys)), "a fire was recorded twice"
+        killed_at = time.time()
+        restarted = await servers.start(db, *args, port=server.port)
+        await wait_until(lambda: sum(1 for r in ledger.runs("tick") if r.start > killed_at + 2) >= 3, 20,
+                         "ticks after the restart")
+        long_row = await wait_until(lambda: _final(worker, long_id), 15, "the long instance to finish")
+    planned = per_second(min(r.planned_ms for r in ledger.runs("tick")), int((time.time() - 2) * 1000))
+    rows = await wait_until(lambda: settled_rows(db, "billing", "tick", planned), 10, "every fire to be final")
+    assert_each_ran_once(ledger.runs("tick"), planned)
+    assert_final_records(rows, planned)
+    assert long_row["status"] == "succeeded" and len(ledger.runs("long")) == 1
     assert restarted.running
+
+
+async def _status_is(worker: Worker, instance_id: int, status: str) -> bool:
+    return (await worker.get_instance(instance_id))["status"] == status
 
 
 async def test_sigterm_stops_cleanly_and_releases_apps(servers, sqlite_url):
@@ -304,29 +320,42 @@ async def test_sigterm_stops_cleanly_and_releases_apps(servers, sqlite_url):
     assert owners == [(None,)] and servers_left == 0
 
 
-@pytest.mark.parametrize("allow_overlap", [False, True])
-async def test_overlapping_fires_are_skipped_unless_allowed(servers, sqlite_url, allow_overlap):
-    server = await servers.start(sqlite_url, *REGULAR)
-    worker = make_worker(server.address)
-    running = 0
-    peak = 0
-
-    @worker.handler("long")
-    async def long(ctx):
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.7)
-        running -= 1
-
-    worker.schedule("long", interval=0.2, allow_overlap=allow_overlap)
+@pytest.mark.parametrize("overlap,max_queued", [("queue", 100), ("queue", 2), ("buffer_one", 100), ("skip", 100),
+                                               ("allow", 100)])
+async def test_overlap_policies(servers, tmp_path, overlap, max_queued):
+    """A 0.5 s job every 0.2 s: each policy decides what the fires that come due meanwhile do."""
+    server = await servers.start(f"sqlite:///{tmp_path / 'o.db'}", *REGULAR)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    worker = make_worker(server.address, worker_id="w")
+    worker.handler("long")(ledger.handler("w", hold=0.5))
+    worker.schedule("long", interval=0.2, overlap=overlap, max_queued=max_queued)
     async with worker:
-        rows = await final_instances(worker, "long", 6)
-    skipped = [r for r in rows if r["status"] == "cancelled" and "still runs" in (r["error"] or "")]
-    if allow_overlap:
-        assert peak >= 2 and not skipped
+        await wait_until(lambda: len([r for r in ledger.runs("long") if r.end]) >= 5, 15, "five finished runs")
+        rows = await worker.list_instances(job="long", limit=1000)
+    runs = [r for r in ledger.runs("long") if r.end]
+    first = min(r.planned_ms for r in ledger.runs("long"))
+    grid = lambda t: (t - first) % 200 == 0  # noqa: E731
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all(grid(r.planned_ms) for r in runs) and all(grid(r["planned_ms"]) for r in rows)
+    if overlap == "allow":
+        starts = sorted(r.start for r in runs)
+        assert any(b - a < 0.5 for a, b in zip(starts, starts[1:])), "allow: runs never overlapped"
+        assert not skipped and not [r for r in rows if r["status"] == "queued"]
+        return
+    assert_no_overlap(ledger.runs("long"))
+    planned_runs = [r.planned_ms for r in ledger.runs("long")]
+    assert planned_runs == sorted(planned_runs), "runs out of planned order"
+    if overlap == "queue" and max_queued == 100:  # every fire runs, one after another, none skipped
+        assert not skipped
+        assert planned_runs == list(range(first, first + 200 * len(planned_runs), 200))
+        assert [r for r in rows if r["status"] == "queued"], "nothing waited behind the running fire"
     else:
-        assert peak == 1 and skipped
+        reason = {"queue": "max_queued", "buffer_one": "buffer_one", "skip": "overlap skip"}[overlap]
+        assert skipped and all(reason in r["error"] for r in skipped), skipped
+        assert not set(planned_runs) & {r["planned_ms"] for r in skipped}
+    if overlap == "skip":  # nothing ever waits: a fire runs when due, or never
+        assert not [r for r in rows if r["status"] == "queued"]
+        assert all(r.start - r.planned_ms / 1000 < 0.2 for r in runs)
 
 
 async def test_oversized_results_and_many_log_lines_fail_or_pass_alone(servers, sqlite_url):
@@ -357,25 +386,28 @@ async def test_oversized_results_and_many_log_lines_fail_or_pass_alone(servers, 
 
 
 async def test_reenabling_a_fixed_delay_job_keeps_one_chain(servers, sqlite_url):
+    """Re-enabling a running fixed-delay job restarts nothing twice: it keeps ONE chain (each fire
+    planned at least run + delay after the previous one's planned time) and it keeps running."""
     server = await servers.start(sqlite_url, *REGULAR)
     worker = make_worker(server.address)
-    starts: list[float] = []
+    planned: list[float] = []
 
     @worker.handler("slow")
     async def slow(ctx):
-        starts.append(time.time())
+        planned.append(ctx.scheduled_at)
         await asyncio.sleep(0.2)
 
-    worker.schedule("slow", delay=0.3, allow_overlap=True)
+    worker.schedule("slow", delay=0.3, overlap="allow")
     async with worker:
-        await wait_until(lambda: len(starts) >= 2, 10, "the chain to run")
+        await wait_until(lambda: len(planned) >= 2, 10, "the chain to run")
         for _ in range(3):  # each re-enable sets a fresh next fire; it must not add a chain
             assert await worker.set_enabled("slow", True)
-            await asyncio.sleep(0.1)
-        first = len(starts)
-        await asyncio.sleep(3.0)  # a window in which a second chain would double the rate
-        runs = len(starts) - first
-    assert runs <= 7, f"{runs} runs in 3 s: more than one chain (one chain runs about 6)"
+        mark = len(planned)
+        await wait_until(lambda: len(planned) >= mark + 5, 10, "five runs after the re-enables")
+        assert (await worker.get_job("slow"))["enabled"]
+    gaps = [round(b - a, 3) for a, b in zip(planned[mark:], planned[mark + 1:])]
+    # one chain: the next fire is planned 0.3 s after the previous run ended (0.2 s later)
+    assert all(gap >= 0.5 for gap in gaps), f"two chains: planned gaps {gaps}"
 
 
 async def test_a_request_flood_is_answered_busy_and_the_connection_lives_on(servers, sqlite_url):

@@ -6,11 +6,9 @@ from conftest (skips without FASTJOB_TEST_MYSQL_DSN unless FASTJOB_REQUIRE_MYSQL
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
-import subprocess
 import time
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -26,20 +24,22 @@ from fastjob.store import (
     StoreError,
     create_store,
 )
+from fastjob.schedule import make_planner
+from fastjob.store import FirePlan, FirePlanner
 from fastjob.store._common import FIRST_ATTEMPT
 from fastjob.store.schema import LATEST_VERSION
+from harness import wait_until
 
 BACKENDS = ["sqlite", "mysql"]
 NOW = 1_700_000_000.0
 
 
-def every(ms: int) -> Callable[[JobRow, int], Optional[int]]:
-    """A fixed-rate next_fire."""
-    return lambda job, t: t + ms
+def every(ms: int) -> FirePlanner:
+    """A fixed-rate planner with no misfires (nothing is ever late)."""
+    return make_planner(-(2 ** 62), 0, lambda job, t: t + ms)
 
 
-def no_more(job: JobRow, t: int) -> Optional[int]:
-    return None
+no_more: FirePlanner = make_planner(-(2 ** 62), 0, lambda job, t: None)
 
 
 def spec(name: str = "j1", app: str = "app", **kw) -> JobSpec:
@@ -455,177 +455,364 @@ async def test_not_open_is_store_error(make_store) -> None:
         await s.get_app("x")
 
 
-async def test_sqlite_locked_database_is_retried(store_url: str, make_store) -> None:
-    if not store_url.startswith("sqlite"):
-        pytest.skip("SQLite lock contention")
-    s = await make_store(busy_timeout=0.05, retry_total=5.0)
-    await s.close()
+async def test_sqlite_locked_database_is_retried(tmp_path, caplog) -> None:
+    """SQLite only (lock contention is its own): a locked database is retried until it is free,
+    and past the bound the caller gets StoreError, never sqlite3.OperationalError."""
+    from fastjob.store.sqlite import SQLiteStore
+
+    path = tmp_path / "locked.db"
+    s = SQLiteStore(str(path), busy_timeout=0.05, retry_total=5.0)
     await s.open()
-    blocker = sqlite3.connect(store_url[len("sqlite:///"):], isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    task = asyncio.create_task(s.ensure_app("x"))
-    await asyncio.sleep(0.4)
-    assert not task.done()
-    blocker.execute("COMMIT")
-    assert (await asyncio.wait_for(task, 5)).name == "x"
-    # held past the bound: StoreError, not sqlite3.OperationalError
-    s.retry_total = 0.3  # type: ignore[attr-defined]
-    blocker.execute("BEGIN IMMEDIATE")
+    blocker = sqlite3.connect(str(path), isolation_level=None)
     try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with caplog.at_level("WARNING", logger="fastjob.store"):
+            task = asyncio.create_task(s.ensure_app("x"))
+            await wait_until(lambda: sum("transient error" in r.getMessage() for r in caplog.records) >= 2, 5,
+                             "two retries of the locked write")
+        assert not task.done(), "the write went through a lock held by another connection"
+        blocker.execute("COMMIT")
+        assert (await asyncio.wait_for(task, 5)).name == "x"
+        s.retry_total = 0.3
+        blocker.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreError, match="unavailable"):
             await s.ensure_app("y")
-    finally:
         blocker.execute("ROLLBACK")
+        assert (await s.ensure_app("y")).name == "y"
+    finally:
         blocker.close()
-    assert (await s.ensure_app("y")).name == "y"
+        await s.close()
 
 
-@pytest.mark.parametrize("returning,consecutive,json_table", [
-    (True, False, False), (False, False, False), (False, True, False), (False, False, True), (False, True, True)])
-async def test_inserted_id_strategies(store: Store, returning: bool, consecutive: bool, json_table: bool) -> None:
+async def test_inserted_id_strategies(store: Store) -> None:
     """RETURNING, first-id + consecutive ids, and first-id + read back give the same answers,
-    with the fires sent as a VALUES list or (MySQL) as one JSON_TABLE parameter."""
+    with the fires sent as a VALUES list or (MySQL) as one JSON_TABLE parameter: every strategy
+    the backend can use, each on an app of its own."""
     from fastjob.store._common import Dialect
 
     d = store.dialect  # type: ignore[attr-defined]
     if d.name == "mysql":  # the probe must find this machine's MariaDB's fast paths, not fall back
         assert store.json_rows and store.json_table  # type: ignore[attr-defined]
-    if returning and d.name == "mysql":
-        pytest.skip("MySQL has no INSERT … RETURNING")
-    if json_table and d.name != "mysql":
-        pytest.skip("JSON_TABLE is MySQL/MariaDB only")
-    store.dialect = Dialect(d.name, returning=returning, transactional_ddl=d.transactional_ddl)  # type: ignore[attr-defined]
-    store.consecutive_ids = consecutive  # type: ignore[attr-defined]
-    store.json_table = json_table  # type: ignore[attr-defined]
-    epoch = await owned(store)
-    a = await store.upsert_job(spec("a"), 1000, NOW)
-    pre = await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW)
+        strategies = [(False, False, False), (False, True, False), (False, False, True), (False, True, True)]
+    else:  # SQLite has RETURNING and no JSON_TABLE
+        strategies = [(True, False, False), (False, False, False), (False, True, False)]
+    for n, (returning, consecutive, json_table) in enumerate(strategies):
+        store.dialect = Dialect(d.name, returning=returning, transactional_ddl=d.transactional_ddl)  # type: ignore[attr-defined]
+        store.consecutive_ids = consecutive  # type: ignore[attr-defined]
+        store.json_table = json_table  # type: ignore[attr-defined]
+        await _ids_agree(store, f"app{n}")
+
+
+async def _ids_agree(store: Store, app: str) -> None:
+    epoch = await owned(store, app=app)
+    a = await store.upsert_job(spec("a", app=app), 1000, NOW)
+    pre = await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW)
     assert pre is not None and pre.params == {"x": 1} and pre.planned_ms == 2000
-    assert await store.insert_instance("s1", "app", epoch, a.id, 2000, 1, "schedule", None, NOW) is None
-    rows = await store.claim_due("s1", "app", epoch, 4000, every(1000), NOW)
+    assert await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", None, NOW) is None
+    rows = await store.claim_due("s1", app, epoch, 4000, every(1000), NOW)
     assert sorted(r.planned_ms for r in rows) == [1000, 3000, 4000]  # 2000 was a duplicate
     assert {r.id for r in rows}.isdisjoint({pre.id})
     for r in rows:
         assert await store.get_instance(r.id) == r
-    b = await store.upsert_job(spec("b", params=[1]), 0, NOW)
-    rows = await store.claim_due("s1", "app", epoch, 2999, every(1), NOW, limit=3000)  # 3 chunks, no dups
+    b = await store.upsert_job(spec("b", app=app, params=[1]), 0, NOW)
+    rows = await store.claim_due("s1", app, epoch, 2999, every(1), NOW, limit=3000)  # 3 chunks, no dups
     assert len(rows) == 3000 and {r.job_id for r in rows} == {b.id}
     for r in rows[::997] + rows[-1:]:
         assert await store.get_instance(r.id) == r
-    row = await store.insert_instance("s1", "app", epoch, b.id, 99_999, 2, "retry", {"z": None}, NOW)
-    assert row is not None and await store.get_instance(row.id) == row
+    row = await store.insert_instance("s1", app, epoch, b.id, 99_999, 2, "retry", {"z": None}, NOW, reruns=1)
+    assert row is not None and row.reruns == 1 and await store.get_instance(row.id) == row
+
+
+# ---- version 2: misfire plans, ownership history, the worker registry, lost replies --------------
+async def test_claim_due_writes_catch_up_and_skipped_fires(store: Store) -> None:
+    """A plan's runs and catch-ups become waiting rows (returned); its skipped fires become final
+    rows carrying their reason (not returned: nothing is left to do with them)."""
+    epoch = await owned(store)
+    j = await store.upsert_job(spec("j"), 1000, NOW)
+
+    def plan(job: JobRow, horizon_ms: int, budget: int) -> FirePlan:
+        assert (job.id, job.misfire_policy, job.catch_up_window) == (j.id, "fire_once", 3600.0)
+        return FirePlan(runs=[5000], catch_up=[3000], skipped=[(1000, "misfire: a"), (2000, "misfire: b")],
+                        next_ms=6000)
+
+    rows = await store.claim_due("s1", "app", epoch, 5000, plan, NOW)
+    assert sorted((r.planned_ms, r.trigger, r.status) for r in rows) == [
+        (3000, "catch_up", Status.WAITING), (5000, "schedule", Status.WAITING)]
+    skipped = await store.list_instances("app", j.id, [Status.SKIPPED])
+    assert sorted((r.planned_ms, r.error, r.finished_at, r.attempt) for r in skipped) == [
+        (1000, "misfire: a", NOW, 1), (2000, "misfire: b", NOW, 1)]
+    assert (await store.get_job(j.id)).next_trigger_ms == 6000
+    assert {r.id for r in await store.load_unfinished("app")} == {r.id for r in rows}
+
+
+async def test_ownership_history_is_recorded(store: Store) -> None:
+    await store.ensure_app("a")
+    assert await store.claim_app("a", "s1", 0) == 1
+    row = await store.get_app("a")
+    assert (row.owner, row.prev_owner, row.left_clean, row.adopted) == ("s1", None, False, True)
+    # a hand-over: s1 wrote everything and gives it to s2, which has not loaded it yet
+    assert await store.claim_app("a", "s2", 1, prev_owner="s1", left_clean=True, adopted=False) == 2
+    row = await store.get_app("a")
+    assert (row.owner, row.epoch, row.prev_owner, row.left_clean, row.adopted) == ("s2", 2, "s1", True, False)
+    assert await store.claim_app("a", "s2", 2, prev_owner="s1", left_clean=True) == 3  # s2 adopts it
+    assert (await store.get_app("a")).adopted
+    await store.ensure_app("b")
+    assert await store.claim_app("b", "s2", 0) == 1
+    assert await store.release_apps("s2", ["nope"]) == []
+    assert await store.release_apps("s2", ["a"]) == ["a"]  # only the app named
+    apps = {a.name: a for a in await store.list_apps()}
+    assert (apps["a"].owner, apps["a"].epoch, apps["a"].prev_owner, apps["a"].left_clean,
+            apps["a"].adopted) == (None, 4, "s2", True, False)
+    assert (apps["b"].owner, apps["b"].epoch) == ("s2", 1)
+
+
+async def test_worker_registry(store: Store) -> None:
+    await store.register_worker("app", "w1", "s1", NOW, {"tags": ["x"]})
+    await store.register_worker("app", "w2", "s1", NOW, None)
+    await store.register_worker("other", "w1", "s9", NOW, None)
+    await store.register_worker("app", "w1", "s2", NOW + 1, {"tags": []})  # it moved to s2
+    assert [(w.worker_id, w.server, w.connected_at, w.info) for w in await store.list_workers("app")] == [
+        ("w1", "s2", NOW + 1, {"tags": []}), ("w2", "s1", NOW, None)]
+    assert [w.worker_id for w in await store.list_workers("app", "s1")] == ["w2"]
+    await store.unregister_worker("app", "w1", "s1")  # s1 no longer has it: kept
+    assert len(await store.list_workers("app")) == 2
+    await store.unregister_worker("app", "w1", "s2")
+    assert [w.worker_id for w in await store.list_workers("app")] == ["w2"]
+    assert [(w.worker_id, w.server) for w in await store.list_workers("other")] == [("w1", "s9")]
+
+
+async def test_server_load_and_drain(store: Store) -> None:
+    await store.register_server("s1", "h:1", NOW)
+    assert await store.heartbeat_server("s1", NOW + 1, 2.5)
+    assert await store.set_server_drain("s1", True)
+    assert not await store.set_server_drain("ghost", True)
+    (row,) = await store.list_servers()
+    assert (row.heartbeat_at, row.load_score, row.drain) == (NOW + 1, 2.5, True)
+    assert await store.set_server_drain("s1", False)
+    assert not (await store.list_servers())[0].drain
+
+
+async def test_queued_is_between_waiting_and_dispatched(store: Store) -> None:
+    epoch = await owned(store)
+    j = await store.upsert_job(spec("j"), None, NOW)
+    r1 = await store.insert_instance("s1", "app", epoch, j.id, 1000, 1, "schedule", None, NOW)
+    r2 = await store.insert_instance("s1", "app", epoch, j.id, 2000, 1, "schedule", None, NOW)
+    await store.update_instances([InstanceUpdate(r1.id, Status.QUEUED), InstanceUpdate(r2.id, Status.QUEUED)])
+    await store.update_instances([InstanceUpdate(r1.id, Status.DISPATCHED, worker="w")])
+    await store.update_instances([InstanceUpdate(r1.id, Status.QUEUED)])  # late: never backwards
+    await store.update_instances([InstanceUpdate(r2.id, Status.WAITING)])
+    assert (await store.get_instance(r1.id)).status is Status.DISPATCHED
+    assert (await store.get_instance(r2.id)).status is Status.QUEUED
+    assert {r.id for r in await store.load_unfinished("app")} == {r1.id, r2.id}
+
+
+async def test_migration_from_version_1_converts_rows(store_url: str) -> None:
+    """A version-1 database: allow_overlap becomes overlap (true -> allow, false -> queue, never
+    skip), misfired and 'cancelled: skipped' instances become skipped, and nothing else changes."""
+    from fastjob.store.schema import MIGRATIONS, SCHEMA_VERSION_DDL
+
+    dialect = "sqlite" if store_url.startswith("sqlite") else "mysql"
+    statements = [SCHEMA_VERSION_DDL[dialect], "INSERT INTO schema_version (id, version) VALUES (1, 1)",
+                  *MIGRATIONS[dialect][0],
+                  "INSERT INTO jobs (app, name, handler, schedule_type, tags, allow_overlap, created_time,"
+                  " updated_time) VALUES ('app', 'par', 'h', 'api', '[]', 1, 0, 0), ('app', 'ser', 'h', 'api', '[]',"
+                  " 0, 0, 0)",
+                  "INSERT INTO instances (job_id, app, planned_ms, attempt, status, trigger_kind, epoch, created_at,"
+                  " error) VALUES (1, 'app', 1, 1, 'misfired', 'schedule', 1, 0, 'late'),"
+                  " (1, 'app', 2, 1, 'cancelled', 'schedule', 1, 0, 'skipped: an earlier instance still runs'),"
+                  " (1, 'app', 3, 1, 'cancelled', 'schedule', 1, 0, 'job deleted'),"
+                  " (1, 'app', 4, 1, 'succeeded', 'schedule', 1, 0, NULL)"]
+    _raw_exec(store_url, statements)
+    s = create_store(store_url)
+    await s.open()
+    try:
+        jobs = {j.name: j for j in await s.list_jobs("app")}
+        assert (jobs["par"].overlap, jobs["ser"].overlap) == ("allow", "queue")
+        assert (jobs["par"].max_queued, jobs["par"].catch_up_window) == (100, 3600.0)
+        rows = sorted(await s.list_instances("app", limit=10), key=lambda r: r.planned_ms)
+        assert [(r.status.value, r.reruns) for r in rows] == [
+            ("skipped", 0), ("skipped", 0), ("cancelled", 0), ("succeeded", 0)]
+        assert (await raw(s, "SELECT version FROM schema_version"))[0][0] == LATEST_VERSION
+        app = await s.ensure_app("app")
+        assert (app.prev_owner, app.left_clean, app.adopted) == (None, False, True)
+    finally:
+        await s.close()
+
+
+def _raw_exec(url: str, statements: list[str]) -> None:
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    from conftest import _admin_connect
+
+    conn = _admin_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"USE `{url.rsplit('/', 1)[1]}`")
+            for sql in statements:
+                cur.execute(sql)
+    finally:
+        conn.close()
+
+
+async def test_a_lost_reply_is_recognised_as_our_own_write(store: Store, store_url: str) -> None:
+    """The database commits but the reply is lost (the connection drops right after COMMIT): the
+    retry must recognise the rows its first attempt wrote, not report nothing done."""
+    drive = store._drive  # type: ignore[attr-defined]
+    lost = {"left": 0}
+    if store_url.startswith("sqlite"):
+        def after_commit(*args: object) -> object:
+            value = drive(*args)
+            if lost["left"]:
+                lost["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")  # transient: retried
+            return value
+    else:
+        import pymysql
+
+        async def after_commit(*args: object) -> object:  # type: ignore[misc]
+            value = await drive(*args)
+            if lost["left"]:
+                lost["left"] -= 1
+                raise pymysql.err.OperationalError(2013, "Lost connection to server during query")
+            return value
+    store._drive = after_commit  # type: ignore[attr-defined]
+    epoch = await owned(store)
+    j = await store.upsert_job(spec("j"), 1000, NOW)
+    lost["left"] = 1
+    rows = await store.claim_due("s1", "app", epoch, 3000, every(1000), NOW)
+    assert sorted(r.planned_ms for r in rows) == [1000, 2000, 3000]
+    lost["left"] = 1
+    again = await store.insert_instance("s1", "app", epoch, j.id, 1000, 2, "retry", None, NOW)
+    assert again is not None and again.attempt == 2
+    await store.ensure_app("b")
+    lost["left"] = 1
+    assert await store.claim_app("b", "s1", 0) == 1
+    assert lost["left"] == 0
 
 
 # ---- a real MariaDB restart (mysql only) ------------------------------------------------------
-MARIADBD = "/usr/sbin/mariadbd"
+# These tests stop and start a private MariaDB of their own (tests/private_mariadb.py), never the
+# shared server of FASTJOB_TEST_MYSQL_DSN that concurrent test runs use.
+from private_mariadb import PrivateMariaDB
 
-
-def _mariadb_running() -> bool:
-    return subprocess.run(["start-stop-daemon", "--status", "--exec", MARIADBD]).returncode == 0
-
-
-def _mariadb_answers(dsn: str) -> bool:
-    from tests.conftest import _admin_connect
-
-    try:
-        _admin_connect(dsn).close()
-        return True
-    except Exception:
-        return False
-
-
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
-def _start_mariadb(dsn: str) -> None:
-    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD], check=False)
-    if not _wait(lambda: _mariadb_answers(dsn), 60):
-        raise RuntimeError("MariaDB did not come back within 60 s")
-
-
-def _restart_mariadb(dsn: str) -> None:
-    """Shut the server down, wait until the process is gone, start it, wait until it answers."""
-    subprocess.run(["mysqladmin", "-uroot", "-h127.0.0.1", "--connect-timeout=5", "shutdown"],
-                   check=True, timeout=30, capture_output=True)
-    if not _wait(lambda: not _mariadb_running(), 30):
-        raise RuntimeError("MariaDB did not stop within 30 s")
-    _start_mariadb(dsn)
-
-
-def _revive_sync_connections() -> None:
-    """The restart also killed conftest's session-long admin connection (it drops the test
-    database at the end of the session): reconnect every sync PyMySQL connection in the process."""
-    import gc
-
-    import pymysql
-
-    import warnings
-
-    for obj in gc.get_objects():
-        if isinstance(obj, pymysql.connections.Connection):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    obj.ping(reconnect=True)
-            except Exception:
-                pass
+OUTAGE_S = 1.0  # the server stays down this long: longer than the impatient store's retry budget
 
 
 @pytest.mark.mysql
-async def test_mariadb_restart_mid_operations(store_url: str, make_store) -> None:
-    if store_url.startswith("sqlite"):
-        pytest.skip("a MariaDB restart only concerns the MySQL backend")
-    if not (shutil.which("mysqladmin") and shutil.which("start-stop-daemon") and _mariadb_running()):
-        pytest.skip("needs a local MariaDB managed by start-stop-daemon")
-    s = await make_store(retry_total=30.0)
-    impatient = await make_store(retry_total=0.3)
-    epoch = await owned(s)
-    await s.upsert_job(spec("a"), 0, NOW)
+async def test_mariadb_restart_mid_operations(private_mariadb: PrivateMariaDB) -> None:
+    from fastjob.store.mysql import MySQLStore
 
-    outcomes: dict[str, int] = {"ok": 0, "store_error": 0}
-    raw_errors: list[BaseException] = []
-    stop = asyncio.Event()
-
-    async def hammer(st: Store, i: int) -> None:
-        horizon = 0
-        while not stop.is_set():
-            try:
-                if i % 2:
-                    await st.get_app("app")
-                else:
-                    horizon += 10
-                    await st.claim_due("s1", "app", epoch, horizon, every(10), NOW)
-                outcomes["ok"] += 1
-            except StoreError:
-                outcomes["store_error"] += 1
-            except Exception as exc:  # a raw driver exception is the failure we look for
-                raw_errors.append(exc)
-            await asyncio.sleep(0.01)
-
-    tasks = [asyncio.create_task(hammer(s, 0)), asyncio.create_task(hammer(s, 1)),
-             asyncio.create_task(hammer(impatient, 1))]
+    s = MySQLStore.from_url(private_mariadb.dsn + "?retry_total=30")
+    impatient = MySQLStore.from_url(private_mariadb.dsn + "?retry_total=0.3")
     try:
-        await asyncio.sleep(0.2)
-        before = outcomes["ok"]
-        await asyncio.to_thread(_restart_mariadb, store_url)
-        await asyncio.sleep(0.5)
+        await s.open()
+        await impatient.open()
+        epoch = await owned(s)
+        await s.upsert_job(spec("a"), 0, NOW)
+
+        # per store: (started, finished) of every success, and how many StoreErrors
+        ok: dict[str, list[tuple[float, float]]] = {"s": [], "impatient": []}
+        store_errors: dict[str, int] = {"s": 0, "impatient": 0}
+        raw_errors: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def hammer(st: Store, name: str, i: int) -> None:
+            horizon = 0
+            while not stop.is_set():
+                began = time.monotonic()
+                try:
+                    if i % 2:
+                        await st.get_app("app")
+                    else:
+                        horizon += 10
+                        await st.claim_due("s1", "app", epoch, horizon, every(10), NOW)
+                    ok[name].append((began, time.monotonic()))
+                except StoreError:
+                    store_errors[name] += 1
+                except Exception as exc:  # a raw driver exception is the failure we look for
+                    raw_errors.append(exc)
+                await asyncio.sleep(0.01)
+
+        marks: dict[str, float] = {}
+
+        def outage() -> None:
+            private_mariadb.stop()  # clean shutdown; returns once the process is gone
+            marks["gone"] = time.monotonic()
+            time.sleep(OUTAGE_S)
+            marks["starting"] = time.monotonic()
+            private_mariadb.start()  # same port and data; returns once it answers
+            marks["up"] = time.monotonic()
+
+        tasks = [asyncio.create_task(hammer(s, "s", 0)), asyncio.create_task(hammer(s, "s", 1)),
+                 asyncio.create_task(hammer(impatient, "impatient", 1))]
+        try:
+            await asyncio.sleep(0.2)
+            assert len(ok["s"]) > 0 and len(ok["impatient"]) > 0, "no traffic before the outage"
+            await asyncio.to_thread(outage)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 40)
+
+        assert raw_errors == []
+        # the impatient store gave up during the outage, with StoreError (checked above: nothing raw)
+        assert store_errors["impatient"] > 0
+        # the patient store rode the outage out: no errors, and calls in flight while there was no
+        # server at all (between "gone" and "starting") succeeded
+        assert store_errors["s"] == 0
+        assert any(began < marks["starting"] and done > marks["gone"] for began, done in ok["s"])
+        # both work again afterwards
+        assert any(began >= marks["up"] for began, _ in ok["s"])
+        assert any(began >= marks["up"] for began, _ in ok["impatient"])
+        assert (await s.get_app("app")).epoch == epoch
+        assert (await impatient.get_app("app")).owner == "s1"
+        rows = await s.claim_due("s1", "app", epoch, 10_000_000, every(1_000_000), NOW)
+        assert rows
+        unfinished = await s.load_unfinished("app")
+        assert len({(r.job_id, r.planned_ms) for r in unfinished}) == len(unfinished) >= len(rows)
     finally:
-        if not _mariadb_answers(store_url):
-            await asyncio.to_thread(_start_mariadb, store_url)
-        await asyncio.to_thread(_revive_sync_connections)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 40)
-    assert raw_errors == []
-    assert outcomes["ok"] > before
-    # the patient store rode the outage out; both work again afterwards
-    assert (await s.get_app("app")).epoch == epoch
-    assert (await impatient.get_app("app")).owner == "s1"
-    rows = await s.claim_due("s1", "app", epoch, 10_000_000, every(1_000_000), NOW)
-    unfinished = await s.load_unfinished("app")
-    assert len({(r.job_id, r.planned_ms) for r in unfinished}) == len(unfinished) >= len(rows)
+        await s.close()
+        await impatient.close()
+
+
+def test_private_mariadb_restarts(private_mariadb: PrivateMariaDB, tmp_path) -> None:
+    """The private server is ours (not the shared one), keeps its data and port across a
+    restart and a crash, and really goes away in between."""
+    import pymysql
+
+    db = private_mariadb
+    port, dsn = db.port, db.dsn
+    assert dsn == f"mysql://root@127.0.0.1:{port}/test"
+    conn = db.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT @@port, @@datadir, @@bind_address, DATABASE()")
+        assert cur.fetchone() == (port, f"{db.datadir}/", "127.0.0.1", "test")
+        assert str(db.datadir).startswith(str(tmp_path))
+        cur.execute("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(10)) ENGINE=InnoDB")
+        cur.execute("INSERT INTO t VALUES (1, 'kept')")
+    pid = db.process.pid
+
+    db.restart()
+    assert db.running and db.process.pid != pid and db.port == port and db.dsn == dsn
+    with pytest.raises(pymysql.err.OperationalError), conn.cursor() as cur:  # died with the old server
+        cur.execute("SELECT 1")
+    conn.close()
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT v FROM t WHERE id = 1")
+        assert cur.fetchone() == ("kept",)
+        cur.execute("INSERT INTO t VALUES (2, 'crash')")
+
+    db.kill()  # a crash: committed rows survive InnoDB recovery
+    assert not db.running
+    db.start()
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, v FROM t ORDER BY id")
+        assert cur.fetchall() == ((1, "kept"), (2, "crash"))
+    print(f"private MariaDB: start {db.last_start_seconds:.2f}s, stop {db.last_stop_seconds:.2f}s")

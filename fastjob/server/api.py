@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import schedule
 from ..protocol import ErrorCode
-from ..store import JobRow, JobSpec, NotOwnerError, ScheduleType, Status
+from ..store import JobRow, JobSpec, NotOwnerError, Overlap, ScheduleType, Status
 
 if TYPE_CHECKING:
     from .app import FastJobServer
@@ -34,7 +34,8 @@ _SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "name": (str,), "handler": (str,), "schedule_type": (str,), "schedule_expr": (str,),
     "timezone": (str,), "timeout": (int, float, type(None)), "retry_times": (int,),
     "retry_backoff": (int, float), "misfire_policy": (str,), "tags": (list, tuple),
-    "routing": (str,), "run_once": (bool,), "enabled": (bool,), "allow_overlap": (bool,),
+    "routing": (str,), "run_once": (bool,), "enabled": (bool,), "overlap": (str,),
+    "catch_up_window": (int, float), "max_queued": (int,),
 }
 
 
@@ -54,6 +55,10 @@ def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
         kwargs["schedule_type"] = ScheduleType(kwargs["schedule_type"])
     except ValueError:
         raise ApiError(ErrorCode.INVALID, f"unknown schedule_type {body['schedule_type']!r}") from None
+    if "overlap" not in kwargs and "allow_overlap" in body:  # version 1's boolean
+        if not isinstance(body["allow_overlap"], bool):
+            raise ApiError(ErrorCode.INVALID, "job field 'allow_overlap' must be a boolean")
+        kwargs["overlap"] = (Overlap.ALLOW if body["allow_overlap"] else Overlap.QUEUE).value
     if "tags" in kwargs:
         kwargs["tags"] = [str(tag) for tag in kwargs["tags"]]
     if "params" in body:
@@ -74,12 +79,19 @@ async def _job_or_404(server: "FastJobServer", app: str, name: Any) -> JobRow:
     return job
 
 
+def job_to_wire(job: JobRow) -> dict[str, Any]:
+    """A job record; ``allow_overlap`` is kept for version-1 readers (overlap == "allow")."""
+    out = to_wire(job)
+    out["allow_overlap"] = job.overlap == Overlap.ALLOW.value
+    return out
+
+
 async def job_upsert(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body.get("job"), dict):
         raise ApiError(ErrorCode.INVALID, "JOB_UPSERT needs a 'job' map")
     spec = spec_from_wire(app, body["job"])
     job = await server.upsert_job(spec)
-    return {"job": to_wire(job)}
+    return {"job": job_to_wire(job)}
 
 
 async def job_delete(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +113,11 @@ async def job_enable(server: "FastJobServer", app: str, body: dict[str, Any]) ->
 
 
 async def job_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
-    return {"job": to_wire(await _job_or_404(server, app, body["name"]))}
+    return {"job": job_to_wire(await _job_or_404(server, app, body["name"]))}
 
 
 async def job_list(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
-    return {"jobs": [to_wire(job) for job in await server.store.list_jobs(app)]}
+    return {"jobs": [job_to_wire(job) for job in await server.store.list_jobs(app)]}
 
 
 async def trigger(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,13 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .. import schedule
 from ..protocol import ErrorCode
 from ..store import DEFAULT_URL, JobRow, JobSpec, Store, StoreError, create_store
-from ..tasks import BackgroundTasks
-from .cluster import Cluster
+from ..tasks import BackgroundTasks, cancel_and_wait
+from .cluster import Cluster, Origin
 from .scheduler import Scheduler
 from .second_level import SecondLevel
 from .session import WorkerSession
@@ -33,6 +33,9 @@ class ServerConfig:
     log_level: str = "INFO"
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
+    # a worker that hears no owning server this long stops its running instances (they run
+    # again elsewhere, never at the same time); default: the heartbeat timeout
+    run_lease: Optional[float] = None
     status_flush_interval: float = 0.02  # status changes gather this long into one batched write
     scan_horizon: float = 5.0
     scan_interval: Optional[float] = None  # default: a fifth of the horizon
@@ -44,6 +47,10 @@ class ServerConfig:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     app_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def effective_run_lease(self) -> float:
+        return self.run_lease if self.run_lease is not None else self.heartbeat_timeout
 
 
 class FastJobServer:
@@ -76,14 +83,16 @@ class FastJobServer:
             await self.store.ensure_app(app)
             await self.store.set_app_token(app, self.hash_token(app, token))
         self.cluster = Cluster(self.store, server_id, self.address, cfg.heartbeat_interval,
-                               cfg.heartbeat_timeout, self._app_gained, self._app_lost)
+                               cfg.heartbeat_timeout, self._app_gained, self._app_lost, self._app_drain,
+                               self._app_undrain, self._fire_rates)
         self.scheduler = Scheduler(
             self.store, self.cluster,
             scan_horizon=cfg.scan_horizon,
             scan_interval=cfg.scan_interval or cfg.scan_horizon / 5,
             dispatch_wait=cfg.dispatch_wait,
             misfire_threshold=cfg.misfire_threshold,
-            reattach_grace=cfg.heartbeat_timeout,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            run_lease=cfg.effective_run_lease,
             status_flush_interval=cfg.status_flush_interval,
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
@@ -96,20 +105,20 @@ class FastJobServer:
         return self.address
 
     async def stop(self) -> None:
-        """Stop accepting, flush pending writes, set our apps free, close cleanly."""
+        """Stop accepting, hand every app over to a live peer (or release it), close cleanly.
+
+        Each app is handed over only once everything about it is written; its workers are then
+        redirected to the new owner while their instances keep running."""
         if self._listener is not None:
             self._listener.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-        # sessions first: after this no report can arrive, so the final flush below has them all
+        await cancel_and_wait(self._sweeper, 5.0, "the session sweeper")
+        await self.cluster.stop()
         for session in list(self.connections):
             session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         await self.tasks.close()
-        releasable = await self.scheduler.stop()
-        await self.cluster.stop(release=releasable)
+        await self.scheduler.stop()
         if self._listener is not None:
-            await asyncio.wait_for(self._listener.wait_closed(), 5)
+            await asyncio.wait({asyncio.ensure_future(self._listener.wait_closed())}, timeout=5)
         await self.store.close()
         log.info("server %s stopped", self.cluster.server_id)
 
@@ -151,14 +160,36 @@ class FastJobServer:
         if session.role == "worker":
             self.scheduler.worker_left(session)
             self.second_level.worker_left(session)
+            if not any(peer.worker_id == session.worker_id for peer in peers):
+                self.tasks.spawn(self.store.unregister_worker(session.app, session.worker_id, self.cluster.server_id),
+                                 f"fastjob-unregister-{session.worker_id}")
 
-    async def _app_gained(self, app: str, epoch: int, previous_owner: Optional[str]) -> None:
-        await self.scheduler.app_gained(app, epoch, previous_owner)
+    def session_draining(self, session: WorkerSession) -> None:
+        """A stopping worker: its second-level jobs and the fires waiting for a worker go elsewhere."""
+        self.second_level.worker_draining(session)
+        self.scheduler.worker_draining(session)
+
+    async def register_worker(self, app: str, hello: dict[str, Any]) -> None:
+        """Record that we accepted this worker (see Scheduler.app_gained: who may hold fires)."""
+        info = {key: hello.get(key) for key in ("tags", "capacity", "host", "pid")}
+        await self.store.register_worker(app, hello["worker_id"], self.cluster.server_id, time.time(), info)
+
+    async def _app_gained(self, app: str, epoch: int, origin: Origin) -> None:
+        await self.scheduler.app_gained(app, epoch, origin)
         await self.second_level.app_gained(app)
 
     async def _app_lost(self, app: str) -> None:
         self.second_level.app_lost(app)
         await self.scheduler.app_lost(app)
+
+    async def _app_drain(self, app: str) -> bool:
+        return await self.scheduler.drain_app(app)
+
+    def _app_undrain(self, app: str) -> None:
+        self.scheduler.undrain(app)
+
+    def _fire_rates(self) -> dict[str, float]:
+        return self.scheduler.fire_rates()
 
     # ---- jobs ---------------------------------------------------------------------------
     def is_second_level(self, job: JobRow | JobSpec) -> bool:

@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from ..store import DEFAULT_URL
+from ..store import DEFAULT_URL, create_store
 from .app import FastJobServer, ServerConfig
 
 log = logging.getLogger("fastjob.server")
@@ -19,8 +19,16 @@ def _env(name: str, default: object) -> object:
     return os.environ.get("FASTJOB_" + name.upper().replace("-", "_"), default)
 
 
+def _float_or_none(value: object) -> Optional[float]:
+    return None if value is None else float(str(value))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastjob-server", description="Run a FastJob scheduling server.")
+    p = argparse.ArgumentParser(
+        prog="fastjob-server", description="Run a FastJob scheduling server.",
+        epilog="fastjob-server drain SERVER_ID --db URL [--undo]: ask a running server to hand its apps to the"
+               " other servers (before maintenance); --undo lets it take apps again. SIGTERM also hands apps"
+               " over before the server exits.")
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (FASTJOB_HOST)")
     p.add_argument("--port", type=int, default=int(_env("port", 7700)), help="port to bind; 0 picks a free one")
     p.add_argument("--db", default=_env("db", DEFAULT_URL), help="sqlite:///path.db (default) or mysql://user:pass@host:port/db")
@@ -28,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-id", default=_env("server_id", None), help="stable id (default: the advertised address)")
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 2.0)))
-    p.add_argument("--heartbeat-timeout", type=float, default=float(_env("heartbeat_timeout", 10.0)))
+    p.add_argument("--heartbeat-timeout", type=float, default=float(_env("heartbeat_timeout", 10.0)),
+                   help="a server or worker silent this long is dead; also the owner's lease")
+    p.add_argument("--run-lease", type=float, default=_float_or_none(_env("run_lease", None)),
+                   help="a worker that hears no owning server this long stops its running instances, which"
+                        " then run again elsewhere (default: the heartbeat timeout)")
     p.add_argument("--status-flush-interval", type=float, default=float(_env("status_flush_interval", 0.02)),
                    help="seconds status changes gather into one batched database write")
     p.add_argument("--scan-horizon", type=float, default=float(_env("scan_horizon", 5.0)))
@@ -58,6 +70,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ServerConfig:
         tokens[app] = token
     if args.heartbeat_timeout <= args.heartbeat_interval:
         raise SystemExit("--heartbeat-timeout must be longer than --heartbeat-interval")
+    if args.run_lease is not None and args.run_lease <= args.heartbeat_interval:
+        raise SystemExit("--run-lease must be longer than --heartbeat-interval")
     if args.max_frame < 65536:
         raise SystemExit("--max-frame must be at least 65536 bytes (a worker's HELLO alone may need several KiB)")
     if not 0 < args.status_flush_interval <= 60:
@@ -65,7 +79,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, db=args.db, advertise=args.advertise, server_id=args.server_id,
         log_level=args.log_level, heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout, status_flush_interval=args.status_flush_interval,
+        heartbeat_timeout=args.heartbeat_timeout, run_lease=args.run_lease,
+        status_flush_interval=args.status_flush_interval,
         scan_horizon=args.scan_horizon,
         dispatch_wait=args.dispatch_wait, misfire_threshold=args.misfire_threshold,
         second_level_threshold=args.second_level_threshold, max_frame=args.max_frame,
@@ -87,7 +102,38 @@ async def serve(config: ServerConfig) -> None:
     await server.stop()
 
 
+def build_drain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastjob-server drain",
+                                description="Ask a running server to hand its apps to the others (it keeps running"
+                                            " and takes no apps until --undo).")
+    p.add_argument("server_id", help="the server's id (its advertised host:port unless --server-id was given)")
+    p.add_argument("--db", default=_env("db", DEFAULT_URL), help="the cluster's database URL")
+    p.add_argument("--undo", action="store_true", help="let the server take apps again")
+    return p
+
+
+async def request_drain(db: str, server_id: str, drain: bool) -> bool:
+    """Set the server's drain flag; it acts on it at its next heartbeat."""
+    store = create_store(db)
+    await store.open()
+    try:
+        return await store.set_server_drain(server_id, drain)
+    finally:
+        await store.close()
+
+
+def drain_main(argv: Sequence[str]) -> None:
+    args = build_drain_parser().parse_args(argv)
+    if not asyncio.run(request_drain(args.db, args.server_id, not args.undo)):
+        raise SystemExit(f"no server {args.server_id!r} in {args.db.split('@')[-1]}")
+    print(f"server {args.server_id}: drain {'cleared' if args.undo else 'requested'}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["drain"]:
+        drain_main(argv[1:])
+        return
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

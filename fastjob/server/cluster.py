@@ -9,20 +9,61 @@ owns the app at its epoch. And a server treats its ownership as a lease: it disp
 while its own last successful heartbeat is younger than the timeout minus a margin, so a
 server that was frozen (SIGSTOP, a cut network) wakes with a stale lease, re-reads its
 epochs, and drops the apps it lost before firing anything.
+
+Liveness is judged only by a server that has itself been in touch with the database for a
+while: after an outage everyone shared, every heartbeat is old, and a server that judged at
+once would take everyone's apps. A server keeps its apps through its own outage (it sends
+nothing meanwhile: its lease is stale) and finds out when the database is back whether
+someone took them.
+
+Apps move cleanly too: a server that stops, is asked to drain, or owns more than its share
+when another server joins hands an app over: it stops sending the app's fires, writes
+everything, and sets the new owner in one compare-and-set, so no third server can race in.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
 from ..store import AppRow, ServerRow, Store, StoreError
 
 log = logging.getLogger("fastjob.cluster")
 
-AppGained = Callable[[str, int, Optional[str]], Awaitable[None]]  # app, epoch, previous owner
+#: Slack for a peer's heartbeat after the database comes back: its store retries back off up to 1 s.
+RENEW_SLACK = 1.0
+#: A server that owns more than another by this factor of an app's weight gives the app away;
+#: less, and apps would move back and forth as fire rates wander.
+REBALANCE_FACTOR = 0.75
+#: EWMA weight of the newest fire-rate sample (one per heartbeat).
+RATE_SMOOTHING = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """How an app came to us: what its previous owner may have left unwritten."""
+
+    prev_owner: Optional[str]
+    left_clean: bool  # released or handed over with everything written
+    prev_last_heartbeat: Optional[float]  # wall clock; None when unknown
+
+
+AppGained = Callable[[str, int, Origin], Awaitable[None]]
 AppLost = Callable[[str], Awaitable[None]]
+AppDrain = Callable[[str], Awaitable[bool]]  # stop sending the app's fires, write everything; clean?
+AppUndrain = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a worker of an app belongs."""
+
+    own: bool
+    address: str = ""  # the owner, when not us
+    retry_in: Optional[float] = None  # the owner looks dead: its lease runs out in this many seconds
 
 
 class Cluster:
@@ -37,6 +78,9 @@ class Cluster:
         heartbeat_timeout: float,
         on_gained: AppGained,
         on_lost: AppLost,
+        on_drain: AppDrain,
+        on_undrain: AppUndrain,
+        fire_rates: Callable[[], dict[str, float]],
     ) -> None:
         self.store = store
         self.server_id = server_id
@@ -46,8 +90,18 @@ class Cluster:
         self.owned: dict[str, int] = {}  # app -> epoch we hold it at
         self._on_gained = on_gained
         self._on_lost = on_lost
+        self._on_drain = on_drain
+        self._on_undrain = on_undrain
+        self._fire_rates = fire_rates
+        self._rates: dict[str, float] = {}  # app -> smoothed fires per second
+        self._gained_at: dict[str, float] = {}  # app -> loop.time() we gained it
         self._last_heartbeat_ok = -1e18  # loop.time() of the last successful heartbeat
+        self._db_up_since: Optional[float] = None  # loop.time() since when every database call succeeded
+        self._started_at = 0.0
         self._orphan_seen: dict[str, float] = {}  # app -> loop.time() we first saw it ownerless
+        self._previous_heartbeat: Optional[float] = None  # of our previous incarnation (a restart)
+        self._ever_owned: set[str] = set()
+        self.draining = False  # handing every app over: claims nothing
         self._task: Optional[asyncio.Task[None]] = None
         self._sync_lock = asyncio.Lock()  # one ownership pass at a time (in-process only)
         self.synced = asyncio.Event()  # set after each successful sync; the lease waits on it
@@ -63,34 +117,46 @@ class Cluster:
         held = self.owned.get(app)
         return held is not None and (epoch is None or held == epoch)
 
+    def load(self) -> float:
+        """The weight of the apps we own: 1 each, plus their recent fires per second."""
+        return sum(1.0 + self._rates.get(app, 0.0) for app in self.owned)
+
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        mine = [s for s in await self.store.list_servers() if s.id == self.server_id]
+        self._previous_heartbeat = mine[0].heartbeat_at if mine else None
         await self.store.register_server(self.server_id, self.address, time.time())
-        self._last_heartbeat_ok = asyncio.get_running_loop().time()
+        self._started_at = self._last_heartbeat_ok = loop.time()
+        self._db_up_since = loop.time()
         await self.sync()
         self._task = asyncio.create_task(self._heartbeat_loop(), name="fastjob-cluster")
 
-    async def stop(self, release: bool = True) -> None:
-        """Stop heartbeating and set our apps free so survivors claim them at once.
+    async def stop(self) -> None:
+        """Hand every app over to a live peer (or release it) and leave the cluster.
 
-        ``release=False`` (unwritten statuses, or fires held back from a dead owner): leave them
-        to expire as if we had crashed, so the successor holds back what we might have sent."""
+        An app that cannot go cleanly (statuses unwritten, fires of a previous owner
+        unresolved) is left to expire as if we had crashed, so its successor holds back what
+        we might have sent."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=10)
             self._task = None
-        if not release:
-            log.warning("server %s stops without releasing its apps: they expire after the heartbeat timeout",
-                        self.server_id)
+        try:
+            live = await self.live_servers()
+        except StoreError:
+            live = {}
+        for app in list(self.owned):
+            await self.hand_over(app, self._successor(live), "server stopping")
+        if self.owned:
+            log.warning("server %s stops without letting go of apps %s: they expire after the heartbeat timeout",
+                        self.server_id, sorted(self.owned))
             self.owned.clear()
             return
         try:
-            released = await self.store.release_apps(self.server_id)
             await self.store.remove_server(self.server_id)
-            log.info("server %s released apps %s", self.server_id, released)
         except StoreError as exc:
-            log.warning("server %s could not release its apps: %s", self.server_id, exc)
-        self.owned.clear()
+            log.warning("server %s could not remove its row: %s", self.server_id, exc)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -98,11 +164,9 @@ class Cluster:
             try:
                 await self.renew()
             except StoreError as exc:
-                log.warning("server %s heartbeat failed: %s", self.server_id, exc)
-                if self.owned and not self.lease_valid():
-                    # others may own our apps by now: stop serving them (workers reconnect elsewhere)
-                    for app in list(self.owned):
-                        await self._lose(app, "lease expired while the database was unreachable")
+                self._db_up_since = None
+                log.warning("server %s heartbeat failed (apps kept; nothing is sent while the lease is stale): %s",
+                            self.server_id, exc)
             except Exception:  # keep heartbeating whatever a callback did
                 log.exception("server %s: error in cluster loop", self.server_id)
 
@@ -112,26 +176,58 @@ class Cluster:
         The lease counts from when the heartbeat was sent, and is granted after ``sync`` has
         dropped any app we lost, so no stale fire can slip out while the epochs are read.
         """
-        sent_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         now = time.time()
-        if not await self.store.heartbeat_server(self.server_id, now):
-            await self.store.register_server(self.server_id, self.address, now)
+        self._update_rates()
+        try:
+            if not await self.store.heartbeat_server(self.server_id, now, self.load()):
+                await self.store.register_server(self.server_id, self.address, now)
+        except StoreError:
+            self._db_up_since = None
+            raise
+        if self._db_up_since is None:
+            self._db_up_since = sent_at
         await self.sync()
         self._last_heartbeat_ok = sent_at
 
-    # ---- ownership ----------------------------------------------------------------------
+    def _update_rates(self) -> None:
+        for app, rate in self._fire_rates().items():
+            old = self._rates.get(app, rate)
+            self._rates[app] = old + RATE_SMOOTHING * (rate - old)
+        for app in list(self._rates):
+            if app not in self.owned:
+                del self._rates[app]
+
+    # ---- liveness -------------------------------------------------------------------------
+    def _judging(self) -> bool:
+        """May we call a peer dead? Only after we have seen the database long enough for a live
+        peer to have renewed its heartbeat (two intervals, and the slack of its retries)."""
+        if self._db_up_since is None:
+            return False
+        return asyncio.get_running_loop().time() - self._db_up_since > 2 * self.interval + RENEW_SLACK
+
     def _alive(self, server: ServerRow, now: float) -> bool:
-        return now - server.heartbeat_at < self.timeout
+        return server.id == self.server_id or now - server.heartbeat_at < self.timeout or not self._judging()
 
     async def live_servers(self) -> dict[str, ServerRow]:
         now = time.time()
         return {s.id: s for s in await self.store.list_servers() if self._alive(s, now)}
 
+    # ---- ownership ----------------------------------------------------------------------
     async def sync(self) -> None:
-        """One pass: drop apps we lost, adopt apps assigned to us, take over orphaned apps."""
+        """One pass: drop apps we lost, adopt apps assigned to us, take over orphaned apps, balance."""
         async with self._sync_lock:
-            live = await self.live_servers()
-            apps = await self.store.list_apps()
+            try:
+                servers = {s.id: s for s in await self.store.list_servers()}
+                apps = await self.store.list_apps()
+            except StoreError:
+                self._db_up_since = None
+                raise
+            now = time.time()
+            live = {sid: s for sid, s in servers.items() if self._alive(s, now)}
+            me = servers.get(self.server_id)
+            await self._follow_drain_request(me is not None and me.drain)
             load = self._load_by_server(apps, live)
             loop = asyncio.get_running_loop()
             for row in apps:
@@ -142,33 +238,58 @@ class Cluster:
                     await self._lose(row.name, f"now owned by {row.owner} at epoch {row.epoch}")
                     continue
                 if held is None and row.owner == self.server_id:
-                    await self._claim(row)  # assigned to us by another server, or ours before a restart
+                    await self._claim(row, servers)  # assigned to us by another server, or ours before a restart
                 elif row.owner is None or row.owner not in live:
+                    if self.draining:
+                        continue
                     first_seen = self._orphan_seen.setdefault(row.name, loop.time())
-                    preferred = self._least_loaded(load) == self.server_id
+                    preferred = self._least_loaded(load, live) == self.server_id
                     if preferred or loop.time() - first_seen > 2 * self.timeout:
-                        if await self._claim(row):
+                        if await self._claim(row, servers):
                             load[self.server_id] = load.get(self.server_id, 0) + 1
                 else:
                     self._orphan_seen.pop(row.name, None)
             self.synced.set()
+            await self._rebalance(live)
 
-    def _load_by_server(self, apps: list[AppRow], live: dict[str, ServerRow]) -> dict[str, int]:
-        load = {server_id: 0 for server_id in live}
-        load.setdefault(self.server_id, 0)
+    def _load_by_server(self, apps: list[AppRow], live: dict[str, ServerRow]) -> dict[str, float]:
+        """Each live server's weight: the load it reported, or its app count if it reported none."""
+        counts = {server_id: 0 for server_id in live}
         for row in apps:
-            if row.owner in load:
-                load[row.owner] += 1
+            if row.owner in counts:
+                counts[row.owner] += 1
+        load = {sid: max(float(counts[sid]), live[sid].load_score) for sid in live}
+        load[self.server_id] = self.load()
         return load
 
-    @staticmethod
-    def _least_loaded(load: dict[str, int]) -> str:
-        return min(load, key=lambda server_id: (load[server_id], server_id))
+    def _least_loaded(self, load: dict[str, float], live: dict[str, ServerRow]) -> str:
+        """The server that should take a new app: the least loaded that is not draining."""
+        willing = {sid: w for sid, w in load.items() if not (sid in live and live[sid].drain)
+                   and not (sid == self.server_id and self.draining)}
+        if not willing:
+            return self.server_id
+        return min(willing, key=lambda server_id: (willing[server_id], server_id))
 
-    async def _claim(self, row: AppRow, for_server: Optional[str] = None) -> bool:
+    def _origin(self, row: AppRow, servers: dict[str, ServerRow]) -> Origin:
+        """What the app's row says about how its owner before us let go of it."""
+        if row.owner is not None and row.owner != self.server_id:  # a takeover from a dead owner
+            prev, clean = row.owner, False
+        elif row.owner == self.server_id and row.adopted:  # ours before: a restart, or dropped by us
+            prev, clean = self.server_id, False
+        else:  # released, or assigned/handed to us and not loaded yet
+            prev, clean = row.prev_owner, row.left_clean
+        if prev == self.server_id:
+            last = self._previous_heartbeat if row.name not in self._ever_owned else time.time()
+        else:
+            last = servers[prev].heartbeat_at if prev in servers else None
+        return Origin(prev, clean, last)
+
+    async def _claim(self, row: AppRow, servers: dict[str, ServerRow], for_server: Optional[str] = None) -> bool:
         """CAS the app to ``for_server`` (default us); on our own win, load it."""
         owner = for_server or self.server_id
-        epoch = await self.store.claim_app(row.name, owner, row.epoch)
+        origin = self._origin(row, servers)
+        epoch = await self.store.claim_app(row.name, owner, row.epoch, prev_owner=origin.prev_owner,
+                                           left_clean=origin.left_clean, adopted=owner == self.server_id)
         if epoch is None:
             log.info("app %s: lost the claim race at epoch %d", row.name, row.epoch)
             return False
@@ -176,8 +297,10 @@ class Cluster:
         log.info("app %s: claimed for %s at epoch %d (was %s)", row.name, owner, epoch, row.owner)
         if owner == self.server_id:
             self.owned[row.name] = epoch
+            self._ever_owned.add(row.name)
+            self._gained_at[row.name] = asyncio.get_running_loop().time()
             try:
-                await self._on_gained(row.name, epoch, row.owner)
+                await self._on_gained(row.name, epoch, origin)
             except BaseException:
                 # not recovered: let go of it here, so the next sync adopts it again and reloads
                 self.owned.pop(row.name, None)
@@ -190,23 +313,108 @@ class Cluster:
         log.warning("app %s: ownership lost by %s (%s)", app, self.server_id, why)
         await self._on_lost(app)
 
-    async def route(self, app: str) -> tuple[str, str]:
-        """Where a worker of ``app`` belongs: ("own", "") or ("redirect", address).
+    async def route(self, app: str) -> Route:
+        """Where a worker of ``app`` belongs.
 
         An app that nobody (alive) owns is claimed for the least-loaded live server, which
         may be us; the CAS makes concurrent HELLOs at different servers agree on one owner.
+        An owner whose heartbeat is late comes with the time its lease runs out, so that the
+        worker comes back then instead of backing off further and further.
         """
         for _ in range(5):
             if app in self.owned:
-                return "own", ""
+                return Route(True)
             async with self._sync_lock:  # claims never interleave with a sync pass
                 row = await self.store.ensure_app(app)
-                live = await self.live_servers()
+                servers = {s.id: s for s in await self.store.list_servers()}
+                now = time.time()
+                live = {sid: s for sid, s in servers.items() if self._alive(s, now)}
                 if row.owner == self.server_id:
-                    await self._claim(row)  # adopt: it was assigned to us
+                    await self._claim(row, servers)  # adopt: it was assigned or handed to us
                     continue
                 if row.owner is not None and row.owner in live:
-                    return "redirect", live[row.owner].address
+                    owner = live[row.owner]
+                    return Route(False, owner.address, self._retry_in(owner, now))
                 load = self._load_by_server(await self.store.list_apps(), live)
-                await self._claim(row, for_server=self._least_loaded(load))
+                await self._claim(row, servers, for_server=self._least_loaded(load, live))
         raise StoreError(f"app {app}: ownership did not settle after 5 attempts")
+
+    def _retry_in(self, owner: ServerRow, now: float) -> Optional[float]:
+        """Seconds until we would call a late owner dead (its lease has run out and we may judge),
+        with a little jitter; None if it is not late."""
+        age = now - owner.heartbeat_at
+        if age <= 2 * self.interval:
+            return None
+        until_judging = 0.0
+        if self._db_up_since is not None:
+            until_judging = self._db_up_since + 2 * self.interval + RENEW_SLACK - asyncio.get_running_loop().time()
+        return max(0.0, self.timeout - age, until_judging) + random.uniform(0.05, 0.05 + self.interval / 2)
+
+    # ---- handing apps over ----------------------------------------------------------------------
+    def _successor(self, live: Optional[dict[str, ServerRow]] = None) -> Optional[str]:
+        """The live peer that should take an app we give away, or None (release it)."""
+        peers = {sid: s for sid, s in (live or {}).items() if sid != self.server_id and not s.drain}
+        if not peers:
+            return None
+        return min(peers, key=lambda sid: (peers[sid].load_score, sid))
+
+    async def hand_over(self, app: str, to: Optional[str], why: str) -> bool:
+        """Give the app to server ``to`` (None: release it) once everything about it is written.
+
+        Our sessions of the app are then closed with ``not_owner``; the workers reconnect and
+        are redirected to the new owner, which loads the app knowing nothing was left unwritten."""
+        epoch = self.owned.get(app)
+        if epoch is None:
+            return False
+        clean = await self._on_drain(app)
+        if not clean:
+            log.warning("app %s: not handed over (%s): statuses unwritten or fires of a previous owner unresolved",
+                        app, why)
+            self._on_undrain(app)
+            return False
+        try:
+            if to is None:
+                moved = app in await self.store.release_apps(self.server_id, [app])
+            else:
+                moved = await self.store.claim_app(app, to, epoch, prev_owner=self.server_id, left_clean=True,
+                                                   adopted=False) is not None
+        except StoreError as exc:
+            log.warning("app %s: hand-over to %s failed: %s", app, to or "nobody", exc)
+            self._on_undrain(app)
+            return False
+        if not moved:  # someone took it meanwhile: it was not ours any more
+            await self._lose(app, "the hand-over found the epoch moved")
+            return False
+        self.owned.pop(app, None)
+        log.info("app %s: handed over by %s to %s (%s)", app, self.server_id, to or "nobody (released)", why)
+        await self._on_lost(app)
+        return True
+
+    async def _follow_drain_request(self, requested: bool) -> None:
+        """An operator set (or cleared) our drain flag: hand every app over (or take apps again)."""
+        if requested != self.draining:
+            self.draining = requested
+            log.warning("server %s: drain %s", self.server_id, "requested: handing apps over" if requested
+                        else "cleared: taking apps again")
+        if requested and self.owned and self._judging():
+            live = await self.live_servers()
+            for app in list(self.owned):
+                await self.hand_over(app, self._successor(live), "drain requested")
+
+    async def _rebalance(self, live: dict[str, ServerRow]) -> None:
+        """Give one app to the least-loaded peer when we carry clearly more than it (a server joined)."""
+        loop = asyncio.get_running_loop()
+        if self.draining or not self._judging() or loop.time() - self._started_at < 4 * self.interval:
+            return
+        to = self._successor(live)
+        if to is None:
+            return
+        gap = self.load() - live[to].load_score
+        cooldown = max(5.0, 20 * self.interval)
+        movable = [(1.0 + self._rates.get(app, 0.0), app) for app in self.owned
+                   if loop.time() - self._gained_at.get(app, 0.0) > cooldown]
+        fitting = [(weight, app) for weight, app in movable if weight <= REBALANCE_FACTOR * gap]
+        if fitting:
+            weight, app = max(fitting)
+            await self.hand_over(app, to, f"balancing: load {self.load():.2f} vs {live[to].load_score:.2f}"
+                                          f" on {to}, app weight {weight:.2f}")

@@ -1,9 +1,18 @@
-"""The life of a regular fire on its owner server: scan, WAL, wheel, dispatch, result.
+"""The life of a regular fire on its owner server: scan, WAL, wheel, overlap, dispatch, result.
 
 A scan pass claims, per owned app, every job due within the horizon; the store writes the
 instance rows (the WAL) and advances the jobs in one fenced transaction. Only then do the
-fires enter the timing wheel. When the wheel says a fire is due it is dispatched to a worker
-of the app; status changes are written in batches by :class:`StatusWriter`.
+fires enter the timing wheel. When the wheel says a fire is due, its job's line (overlap
+policy, :mod:`.lines`) says whether it runs now, waits its turn or is skipped; a fire that
+runs is dispatched to a worker of the app. Status changes are written in batches by
+:class:`~.writer.StatusWriter`.
+
+Every planned fire ends in exactly one final record (the fire contract, README). After a
+failover the new owner recovers the WAL: waiting fires are fired; fires the previous owner
+may have sent to a worker (its status write may not have landed) hold their job until the
+workers it had re-attach and say what they run, or until any run of theirs has surely
+stopped (the workers' run lease); dispatched or running fires wait for their worker the same
+way and are re-run (``interrupted``) if it does not have them.
 """
 from __future__ import annotations
 
@@ -17,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .. import schedule
+from ..protocol import ProtocolError
 from ..store import (
-    FINAL_STATUSES,
+    MAX_RERUNS,
     InstanceRow,
     InstanceUpdate,
     JobRow,
@@ -29,12 +39,13 @@ from ..store import (
     Store,
     StoreError,
 )
-from ..tasks import BackgroundTasks
-from ..protocol import ProtocolError
+from ..tasks import BackgroundTasks, cancel_and_wait, wait_until_set
 from ..timer import WheelTimer
+from .lines import JobLines, Turn, Verdict
+from .writer import StatusWriter
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from .cluster import Cluster, Origin
     from .session import WorkerSession
 
 log = logging.getLogger("fastjob.scheduler")
@@ -43,90 +54,21 @@ DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs be
 # Allowed disagreement between servers' wall clocks when comparing one's heartbeat with fire times.
 CLOCK_SKEW_MARGIN = 1.0
 MAX_TEXT = 8192  # error texts and log lines are cut to this many characters before they are stored
-
-
-class StatusWriter:
-    """Collects status changes and log lines and writes them in batches, never losing one.
-
-    A failed write keeps the batch and is retried on the next flush, so a database outage
-    delays status updates but drops none.
-    """
-
-    def __init__(self, store: Store, flush_interval: float = 0.02, max_batch: int = 2000) -> None:
-        self.store = store
-        self.flush_interval = flush_interval
-        self.max_batch = max_batch
-        self._updates: list[InstanceUpdate] = []
-        self._logs: list[LogLine] = []
-        self._finished: dict[int, float] = {}  # job id -> latest finish, for last_finished_time
-        self._wake = asyncio.Event()
-        self._task: Optional[asyncio.Task[None]] = None
-
-    def update(self, change: InstanceUpdate) -> None:
-        self._updates.append(change)
-        self._wake.set()
-
-    def logs(self, lines: list[LogLine]) -> None:
-        self._logs.extend(lines)
-        self._wake.set()
-
-    def job_finished(self, job_id: int, finished_at: float) -> None:
-        if finished_at > self._finished.get(job_id, 0.0):
-            self._finished[job_id] = finished_at
-        self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="fastjob-status-writer")
-
-    async def stop(self) -> bool:
-        """Stop the background flushing; True if the final flush wrote everything."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        return await self.flush()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.flush_interval)  # let a burst gather into one batch
-            if not await self.flush():
-                await asyncio.sleep(0.5)
-                self._wake.set()
-
-    async def flush(self) -> bool:
-        """Write what is pending; False (and keep it) if the database refused."""
-        updates, self._updates = self._updates, []
-        lines, self._logs = self._logs, []
-        finished, self._finished = self._finished, {}
-        try:
-            if updates:
-                await self.store.update_instances(updates)
-                updates = []
-            if lines:
-                await self.store.append_logs(lines)
-                lines = []
-            if finished:
-                await self.store.mark_jobs_finished(finished)
-            return True
-        except StoreError as exc:
-            log.warning("status write of %d updates, %d log lines failed, will retry: %s",
-                        len(updates), len(lines), exc)
-            self._updates[:0] = updates
-            self._logs[:0] = lines
-            for job_id, finished_at in finished.items():
-                self.job_finished(job_id, finished_at)
-            return False
+#: The line key that holds a job while fires its previous owner may have sent are unresolved.
+RECOVERING = "recovering"
+#: Statuses a worker may report in RESULT; "cancelled" is what version-1 workers call an
+#: interruption (the server never asks a worker to cancel except for a timeout).
+WORKER_STATUSES = {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.INTERRUPTED, Status.KILLED}
 
 
 @dataclass(slots=True)
 class Inflight:
-    """An instance sent to a worker and not yet finished."""
+    """An instance sent to a worker (or recovered as sent) and not yet finished."""
 
     instance: InstanceRow
     job: JobRow
     session: Optional["WorkerSession"]
+    worker_id: Optional[str]  # the worker it was sent to
     refused_by: set[str] = field(default_factory=set)
     overdue_handle: Optional[int] = None
     orphan_handle: Optional[int] = None  # armed while no session holds it (awaiting re-attach)
@@ -142,6 +84,24 @@ class Pending:
     reason: str = "no worker connected"
 
 
+@dataclass(slots=True)
+class Recovery:
+    """A gained app whose previous owner may have sent fires we cannot see.
+
+    ``suspects`` are waiting rows it may have dispatched (their status write lost): each holds
+    its job (key RECOVERING) until a worker names it (it is that worker's), or every worker the
+    previous owner had has re-attached, or ``deadline`` passes (no run of theirs can still go
+    on); then the unnamed ones are fired."""
+
+    epoch: int
+    expected: set[str]  # workers registered with the previous owner
+    deadline: float  # timer time
+    reattached: set[str] = field(default_factory=set)
+    suspects: dict[int, InstanceRow] = field(default_factory=dict)
+    held_jobs: set[int] = field(default_factory=set)  # jobs held by RECOVERING
+    handle: Optional[int] = None
+
+
 class Scheduler:
     """Owns the wheel of this server and every fire of the apps this server owns."""
 
@@ -154,7 +114,8 @@ class Scheduler:
         scan_interval: float,
         dispatch_wait: float,
         misfire_threshold: float,
-        reattach_grace: float,
+        heartbeat_timeout: float,
+        run_lease: float,
         workers_of: Callable[[str], list["WorkerSession"]],
         is_second_level: Callable[[JobRow], bool],
         status_flush_interval: float = 0.02,
@@ -165,24 +126,28 @@ class Scheduler:
         self.scan_interval = scan_interval
         self.dispatch_wait = dispatch_wait
         self.misfire_threshold = misfire_threshold
-        self.reattach_grace = reattach_grace
+        self.heartbeat_timeout = heartbeat_timeout
+        self.run_lease = run_lease
+        # extra wait past a worker's lease before its instance may run elsewhere (clock rates, RTT)
+        self.lease_margin = 0.1 * heartbeat_timeout
         self.workers_of = workers_of
         self.is_second_level = is_second_level
         self.writer = StatusWriter(store, flush_interval=status_flush_interval)
         self.timer: Optional[WheelTimer] = None
         self.jobs: dict[int, JobRow] = {}
+        self.lines = JobLines()
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
         self.waiting_per_job: collections.Counter[int] = collections.Counter()  # fires in the wheel, by job
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
-        # Overdue waiting fires recovered from an older epoch: the dead owner may have dispatched
-        # them (its status write lost), so they wait in the wheel for the re-attach grace, and a
-        # worker that names one in its HELLO gets it back instead.  instance id -> (row, epoch)
-        self.suspects: dict[int, tuple[InstanceRow, int]] = {}
-        self.claimed_by: dict[int, "WorkerSession"] = {}  # suspect -> the worker that named it
+        self.recovery: dict[str, Recovery] = {}
+        # apps being handed to another server: nothing more is sent; fires due meanwhile wait here
+        self.draining: dict[str, list[tuple[InstanceRow, int]]] = {}
+        self._dispatched: collections.Counter[str] = collections.Counter()  # fires sent per app, for fire_rates()
+        self._rates_since = time.monotonic()
+        self._follow_ups: dict[str, set[asyncio.Task[None]]] = {}  # retries/re-runs being written, by app
         self._rr: dict[str, int] = {}
-        self.running_per_job: collections.Counter[int] = collections.Counter()  # inflight count by job
         self.tasks = BackgroundTasks(expected=(StoreError,))
         self._scan_task: Optional[asyncio.Task[None]] = None
         self._scan_now = asyncio.Event()
@@ -195,68 +160,73 @@ class Scheduler:
         self._scan_task = asyncio.create_task(self._scan_loop(), name="fastjob-scan")
 
     async def stop(self) -> bool:
-        """Stop firing and write what is pending.  True when our apps can be released: every
-        status is written and no fire is held back from a dead owner (a successor that finds
-        an app released holds nothing back)."""
-        if self._scan_task is not None:
-            self._scan_task.cancel()
-            await asyncio.gather(self._scan_task, return_exceptions=True)
+        """Stop firing and write what is pending.  True when our apps can be let go cleanly:
+        every status is written and no fire of a previous owner is still unresolved (a
+        successor that finds an app released or handed over holds nothing back)."""
+        await cancel_and_wait(self._scan_task, 10.0, "the scan loop")
         await self.tasks.close()
         if self.timer is not None:
             self.timer.close()
         flushed = await self.writer.stop()
-        return flushed and not self.suspects
+        return flushed and not any(rec.suspects or rec.held_jobs for rec in self.recovery.values())
 
     def wake_scan(self) -> None:
         self._scan_now.set()
 
     # ---- ownership callbacks -------------------------------------------------------------
-    async def app_gained(self, app: str, epoch: int, previous_owner: Optional[str] = None) -> None:
-        """Recover the app's WAL: waiting fires go into the wheel, running ones await re-attach."""
+    async def app_gained(self, app: str, epoch: int, origin: "Origin") -> None:
+        """Recover the app's WAL: waiting fires go into the wheel; fires the previous owner may
+        have sent hold their jobs until their workers re-attach or surely stopped."""
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
-        dispatch_cutoff_ms = await self._last_possible_dispatch_ms(previous_owner)
+        expected: set[str] = set()
+        if origin.prev_owner is not None:
+            expected = {w.worker_id for w in await self.store.list_workers(app, origin.prev_owner)}
+        now = time.time()
+        if origin.left_clean or origin.prev_owner is None:
+            # it wrote everything and closed its sessions now: its workers' leases run from here
+            cutoff_ms, until = -1, now + self.run_lease + self.lease_margin
+        else:
+            # it sent fires only while its lease held: up to its last heartbeat plus the timeout
+            last = origin.prev_last_heartbeat if origin.prev_last_heartbeat is not None else now
+            lease_end = last + self.heartbeat_timeout + CLOCK_SKEW_MARGIN
+            cutoff_ms = min(schedule.now_ms(), math.ceil(lease_end * 1000))
+            until = max(now, lease_end + self.run_lease + self.lease_margin)
+        rec = Recovery(epoch, expected, self._timer_time_of(int(until * 1000)))
         for row in rows:
             job = await self.job(row.job_id)
             if job is None:
                 continue
-            if row.status is Status.WAITING and row.epoch < epoch and row.planned_ms <= dispatch_cutoff_ms:
-                self.suspects[row.id] = (row, epoch)
-                self._enter_wheel(row, epoch, WheelTimer.time() + self.reattach_grace)
-            elif row.status is Status.WAITING:
+            if row.status in (Status.WAITING, Status.QUEUED) and row.epoch < epoch and row.planned_ms <= cutoff_ms:
+                rec.suspects[row.id] = row
+                rec.held_jobs.add(job.id)
+                self.lines.hold(job.id, RECOVERING)
+            elif row.status in (Status.WAITING, Status.QUEUED):
                 self._enter_wheel(row, epoch)
             elif row.id not in self.inflight:
-                flight = Inflight(row, job, None)
+                flight = Inflight(row, job, None, row.worker)
                 self.inflight[row.id] = flight
-                self.running_per_job[job.id] += 1
-                flight.orphan_handle = self._arm(("orphan", row.id), self.reattach_grace)
+                self.lines.hold(job.id, row.id)
+                flight.orphan_handle = self._arm(("orphan", row.id), rec.deadline - WheelTimer.time())
+        self.recovery[app] = rec
+        rec.handle = self._arm(("recovery", (app, epoch)), rec.deadline - WheelTimer.time())
         await self._restart_delay_chains(app, epoch, rows)
-        log.info("app %s: gained at epoch %d, recovered %d unfinished instances", app, epoch, len(rows))
+        log.info("app %s: gained at epoch %d from %s (%s), recovered %d unfinished instances; %d fires it may"
+                 " have sent wait for %d of its workers or %.1fs", app, epoch, origin.prev_owner,
+                 "clean" if origin.left_clean else "unclean", len(rows), len(rec.suspects), len(expected),
+                 max(0.0, until - now))
         # workers accepted while the WAL was loading named their instances before they were known
         for session in self.workers_of(app):
             if session.role == "worker":
                 self.worker_joined(session, session.hello_running, session.hello_finished)
+        self._maybe_end_recovery(app)
         self.wake_scan()
-
-    async def _last_possible_dispatch_ms(self, previous_owner: Optional[str]) -> int:
-        """Up to when the app's previous owner may have dispatched fires we cannot see.
-
-        An owner dispatches only while its lease holds: at most ``reattach_grace`` (the
-        heartbeat timeout, the same on every server of a cluster) after its last heartbeat,
-        plus a margin for clock skew between servers."""
-        now_ms = schedule.now_ms()
-        if previous_owner is None:
-            return -1  # released: only after a final flush, and with nothing held (Scheduler.stop)
-        last_seen = next((s.heartbeat_at for s in await self.store.list_servers() if s.id == previous_owner), None)
-        if last_seen is None:
-            return now_ms
-        return min(now_ms, math.ceil((last_seen + self.reattach_grace + CLOCK_SKEW_MARGIN) * 1000))
 
     async def _restart_delay_chains(self, app: str, epoch: int, unfinished: list[InstanceRow]) -> None:
         """A fixed-delay job with no next fire and nothing in flight lost its chain in a crash: restart it."""
         busy = {row.job_id for row in unfinished}
         for job in [j for j in self.jobs.values() if j.app == app]:
-            if (job.next_trigger_ms is None and job.id not in busy and self._delay_chain(job)):
+            if job.next_trigger_ms is None and job.id not in busy and self._delay_chain(job):
                 log.info("job %s (%d): fixed-delay chain had no next fire; restarting it", job.name, job.id)
                 await self.store.set_next_trigger(self.cluster.server_id, app, epoch, job.id, schedule.now_ms())
 
@@ -264,14 +234,38 @@ class Scheduler:
         """Forget every fire of the app; its new owner has them in the database."""
         # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
         self.pending.pop(app, None)
-        for instance_id in [i for i, (row, _) in self.suspects.items() if row.app == app]:
-            del self.suspects[instance_id]
-            self.claimed_by.pop(instance_id, None)
+        self.draining.pop(app, None)
+        rec = self.recovery.pop(app, None)
+        if rec is not None and rec.handle is not None and self.timer is not None:
+            self.timer.cancel(rec.handle)
         for flight in list(self.inflight.values()):
             if flight.instance.app == app:
                 self._forget_flight(flight)
+                if flight.orphan_handle is not None and self.timer is not None:
+                    self.timer.cancel(flight.orphan_handle)
+        self.held = [(row, epoch) for row, epoch in self.held if row.app != app]
+        self.lines.forget({job.id for job in self.jobs.values() if job.app == app})
         for session in self.workers_of(app):
             session.redirect_away()
+
+    async def drain_app(self, app: str, timeout: float = 5.0) -> bool:
+        """Stop sending the app's fires and write everything about it, before handing it over.
+
+        True when the app can go clean: nothing unwritten, nothing of a previous owner unresolved."""
+        self.draining.setdefault(app, [])
+        follow_ups = list(self._follow_ups.get(app, ()))
+        if follow_ups:
+            await asyncio.wait(follow_ups, timeout=timeout)
+        flushed = await self.writer.flush()
+        rec = self.recovery.get(app)
+        unresolved = rec is not None and bool(rec.suspects or rec.held_jobs)
+        return flushed and all(task.done() for task in follow_ups) and not unresolved
+
+    def undrain(self, app: str) -> None:
+        """A hand-over did not happen: keep serving the app; the fires due meanwhile go out now."""
+        for row, epoch in self.draining.pop(app, []):
+            self.fire(row, epoch)
+        self.wake_scan()
 
     # ---- jobs cache ------------------------------------------------------------------------
     async def job(self, job_id: int) -> Optional[JobRow]:
@@ -293,14 +287,13 @@ class Scheduler:
     # ---- scan ------------------------------------------------------------------------------
     async def _scan_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._scan_now.wait(), self.scan_interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_until_set(self._scan_now, self.scan_interval)
             self._scan_now.clear()
             if not self.cluster.lease_valid():
                 continue
             for app, epoch in list(self.cluster.owned.items()):
+                if app in self.draining:
+                    continue
                 try:
                     await self.scan_app(app, epoch)
                 except NotOwnerError:
@@ -315,8 +308,8 @@ class Scheduler:
         """Claim the app's fires due within the horizon and put them into the wheel."""
         now = time.time()
         horizon_ms = int((now + self.scan_horizon) * 1000)
-        next_fire = schedule.make_next_fire(int(now * 1000), int(self.misfire_threshold * 1000))
-        rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, next_fire, now)
+        planner = schedule.make_planner(int(now * 1000), int(self.misfire_threshold * 1000))
+        rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, planner, now)
         if any(row.job_id not in self.jobs for row in rows):
             await self.load_jobs(app)  # one query for the app, not a round trip per job
         for row in rows:
@@ -349,14 +342,13 @@ class Scheduler:
             del self.waiting_per_job[job_id]
 
     def _links_in_motion(self, job: JobRow) -> bool:
-        """Has the job a fire waiting in the wheel, queued for a worker, held, or running?"""
-        return (self.waiting_per_job[job.id] > 0 or self.running_per_job[job.id] > 0
-                or any(entry.job.id == job.id for entry in self.pending.get(job.app, ()))
+        """Has the job a fire waiting in the wheel, in its line (running, queued, waiting for a worker) or held?"""
+        return (self.waiting_per_job[job.id] > 0 or self.lines.busy(job.id)
                 or any(row.job_id == job.id for row, _ in self.held))
 
     def _arm(self, item: tuple[str, Any], delay: float) -> int:
         assert self.timer is not None
-        return self.timer.call_later(delay, item)
+        return self.timer.call_later(max(0.0, delay), item)
 
     def _on_due(self, items: list[tuple[str, Any]]) -> None:
         """Handle due items; a big burst goes in slices so frames leave while the rest waits."""
@@ -369,7 +361,6 @@ class Scheduler:
                     row, epoch = payload
                     if self.wheel_handles.pop(row.id, None) is not None:
                         self._left_wheel(row.job_id)
-                    self.suspects.pop(row.id, None)  # grace over: to its claimant (if any), else anew
                     self.fire(row, epoch)
                 elif kind == "overdue":
                     self._overdue(payload)
@@ -377,22 +368,21 @@ class Scheduler:
                     self._orphan_expired(payload)
                 elif kind == "pending":
                     self._pending_expired(payload)
+                elif kind == "recovery":
+                    app, epoch = payload
+                    self._end_recovery(app, epoch, "the previous owner's workers surely stopped")
             except Exception:  # one bad item must not cost the rest of the batch
                 log.exception("scheduler: %s item failed", kind)
 
     # ---- dispatch --------------------------------------------------------------------------
     def fire(self, row: InstanceRow, epoch: int) -> None:
-        """A fire is due: dispatch it now, or hold it (stale lease) or queue it (no worker)."""
+        """A fire is due: by its job's line, dispatch it, queue it or skip it (or hold it: stale lease)."""
         if not self.cluster.owns(row.app, epoch):
-            return  # the app moved (maybe and came back): its current owner fires this row from the WAL
+            return  # the app moved: its owner fires this row from the WAL
         if row.id in self.inflight:
-            return  # already sent (a reclaimed suspect whose wheel entry was on its way out)
-        claimant = self.claimed_by.pop(row.id, None)
-        if claimant is not None and not claimant.closed and row.job_id in self.jobs:
-            # The worker that has it keeps its one running copy (ACK) or replays its stored
-            # RESULT: the instance runs once.  No lease check: it cannot run twice there.
-            log.info("instance %d: reclaimed from worker %s after the failover", row.id, claimant.worker_id)
-            self._send_dispatch(claimant, row, self.jobs[row.job_id], set())
+            return  # already sent
+        if row.app in self.draining:
+            self.draining[row.app].append((row, epoch))  # for its next owner (or for us, if it stays)
             return
         if not self.cluster.lease_valid():
             self.held.append((row, epoch))
@@ -402,14 +392,19 @@ class Scheduler:
         if job is None or job.is_delete or (not job.enabled and row.trigger != "api"):
             self._finish(row, Status.CANCELLED, error="job deleted or disabled before its fire")
             return
-        late = time.time() - row.planned_ms / 1000.0
-        if row.trigger == "schedule" and late > self.misfire_threshold and job.misfire_policy == "skip":
-            self._finish(row, Status.MISFIRED, error=f"fire was {late:.1f}s late; misfire policy skip")
-            return
-        if row.trigger == "schedule" and not job.allow_overlap and self.running_per_job[job.id]:
-            self._finish(row, Status.CANCELLED, error="skipped: an earlier instance still runs (allow_overlap is false)")
-            return
-        self._dispatch(row, job, set())
+        verdict, reason = self.lines.admit(job, row, epoch)
+        if verdict is Verdict.SKIP:
+            self._finish(row, Status.SKIPPED, error=reason, job=job)
+        elif verdict is Verdict.WAIT:
+            self.writer.update(InstanceUpdate(row.id, Status.QUEUED))
+        else:
+            self._dispatch(row, job, set())
+
+    def _start_turns(self, turn: Optional[Turn]) -> None:
+        """Start the next fire of a line that became free (it already holds its job)."""
+        if turn is not None:
+            # call_soon: a chain of fires that end at once (cancelled, skipped) never recurses
+            asyncio.get_running_loop().call_soon(self.fire, turn.row, turn.epoch)
 
     def _dispatch(self, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
         """Send the fire to a worker, or queue it until one can take it."""
@@ -425,13 +420,13 @@ class Scheduler:
         except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
             self._finish(row, Status.FAILED, error=f"could not dispatch: {exc.message}", job=job)
             return
-        flight = Inflight(row, job, session, refused_by=refused_by)
+        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by)
         self.inflight[row.id] = flight
-        self.running_per_job[job.id] += 1
+        self._dispatched[row.app] += 1
         session.running.add(row.id)
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
-            flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.reattach_grace)
+            flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.heartbeat_timeout)
         self.writer.update(InstanceUpdate(
             row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
 
@@ -483,7 +478,7 @@ class Scheduler:
         queue = self.pending.get(entry.instance.app, [])
         if entry in queue:
             queue.remove(entry)
-            self._finish(entry.instance, Status.FAILED,
+            self._finish(entry.instance, Status.FAILED, job=entry.job,
                          error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
 
     # ---- worker reports --------------------------------------------------------------------
@@ -523,14 +518,19 @@ class Scheduler:
         self.writer.logs([LogLine(instance_id, float(ts), str(level)[:16], str(message)[:MAX_TEXT])
                           for ts, level, message in body["lines"]])
 
-    def on_result(self, session: "WorkerSession", body: dict[str, Any]) -> None:
-        instance_id = body["instance_id"]
+    @staticmethod
+    def _reported_status(body: dict[str, Any]) -> Status:
         try:
             status = Status(body["status"])
         except ValueError:
-            status = Status.FAILED
-        if status not in FINAL_STATUSES:
-            status = Status.FAILED
+            return Status.FAILED
+        if status is Status.CANCELLED:
+            return Status.INTERRUPTED
+        return status if status in WORKER_STATUSES else Status.FAILED
+
+    def on_result(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        status = self._reported_status(body)
         error = body.get("error")
         error = str(error)[:MAX_TEXT] if error is not None else None
         flight = self._flight_of(session, instance_id)
@@ -556,49 +556,81 @@ class Scheduler:
             instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
             finished_at=body["finished_at"], result=body.get("result"), error=error))
 
+    # ---- workers coming and going ------------------------------------------------------------
     def worker_joined(self, session: "WorkerSession", running: Sequence[int], finished: Sequence[int] = ()) -> None:
-        """Re-attach the instances a (re)connecting worker says it still runs or just finished."""
-        for instance_id in (*running, *finished):
-            if instance_id in self.suspects:
-                self._claim_suspect(session, instance_id)
-        for instance_id in (*running, *finished):
+        """Re-attach the instances a (re)connecting worker says it still runs or just finished;
+        re-run those it was sent and does not have."""
+        app = session.app
+        named = {*running, *finished}
+        rec = self.recovery.get(app)
+        for instance_id in named:
+            if rec is not None and instance_id in rec.suspects:
+                self._claim_suspect(session, rec, instance_id)
             flight = self.inflight.get(instance_id)
-            if flight is not None and flight.instance.app == session.app and flight.session is None:
-                flight.session = session
-                session.running.add(instance_id)
-                if flight.orphan_handle is not None and self.timer is not None:
-                    self.timer.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
-                    flight.orphan_handle = None
-                if instance_id not in running:  # finished while we were apart: ask for the result again
-                    self._send_dispatch_frame(session, flight.instance, flight.job)
-                log.info("instance %d: re-attached to worker %s", instance_id, session.worker_id)
-        self.drain_pending(session.app)
+            if flight is not None and flight.instance.app == app and flight.session is None:
+                self._reattach(session, flight, finished_here=instance_id not in running)
+        for flight in [f for f in self.inflight.values()
+                       if f.session is None and f.instance.app == app and f.worker_id == session.worker_id
+                       and f.instance.id not in named]:
+            self._orphan_resolved(flight, f"worker {session.worker_id} came back without it")
+        if rec is not None:
+            rec.reattached.add(session.worker_id)
+            self._maybe_end_recovery(app)
+        self.drain_pending(app)
 
-    def _claim_suspect(self, session: "WorkerSession", instance_id: int) -> None:
-        """A worker names a fire the dead owner may have sent it: it is that worker's.
+    def _reattach(self, session: "WorkerSession", flight: Inflight, finished_here: bool) -> None:
+        flight.session = session
+        flight.worker_id = session.worker_id
+        session.running.add(flight.instance.id)
+        if flight.orphan_handle is not None and self.timer is not None:
+            self.timer.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
+            flight.orphan_handle = None
+        if finished_here:  # finished while we were apart: ask for the result again
+            self._send_dispatch_frame(session, flight.instance, flight.job)
+        log.info("instance %d: re-attached to worker %s", flight.instance.id, session.worker_id)
 
-        Sent back to it now if the fire is still waiting in the wheel, else by fire() when its
-        entry (already on its way out of the wheel) arrives."""
-        row, epoch = self.suspects[instance_id]
-        if row.app != session.app:
+    def _claim_suspect(self, session: "WorkerSession", rec: Recovery, instance_id: int) -> None:
+        """A worker names a fire the previous owner may have sent it: it is that worker's. It
+        keeps its one running copy (ACK) or replays its stored RESULT: the instance runs once."""
+        row = rec.suspects[instance_id]
+        job = self.jobs.get(row.job_id)
+        if row.app != session.app or job is None:
             return
-        self.claimed_by[instance_id] = session
-        handle = self.wheel_handles.get(instance_id)
-        if handle is not None and self.timer is not None and self.timer.cancel(handle):
-            del self.wheel_handles[instance_id]
-            self._left_wheel(row.job_id)
-            del self.suspects[instance_id]
-            self.fire(row, epoch)
+        del rec.suspects[instance_id]
+        self.lines.hold(job.id, row.id)
+        log.info("instance %d: reclaimed from worker %s after the failover", row.id, session.worker_id)
+        self._send_dispatch(session, row, job, set())
+
+    def _maybe_end_recovery(self, app: str) -> None:
+        rec = self.recovery.get(app)
+        if rec is not None and rec.expected <= rec.reattached:
+            self._end_recovery(app, rec.epoch, "every worker of the previous owner re-attached")
+
+    def _end_recovery(self, app: str, epoch: int, why: str) -> None:
+        """The suspects nobody named are surely not running: they take their turns now, in planned order."""
+        rec = self.recovery.get(app)
+        if rec is None or rec.epoch != epoch or not self.cluster.owns(app, epoch):
+            return
+        del self.recovery[app]
+        if rec.handle is not None and self.timer is not None:
+            self.timer.cancel(rec.handle)
+        if rec.suspects:
+            log.info("app %s: %s; firing %d held-back fires", app, why, len(rec.suspects))
+        for row in sorted(rec.suspects.values(), key=lambda r: (r.planned_ms, r.attempt)):
+            self.lines.push(row, epoch)
+        for job_id in rec.held_jobs:
+            self._start_turns(self.lines.release(job_id, RECOVERING))
 
     def worker_left(self, session: "WorkerSession") -> None:
-        """Its running instances wait a grace period for the worker to come back, then fail."""
-        for instance_id in [i for i, claimant in self.claimed_by.items() if claimant is session]:
-            del self.claimed_by[instance_id]  # it names them again when it reconnects
+        """Its running instances wait for the worker to come back until its run lease has surely
+        run out (no run of its can go on after that), then run again elsewhere."""
+        loop = asyncio.get_running_loop()
+        safe_in = session.last_received + self.run_lease + self.lease_margin - loop.time()
         for instance_id in list(session.running):
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.session is session:
                 flight.session = None
-                flight.orphan_handle = self._arm(("orphan", instance_id), self.reattach_grace)
+                flight.orphan_handle = self._arm(("orphan", instance_id), safe_in)
         session.running.clear()
 
     def _orphan_expired(self, instance_id: int) -> None:
@@ -606,9 +638,19 @@ class Scheduler:
         if flight is None or flight.session is not None:
             return
         flight.orphan_handle = None
+        self._orphan_resolved(flight, f"worker {flight.worker_id} lost: it did not come back within its run lease")
+
+    def _orphan_resolved(self, flight: Inflight, why: str) -> None:
+        """Nobody runs this instance any more: it ends interrupted, and runs again."""
+        if flight.orphan_handle is not None and self.timer is not None:
+            self.timer.cancel(flight.orphan_handle)
+            flight.orphan_handle = None
         self._forget_flight(flight)
-        self._finish(flight.instance, Status.FAILED, job=flight.job,
-                     error="worker lost: it did not report the instance within the grace period")
+        self._finish(flight.instance, Status.INTERRUPTED, job=flight.job, error=why)
+
+    def worker_draining(self, session: "WorkerSession") -> None:
+        """A stopping worker takes nothing new: the fires waiting for a worker go elsewhere."""
+        self.drain_pending(session.app)
 
     def _overdue(self, instance_id: int) -> None:
         flight = self.inflight.get(instance_id)
@@ -622,17 +664,14 @@ class Scheduler:
                      error=f"no result within the {flight.job.timeout}s timeout")
 
     def _forget_flight(self, flight: Inflight) -> None:
-        if self.inflight.pop(flight.instance.id, None) is not None:
-            self.running_per_job[flight.job.id] -= 1
-            if self.running_per_job[flight.job.id] <= 0:
-                del self.running_per_job[flight.job.id]
+        self.inflight.pop(flight.instance.id, None)
         if flight.session is not None:
             flight.session.running.discard(flight.instance.id)
         if flight.overdue_handle is not None and self.timer is not None:
             self.timer.cancel(flight.overdue_handle)
             flight.overdue_handle = None
 
-    # ---- final states, retries, fixed delay ------------------------------------------------
+    # ---- final states, retries, re-runs, fixed delay -----------------------------------------
     def _finish(
         self,
         row: InstanceRow,
@@ -645,6 +684,7 @@ class Scheduler:
         finished_at: Optional[float] = None,
         job: Optional[JobRow] = None,
     ) -> None:
+        """Record a final status, then start what follows it: a retry, a re-run, or the next in line."""
         finished_at = finished_at or time.time()
         if status is not Status.SUCCEEDED and error:
             log.info("instance %d (job %d, app %s, attempt %d): %s: %s",
@@ -652,48 +692,93 @@ class Scheduler:
         self.writer.update(InstanceUpdate(row.id, status, worker=worker, started_at=started_at,
                                           finished_at=finished_at, result=result, error=error))
         job = job or self.jobs.get(row.job_id)
+        follow = self._follow_up(row, status, job)
+        if follow is not None and job is not None:
+            # the retry or re-run keeps the fire's turn: nothing behind it starts meanwhile
+            key = ("follow", row.id)
+            self._spawn_follow_up(row, job, follow, key if self.lines.replace(job.id, row.id, key) else None)
+            return
+        self._start_turns(self.lines.release(row.job_id, row.id))
         if job is None:
             return
-        retry = status in (Status.FAILED, Status.TIMED_OUT) and row.attempt <= job.retry_times
-        if not retry and status not in (Status.MISFIRED, Status.CANCELLED):
+        if status not in (Status.SKIPPED, Status.CANCELLED):
             self.writer.job_finished(job.id, finished_at)
         current = self.jobs.get(job.id, job)
         # one chain per fixed-delay job: a finish continues it only when no other link is in motion
         # (a re-enable or an API run may have started one), so parallel links merge into one
-        chain = row.trigger != "api" and self._delay_chain(current) and not self._links_in_motion(current)
-        if retry or chain:
-            self.tasks.spawn(self._after_final(row, job, retry, finished_at), f"fastjob-after-{row.id}")
+        if row.trigger != "api" and self._delay_chain(current) and not self._links_in_motion(current):
+            self.tasks.spawn(self._continue_chain(row, job, finished_at), f"fastjob-chain-{row.id}")
+
+    @staticmethod
+    def _follow_up(row: InstanceRow, status: Status, job: Optional[JobRow]) -> Optional[str]:
+        """"retry" (a failure with retries left), "rerun" (an interruption), or None."""
+        if job is None:
+            return None
+        if status in (Status.FAILED, Status.TIMED_OUT) and row.attempt - row.reruns <= job.retry_times:
+            return "retry"
+        if status is Status.INTERRUPTED and row.reruns < MAX_RERUNS:
+            return "rerun"
+        return None
+
+    def _spawn_follow_up(self, row: InstanceRow, job: JobRow, follow: str, key: Any) -> None:
+        task = self.tasks.spawn(self._write_follow_up(row, job, follow, key), f"fastjob-{follow}-{row.id}")
+        tasks = self._follow_ups.setdefault(row.app, set())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _delay_chain(self, job: JobRow) -> bool:
         """Is this a live fixed-delay job whose next fire is chained to the previous finish?"""
         return (job.schedule_type is ScheduleType.FIXED_DELAY and not job.run_once and job.enabled
                 and not job.is_delete and not self.is_second_level(job))
 
-    async def _after_final(self, row: InstanceRow, job: JobRow, retry: bool, finished_at: float) -> None:
-        """Write the WAL row of what follows a final status: a retry, or a fixed delay's next fire."""
+    async def _write_follow_up(self, row: InstanceRow, job: JobRow, follow: str, key: Any) -> None:
+        """Write the WAL row of a retry or re-run (kept trying while we own the app), then wheel it."""
+        rerun = follow == "rerun"
+        again: Optional[InstanceRow] = None
+        delay = 0.05
+        try:
+            while True:
+                epoch = self.cluster.owned.get(row.app)
+                if epoch is None:
+                    return  # the app moved: its new owner finds this row final and nothing after it
+                try:
+                    again = await self.store.insert_instance(
+                        self.cluster.server_id, row.app, epoch, job.id, row.planned_ms, row.attempt + 1, follow,
+                        row.params, time.time(), reruns=row.reruns + int(rerun))
+                    break
+                except NotOwnerError:
+                    return
+                except StoreError as exc:
+                    log.warning("instance %d: %s not written yet, will retry: %s", row.id, follow, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        finally:
+            if again is None and key is not None:
+                self._start_turns(self.lines.release(job.id, key))
+        if again is None:
+            return
+        if key is not None:
+            self.lines.replace(job.id, key, again.id)
+        wait = 0.0 if rerun else schedule.retry_delay(job, row.attempt - row.reruns)
+        log.info("instance %d: %s as %d (attempt %d) in %.2fs", row.id, follow, again.id, again.attempt, wait)
+        self._enter_wheel(again, epoch, WheelTimer.time() + wait)
+
+    async def _continue_chain(self, row: InstanceRow, job: JobRow, finished_at: float) -> None:
+        """A fixed delay's next fire is due ``period`` after this finish: the job's next_trigger_ms."""
         epoch = self.cluster.owned.get(row.app)
         if epoch is None:
-            return
-        server_id = self.cluster.server_id
-        if retry:
-            again = await self.store.insert_instance(
-                server_id, row.app, epoch, job.id, row.planned_ms, row.attempt + 1, "retry", row.params, time.time())
-            if again is not None:
-                delay = schedule.retry_delay(job, row.attempt)
-                log.info("instance %d: retry as %d (attempt %d) in %.2fs", row.id, again.id, again.attempt, delay)
-                self._enter_wheel(again, epoch, WheelTimer.time() + delay)
             return
         # the chain lives in one place, the job's next_trigger_ms: a re-enable or an edit that
         # also set it can never start a second chain, and the scan claims it like any fire
         period = schedule.parse_period(self.jobs.get(job.id, job).schedule_expr)
         next_ms = math.ceil((finished_at + period) * 1000)  # never before finish + delay
-        await self.store.set_next_trigger(server_id, row.app, epoch, job.id, next_ms)
+        await self.store.set_next_trigger(self.cluster.server_id, row.app, epoch, job.id, next_ms)
         self.wake_scan()
 
     async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
         """An API call fires the job now (WAL first, then the wheel)."""
         epoch = self.cluster.owned.get(app)
-        if epoch is None:
+        if epoch is None or app in self.draining:
             raise NotOwnerError(app, -1)
         planned = schedule.now_ms()
         for bump in range(50):  # two triggers in the same millisecond get distinct planned times
@@ -704,6 +789,15 @@ class Scheduler:
                 self._enter_wheel(row, epoch, WheelTimer.time())
                 return row
         raise StoreError(f"job {job.name}: could not record the trigger")
+
+    def fire_rates(self) -> dict[str, float]:
+        """Fires sent per second by app since the last call (for balancing apps over servers)."""
+        now = time.monotonic()
+        elapsed = max(1e-3, now - self._rates_since)
+        rates = {app: count / elapsed for app, count in self._dispatched.items()}
+        self._dispatched.clear()
+        self._rates_since = now
+        return rates
 
     # ---- lease ------------------------------------------------------------------------------
     def _revalidate_lease(self) -> None:

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .. import schedule
-from ..store import JobRow, StoreError
+from ..store import JobRow, Overlap, StoreError
 
 if TYPE_CHECKING:
     from .app import FastJobServer
@@ -51,7 +51,7 @@ class SecondLevel:
         return {
             "id": job.id, "name": job.name, "handler": job.handler,
             "schedule_type": job.schedule_type.value, "period": schedule.parse_period(job.schedule_expr),
-            "params": job.params, "timeout": job.timeout, "allow_overlap": job.allow_overlap,
+            "params": job.params, "timeout": job.timeout, "allow_overlap": job.overlap == Overlap.ALLOW.value,
             "version": job.version,
         }
 
@@ -139,6 +139,10 @@ class SecondLevel:
         log.info("worker %s left with %d second-level jobs; reassigning in %.2fs",
                  session.worker_id, len(orphaned), max(0.0, safe_at - loop.time()))
         loop.call_at(safe_at, self._reassign, session, orphaned)
+
+    def worker_draining(self, session: "WorkerSession") -> None:
+        """A stopping worker stopped its second-level jobs before saying so: reassign them now."""
+        self._reassign(session, [job_id for job_id, s in self.runner.items() if s is session])
 
     def _reassign(self, gone: "WorkerSession", job_ids: list[int]) -> None:
         for job_id in job_ids:

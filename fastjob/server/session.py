@@ -11,7 +11,15 @@ import hmac
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from ..protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message
+from ..protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    SINCE_VERSION,
+    Connection,
+    ErrorCode,
+    Message,
+    negotiate_version,
+)
 from ..schedule import ScheduleError
 from ..store import NotOwnerError, StoreError
 from .api import ApiError, handle_api, API_TYPES
@@ -36,6 +44,8 @@ class WorkerSession(Connection):
         self.app: str = ""
         self.worker_id: str = ""
         self.role = "worker"
+        self.version = PROTOCOL_VERSION  # negotiated at WELCOME
+        self.draining = False  # the worker is stopping (DRAIN): it takes nothing new
         self.tags: frozenset[str] = frozenset()
         self.capacity = 0
         self.running: set[int] = set()  # instance ids dispatched to it and not finished
@@ -50,7 +60,7 @@ class WorkerSession(Connection):
     # ---- capabilities used by routing ---------------------------------------------------
     @property
     def accepts_jobs(self) -> bool:
-        return self.established and self.role == "worker" and not self.closed
+        return self.established and self.role == "worker" and not self.closed and not self.draining
 
     def has_room(self) -> bool:
         return self.capacity <= 0 or len(self.running) < self.capacity
@@ -85,16 +95,26 @@ class WorkerSession(Connection):
 
     def on_message(self, msg: Message) -> None:
         if not self.established:
-            if msg.type != "HELLO" or self._hello_task is not None:
-                self.fail(ErrorCode.BAD_MESSAGE, f"expected HELLO to open the session, got {msg.type}")
+            if msg.type != "HELLO" or msg.rid == 0 or self._hello_task is not None:
+                self.fail(ErrorCode.BAD_MESSAGE, f"expected HELLO as a request to open the session, got {msg.type}"
+                          + (" with rid 0" if msg.type == "HELLO" and msg.rid == 0 else ""))
                 return
             self._hello_task = asyncio.create_task(self._hello(msg), name="fastjob-hello")
             return
         kind = msg.type
-        if kind == "PING":
-            self.send("PONG", {"ts": msg.body.get("ts", 0.0)})
+        if SINCE_VERSION.get(kind, 1) > self.version:
+            self.fail(ErrorCode.UNKNOWN_TYPE, f"{kind} is not defined in protocol version {self.version}")
+        elif kind == "PING":
+            # a worker's run lease is renewed only by a server that may still send its app's fires
+            self.send("PONG", {"ts": msg.body.get("ts", 0.0), "lease": self.server.cluster.lease_valid()})
         elif kind == "PONG":
             pass
+        elif kind == "DRAIN":
+            if self.role == "worker" and not self.draining:
+                log.info("worker %s of app %s is stopping: %s", self.worker_id, self.app,
+                         msg.body.get("reason") or "drain")
+                self.draining = True
+                self.server.session_draining(self)
         elif kind == "ERROR":  # a worker's complaint not tied to a request: log it, keep the session
             log.warning("worker %s of app %s reports error %s: %s", self.worker_id, self.app,
                         msg.body.get("code"), msg.body.get("message"))
@@ -114,8 +134,10 @@ class WorkerSession(Connection):
     async def _hello(self, msg: Message) -> None:
         body = msg.body
         try:
-            if body["version"] < 1:
-                self._reject(msg, ErrorCode.UNSUPPORTED_VERSION, f"this server speaks version {PROTOCOL_VERSION}")
+            version = negotiate_version(body["version"])
+            if version is None:
+                self._reject(msg, ErrorCode.UNSUPPORTED_VERSION,
+                             f"this server speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")
                 return
             app = body["app"]
             if not app or len(app) > 128:
@@ -124,7 +146,9 @@ class WorkerSession(Connection):
             if not body["worker_id"] or len(body["worker_id"]) > 128:
                 self._reject(msg, ErrorCode.INVALID, "worker_id must be a non-empty string of at most 128 characters")
                 return
-            if body.get("role", "worker") not in ("worker", "client"):
+            role = body.get("role")
+            role = "worker" if role is None else role  # nil means absent (protocol.md section 4)
+            if role not in ("worker", "client"):
                 self._reject(msg, ErrorCode.INVALID, f"role must be 'worker' or 'client', got {body.get('role')!r}")
                 return
             row = await self.server.store.ensure_app(app)
@@ -133,21 +157,30 @@ class WorkerSession(Connection):
                 if not hmac.compare_digest(given, row.token_hash):
                     self._reject(msg, ErrorCode.BAD_TOKEN, f"wrong or missing token for app {app!r}")
                     return
-            decision, address = await self.server.cluster.route(app)
+            route = await self.server.cluster.route(app)
+            if route.own and role == "worker":
+                # before WELCOME, so before any DISPATCH: a successor after a crash knows every
+                # worker that may hold fires it cannot see, and waits for exactly those
+                await self.server.register_worker(app, body)
         except StoreError as exc:
             log.warning("HELLO from %s: database unavailable: %s", self.peername, exc)
             self._reject(msg, ErrorCode.UNAVAILABLE, "the server's database is unavailable; retry later")
             return
         if self.closed:
             return
-        if decision == "redirect":
-            log.info("worker %s of app %s redirected to %s", body["worker_id"], app, address)
-            self.respond(msg, {"address": address}, type="REDIRECT")
+        if not route.own:
+            log.info("worker %s of app %s redirected to %s%s", body["worker_id"], app, route.address,
+                     "" if route.retry_in is None else f" (late; lease out in {route.retry_in:.2f}s)")
+            reply = {"address": route.address}
+            if route.retry_in is not None:
+                reply["retry_in"] = route.retry_in
+            self.respond(msg, reply, type="REDIRECT")
             self._close_soon()
             return
         self.app = app
         self.worker_id = body["worker_id"]
-        self.role = body.get("role") or "worker"
+        self.role = role
+        self.version = version
         self.tags = frozenset(body.get("tags") or ())
         self.capacity = int(body.get("capacity") or 0)
         self.established = True
@@ -155,11 +188,12 @@ class WorkerSession(Connection):
             self._handshake_timer.cancel()
         cfg = self.server.config
         self.respond(msg, {
-            "version": min(body["version"], PROTOCOL_VERSION),
+            "version": self.version,
             "server_id": self.server.cluster.server_id,
             "heartbeat_interval": cfg.heartbeat_interval,
             "heartbeat_timeout": cfg.heartbeat_timeout,
             "max_frame": cfg.max_frame,
+            "run_lease": cfg.effective_run_lease,
         }, type="WELCOME")
         log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername)
         self.hello_running = list(body.get("running") or ())

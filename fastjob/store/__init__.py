@@ -3,19 +3,27 @@ from __future__ import annotations
 
 from .base import (
     FINAL_STATUSES,
+    MAX_RERUNS,
+    STATUS_RULES,
+    TRIGGERS,
     UNFINISHED_STATUSES,
     AppRow,
+    FirePlan,
+    FirePlanner,
     InstanceRow,
     InstanceUpdate,
     JobRow,
     JobSpec,
     LogLine,
+    Misfire,
     NotOwnerError,
+    Overlap,
     ScheduleType,
     ServerRow,
     Status,
     Store,
     StoreError,
+    WorkerRow,
 )
 
 DEFAULT_URL = "sqlite:///fastjob.db"
@@ -35,7 +43,8 @@ def create_store(url: str = DEFAULT_URL) -> Store:
 
 
 __all__ = [
-    "AppRow", "DEFAULT_URL", "FINAL_STATUSES", "InstanceRow", "InstanceUpdate", "JobRow", "JobSpec",
-    "LogLine", "NotOwnerError", "ScheduleType", "ServerRow", "Status", "Store", "StoreError",
-    "UNFINISHED_STATUSES", "create_store",
+    "AppRow", "DEFAULT_URL", "FINAL_STATUSES", "FirePlan", "FirePlanner", "InstanceRow", "InstanceUpdate",
+    "JobRow", "JobSpec", "LogLine", "MAX_RERUNS", "Misfire", "NotOwnerError", "Overlap", "STATUS_RULES",
+    "ScheduleType", "ServerRow", "Status", "Store", "StoreError", "TRIGGERS", "UNFINISHED_STATUSES",
+    "WorkerRow", "create_store",
 ]

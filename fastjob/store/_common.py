@@ -27,21 +27,24 @@ from typing import Any, Awaitable, Callable, Generator, Iterable, Optional, Sequ
 
 from .base import (
     FINAL_STATUSES,
+    UNFINISHED_STATUSES,
     AppRow,
     InstanceRow,
     InstanceUpdate,
     JobRow,
     JobSpec,
+    FirePlanner,
     LogLine,
-    NextFire,
     NotOwnerError,
+    Overlap,
     ScheduleType,
     ServerRow,
     Status,
     Store,
     StoreError,
+    WorkerRow,
 )
-from .schema import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_DDL
+from .schema import LATEST_VERSION, MIGRATIONS, MYSQL_TOLERATED, SCHEMA_VERSION_DDL
 
 log = logging.getLogger("fastjob.store")
 
@@ -63,6 +66,9 @@ class Stmt:
 
     sql: str
     params: Sequence[Any] = ()
+    #: driver error codes that mean "already done" for this statement: the driver answers
+    #: an empty Result instead of raising (MySQL DDL run twice by servers migrating at once)
+    tolerate: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -103,25 +109,30 @@ def loads(text: Optional[str]) -> Any:
 
 JOB_COLS = (
     "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
-    " retry_backoff, misfire_policy, tags, routing, run_once, enabled, allow_overlap,"
+    " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
     " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats"
 )
 
-# What claim_due reads of a due job: the fields a NextFire uses (schedule_type, schedule_expr,
-# timezone, run_once) and those it needs itself. Reading and decoding all 24 columns of 10k
-# jobs was most of a claim's time (pure-Python row parsing on MySQL, JSON decoding on SQLite).
-CLAIM_COLS = "id, schedule_type, schedule_expr, timezone, run_once, next_trigger_ms, version"
+# What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
+# timezone, run_once, misfire_policy, catch_up_window) and those it needs itself. Reading and
+# decoding all the columns of 10k jobs was most of a claim's time (pure-Python row parsing on
+# MySQL, JSON decoding on SQLite).
+CLAIM_COLS = ("id, schedule_type, schedule_expr, timezone, run_once, next_trigger_ms, version, misfire_policy,"
+              " catch_up_window")
 _DUE_ORDER = operator.itemgetter(5, 0)  # (next_trigger_ms, id) of a CLAIM_COLS row
 
 INST_COLS = (
     "id, job_id, app, planned_ms, attempt, status, trigger_kind, params, server, epoch, worker,"
-    " created_at, dispatched_at, started_at, finished_at, result, error"
+    " created_at, dispatched_at, started_at, finished_at, result, error, reruns"
 )
 # Columns written when an instance is created (the rest start NULL).
 INST_INSERT_COLS = (
     "job_id", "app", "planned_ms", "attempt", "status", "trigger_kind", "params", "server",
-    "epoch", "created_at",
+    "epoch", "created_at", "reruns",
 )
+# A fire recorded skipped by a claim (misfire policy): final at once, with its reason.
+_SKIPPED_COLS = ("job_id", "planned_ms", "error", "app", "attempt", "status", "trigger_kind", "server", "epoch",
+                 "created_at", "finished_at")
 # How claim_due writes them: per fire, and shared by every fire of the claim.
 _FIRE_COLS = ("job_id", "planned_ms")
 _SHARED_COLS = ("app", "attempt", "status", "trigger_kind", "params", "server", "epoch", "created_at")
@@ -129,7 +140,7 @@ _SHARED_COLS = ("app", "attempt", "status", "trigger_kind", "params", "server", 
 _SPEC_COLS = (
     "handler", "schedule_type", "schedule_expr", "timezone", "params", "timeout", "retry_times",
     "retry_backoff", "misfire_policy", "tags", "routing", "run_once", "enabled", "allow_overlap",
-    "`interval`",
+    "`interval`", "overlap", "catch_up_window", "max_queued",
 )
 
 
@@ -147,8 +158,8 @@ def row_to_job(r: Sequence[Any]) -> JobRow:
         r[0], r[1], r[2], r[3], _SCHEDULE_TYPES[r[4]], r[5], r[6],
         None if r[7] is None else _loads(r[7]), r[8], r[9], float(r[10]), r[11],
         [] if tags is None or tags == "[]" else _loads(tags), r[13], bool(r[14]), bool(r[15]),
-        bool(r[16]), r[17], r[18], r[19], r[20], bool(r[21]), r[22],
-        None if r[23] is None else _loads(r[23]),
+        r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
+        None if r[25] is None else _loads(r[25]),
     )
 
 
@@ -156,8 +167,8 @@ def claim_job(app: str, r: Sequence[Any]) -> JobRow:
     """A JobRow from a CLAIM_COLS row, for ``next_fire``: the fields not read hold the
     placeholders that Store.claim_due documents (never the job's real values)."""
     return JobRow(
-        r[0], app, "", "", _SCHEDULE_TYPES[r[1]], r[2], r[3], None, None, 0, 1.0, "fire_once", [],
-        "round_robin", bool(r[4]), True, False, r[5], 0.0, 0.0, None, False, r[6],
+        r[0], app, "", "", _SCHEDULE_TYPES[r[1]], r[2], r[3], None, None, 0, 1.0, r[7], [],
+        "round_robin", bool(r[4]), True, "queue", float(r[8]), 0, r[5], 0.0, 0.0, None, False, r[6],
     )
 
 
@@ -165,6 +176,7 @@ def row_to_instance(r: Sequence[Any]) -> InstanceRow:
     return InstanceRow(
         r[0], r[1], r[2], r[3], r[4], _STATUSES[r[5]], r[6], None if r[7] is None else _loads(r[7]),
         r[8], r[9], r[10], r[11], r[12], r[13], r[14], None if r[15] is None else _loads(r[15]), r[16],
+        r[17],
     )
 
 
@@ -176,13 +188,18 @@ def _spec_values(spec: JobSpec) -> tuple:
         spec.handler, st.value, spec.schedule_expr or "", spec.timezone, dumps(spec.params),
         None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
         float(spec.retry_backoff), spec.misfire_policy, dumps(list(spec.tags)) or "[]", spec.routing,
-        int(bool(spec.run_once)), int(bool(spec.enabled)), int(bool(spec.allow_overlap)), interval,
+        int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
+        spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
     )
 
 
 # Rank used to keep status updates monotonic; every final status has the top rank.
-_RANK = {Status.WAITING: 0, Status.DISPATCHED: 1, Status.RUNNING: 2}
-_FINAL_RANK = 3
+_RANK = {Status.WAITING: 0, Status.QUEUED: 1, Status.DISPATCHED: 2, Status.RUNNING: 3}
+_FINAL_RANK = len(_RANK)
+assert set(_RANK) == UNFINISHED_STATUSES
+#: SQL: the rank of the stored status of an unfinished instance, and the unfinished statuses
+_SQL_RANK = "(CASE instances.status " + " ".join(f"WHEN '{s.value}' THEN {r}" for s, r in _RANK.items()) + " END)"
+_SQL_UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in _RANK) + ")"
 
 
 def _rank(status: Status) -> int:
@@ -435,7 +452,7 @@ class SQLStore(Store):
         if int(r.rows[0][0]) != target - 1:
             return  # someone else moved it; the caller re-reads
         for sql in MIGRATIONS[self.dialect.name][target - 1]:
-            yield Stmt(sql)
+            yield Stmt(sql, tolerate=MYSQL_TOLERATED)
         r = yield Stmt("UPDATE schema_version SET version = ? WHERE id = 1 AND version = ?",
                        (target, target - 1))
         if r.rowcount == 1:
@@ -447,15 +464,20 @@ class SQLStore(Store):
                                   ("address", "started_at", "heartbeat_at"))
         await self._run("register_server", lambda: self._op_exec(sql, (server_id, address, now, now)), tx=False)
 
-    async def heartbeat_server(self, server_id: str, now: float) -> bool:
+    async def heartbeat_server(self, server_id: str, now: float, load: float = 0.0) -> bool:
         n = await self._run("heartbeat_server", lambda: self._op_exec(
-            "UPDATE servers SET heartbeat_at = ? WHERE id = ?", (now, server_id)), tx=False)
+            "UPDATE servers SET heartbeat_at = ?, load_score = ? WHERE id = ?", (now, load, server_id)), tx=False)
+        return n > 0
+
+    async def set_server_drain(self, server_id: str, drain: bool) -> bool:
+        n = await self._run("set_server_drain", lambda: self._op_exec(
+            "UPDATE servers SET drain = ? WHERE id = ?", (int(drain), server_id)), tx=False)
         return n > 0
 
     async def list_servers(self) -> list[ServerRow]:
         rows = await self._run("list_servers", lambda: self._op_query(
-            "SELECT id, address, started_at, heartbeat_at FROM servers ORDER BY id"), tx=False)
-        return [ServerRow(r[0], r[1], float(r[2]), float(r[3])) for r in rows]
+            "SELECT id, address, started_at, heartbeat_at, load_score, drain FROM servers ORDER BY id"), tx=False)
+        return [ServerRow(r[0], r[1], float(r[2]), float(r[3]), float(r[4]), bool(r[5])) for r in rows]
 
     async def remove_server(self, server_id: str) -> None:
         await self._run("remove_server", lambda: self._op_exec(
@@ -470,11 +492,11 @@ class SQLStore(Store):
         return r.rows
 
     # ---- apps ------------------------------------------------------------------------------
-    _APP_SELECT = "SELECT name, owner, epoch, token_hash FROM apps"
+    _APP_SELECT = "SELECT name, owner, epoch, token_hash, prev_owner, left_clean, adopted FROM apps"
 
     @staticmethod
     def _app(r: Sequence[Any]) -> AppRow:
-        return AppRow(r[0], r[1], int(r[2]), r[3])
+        return AppRow(r[0], r[1], int(r[2]), r[3], r[4], bool(r[5]), bool(r[6]))
 
     async def ensure_app(self, app: str) -> AppRow:
         return await self._run("ensure_app", lambda: self._op_ensure_app(app), tx=False)
@@ -493,18 +515,21 @@ class SQLStore(Store):
         rows = await self._run("list_apps", lambda: self._op_query(self._APP_SELECT + " ORDER BY name"), tx=False)
         return [self._app(r) for r in rows]
 
-    async def claim_app(self, app: str, server_id: str, seen_epoch: int) -> Optional[int]:
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: Optional[str] = None,
+                        left_clean: bool = False, adopted: bool = True) -> Optional[int]:
         # A lost reply is retried; the retry then fails the CAS although we won. Recognise our
         # own win: if the row already says (us, seen_epoch + 1) after a failed CAS on a retry.
         state = _Attempts()
-        won = await self._run("claim_app", lambda: self._op_claim_app(state, app, server_id, seen_epoch), tx=False)
+        values = (server_id, prev_owner, int(left_clean), int(adopted))
+        won = await self._run("claim_app", lambda: self._op_claim_app(state, app, values, seen_epoch), tx=False)
         return seen_epoch + 1 if won else None
 
-    def _op_claim_app(self, state: _Attempts, app: str, server_id: str, seen_epoch: int) -> Op[bool]:
+    def _op_claim_app(self, state: _Attempts, app: str, values: tuple[Any, ...], seen_epoch: int) -> Op[bool]:
         retry = state.tried_insert
         state.tried_insert = True
-        r = yield Stmt("UPDATE apps SET owner = ?, epoch = epoch + 1, updated_at = ? WHERE name = ? AND epoch = ?",
-                       (server_id, time.time(), app, seen_epoch))
+        server_id = values[0]
+        r = yield Stmt("UPDATE apps SET owner = ?, prev_owner = ?, left_clean = ?, adopted = ?, epoch = epoch + 1,"
+                       " updated_at = ? WHERE name = ? AND epoch = ?", (*values, time.time(), app, seen_epoch))
         if r.rowcount == 1:
             return True
         if retry:
@@ -512,19 +537,41 @@ class SQLStore(Store):
             return bool(r.rows) and r.rows[0][0] == server_id and int(r.rows[0][1]) == seen_epoch + 1
         return False
 
-    async def release_apps(self, server_id: str) -> list[str]:
-        return await self._run("release_apps", lambda: self._op_release_apps(server_id), tx=True)
+    async def release_apps(self, server_id: str, apps: Optional[Sequence[str]] = None) -> list[str]:
+        return await self._run("release_apps", lambda: self._op_release_apps(server_id, apps), tx=True)
 
-    def _op_release_apps(self, server_id: str) -> Op[list[str]]:
+    def _op_release_apps(self, server_id: str, apps: Optional[Sequence[str]]) -> Op[list[str]]:
         r = yield Stmt("SELECT name, epoch FROM apps WHERE owner = ? ORDER BY name", (server_id,))
         released = []
         now = time.time()
         for name, epoch in r.rows:  # a CAS per app: a concurrent takeover keeps its win
-            u = yield Stmt("UPDATE apps SET owner = NULL, epoch = epoch + 1, updated_at = ?"
-                           " WHERE name = ? AND owner = ? AND epoch = ?", (now, name, server_id, epoch))
+            if apps is not None and name not in apps:
+                continue
+            u = yield Stmt("UPDATE apps SET owner = NULL, prev_owner = ?, left_clean = 1, adopted = 0,"
+                           " epoch = epoch + 1, updated_at = ? WHERE name = ? AND owner = ? AND epoch = ?",
+                           (server_id, now, name, server_id, epoch))
             if u.rowcount == 1:
                 released.append(name)
         return released
+
+    # ---- worker registry ---------------------------------------------------------------------
+    async def register_worker(self, app: str, worker_id: str, server_id: str, now: float, info: Any) -> None:
+        sql = self.dialect.upsert("workers", ("app", "worker_id", "server", "connected_at", "info"), "app, worker_id",
+                                  ("server", "connected_at", "info"))
+        await self._run("register_worker", lambda: self._op_exec(
+            sql, (app, worker_id, server_id, now, dumps(info))), tx=False)
+
+    async def unregister_worker(self, app: str, worker_id: str, server_id: str) -> None:
+        await self._run("unregister_worker", lambda: self._op_exec(
+            "DELETE FROM workers WHERE app = ? AND worker_id = ? AND server = ?", (app, worker_id, server_id)), tx=False)
+
+    async def list_workers(self, app: str, server_id: Optional[str] = None) -> list[WorkerRow]:
+        sql = "SELECT app, worker_id, server, connected_at, info FROM workers WHERE app = ?"
+        params: tuple[Any, ...] = (app,)
+        if server_id is not None:
+            sql, params = sql + " AND server = ?", (app, server_id)
+        rows = await self._run("list_workers", lambda: self._op_query(sql + " ORDER BY worker_id", params), tx=False)
+        return [WorkerRow(r[0], r[1], r[2], float(r[3]), loads(r[4])) for r in rows]
 
     async def set_app_token(self, app: str, token_hash: Optional[str]) -> None:
         await self._run("set_app_token", lambda: self._op_set_app_token(app, token_hash), tx=True)
@@ -624,14 +671,14 @@ class SQLStore(Store):
             "UPDATE jobs SET stats = ? WHERE id = ?", (dumps(stats), job_id)), tx=False)
 
     # ---- the WAL -------------------------------------------------------------------------------
-    async def claim_due(self, server_id: str, app: str, epoch: int, horizon_ms: int, next_fire: NextFire,
+    async def claim_due(self, server_id: str, app: str, epoch: int, horizon_ms: int, planner: FirePlanner,
                         now: float, limit: int = 5000,
                         exclude_types: Sequence[ScheduleType] = ()) -> list[InstanceRow]:
         """See :meth:`Store.claim_due`."""
         state = _Attempts()
         excl = tuple(ScheduleType(t).value for t in exclude_types)
         return await self._run("claim_due", lambda: self._op_claim_due(
-            state, server_id, app, epoch, horizon_ms, next_fire, now, limit, excl), tx=True)
+            state, server_id, app, epoch, horizon_ms, planner, now, limit, excl), tx=True)
 
     #: Set by a backend whose multi-row INSERT takes consecutive auto-increment ids (InnoDB
     #: autoinc lock mode 0/1, SQLite): the ids of a fully inserted chunk follow from its first
@@ -671,7 +718,7 @@ class SQLStore(Store):
         return r.rows
 
     def _op_claim_due(self, state: _Attempts, server_id: str, app: str, epoch: int, horizon_ms: int,
-                      next_fire: NextFire, now: float, limit: int,
+                      planner: FirePlanner, now: float, limit: int,
                       excl: tuple[str, ...]) -> Op[list[InstanceRow]]:
         yield from self._fence(server_id, app, epoch)
         out: list[InstanceRow] = []
@@ -679,8 +726,8 @@ class SQLStore(Store):
             # An earlier attempt may have committed without us hearing back: its rows carry
             # our (server, epoch, created_at) and belong in the answer.
             r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND server = ? AND epoch = ?"
-                           " AND created_at = ? AND trigger_kind = 'schedule' ORDER BY id",
-                           (app, server_id, epoch, now))
+                           " AND created_at = ? AND trigger_kind IN ('schedule', 'catch_up') AND status = ?"
+                           " ORDER BY id", (app, server_id, epoch, now, Status.WAITING.value))
             out.extend(row_to_instance(x) for x in r.rows)
         if limit <= 0:
             return out
@@ -689,28 +736,56 @@ class SQLStore(Store):
         # Scheduled fires are written with params NULL: the job's params apply (see
         # Store.claim_due), so they are neither read, decoded nor copied here.
         fires: list[tuple[int, int]] = []  # (job_id, planned_ms)
+        catch_ups: list[tuple[int, int]] = []
+        skips: list[tuple[int, int, str]] = []  # (job_id, planned_ms, reason)
         advances: list[tuple[int, int, Optional[int]]] = []
         budget = limit
         for jr in due:
             if budget <= 0:
                 break
             job = claim_job(app, jr)
-            t = job.next_trigger_ms
-            while t is not None and t <= horizon_ms and budget > 0:
-                fires.append((job.id, t))
-                budget -= 1
-                nxt = next_fire(job, t)
-                if nxt is not None and nxt <= t:
-                    raise ValueError(f"next_fire did not advance for job {job.id}: {t} -> {nxt}")
-                t = nxt
-            advances.append((job.id, job.version, t))
-        if not fires:
+            plan = planner(job, horizon_ms, budget)
+            job_id = job.id
+            fires.extend([(job_id, t) for t in plan.runs])
+            if plan.catch_up:
+                catch_ups.extend((job_id, t) for t in plan.catch_up)
+            if plan.skipped:
+                skips.extend((job_id, t, reason) for t, reason in plan.skipped)
+            budget -= len(plan)
+            advances.append((job_id, job.version, plan.next_ms))
+        if not advances:
             return out
 
         state.tried_insert = True
+        if fires:
+            yield from self._op_insert_fires(app, server_id, epoch, now, fires, "schedule", out)
+        if catch_ups:
+            yield from self._op_insert_fires(app, server_id, epoch, now, catch_ups, "catch_up", out)
+        if skips:
+            shared = (app, FIRST_ATTEMPT, Status.SKIPPED.value, "schedule", server_id, epoch, now, now)
+            for part in chunks(skips):
+                yield Stmt(self.dialect.insert("instances", _SKIPPED_COLS, len(part), ignore=True),
+                           [v for row in part for v in (*row, *shared)])
+
+        # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
+        # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
+        d = self.dialect
+        jt = self.json_table
+        sql_sets = (("next_trigger_ms", "u.nt"),)
+        cols, where = ("id", "ver", "nt"), "jobs.version = u.ver"
+        for part in chunks(advances, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
+            if jt:
+                yield Stmt(d.update_join_json("jobs", cols, sql_sets, where), (_json_ints(part),))
+            else:
+                yield Stmt(d.update_join("jobs", cols, len(part), sql_sets, where), flat(part))
+        return out
+
+    def _op_insert_fires(self, app: str, server_id: str, epoch: int, now: float, fires: list[tuple[int, int]],
+                         trigger: str, out: list[InstanceRow]) -> Op[None]:
+        """Write ``waiting`` rows of (job_id, planned_ms) and append those that went in to ``out``."""
         waiting = Status.WAITING
         # Every column but job_id and planned_ms is the same in all rows of a claim.
-        shared = (app, FIRST_ATTEMPT, waiting.value, "schedule", None, server_id, epoch, now)
+        shared = (app, FIRST_ATTEMPT, waiting.value, trigger, None, server_id, epoch, now)
         d = self.dialect
         jt = self.json_table
         returning = d.returning and not self.consecutive_ids
@@ -742,24 +817,15 @@ class SQLStore(Store):
                     g = yield Stmt("SELECT id, job_id, planned_ms FROM instances WHERE app = ? AND id >= ?"
                                    " ORDER BY id", (app, first))
                     got = g.rows
-            out.extend(InstanceRow(i, j, app, pms, FIRST_ATTEMPT, waiting, "schedule", None, server_id,
+            out.extend(InstanceRow(i, j, app, pms, FIRST_ATTEMPT, waiting, trigger, None, server_id,
                                    epoch, None, now) for i, j, pms in got)
 
-        # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
-        # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
-        sql_sets = (("next_trigger_ms", "u.nt"),)
-        cols, where = ("id", "ver", "nt"), "jobs.version = u.ver"
-        for part in chunks(advances, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
-            if jt:
-                yield Stmt(d.update_join_json("jobs", cols, sql_sets, where), (_json_ints(part),))
-            else:
-                yield Stmt(d.update_join("jobs", cols, len(part), sql_sets, where), flat(part))
-        return out
-
     async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
-                              attempt: int, trigger: str, params: Any, now: float) -> Optional[InstanceRow]:
+                              attempt: int, trigger: str, params: Any, now: float,
+                              reruns: int = 0) -> Optional[InstanceRow]:
         state = _Attempts()
-        values = (job_id, app, planned_ms, attempt, Status.WAITING.value, trigger, dumps(params), server_id, epoch, now)
+        values = (job_id, app, planned_ms, attempt, Status.WAITING.value, trigger, dumps(params), server_id, epoch, now,
+                  reruns)
         row = await self._run("insert_instance", lambda: self._op_insert_instance(state, server_id, app, epoch, values),
                               tx=True)
         return None if row is None else row_to_instance(row)
@@ -776,7 +842,7 @@ class SQLStore(Store):
         else:
             w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True), values)
             if w.rowcount == 1 and w.lastrowid:
-                return (w.lastrowid,) + values[:7] + values[7:9] + (None, values[9]) + (None,) * 5
+                return (w.lastrowid,) + values[:7] + values[7:9] + (None, values[9]) + (None,) * 5 + values[10:11]
         if retry:  # did our previous attempt commit before the connection dropped?
             r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE job_id = ? AND planned_ms = ? AND attempt = ?",
                            values[0:1] + values[2:4])
@@ -799,8 +865,7 @@ class SQLStore(Store):
         (c, f"COALESCE(u.{c}, instances.{c})")
         for c in ("worker", "dispatched_at", "started_at", "finished_at", "result", "error"))
     # Monotonic: only unfinished rows change, and only forward (a final status from anywhere).
-    _UPD_WHERE = ("instances.status IN ('waiting', 'dispatched', 'running') AND u.rnk >"
-                  " (CASE instances.status WHEN 'waiting' THEN 0 WHEN 'dispatched' THEN 1 ELSE 2 END)")
+    _UPD_WHERE = f"instances.status IN {_SQL_UNFINISHED} AND u.rnk > {_SQL_RANK}"
 
     def _op_update_instances(self, rows: list[tuple]) -> Op[int]:
         changed = 0
@@ -834,7 +899,7 @@ class SQLStore(Store):
 
     async def load_unfinished(self, app: str) -> list[InstanceRow]:
         rows = await self._run("load_unfinished", lambda: self._op_query(
-            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND status IN ('waiting', 'dispatched', 'running')"
+            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND status IN {_SQL_UNFINISHED}"
             " ORDER BY planned_ms, id", (app,)), tx=False)
         return [row_to_instance(r) for r in rows]
 

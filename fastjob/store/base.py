@@ -43,20 +43,87 @@ class ScheduleType(str, enum.Enum):
 
 
 class Status(str, enum.Enum):
+    """What became of one attempt of a fire; see :data:`STATUS_RULES` for what each means."""
+
     WAITING = "waiting"
+    QUEUED = "queued"
     DISPATCHED = "dispatched"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
+    INTERRUPTED = "interrupted"
+    KILLED = "killed"
+    SKIPPED = "skipped"
     CANCELLED = "cancelled"
-    MISFIRED = "misfired"
 
 
-FINAL_STATUSES = frozenset(
-    {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED, Status.MISFIRED}
-)
-UNFINISHED_STATUSES = frozenset({Status.WAITING, Status.DISPATCHED, Status.RUNNING})
+@dataclass(frozen=True)
+class StatusRule:
+    """The fire contract's row for one status (the README's table is checked against these)."""
+
+    final: bool
+    #: what follows a final status: "no", "if retries are left" (a new attempt after the
+    #: backoff) or "re-run" (a new attempt at once, not counted against the retries)
+    followed_by: str
+    handler_failure: bool  # counts as a failure of the handler (alarms, success rate)
+    #: does the job's next fire wait (overlap queue) while an instance is in this status?
+    blocks_queue: str
+    meaning: str
+
+
+STATUS_RULES: dict[Status, StatusRule] = {
+    Status.WAITING: StatusRule(False, "-", False, "once due (first in line), or a retry in its backoff",
+                               "written to the WAL; in the owner's wheel until its planned time, then waiting for"
+                               " a worker with room"),
+    Status.QUEUED: StatusRule(False, "-", False, "no (it waits behind)",
+                              "due while an earlier instance of its job runs (overlap queue or buffer_one);"
+                              " takes no worker capacity"),
+    Status.DISPATCHED: StatusRule(False, "-", False, "yes", "sent to a worker"),
+    Status.RUNNING: StatusRule(False, "-", False, "yes", "the handler started"),
+    Status.SUCCEEDED: StatusRule(True, "no", False, "no", "the handler returned"),
+    Status.FAILED: StatusRule(True, "if retries are left", True, "no",
+                              "the handler raised, or no worker could take the fire within --dispatch-wait"),
+    Status.TIMED_OUT: StatusRule(True, "if retries are left", True, "no", "the handler ran past its timeout"),
+    Status.INTERRUPTED: StatusRule(True, "re-run", False, "no",
+                                   "the run was cut short by its worker, not by the handler: the worker stopped,"
+                                   " died or lost its server for longer than its run lease; re-run up to 3 times"
+                                   " (MAX_RERUNS) without using up a retry"),
+    Status.KILLED: StatusRule(True, "no", False, "no",
+                              "stopped by an operator (reserved for the admin API's kill)"),
+    Status.SKIPPED: StatusRule(True, "no", False, "no",
+                               "not run because its policy said so: overlap (skip, buffer_one, a full queue) or"
+                               " misfire (skip, fire_once coalescing, older than the catch-up window)"),
+    Status.CANCELLED: StatusRule(True, "no", False, "no",
+                                 "not run because its job was deleted or disabled before it came due"),
+}
+
+FINAL_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if rule.final)
+UNFINISHED_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if not rule.final)
+#: Re-runs of one fire after interruptions (worker stopped, died or lost), beyond which the
+#: fire ends ``interrupted``: a handler that kills its worker every time must not loop forever.
+MAX_RERUNS = 3
+
+
+class Overlap(str, enum.Enum):
+    """What a fire does when it comes due while an earlier instance of its job runs (Temporal's vocabulary)."""
+
+    QUEUE = "queue"  # wait, start when the earlier one ends, in planned order (bounded by max_queued)
+    BUFFER_ONE = "buffer_one"  # at most one fire waits; the others are skipped
+    SKIP = "skip"  # skipped
+    ALLOW = "allow"  # runs at once, concurrently
+
+
+class Misfire(str, enum.Enum):
+    """What happens to fires that were never written to the WAL in time (downtime longer than the horizon)."""
+
+    FIRE_ONCE = "fire_once"  # everything missed runs as one fire; the rest are recorded skipped
+    FIRE_ALL = "fire_all"  # every missed fire runs, in order, back to catch_up_window
+    SKIP = "skip"  # every missed fire is recorded skipped
+
+
+#: How an instance came about (``InstanceRow.trigger``).
+TRIGGERS = ("schedule", "catch_up", "api", "retry", "rerun")
 
 
 @dataclass(slots=True)
@@ -65,14 +132,25 @@ class ServerRow:
     address: str
     started_at: float
     heartbeat_at: float
+    load_score: float = 0.0  # the weight of the apps it owns (see Cluster.load), for balancing
+    drain: bool = False  # an operator asked it to hand its apps to others
 
 
 @dataclass(slots=True)
 class AppRow:
+    """An AppName's ownership. ``prev_owner``/``left_clean``/``adopted`` say how the app came to
+    its owner, so that the owner knows what the one before it may have left unwritten."""
+
     name: str
     owner: Optional[str]
     epoch: int
     token_hash: Optional[str] = None
+    prev_owner: Optional[str] = None  # who owned it before the current owner's claim
+    #: the previous owner let go cleanly (released or handed over with everything written):
+    #: no fire it recorded as waiting can have been dispatched
+    left_clean: bool = False
+    #: the owner has loaded it; False while an app handed or assigned to a server awaits it
+    adopted: bool = False
 
 
 @dataclass(slots=True)
@@ -93,12 +171,14 @@ class JobSpec:
     timeout: Optional[float] = None
     retry_times: int = 0
     retry_backoff: float = 1.0
-    misfire_policy: str = "fire_once"  # or "skip"
+    misfire_policy: str = Misfire.FIRE_ONCE.value
     tags: list[str] = field(default_factory=list)
     routing: str = "round_robin"  # or "random", "least_busy"
     run_once: bool = False
     enabled: bool = True
-    allow_overlap: bool = False
+    overlap: str = Overlap.QUEUE.value
+    catch_up_window: float = 3600.0  # misfire fire_all: how far back missed fires still run (seconds)
+    max_queued: int = 100  # overlap queue: fires that may wait behind a running one; more are skipped
 
 
 @dataclass(slots=True)
@@ -119,7 +199,9 @@ class JobRow:
     routing: str
     run_once: bool
     enabled: bool
-    allow_overlap: bool
+    overlap: str
+    catch_up_window: float
+    max_queued: int
     next_trigger_ms: Optional[int]
     created_time: float
     updated_time: float
@@ -137,7 +219,7 @@ class InstanceRow:
     planned_ms: int
     attempt: int
     status: Status
-    trigger: str  # "schedule", "api", "retry"
+    trigger: str  # one of TRIGGERS
     params: Any
     server: Optional[str]
     epoch: int
@@ -148,6 +230,7 @@ class InstanceRow:
     finished_at: Optional[float] = None
     result: Any = None
     error: Optional[str] = None
+    reruns: int = 0  # earlier attempts of this fire that were interrupted (they use up no retry)
 
 
 @dataclass(slots=True)
@@ -176,9 +259,37 @@ class LogLine:
     message: str
 
 
+@dataclass(slots=True)
+class WorkerRow:
+    """A worker session as registered by the owner that accepted it (see ``register_worker``)."""
+
+    app: str
+    worker_id: str
+    server: str
+    connected_at: float
+    info: Any = None  # tags, capacity, host, pid, address: for display
+
+
 # Given a job and the planned time (ms) of its previous fire, the next planned time in ms,
 # or None when the job has no further fire (one-shot, run-once, api, fixed delay).
 NextFire = Callable[[JobRow, int], Optional[int]]
+
+
+@dataclass(slots=True)
+class FirePlan:
+    """What one claim writes for one due job (see :meth:`Store.claim_due`)."""
+
+    runs: list[int] = field(default_factory=list)  # planned ms of fires written waiting, trigger "schedule"
+    catch_up: list[int] = field(default_factory=list)  # missed fires that still run (trigger "catch_up")
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (planned ms, reason): written skipped
+    next_ms: Optional[int] = None  # the job's next_trigger_ms after the claim
+
+    def __len__(self) -> int:
+        return len(self.runs) + len(self.catch_up) + len(self.skipped)
+
+
+#: (job, horizon_ms, budget) -> the job's fires due up to the horizon, at most ``budget`` of them.
+FirePlanner = Callable[[JobRow, int, int], FirePlan]
 
 
 class Store(abc.ABC):
@@ -206,8 +317,12 @@ class Store(abc.ABC):
         """Insert or refresh this server's row (address, started_at, heartbeat_at = now)."""
 
     @abc.abstractmethod
-    async def heartbeat_server(self, server_id: str, now: float) -> bool:
-        """Set heartbeat_at = now. False if the row is gone (the caller re-registers)."""
+    async def heartbeat_server(self, server_id: str, now: float, load: float = 0.0) -> bool:
+        """Set heartbeat_at = now and the server's load. False if the row is gone (the caller re-registers)."""
+
+    @abc.abstractmethod
+    async def set_server_drain(self, server_id: str, drain: bool) -> bool:
+        """Ask a server to hand its apps to others (or stop asking). False if there is no such server."""
 
     @abc.abstractmethod
     async def list_servers(self) -> list[ServerRow]:
@@ -231,17 +346,34 @@ class Store(abc.ABC):
         """Every app row."""
 
     @abc.abstractmethod
-    async def claim_app(self, app: str, server_id: str, seen_epoch: int) -> Optional[int]:
-        """CAS: ``SET owner = server_id, epoch = epoch + 1 WHERE app = app AND epoch = seen_epoch``.
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: Optional[str] = None,
+                        left_clean: bool = False, adopted: bool = True) -> Optional[int]:
+        """CAS: ``SET owner = server_id, epoch = epoch + 1 WHERE app = app AND epoch = seen_epoch``,
+        recording ``prev_owner``, ``left_clean`` and ``adopted`` (see :class:`AppRow`).
 
         Returns the new epoch if this call won, None if the epoch had moved (someone else
         claimed first). Of several concurrent callers with the same ``seen_epoch`` exactly
-        one wins. The caller checks beforehand that the recorded owner is absent or dead.
+        one wins. The caller checks beforehand that the recorded owner is absent or dead, or
+        is itself (a hand-over: it wrote everything first).
         """
 
     @abc.abstractmethod
-    async def release_apps(self, server_id: str) -> list[str]:
-        """Set owner = NULL and epoch + 1 on every app owned by ``server_id``; return their names."""
+    async def release_apps(self, server_id: str, apps: Optional[Sequence[str]] = None) -> list[str]:
+        """Set owner = NULL and epoch + 1 (left clean) on the apps owned by ``server_id`` (all,
+        or those named); return the names of those released."""
+
+    # ---- worker registry ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def register_worker(self, app: str, worker_id: str, server_id: str, now: float, info: Any) -> None:
+        """Record that ``server_id`` accepted this worker of ``app`` (replacing an older record)."""
+
+    @abc.abstractmethod
+    async def unregister_worker(self, app: str, worker_id: str, server_id: str) -> None:
+        """Forget the worker, if ``server_id`` is still the server it is recorded with."""
+
+    @abc.abstractmethod
+    async def list_workers(self, app: str, server_id: Optional[str] = None) -> list[WorkerRow]:
+        """The workers recorded for ``app`` (only those with ``server_id``, if given)."""
 
     @abc.abstractmethod
     async def set_app_token(self, app: str, token_hash: Optional[str]) -> None:
@@ -310,7 +442,7 @@ class Store(abc.ABC):
         app: str,
         epoch: int,
         horizon_ms: int,
-        next_fire: NextFire,
+        planner: FirePlanner,
         now: float,
         limit: int = 5000,
         exclude_types: Sequence[ScheduleType] = (),
@@ -318,24 +450,25 @@ class Store(abc.ABC):
         """Claim every enabled job of ``app`` due before ``horizon_ms``, in ONE transaction.
 
         For each due job (``next_trigger_ms <= horizon_ms``, enabled, not deleted, schedule
-        type not in ``exclude_types``), write one ``waiting`` instance row per fire whose
-        planned time is ``<= horizon_ms`` (fire times from ``next_fire``, starting at
-        ``next_trigger_ms``; at most ``limit`` rows in all) and move ``next_trigger_ms`` to
-        the first fire after the horizon (or NULL; or, when ``limit`` cut a job short, its
-        first unwritten fire). Rows are written with ``attempt = 1`` (a retry writes attempt
-        + 1 through ``insert_instance``) and ``trigger = "schedule"``, with one multi-row
-        statement per table, not a round trip per job. A fire already recorded (the UNIQUE
-        key) is skipped, not an error.
+        type not in ``exclude_types``), in (next_trigger_ms, id) order, ask ``planner`` for its
+        fires up to the horizon (at most the budget left of ``limit`` in all) and write them:
+        ``runs`` as ``waiting`` rows with ``trigger = "schedule"``, ``catch_up`` as ``waiting``
+        rows with ``trigger = "catch_up"``, ``skipped`` as final ``skipped`` rows carrying
+        their reason as ``error``; then move ``next_trigger_ms`` to the plan's ``next_ms``.
+        Rows are written with ``attempt = 1`` (a retry writes attempt + 1 through
+        ``insert_instance``), with a few multi-row statements, not a round trip per job. A
+        fire already recorded (the UNIQUE key) is skipped, not an error.
 
         Fenced: if ``server_id`` does not own ``app`` at ``epoch`` nothing is written and
-        :class:`NotOwnerError` is raised. Returns the new instance rows.
+        :class:`NotOwnerError` is raised. Returns the new waiting rows (not the skipped ones).
 
         The rows are written and returned with ``params = None``: a scheduled fire runs with
         its job's params (the dispatcher falls back to them), so they are not copied per fire.
-        The :class:`JobRow` passed to ``next_fire`` carries only ``id``, ``app``,
-        ``schedule_type``, ``schedule_expr``, ``timezone``, ``run_once``, ``next_trigger_ms``
-        and ``version``; its other fields are placeholders (empty name and handler, None
-        params, default settings), not the job's values.
+        The :class:`JobRow` passed to ``planner`` carries only ``id``, ``app``,
+        ``schedule_type``, ``schedule_expr``, ``timezone``, ``misfire_policy``,
+        ``catch_up_window``, ``run_once``, ``next_trigger_ms`` and ``version``; its other
+        fields are placeholders (empty name and handler, None params, default settings),
+        not the job's values.
         """
 
     @abc.abstractmethod
@@ -350,8 +483,9 @@ class Store(abc.ABC):
         trigger: str,
         params: Any,
         now: float,
+        reruns: int = 0,
     ) -> Optional[InstanceRow]:
-        """Fenced: write one ``waiting`` instance (API trigger, retry, fixed-delay next fire).
+        """Fenced: write one ``waiting`` instance (API trigger, retry, re-run).
 
         Returns None if (job_id, planned_ms, attempt) is already recorded.
         """
@@ -380,7 +514,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def load_unfinished(self, app: str) -> list[InstanceRow]:
-        """Every waiting/dispatched/running instance of the app, oldest planned first.
+        """Every unfinished (waiting, queued, dispatched, running) instance of the app, oldest planned first.
 
         Used by a new owner (takeover, restart) to recover the WAL.
         """

@@ -170,7 +170,13 @@ class MySQLStore(SQLStore):
                 stmt = next(gen)
                 while True:
                     sql = stmt.sql.replace("?", "%s")
-                    await cur.execute(sql % _escape_all(conn, stmt.params) if stmt.params else sql)
+                    try:
+                        await cur.execute(sql % _escape_all(conn, stmt.params) if stmt.params else sql)
+                    except pymysql.err.MySQLError as exc:
+                        if _code(exc) not in stmt.tolerate:
+                            raise
+                        stmt = gen.send(Result([], 0, None))
+                        continue
                     rows = list(await cur.fetchall()) if cur.description is not None else []
                     stmt = gen.send(Result(rows, cur.rowcount, cur.lastrowid))
             except StopIteration as stop:

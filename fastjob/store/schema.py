@@ -158,9 +158,62 @@ _MYSQL_V1 = [
         KEY ix_job_logs_instance (instance_id))""" + _MYSQL_TAIL,
 ]
 
+# Version 2: overlap policies (the boolean allow_overlap maps true -> allow, false -> queue; the
+# column stays, kept equal to overlap = 'allow', for readers of version 1), misfire catch-up,
+# re-runs of interrupted attempts, how an app came to its owner, server load and drain
+# requests, the worker registry, and the status 'skipped' for what was 'misfired' or
+# 'cancelled: skipped: …'.
+_V2_DATA = [
+    "UPDATE jobs SET overlap = CASE WHEN allow_overlap = 1 THEN 'allow' ELSE 'queue' END",
+    "UPDATE instances SET status = 'skipped' WHERE status = 'misfired'",
+    "UPDATE instances SET status = 'skipped' WHERE status = 'cancelled' AND error LIKE 'skipped:%'",
+]
+_SQLITE_V2 = [
+    "ALTER TABLE jobs ADD COLUMN overlap TEXT NOT NULL DEFAULT 'queue'",
+    "ALTER TABLE jobs ADD COLUMN catch_up_window REAL NOT NULL DEFAULT 3600",
+    "ALTER TABLE jobs ADD COLUMN max_queued INTEGER NOT NULL DEFAULT 100",
+    "ALTER TABLE instances ADD COLUMN reruns INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE apps ADD COLUMN prev_owner TEXT NULL",
+    "ALTER TABLE apps ADD COLUMN left_clean INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE apps ADD COLUMN adopted INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE servers ADD COLUMN load_score REAL NOT NULL DEFAULT 0",
+    "ALTER TABLE servers ADD COLUMN drain INTEGER NOT NULL DEFAULT 0",
+    """CREATE TABLE IF NOT EXISTS workers (
+        app TEXT NOT NULL,
+        worker_id TEXT NOT NULL,
+        server TEXT NOT NULL,
+        connected_at REAL NOT NULL,
+        info TEXT NULL,
+        PRIMARY KEY (app, worker_id))""",
+    *_V2_DATA,
+]
+# Each MySQL statement may run twice when two servers migrate at once (DDL commits on its own):
+# the driver tolerates "duplicate column" (1060) for them (see MYSQL_TOLERATED).
+_MYSQL_V2 = [
+    "ALTER TABLE jobs ADD COLUMN overlap VARCHAR(16) NOT NULL DEFAULT 'queue'",
+    "ALTER TABLE jobs ADD COLUMN catch_up_window DOUBLE NOT NULL DEFAULT 3600",
+    "ALTER TABLE jobs ADD COLUMN max_queued INT NOT NULL DEFAULT 100",
+    "ALTER TABLE instances ADD COLUMN reruns INT NOT NULL DEFAULT 0",
+    "ALTER TABLE apps ADD COLUMN prev_owner VARCHAR(191) NULL",
+    "ALTER TABLE apps ADD COLUMN left_clean TINYINT NOT NULL DEFAULT 0",
+    "ALTER TABLE apps ADD COLUMN adopted TINYINT NOT NULL DEFAULT 1",
+    "ALTER TABLE servers ADD COLUMN load_score DOUBLE NOT NULL DEFAULT 0",
+    "ALTER TABLE servers ADD COLUMN drain TINYINT NOT NULL DEFAULT 0",
+    """CREATE TABLE IF NOT EXISTS workers (
+        app VARCHAR(191) NOT NULL,
+        worker_id VARCHAR(191) NOT NULL,
+        server VARCHAR(191) NOT NULL,
+        connected_at DOUBLE NOT NULL,
+        info TEXT NULL,
+        PRIMARY KEY (app, worker_id))""" + _MYSQL_TAIL,
+    *_V2_DATA,
+]
+#: MySQL error codes a migration statement may meet when another server ran it first.
+MYSQL_TOLERATED = (1060,)  # duplicate column name
+
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1],
-    "mysql": [_MYSQL_V1],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2],
+    "mysql": [_MYSQL_V1, _MYSQL_V2],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])

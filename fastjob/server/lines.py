@@ -1,0 +1,136 @@
+"""Overlap: which fire of a job may run now, which waits its turn, which is skipped.
+
+Each job has a *line*. The fires that hold the job are its **holders**: sent to a worker,
+waiting for a worker with room, possibly still running on a worker we lost sight of (a
+failover, a lost worker), or a retry in its backoff. Fires that come due while the job is
+held wait behind the holders in planned order, or are skipped, as the job's overlap policy
+says (Temporal's vocabulary: queue = BufferAll bounded, buffer_one, skip, allow).
+
+A fire that nobody runs and nobody may still run never holds the job, so it can never block
+the fires behind it. Pure bookkeeping: no I/O, no clock, so the rules are tested in process.
+"""
+from __future__ import annotations
+
+import enum
+import heapq
+from dataclasses import dataclass, field
+from typing import Hashable, Optional
+
+from ..store import InstanceRow, JobRow, Overlap
+
+#: Fires of these triggers are never skipped by an overlap policy: an operator asked for them
+#: (api) or they continue a fire that already had its turn (retry, rerun). They still wait.
+NEVER_SKIPPED = frozenset({"api", "retry", "rerun"})
+
+
+class Verdict(enum.Enum):
+    RUN = "run"  # the fire holds the job now: dispatch it
+    WAIT = "wait"  # queued behind the holders
+    SKIP = "skip"  # recorded skipped (the reason comes with it)
+
+
+@dataclass(order=True, slots=True)
+class Turn:
+    """A fire waiting in a job's line, ordered by planned time, then attempt."""
+
+    planned_ms: int
+    attempt: int
+    instance_id: int
+    row: InstanceRow = field(compare=False)
+    epoch: int = field(compare=False)
+
+
+@dataclass(slots=True)
+class _Line:
+    holders: set[Hashable] = field(default_factory=set)
+    waiting: list[Turn] = field(default_factory=list)  # a heap
+    scheduled_waiting: int = 0  # of those, fires that a policy may skip (trigger schedule/catch_up)
+
+
+class JobLines:
+    """Every job's line on this server."""
+
+    def __init__(self) -> None:
+        self._lines: dict[int, _Line] = {}
+
+    def admit(self, job: JobRow, row: InstanceRow, epoch: int) -> tuple[Verdict, str]:
+        """Decide a due fire: run it now (it then holds the job), queue it, or skip it (with why)."""
+        line = self._lines.get(job.id)
+        if line is not None and row.id in line.holders:
+            return Verdict.RUN, ""
+        if line is None:
+            line = self._lines[job.id] = _Line()
+        if job.overlap == Overlap.ALLOW.value or not (line.holders or line.waiting):
+            line.holders.add(row.id)
+            return Verdict.RUN, ""
+        skippable = row.trigger not in NEVER_SKIPPED
+        if skippable:
+            if job.overlap == Overlap.SKIP.value:
+                return Verdict.SKIP, "overlap skip: an earlier instance of the job still runs"
+            if job.overlap == Overlap.BUFFER_ONE.value and line.scheduled_waiting >= 1:
+                return Verdict.SKIP, "overlap buffer_one: a fire already waits behind the running one"
+            if job.overlap == Overlap.QUEUE.value and line.scheduled_waiting >= job.max_queued:
+                return Verdict.SKIP, f"overlap queue: {job.max_queued} fires already wait (max_queued)"
+            line.scheduled_waiting += 1
+        heapq.heappush(line.waiting, Turn(row.planned_ms, row.attempt, row.id, row, epoch))
+        return Verdict.WAIT, ""
+
+    def push(self, row: InstanceRow, epoch: int) -> None:
+        """Queue a recovered fire in planned order without a verdict: it was admitted once already
+        (by the previous owner); the caller releases the hold it waited behind."""
+        line = self._lines.setdefault(row.job_id, _Line())
+        if row.trigger not in NEVER_SKIPPED:
+            line.scheduled_waiting += 1
+        heapq.heappush(line.waiting, Turn(row.planned_ms, row.attempt, row.id, row, epoch))
+
+    def hold(self, job_id: int, key: Hashable) -> None:
+        """``key`` holds the job without being admitted: a recovered fire that may still run."""
+        self._lines.setdefault(job_id, _Line()).holders.add(key)
+
+    def holds(self, job_id: int, key: Hashable) -> bool:
+        line = self._lines.get(job_id)
+        return line is not None and key in line.holders
+
+    def replace(self, job_id: int, old: Hashable, new: Hashable) -> bool:
+        """Pass ``old``'s hold on to ``new`` (a retry or re-run continuing a fire). False if ``old`` held nothing."""
+        line = self._lines.get(job_id)
+        if line is None or old not in line.holders:
+            return False
+        line.holders.discard(old)
+        line.holders.add(new)
+        return True
+
+    def release(self, job_id: int, key: Hashable) -> Optional[Turn]:
+        """``key`` no longer holds the job; the next fire in line, if the job is now free (it then holds it)."""
+        line = self._lines.get(job_id)
+        if line is None or key not in line.holders:
+            return None
+        line.holders.discard(key)
+        return self._next(job_id, line)
+
+    def _next(self, job_id: int, line: _Line) -> Optional[Turn]:
+        if line.holders:
+            return None
+        if not line.waiting:
+            del self._lines[job_id]
+            return None
+        turn = heapq.heappop(line.waiting)
+        if turn.row.trigger not in NEVER_SKIPPED:
+            line.scheduled_waiting -= 1
+        line.holders.add(turn.instance_id)
+        return turn
+
+    def busy(self, job_id: int) -> bool:
+        """Has the job a holder or a fire waiting?"""
+        return job_id in self._lines
+
+    def waiting(self, job_id: int) -> list[Turn]:
+        line = self._lines.get(job_id)
+        return sorted(line.waiting) if line is not None else []
+
+    def forget(self, job_ids: set[int]) -> list[Turn]:
+        """Drop the lines of these jobs (their app moved away); return the fires that waited."""
+        dropped: list[Turn] = []
+        for job_id in job_ids & self._lines.keys():
+            dropped.extend(self._lines.pop(job_id).waiting)
+        return dropped

@@ -1,0 +1,89 @@
+"""Status changes and log lines, written in batches that are never lost.
+
+Dispatching must not wait for the database: the scheduler hands every change to the writer,
+which gathers a burst into one multi-row write and keeps a batch the database refused.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from ..store import InstanceUpdate, LogLine, Store, StoreError
+
+log = logging.getLogger("fastjob.scheduler")
+
+
+class StatusWriter:
+    """Collects status changes and log lines and writes them in batches, never losing one.
+
+    A failed write keeps the batch and is retried on the next flush, so a database outage
+    delays status updates but drops none.
+    """
+
+    def __init__(self, store: Store, flush_interval: float = 0.02, max_batch: int = 2000) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self._updates: list[InstanceUpdate] = []
+        self._logs: list[LogLine] = []
+        self._finished: dict[int, float] = {}  # job id -> latest finish, for last_finished_time
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task[None]] = None
+
+    def update(self, change: InstanceUpdate) -> None:
+        self._updates.append(change)
+        self._wake.set()
+
+    def logs(self, lines: list[LogLine]) -> None:
+        self._logs.extend(lines)
+        self._wake.set()
+
+    def job_finished(self, job_id: int, finished_at: float) -> None:
+        if finished_at > self._finished.get(job_id, 0.0):
+            self._finished[job_id] = finished_at
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fastjob-status-writer")
+
+    async def stop(self) -> bool:
+        """Stop the background flushing; True if the final flush wrote everything."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        return await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.flush_interval)  # let a burst gather into one batch
+            if not await self.flush():
+                await asyncio.sleep(0.5)
+                self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write what is pending; False (and keep it) if the database refused."""
+        updates, self._updates = self._updates, []
+        lines, self._logs = self._logs, []
+        finished, self._finished = self._finished, {}
+        try:
+            if updates:
+                await self.store.update_instances(updates)
+                updates = []
+            if lines:
+                await self.store.append_logs(lines)
+                lines = []
+            if finished:
+                await self.store.mark_jobs_finished(finished)
+            return True
+        except StoreError as exc:
+            log.warning("status write of %d updates, %d log lines failed, will retry: %s",
+                        len(updates), len(lines), exc)
+            self._updates[:0] = updates
+            self._logs[:0] = lines
+            for job_id, finished_at in finished.items():
+                self.job_finished(job_id, finished_at)
+            return False
