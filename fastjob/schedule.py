@@ -11,7 +11,7 @@ import time
 import zoneinfo
 from typing import Optional
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from .store.base import FirePlan, FirePlanner, JobRow, JobSpec, Misfire, NextFire, Overlap, ScheduleType
 
@@ -38,7 +38,7 @@ def _cron_fields(expr: str) -> int:
 def _zone(name: str) -> zoneinfo.ZoneInfo:
     try:
         return zoneinfo.ZoneInfo(name or "UTC")
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a tzdata folder's name
         raise ScheduleError(f"unknown timezone {name!r}") from exc
 
 
@@ -56,9 +56,13 @@ def parse_period(expr: str) -> float:
 def parse_at(expr: str) -> float:
     """The epoch seconds of a one-shot job: a number, or an ISO 8601 time (naive means UTC)."""
     try:
-        return float(expr)
+        when = float(expr)
     except (TypeError, ValueError):
         pass
+    else:
+        if not math.isfinite(when):
+            raise ScheduleError(f"one-shot time must be a finite number of epoch seconds, got {expr!r}")
+        return when
     try:
         when = dt.datetime.fromisoformat(expr)
     except (TypeError, ValueError):
@@ -78,7 +82,10 @@ def validate(job: Job) -> None:
                 f"bad cron expression {job.schedule_expr!r}: want 5 fields (min hour dom month dow) "
                 "or 6 with seconds first"
             )
-        _zone(job.timezone)
+        try:
+            cron_after(job.schedule_expr, job.timezone, now_ms())
+        except CroniterBadDateError:
+            raise ScheduleError(f"cron expression {job.schedule_expr!r} never fires (no such date)") from None
     elif kind in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY):
         parse_period(job.schedule_expr)
     elif kind is ScheduleType.ONCE:
@@ -199,4 +206,5 @@ def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int,
 
 def retry_delay(job: Job, attempt: int) -> float:
     """Exponential backoff before attempt ``attempt + 1``: backoff * 2**(attempt-1), capped at 5 min."""
-    return min(300.0, job.retry_backoff * (2 ** max(0, attempt - 1)))
+    # a float power (inf past the largest float, not an OverflowError like a huge int would give)
+    return min(300.0, job.retry_backoff * 2.0 ** min(max(0, attempt - 1), 1023))
