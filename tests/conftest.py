@@ -20,6 +20,43 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import harness
 from private_mariadb import private_mariadb  # noqa: E402,F401  (a fixture for every test module)
 
 MYSQL_DSN_ENV = "FASTJOB_TEST_MYSQL_DSN"
+#: Markers of tests that need a service; with FASTJOB_REQUIRE_SERVICES=1 (CI) skipping one fails the run.
+SERVICE_MARKERS = ("mysql", "postgres", "browser")
+_SERVICE_FIXTURES = {"mysql_dsn": "mysql", "mysql_session_dsn": "mysql", "private_mariadb": "mysql"}
+_service_skips: list[tuple[str, str]] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses a service, whether it asks for the fixture or a parametrized backend."""
+    for item in items:
+        needed = {_SERVICE_FIXTURES[f] for f in getattr(item, "fixturenames", ()) if f in _SERVICE_FIXTURES}
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        needed |= {value for value in params.values() if isinstance(value, str) and value in SERVICE_MARKERS}
+        for name in needed:
+            item.add_marker(name)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and any(item.get_closest_marker(m) for m in SERVICE_MARKERS):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _service_skips.append((item.nodeid, reason))
+
+
+def pytest_terminal_summary(terminalreporter: "pytest.TerminalReporter", exitstatus: int) -> None:
+    stats = terminalreporter.stats
+    counts = {key: len(stats.get(key, [])) for key in ("passed", "failed", "error", "skipped", "xfailed")}
+    terminalreporter.write_line("FASTJOB TESTS: " + ", ".join(f"{n} {key}" for key, n in counts.items()))
+    for nodeid, reason in _service_skips:
+        terminalreporter.write_line(f"SERVICE TEST SKIPPED: {nodeid}: {reason}", red=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped service test is a failure: the service was missing, so nothing was tested."""
+    if _service_skips and os.environ.get("FASTJOB_REQUIRE_SERVICES") == "1":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def mysql_dsn_or_skip() -> str:

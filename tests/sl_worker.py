@@ -1,4 +1,4 @@
-"""A worker process for second-level tests: its 'tick' handler appends "<worker_id> <time>" to a file."""
+"""A worker process for second-level tests: its 'tick' handler appends "<worker_id> <time> <planned>" to a file."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ async def main(server: str, worker_id: str, out_path: str, period: float) -> Non
 
     @worker.handler("tick")
     async def tick(ctx):
-        os.write(fd, f"{worker_id} {time.time():.6f}\n".encode())
+        os.write(fd, f"{worker_id} {time.time():.6f} {ctx.scheduled_at:.6f}\n".encode())
 
     worker.schedule("tick", interval=period)
     await worker.start()
