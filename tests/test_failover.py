@@ -11,20 +11,28 @@ import asyncio
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
-
-from harness import FAST_CLUSTER_ARGS, ProcWorker, app_row, db_rows, instance_rows, settled_rows, wait_until
+from harness import (
+    FAST_CLUSTER_ARGS,
+    ProcWorker,
+    app_row,
+    db_rows,
+    instance_rows,
+    settled_rows,
+    wait_until,
+)
 from ledger import (
     Ledger,
     assert_each_ran_once,
     assert_final_records,
     assert_no_overlap,
-    last_attempts,
     per_second,
 )
 from tcp_proxy import TcpProxy
+
+from fastjob import RemoteError
 
 pytestmark = pytest.mark.mysql
 
@@ -200,7 +208,7 @@ async def test_database_outage_moves_no_app(scene, mysql_dsn, servers):
         for app, worker in (("alpha", "a1"), ("beta", "b1")):
             runs = [r for r in s.ledger.runs("tick") if r.worker == worker]
             planned = per_second(min(r.planned_ms for r in runs), int(end * 1000))
-            rows = await wait_until(lambda: settled_rows(mysql_dsn, app, "tick", planned), 30, f"{app} settled")
+            rows = await wait_until(lambda app=app, planned=planned: settled_rows(mysql_dsn, app, "tick", planned), 30, f"{app} settled")
             assert_each_ran_once(runs, planned)
             assert_final_records(rows, planned)
     finally:
@@ -214,14 +222,15 @@ async def test_a_fire_sent_just_before_the_owner_died_goes_back_to_its_worker(sc
     then gives it back; it runs once, on that worker, well before the 20 s run lease."""
     s = scene([*ARGS, "--status-flush-interval", "6"])
     await s.start_servers(2)
-    long = {"name": "long", "hold": 4.0, "routing": "least_busy"}
-    await s.start_worker("w1", [long])
-    await s.start_worker("w2", [long])
+    long = {"name": "long", "hold": 4.0}
+    # the runner comes back slowly (3 s), the idle worker at once: a fire sent anew would reach the idle one
+    await s.start_worker("w1", [long], reconnect_min=3.0, reconnect_max=3.0)
     client = await _client(s)
     try:
         instance_id = await client.trigger("long")
         await wait_until(lambda: s.ledger.runs("long"), 10, "the run to start")
         runner = s.ledger.runs("long")[0].worker
+        await s.start_worker("w2", [long])
         assert (await client.get_instance(instance_id))["status"] == "waiting"  # the status write is held back
         owner, _ = s.owner()
         owner.kill()
@@ -245,7 +254,7 @@ async def _client(s: Scene) -> Any:
 async def _final_instance(client: Any, instance_id: int) -> Any:
     try:
         row = await client.get_instance(instance_id)
-    except Exception:
+    except (RemoteError, ConnectionError, asyncio.TimeoutError):
         return None  # reconnecting
     return row if row["status"] not in ("waiting", "queued", "dispatched", "running") else None
 
@@ -284,7 +293,7 @@ async def test_a_stopping_worker_hands_its_run_back(scene):
     assert_final_records(await s.settled("tick", planned), planned)
 
 
-def _reran(db: str, job: str) -> Optional[list[dict]]:
+def _reran(db: str, job: str) -> list[dict] | None:
     rows = instance_rows(db, "shop", job)
     return rows if rows and rows[-1]["status"] == "succeeded" else None
 
@@ -354,7 +363,7 @@ async def test_a_joining_server_takes_its_share_and_drain_moves_apps_away(scene)
     await s.start_worker("b1", [TICK], app="beta")
     await wait_until(lambda: len({r.worker for r in s.ledger.runs("tick")}) == 2, 15, "both apps ticking")
     (joiner,) = await s.start_servers(1)
-    owners = lambda: {app_row(s.db, app)[0] for app in ("alpha", "beta")}  # noqa: E731
+    owners = lambda: {app_row(s.db, app)[0] for app in ("alpha", "beta")}
     await wait_until(lambda: owners() == {first.address, joiner.address}, 30, "one app to move to the joiner")
     moved_at = time.time()
     await wait_until(lambda: sum(1 for r in s.ledger.runs("tick") if r.start > moved_at + 1) >= 4, 15, "ticks")
@@ -367,7 +376,7 @@ async def test_a_joining_server_takes_its_share_and_drain_moves_apps_away(scene)
     for app, worker in (("alpha", "a1"), ("beta", "b1")):
         runs = [r for r in s.ledger.runs("tick") if r.worker == worker]
         planned = per_second(min(r.planned_ms for r in runs), int(end * 1000))
-        rows = await wait_until(lambda: settled_rows(s.db, app, "tick", planned), 20, f"{app} settled")
+        rows = await wait_until(lambda app=app, planned=planned: settled_rows(s.db, app, "tick", planned), 20, f"{app} settled")
         assert_each_ran_once(runs, planned)
         assert_final_records(rows, planned)
     assert await request_drain(s.db, joiner.address, False)

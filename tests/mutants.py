@@ -1,0 +1,166 @@
+"""Mutation check: break each guarantee on purpose and see a test fail.
+
+Each mutant replaces one exact piece of product code with a broken version, in a copy of the
+repository, and runs the tests that stand guard over that guarantee. A mutant the tests do not
+catch ("survived") is a guarantee nobody checks. Not part of .ci/run (it runs the slow tests
+many times); run it after changing a guarantee and put its table in the note:
+
+    python tests/mutants.py               # every mutant
+    python tests/mutants.py held-fire ... # some of them
+    python tests/mutants.py --list
+
+It needs what the test suite needs (FASTJOB_TEST_MYSQL_DSN for the MariaDB tests).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str
+    path: str
+    original: str
+    broken: str
+    tests: tuple[str, ...]  # pytest node ids or files, run in the copy
+
+
+MUTANTS = [
+    Mutant("recovered-cancelled", "recovered waiting rows are cancelled instead of fired",
+           "fastjob/server/scheduler.py",
+           "            elif row.status in (Status.WAITING, Status.QUEUED):\n                self._enter_wheel(row, epoch)",
+           "            elif row.status in (Status.WAITING, Status.QUEUED):\n"
+           "                self._finish(row, Status.CANCELLED, error=\"mutant\")",
+           ("tests/test_failover.py::test_kill_9_of_the_owner_loses_no_fire",
+            "tests/test_server_worker.py::test_kill_9_restart_loses_nothing_and_duplicates_nothing")),
+    Mutant("reenable-disables", "re-enabling a job disables it", "fastjob/server/api.py",
+           '    enabled = bool(body["enabled"])', "    enabled = False",
+           ("tests/test_server_worker.py::test_reenabling_a_fixed_delay_job_keeps_one_chain",
+            "tests/test_second_level.py::test_job_changes_reach_the_runner_and_jobs_wait_for_a_worker")),
+    Mutant("overlap-inverted", "the overlap rule inverted: allow waits, the others run at once",
+           "fastjob/server/lines.py",
+           "        if job.overlap == Overlap.ALLOW.value or not (line.holders or line.waiting):",
+           "        if job.overlap != Overlap.ALLOW.value or not (line.holders or line.waiting):",
+           ("tests/test_server_worker.py::test_overlap_policies",)),
+    Mutant("no-fence", "the fence on the epoch removed: a deposed owner still writes",
+           "fastjob/store/_common.py",
+           "        if r.rowcount != 1:\n            raise NotOwnerError(app, epoch)", "        pass",
+           ("tests/test_store.py::test_stale_owner_is_fenced",
+            "tests/test_failover.py::test_frozen_owner_wakes_fenced")),
+    Mutant("writer-drops-batch", "the status writer drops a batch the database refused",
+           "fastjob/server/writer.py",
+           "            self._updates[:0] = updates\n            self._logs[:0] = lines",
+           "            pass",
+           ("tests/test_rules.py",)),
+    Mutant("held-fire-at-once", "a fire the dead owner may have sent is fired at once, not held",
+           "fastjob/server/scheduler.py",
+           "and row.epoch < epoch and row.planned_ms <= cutoff_ms:",
+           "and row.epoch < epoch and row.planned_ms <= cutoff_ms and False:",
+           ("tests/test_failover.py::test_a_fire_sent_just_before_the_owner_died_goes_back_to_its_worker",)),
+    Mutant("held-until-deadline", "held fires wait for the run lease even when every worker re-attached",
+           "fastjob/server/scheduler.py",
+           "        if rec is not None and rec.expected <= rec.reattached:",
+           "        if rec is not None and False:",
+           ("tests/test_failover.py::test_kill_9_of_the_owner_loses_no_fire",
+            "tests/test_failover.py::test_a_fire_sent_just_before_the_owner_died_goes_back_to_its_worker")),
+    Mutant("misfire-ignored", "fires never written run anyway, whatever the misfire policy",
+           "fastjob/schedule.py",
+           "        if t is not None and t < missed_before and job.schedule_type is not ScheduleType.FIXED_DELAY:",
+           "        if False:",
+           ("tests/test_failover.py::test_downtime_misfires_follow_each_policy", "tests/test_planner.py")),
+    Mutant("no-run-lease", "a worker that lost its server keeps running its instances",
+           "fastjob/worker.py",
+           "            if self._running and silent > self.run_lease:",
+           "            if False:",
+           ("tests/test_failover.py::test_a_slow_reattach_never_runs_an_instance_twice_at_once",)),
+    Mutant("orphan-rerun-at-once", "a lost worker's instance runs again at once, not after its run lease",
+           "fastjob/server/scheduler.py",
+           "        safe_in = session.last_received + self.run_lease + self.lease_margin - loop.time()",
+           "        safe_in = 0.0",
+           ("tests/test_failover.py::test_kill_9_of_a_worker_mid_run_runs_it_again_elsewhere",)),
+    Mutant("interrupted-not-rerun", "an interrupted run is not run again",
+           "fastjob/server/scheduler.py",
+           "        if status is Status.INTERRUPTED and row.reruns < MAX_RERUNS:",
+           "        if False:",
+           ("tests/test_failover.py::test_a_stopping_worker_hands_its_run_back",)),
+    Mutant("judge-at-once", "peers are judged dead right after a database outage",
+           "fastjob/server/cluster.py",
+           "        return asyncio.get_running_loop().time() - self._db_up_since > 2 * self.interval + RENEW_SLACK",
+           "        return True",
+           ("tests/test_failover.py::test_database_outage_moves_no_app",)),
+    Mutant("no-hand-over", "a stopping server releases its apps instead of handing them over cleanly",
+           "fastjob/server/cluster.py",
+           "            await self.hand_over(app, self._successor(live), \"server stopping\")",
+           "            await self.hand_over(app, None, \"server stopping\")",
+           ("tests/test_handover.py", "tests/test_failover.py::test_sigterm_hands_the_app_over_cleanly")),
+]
+
+
+def _copy(dest: Path) -> None:
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache",
+                                                              "*.db", "*.db-wal", "*.db-shm", "build"))
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """("killed" | "survived" | "error", seconds, detail)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        copy = Path(tmp) / "repo"
+        _copy(copy)
+        target = copy / mutant.path
+        source = target.read_text()
+        if source.count(mutant.original) != 1:
+            return "error", 0.0, f"the original code is not in {mutant.path} exactly once: update the mutant"
+        target.write_text(source.replace(mutant.original, mutant.broken))
+        env = dict(os.environ, PYTHONPATH=str(copy))
+        started = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   *mutant.tests], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed", time.monotonic() - started, "the tests hung past the timeout"
+        elapsed = time.monotonic() - started
+        tail = (proc.stdout.strip().splitlines() or [""])[-1]
+        if proc.returncode == 0:
+            return "survived", elapsed, tail
+        if proc.returncode in (1, 3):  # tests failed / an internal error in a test
+            return "killed", elapsed, tail
+        return "error", elapsed, tail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.name:24} {m.what}")
+        return
+    results = []
+    for mutant in chosen:
+        outcome, seconds, detail = run(mutant, args.timeout)
+        results.append((mutant, outcome, seconds, detail))
+        print(f"{mutant.name:24} {outcome:9} {seconds:6.1f}s  {detail}", file=sys.stderr, flush=True)
+    print("\n| mutant | what it breaks | outcome | seconds | tests |\n|---|---|---|---|---|")
+    for mutant, outcome, seconds, _ in results:
+        tests = ", ".join(t.split("::")[-1] for t in mutant.tests)
+        print(f"| {mutant.name} | {mutant.what} | {outcome} | {seconds:.0f} | {tests} |")
+    if any(outcome != "killed" for _, outcome, _, _ in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
