@@ -161,24 +161,25 @@ def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = n
     missed_before = now_ms - misfire_threshold_ms
 
     def plan(job: JobRow, horizon_ms: int, budget: int) -> FirePlan:
-        out = FirePlan()
         t = job.next_trigger_ms
         if t is not None and t < missed_before and job.schedule_type is not ScheduleType.FIXED_DELAY:
+            out = FirePlan([])
             t = _plan_missed(job, t, missed_before, now_ms, budget, following, out)
-        while t is not None and t <= horizon_ms and len(out) < budget:
-            out.runs.append(t)
-            t = _advance(job, t, following)
+            budget -= len(out)
+        else:
+            out = FirePlan([])
+        runs = out.runs
+        while t is not None and t <= horizon_ms and budget > 0:  # the hot loop: one step per fire
+            runs.append(t)
+            budget -= 1
+            nxt = following(job, t)
+            if nxt is not None and nxt <= t:
+                raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
+            t = nxt
         out.next_ms = t
         return out
 
     return plan
-
-
-def _advance(job: JobRow, t: int, following: NextFire) -> Optional[int]:
-    nxt = following(job, t)
-    if nxt is not None and nxt <= t:
-        raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
-    return nxt
 
 
 def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int, budget: int,
@@ -186,21 +187,26 @@ def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int,
     """Plan the job's missed fires from ``t`` by its misfire policy; return the first fire not planned."""
     policy = job.misfire_policy
     window_start = now_ms - int(job.catch_up_window * 1000)
-    while t is not None and t < missed_before and len(out) < budget:
-        nxt = _advance(job, t, following)
+    catch_up: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    while t is not None and t < missed_before and len(catch_up) + len(skipped) < budget:
+        nxt = following(job, t)
+        if nxt is not None and nxt <= t:
+            raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
         last = nxt is None or nxt >= missed_before
         if policy == Misfire.FIRE_ALL.value:
             if t >= window_start:
-                out.catch_up.append(t)
+                catch_up.append(t)
             else:
-                out.skipped.append((t, f"misfire: older than the catch-up window of {job.catch_up_window:g}s"))
+                skipped.append((t, f"misfire: older than the catch-up window of {job.catch_up_window:g}s"))
         elif policy == Misfire.FIRE_ONCE.value and last:
-            out.catch_up.append(t)
+            catch_up.append(t)
         elif policy == Misfire.FIRE_ONCE.value:
-            out.skipped.append((t, "misfire: coalesced into the last missed fire (policy fire_once)"))
+            skipped.append((t, "misfire: coalesced into the last missed fire (policy fire_once)"))
         else:
-            out.skipped.append((t, "misfire: not run (policy skip)"))
+            skipped.append((t, "misfire: not run (policy skip)"))
         t = nxt
+    out.catch_up, out.skipped = catch_up, skipped
     return t
 
 
