@@ -162,12 +162,10 @@ def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = n
 
     def plan(job: JobRow, horizon_ms: int, budget: int) -> FirePlan:
         t = job.next_trigger_ms
+        out = FirePlan()
         if t is not None and t < missed_before and job.schedule_type is not ScheduleType.FIXED_DELAY:
-            out = FirePlan([])
             t = _plan_missed(job, t, missed_before, now_ms, budget, following, out)
             budget -= len(out)
-        else:
-            out = FirePlan([])
         runs = out.runs
         while t is not None and t <= horizon_ms and budget > 0:  # the hot loop: one step per fire
             runs.append(t)
@@ -187,8 +185,7 @@ def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int,
     """Plan the job's missed fires from ``t`` by its misfire policy; return the first fire not planned."""
     policy = job.misfire_policy
     window_start = now_ms - int(job.catch_up_window * 1000)
-    catch_up: list[int] = []
-    skipped: list[tuple[int, str]] = []
+    catch_up, skipped = out.catch_up, out.skipped
     while t is not None and t < missed_before and len(catch_up) + len(skipped) < budget:
         nxt = following(job, t)
         if nxt is not None and nxt <= t:
@@ -206,7 +203,6 @@ def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int,
         else:
             skipped.append((t, "misfire: not run (policy skip)"))
         t = nxt
-    out.catch_up, out.skipped = catch_up, skipped
     return t
 
 

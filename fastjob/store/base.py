@@ -279,12 +279,12 @@ NextFire = Callable[[JobRow, int], Optional[int]]
 class FirePlan:
     """What one claim writes for one due job (see :meth:`Store.claim_due`).
 
-    Built once per due job on the claim's hot path: the rare lists are empty tuples unless used."""
+    Built once per due job on the claim's hot path."""
 
-    runs: list[int]  # planned ms of fires written waiting, trigger "schedule"
+    runs: list[int] = field(default_factory=list)  # planned ms of fires written waiting, trigger "schedule"
+    catch_up: list[int] = field(default_factory=list)  # missed fires that still run (trigger "catch_up")
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (planned ms, reason): written skipped
     next_ms: Optional[int] = None  # the job's next_trigger_ms after the claim
-    catch_up: Sequence[int] = ()  # missed fires that still run (trigger "catch_up")
-    skipped: Sequence[tuple[int, str]] = ()  # (planned ms, reason): written skipped
 
     def __len__(self) -> int:
         return len(self.runs) + len(self.catch_up) + len(self.skipped)
