@@ -12,9 +12,10 @@ import collections
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 FINAL = {"succeeded", "failed", "timed_out", "interrupted", "killed", "skipped", "cancelled"}
 
@@ -29,7 +30,7 @@ class Run:
     instance_id: int
     worker: str
     start: float
-    end: Optional[float]  # None: the run never finished (its worker died or it is still going)
+    end: float | None  # None: the run never finished (its worker died or it is still going)
 
 
 class Ledger:
@@ -69,7 +70,7 @@ class Ledger:
 
         return run
 
-    def runs(self, job: Optional[str] = None) -> list[Run]:
+    def runs(self, job: str | None = None) -> list[Run]:
         """Every run recorded so far (of one job, if named), in start order."""
         if not self.path.exists():
             return []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Optional
 
 
 class TcpProxy:
@@ -20,7 +19,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0
         self.mode = "open"  # or "refuse", "blackhole"
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._server: asyncio.base_events.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 

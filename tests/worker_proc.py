@@ -13,8 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-from fastjob import Worker
 from ledger import Ledger
+
+from fastjob import Worker
 
 
 async def main(config: dict) -> None:
