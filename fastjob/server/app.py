@@ -147,7 +147,13 @@ class FastJobServer:
 
     def session_joined(self, session: WorkerSession, running: list[int], finished: list[int],
                        second_level: list[int]) -> None:
-        self.sessions.setdefault(session.app, []).append(session)
+        peers = self.sessions.setdefault(session.app, [])
+        peers.append(session)
+        # The worker gave up on an old connection we have not seen die yet: that session is dead,
+        # and what it was running is re-attached to this one (named in this HELLO) right below.
+        for old in [p for p in peers if p is not session and p.worker_id == session.worker_id]:
+            log.info("%s %s of app %s reconnected: closing its old session", old.role, old.worker_id, old.app)
+            old.supersede()
         if session.role == "worker":
             self.scheduler.worker_joined(session, running, finished)
             self.second_level.worker_joined(session, second_level)

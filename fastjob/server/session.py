@@ -71,6 +71,13 @@ class WorkerSession(Connection):
     def load(self) -> float:
         return len(self.running) / self.capacity if self.capacity > 0 else float(len(self.running))
 
+    def supersede(self) -> None:
+        """A newer session of the same worker replaced this one: forget it now, close it."""
+        if self.established:
+            self.established = False
+            self.server.session_left(self)
+        self.close()
+
     def redirect_away(self) -> None:
         """The app moved to another server: close, and the worker's HELLO will be redirected."""
         self.fail(ErrorCode.NOT_OWNER, f"this server no longer owns app {self.app!r}; reconnect")
