@@ -132,6 +132,8 @@ class Worker:
         # with the result we already have instead of running the instance a second time
         self._sent_results: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._log_buffer: dict[int, list[list[Any]]] = {}
+        # dispatches received while our run lease had lapsed: started once a PONG renews it
+        self._deferred: list[tuple[_ClientConnection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)
@@ -255,6 +257,9 @@ class Worker:
                 log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",
                             self.worker_id, silent, len(self._running))
                 self._interrupt(f"run lease expired: no owning server heard for {silent:.1f}s")
+            if self._deferred:  # no server vouched for us within a heartbeat timeout of asking
+                self._refuse_deferred(loop.time() - self.heartbeat_timeout,
+                                      f"run lease expired: no owning server heard for {silent:.1f}s")
 
     async def _wait_ready(self) -> None:
         while True:
@@ -472,12 +477,17 @@ class Worker:
                                 self.worker_id, self.server_id, self.heartbeat_timeout)
                     conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
                     return
-                ts = time.time()
-                self._pings = {t: at for t, at in self._pings.items() if ts - t < 2 * self.heartbeat_timeout}
-                self._pings[ts] = loop.time()
-                conn.send("PING", {"ts": ts, "running": len(self._running)})
+                self._ping(conn)
         finally:
             closed.cancel()
+
+    def _ping(self, conn: _ClientConnection) -> None:
+        """PING, remembering when: the PONG renews the run lease from this send time."""
+        ts = time.time()
+        loop = asyncio.get_running_loop()
+        self._pings = {t: at for t, at in self._pings.items() if ts - t < 2 * self.heartbeat_timeout}
+        self._pings[ts] = loop.time()
+        conn.send("PING", {"ts": ts, "running": len(self._running)})
 
     # ---- incoming ------------------------------------------------------------------------
     def _on_message(self, conn: _ClientConnection, msg: Message) -> None:
@@ -500,6 +510,8 @@ class Worker:
             # a server that cannot vouch for its ownership (lease false) renews nothing
             if sent_at is not None and msg.body.get("lease", True):
                 self._server_alive_at = max(self._server_alive_at, sent_at)
+                if self._deferred:
+                    self._start_deferred()
         elif kind == "ERROR":
             log.warning("worker %s: server error %s: %s", self.worker_id, msg.body.get("code"), msg.body.get("message"))
         else:
@@ -524,8 +536,34 @@ class Worker:
         if reason is not None:
             conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
             return
+        if not self._lease_held():
+            # our run lease lapsed (an outage, or we were frozen and this frame is old): start
+            # nothing until an owning server vouches for us again; ask it now
+            self._deferred.append((conn, body, asyncio.get_running_loop().time()))
+            self._ping(conn)
+            return
         conn.send("ACK", {"instance_id": instance_id, "accepted": True})
         self._running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
+
+    def _lease_held(self) -> bool:
+        return asyncio.get_running_loop().time() - self._server_alive_at <= self.run_lease
+
+    def _start_deferred(self) -> None:
+        """The lease is renewed: take the dispatches that waited for it (on the same connection)."""
+        deferred, self._deferred = self._deferred, []
+        for conn, body, _ in deferred:
+            if not conn.closed:
+                self._on_dispatch(conn, body)
+
+    def _refuse_deferred(self, older_than: float, reason: str) -> None:
+        """Refuse the dispatches that waited longer than ``older_than`` (loop time) for a vouching PONG."""
+        keep = []
+        for conn, body, since in self._deferred:
+            if since >= older_than:
+                keep.append((conn, body, since))
+            elif not conn.closed:
+                conn.send("ACK", {"instance_id": body["instance_id"], "accepted": False, "reason": reason})
+        self._deferred = keep
 
     # ---- running a handler -------------------------------------------------------------------
     async def _execute(self, body: dict[str, Any]) -> None:

@@ -694,6 +694,88 @@ async def test_a_server_whose_heartbeats_fail_holds_fires_until_its_lease_is_ren
     assert len(ran) == 1
 
 
+async def test_held_fires_go_out_when_the_renewal_itself_outlived_the_lease(scene):
+    """The database comes back in the middle of a lease renewal that began while it was away: the
+    renewal succeeds, but the lease it earns (counted from when it was sent) is already stale.
+    The held fires must still go out once a renewal gives a valid lease, not stay held for good."""
+    # a patient store: the renewal waits (retrying) for the lock instead of failing
+    server = await scene.server(db=f"{scene.db}?busy_timeout=0.05&retry_total=30", heartbeat_interval=0.2,
+                                heartbeat_timeout=1.0, scan_horizon=5.0)
+    worker = scene.worker(server)
+    ran: list[float] = []
+
+    @worker.handler("h")
+    async def h(ctx):
+        ran.append(time.time())
+
+    await worker.start()
+    at = time.time() + 3.0
+    await worker.call("JOB_UPSERT", {"job": {"name": "late", "handler": "h", "schedule_type": "once",
+                                             "schedule_expr": repr(at)}})
+    await wait_until(lambda: [r for r in scene.job_instances(APP, "late") if r["status"] == "waiting"],
+                     WAIT, "the fire to be written")
+    lock = locked(scene.db_path)
+    try:
+        await wait_until(lambda: server.scheduler.held, at - time.time() + WAIT, "the due fire to be held")
+        # the stimulus, not a wait for an event: the renewal started by the hold stays blocked for
+        # longer than the 0.8 s lease it will earn
+        await asyncio.sleep(1.5)
+        assert ran == []
+    finally:
+        unlock(lock)
+    await wait_until(lambda: ran, WAIT, "the held fire to run once a renewal gives a valid lease")
+    assert len(ran) == 1
+
+
+async def test_a_dispatch_right_after_an_outage_is_not_cut_by_the_workers_lapsed_run_lease(scene):
+    """During the outage the server's PONGs say lease false, so the worker's run lease lapses. The
+    first fires after the outage come from a server whose lease is valid again: the worker must run
+    them to the end (it waits for a vouching PONG first), not interrupt them as soon as they start."""
+    server = await scene.server(db=f"{scene.db}?busy_timeout=0.05&retry_total=0.3", heartbeat_interval=0.2,
+                                heartbeat_timeout=1.0, run_lease=1.0, scan_horizon=5.0)
+    worker = scene.worker(server)
+    runs: list[tuple[int, int]] = []
+
+    @worker.handler("h")
+    async def h(ctx):
+        runs.append((ctx.instance_id, ctx.attempt))
+        await asyncio.sleep(0.6)  # longer than the worker's lease check period
+        return "done"
+
+    await worker.start()
+    at = time.time() + 3.0
+    await worker.call("JOB_UPSERT", {"job": {"name": "after", "handler": "h", "schedule_type": "once",
+                                             "schedule_expr": repr(at)}})
+    rows = await wait_until(lambda: [r for r in scene.job_instances(APP, "after") if r["status"] == "waiting"],
+                            WAIT, "the fire to be written")
+    loop = asyncio.get_running_loop()
+    # From the outage on, PONGs reach the worker late: only half a second after the first DISPATCH
+    # (network delay, as when the server's pings queue behind a burst). Without that, a PONG racing
+    # the DISPATCH could renew the lease first and hide the rule.
+    dispatched_at: list[float] = []
+    real_on_message = worker._on_message
+
+    def delayed_pongs(conn: Any, msg: Message) -> None:
+        if msg.type == "DISPATCH" and not dispatched_at:
+            dispatched_at.append(loop.time())
+        if msg.type == "PONG" and (not dispatched_at or loop.time() < dispatched_at[0] + 0.5):
+            return
+        real_on_message(conn, msg)
+
+    lock = locked(scene.db_path)
+    try:
+        await wait_until(lambda: server.scheduler.held, at - time.time() + WAIT, "the due fire to be held")
+        await wait_until(lambda: loop.time() - worker._server_alive_at > worker.run_lease, WAIT,
+                         "the worker's run lease to lapse")
+        worker._on_message = delayed_pongs  # type: ignore[method-assign]
+    finally:
+        unlock(lock)
+    row = await scene.final(rows[0]["id"])
+    assert (row["status"], row["attempt"]) == ("succeeded", 1), row
+    assert runs == [(rows[0]["id"], 1)]
+    assert [r["attempt"] for r in scene.job_instances(APP, "after")] == [1]
+
+
 # ---- 9. a fixed-delay chain lost in a crash ------------------------------------------------------
 
 

@@ -807,18 +807,24 @@ class Scheduler:
         self.tasks.spawn(self._release_held(), "fastjob-lease")
 
     async def _release_held(self) -> None:
-        """Re-read our epochs, drop fires of apps we lost, then fire the rest."""
+        """Re-read our epochs, drop fires of apps we lost, then fire the rest.
+
+        A renewal that took longer than the lease it earns (the database came back in the middle
+        of it) leaves the lease stale: renew again, rather than hold the fires again and wait for
+        a revalidation that nobody starts."""
         try:
             while True:
                 try:
                     await self.cluster.renew()
-                    break
                 except StoreError as exc:
                     log.warning("lease renewal failed, fires stay held: %s", exc)
                     await asyncio.sleep(self.cluster.interval)
-            held, self.held = self.held, []
-            log.info("lease renewed; releasing %d held fires", len(held))
-            for row, epoch in held:
-                self.fire(row, epoch)
+                    continue
+                if self.cluster.lease_valid():
+                    break
         finally:
             self._revalidating = False
+        held, self.held = self.held, []
+        log.info("lease renewed; releasing %d held fires", len(held))
+        for row, epoch in held:
+            self.fire(row, epoch)
