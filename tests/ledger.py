@@ -9,6 +9,7 @@ ledger with the fires the schedule planned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -34,10 +35,16 @@ class Run:
 
 
 class Ledger:
-    """An append-only file of handler starts and ends."""
+    """An append-only file of handler starts and ends, read incrementally."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+        self._runs: list[Run] = []
+        # (instance id, worker) -> indexes of its runs not ended yet, oldest first: a worker may run
+        # one instance twice, and second-level runs all have instance id 0
+        self._open: dict[tuple[int, str], collections.deque[int]] = collections.defaultdict(collections.deque)
 
     def _write(self, record: dict[str, Any]) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -72,26 +79,31 @@ class Ledger:
 
     def runs(self, job: str | None = None) -> list[Run]:
         """Every run recorded so far (of one job, if named), in start order."""
-        if not self.path.exists():
-            return []
-        starts: dict[tuple[int, str], dict[str, Any]] = {}
-        ends: dict[tuple[int, str], float] = {}
-        order: list[tuple[int, str]] = []
-        for line in self.path.read_text().splitlines():
+        self._read_new()
+        return [r for r in self._runs if job is None or r.job == job]
+
+    def _read_new(self) -> None:
+        """Read what was appended since the last call; a line still being written waits."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
             if not line.strip():
                 continue
             record = json.loads(line)
             key = (record["id"], record["w"])
             if record["e"] == "start":
-                if key in starts:  # the same worker ran the same instance twice
-                    key = (record["id"], f"{record['w']}#{len(order)}")
-                starts[key] = record
-                order.append(key)
-            else:
-                ends.setdefault(key, record["t"])
-        runs = [Run(s["job"], s["planned_ms"], s["attempt"], s["id"], s["w"], s["t"], ends.get(k))
-                for k in order for s in [starts[k]]]
-        return [r for r in runs if job is None or r.job == job]
+                self._runs.append(Run(record["job"], record["planned_ms"], record["attempt"], record["id"],
+                                      record["w"], record["t"], None))
+                self._open[key].append(len(self._runs) - 1)
+            elif self._open.get(key):
+                index = self._open[key].popleft()
+                self._runs[index] = dataclasses.replace(self._runs[index], end=record["t"])
 
 
 def per_second(first_ms: int, last_ms: int) -> list[int]:
