@@ -151,7 +151,8 @@ class FastJobServer:
         peers.append(session)
         # The worker gave up on an old connection we have not seen die yet: that session is dead,
         # and what it was running is re-attached to this one (named in this HELLO) right below.
-        for old in [p for p in peers if p is not session and p.worker_id == session.worker_id]:
+        for old in [p for p in peers if p is not session and p.worker_id == session.worker_id
+                    and p.role == session.role]:
             log.info("%s %s of app %s reconnected: closing its old session", old.role, old.worker_id, old.app)
             old.supersede()
         if session.role == "worker":
