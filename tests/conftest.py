@@ -7,10 +7,11 @@ concurrent runs on one MariaDB never see each other's rows.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import uuid
-from typing import Iterator
+from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -18,6 +19,37 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests import harness
 
 from private_mariadb import private_mariadb  # noqa: E402,F401  (a fixture for every test module)
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
+    uvloop = None
+
+#: The event loop implementations every socket scenario runs on (the server itself runs on uvloop).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+
+
+@pytest.fixture(params=list(LOOPS))
+def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Run a coroutine to completion on a fresh loop of the parametrized kind, with a timeout."""
+
+    def runner(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
+        loop = LOOPS[request.param]()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        finally:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return runner
+
 
 MYSQL_DSN_ENV = "FASTJOB_TEST_MYSQL_DSN"
 #: Markers of tests that need a service; with FASTJOB_REQUIRE_SERVICES=1 (CI) skipping one fails the run.

@@ -16,7 +16,7 @@ import os
 import re
 import ssl
 import struct
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 import msgpack
 import pytest
@@ -43,34 +43,8 @@ from fastjob.protocol import (
     validate,
 )
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
-    uvloop = None
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    LOOPS["uvloop"] = uvloop.new_event_loop
 
 
-@pytest.fixture(params=list(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """Run a coroutine to completion on a fresh loop of the parametrized kind, with a timeout."""
-
-    def runner(coro: Awaitable[Any], timeout: float = 10.0) -> Any:
-        loop = LOOPS[request.param]()
-        try:
-            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        finally:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    return runner
 
 
 # ---- one valid body per message type ------------------------------------------------------

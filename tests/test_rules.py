@@ -653,6 +653,16 @@ async def test_a_server_whose_app_moved_behind_its_back_drops_it_and_sends_its_w
     assert db_rows(scene.db, "SELECT server FROM instances WHERE id = ?", (iid,)) == [(other.cluster.server_id,)]
 
 
+async def _one_shot_in_wal(scene: Scene, worker: Worker, name: str, handler: str, at: float) -> int:
+    """Declare a one-shot job due at ``at`` (within the server's horizon) and wait until its fire is
+    in the WAL; its instance id."""
+    await worker.call("JOB_UPSERT", {"job": {"name": name, "handler": handler, "schedule_type": "once",
+                                             "schedule_expr": repr(at)}})
+    rows = await wait_until(lambda: [r for r in scene.job_instances(APP, name) if r["status"] == "waiting"],
+                            WAIT, "the fire to be written")
+    return int(rows[0]["id"])
+
+
 async def test_a_server_whose_heartbeats_fail_holds_fires_until_its_lease_is_renewed(scene):
     # failing store calls give up after 0.3 s; the lease is stale 0.8 s after the last heartbeat
     server = await scene.server(db=f"{scene.db}?busy_timeout=0.05&retry_total=0.3", heartbeat_interval=0.2,
@@ -666,11 +676,7 @@ async def test_a_server_whose_heartbeats_fail_holds_fires_until_its_lease_is_ren
 
     await worker.start()
     at = time.time() + 4.0  # within the 5 s horizon: written to the WAL at once
-    await worker.call("JOB_UPSERT", {"job": {"name": "late", "handler": "h", "schedule_type": "once",
-                                             "schedule_expr": repr(at)}})
-    rows = await wait_until(lambda: [r for r in scene.job_instances(APP, "late") if r["status"] == "waiting"],
-                            WAIT, "the fire to be written")
-    iid = rows[0]["id"]
+    iid = await _one_shot_in_wal(scene, worker, "late", "h", at)
     epoch = server.cluster.owned[APP]
 
     lock = locked(scene.db_path)
@@ -710,10 +716,7 @@ async def test_held_fires_go_out_when_the_renewal_itself_outlived_the_lease(scen
 
     await worker.start()
     at = time.time() + 3.0
-    await worker.call("JOB_UPSERT", {"job": {"name": "late", "handler": "h", "schedule_type": "once",
-                                             "schedule_expr": repr(at)}})
-    await wait_until(lambda: [r for r in scene.job_instances(APP, "late") if r["status"] == "waiting"],
-                     WAIT, "the fire to be written")
+    await _one_shot_in_wal(scene, worker, "late", "h", at)
     lock = locked(scene.db_path)
     try:
         await wait_until(lambda: server.scheduler.held, at - time.time() + WAIT, "the due fire to be held")
@@ -744,10 +747,7 @@ async def test_a_dispatch_right_after_an_outage_is_not_cut_by_the_workers_lapsed
 
     await worker.start()
     at = time.time() + 3.0
-    await worker.call("JOB_UPSERT", {"job": {"name": "after", "handler": "h", "schedule_type": "once",
-                                             "schedule_expr": repr(at)}})
-    rows = await wait_until(lambda: [r for r in scene.job_instances(APP, "after") if r["status"] == "waiting"],
-                            WAIT, "the fire to be written")
+    iid = await _one_shot_in_wal(scene, worker, "after", "h", at)
     loop = asyncio.get_running_loop()
     # From the outage on, PONGs reach the worker late: only half a second after the first DISPATCH
     # (network delay, as when the server's pings queue behind a burst). Without that, a PONG racing
@@ -770,9 +770,9 @@ async def test_a_dispatch_right_after_an_outage_is_not_cut_by_the_workers_lapsed
         worker._on_message = delayed_pongs  # type: ignore[method-assign]
     finally:
         unlock(lock)
-    row = await scene.final(rows[0]["id"])
+    row = await scene.final(iid)
     assert (row["status"], row["attempt"]) == ("succeeded", 1), row
-    assert runs == [(rows[0]["id"], 1)]
+    assert runs == [(iid, 1)]
     assert [r["attempt"] for r in scene.job_instances(APP, "after")] == [1]
 
 

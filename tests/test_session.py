@@ -19,7 +19,7 @@ import contextlib
 import struct
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import msgpack
 import pytest
@@ -39,14 +39,6 @@ from fastjob.protocol import (
 from fastjob.server.app import FastJobServer, ServerConfig
 from fastjob.server.session import MAX_API_INFLIGHT, WorkerSession
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
-    uvloop = None
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    LOOPS["uvloop"] = uvloop.new_event_loop
 
 WAIT = 5.0  # bound of any wait for something that should happen promptly
 # uvloop's clock counts whole milliseconds, so an elapsed time measured on it may read a hair
@@ -55,24 +47,6 @@ CLOCK_SLACK = 0.002
 APP = "billing"
 
 
-@pytest.fixture(params=list(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """Run a coroutine to completion on a fresh loop of the parametrized kind, with a timeout."""
-
-    def runner(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
-        loop = LOOPS[request.param]()
-        try:
-            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        finally:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    return runner
 
 
 # ---- a raw client and a server under test -------------------------------------------------
