@@ -86,3 +86,36 @@ def _unresolved(epoch: int) -> Recovery:
     rec = Recovery(epoch, {"w-gone"}, deadline=time.monotonic() + 60)
     rec.suspects[1] = InstanceRow(1, 1, "shop", 0, 1, Status.WAITING, "schedule", None, "dead", epoch - 1)
     return rec
+
+
+async def test_hellos_racing_for_a_handed_app_adopt_it_once(tmp_path) -> None:
+    """Two workers' HELLOs reach the successor of a hand-over together: it must load the app once.
+    A second load, on top of live state, recovered a run that had just finished (its status not yet
+    written) as lost, and ran it again (seen in bench_failover's join trials)."""
+    db = f"sqlite:///{tmp_path / 'h.db'}"
+    config = dict(host="127.0.0.1", port=0, db=db, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    first, second = FastJobServer(ServerConfig(**config)), FastJobServer(ServerConfig(**config))
+    await first.start()
+    await second.start()
+    try:
+        worker = Worker(app="shop", servers=[first.address], reconnect_max=0.2)
+        async with worker:
+            assert "shop" in first.cluster.owned or "shop" in second.cluster.owned
+        giver, taker = (first, second) if "shop" in first.cluster.owned else (second, first)
+        epoch = giver.cluster.owned["shop"]
+        assert await giver.cluster.hand_over("shop", taker.cluster.server_id, "test")
+        gained: list[int] = []
+        real = taker.scheduler.app_gained
+
+        async def counted(app: str, at: int, origin: object) -> None:
+            gained.append(at)
+            await real(app, at, origin)  # type: ignore[arg-type]
+
+        taker.scheduler.app_gained = counted  # type: ignore[method-assign]
+        routes = await asyncio.gather(taker.cluster.route("shop"), taker.cluster.route("shop"))
+        assert all(r.own for r in routes)
+        assert gained == [epoch + 2], f"loaded at epochs {gained}: handed over at {epoch + 1}, adopted once"
+        assert (await taker.store.get_app("shop")).epoch == epoch + 2
+    finally:
+        await asyncio.wait_for(first.stop(), 30)
+        await asyncio.wait_for(second.stop(), 30)

@@ -287,6 +287,8 @@ class Cluster:
     async def _claim(self, row: AppRow, servers: dict[str, ServerRow], for_server: Optional[str] = None) -> bool:
         """CAS the app to ``for_server`` (default us); on our own win, load it."""
         owner = for_server or self.server_id
+        if owner == self.server_id and row.name in self.owned:
+            return True  # ours already: a second load would work from rows our own writes have not reached
         origin = self._origin(row, servers)
         epoch = await self.store.claim_app(row.name, owner, row.epoch, prev_owner=origin.prev_owner,
                                            left_clean=origin.left_clean, adopted=owner == self.server_id)
@@ -325,6 +327,8 @@ class Cluster:
             if app in self.owned:
                 return Route(True)
             async with self._sync_lock:  # claims never interleave with a sync pass
+                if app in self.owned:  # another HELLO claimed it while we waited for the lock
+                    return Route(True)
                 row = await self.store.ensure_app(app)
                 servers = {s.id: s for s in await self.store.list_servers()}
                 now = time.time()

@@ -177,6 +177,9 @@ class Scheduler:
     async def app_gained(self, app: str, epoch: int, origin: "Origin") -> None:
         """Recover the app's WAL: waiting fires go into the wheel; fires the previous owner may
         have sent hold their jobs until their workers re-attach or surely stopped."""
+        # our own statuses first: an app we owned before (and dropped) must not be recovered from
+        # rows that our pending writes have not reached (a finished run would look dispatched)
+        await self.writer.flush()
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
         expected: set[str] = set()
