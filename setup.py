@@ -1,4 +1,4 @@
-"""Build the compiled timing wheel.
+"""Build the compiled timing wheel and cron evaluator.
 
 A failed compile is an error, never a silent fall back to the pure-Python twin
 (msgpack-python's rule); set FASTJOB_PUREPYTHON=1 at run time to use the twin.
@@ -13,7 +13,9 @@ extensions = [
         "fastjob._timewheel",
         ["fastjob/_timewheel.pyx"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    # The cron evaluator (fastjob/cron.py); its pure-Python twin is fastjob/_cron_py.py.
+    Extension("fastjob._cron", ["fastjob/_cron.pyx"], extra_compile_args=["-O3"]),
 ]
 if sys.platform.startswith("linux"):
     # Sub-millisecond wake-ups for the timer driver (fastjob/timer.py); elsewhere it uses loop timers.

@@ -1,21 +1,22 @@
 """Next fire times for every schedule type: cron, fixed rate, fixed delay, one-shot, api.
 
 All planned times are integer milliseconds since the epoch, the unit of the instance table's
-UNIQUE key. croniter does the calendar arithmetic; this module keeps it behind two functions.
+UNIQUE key. Cron arithmetic is fastjob.cron's compiled evaluator (croniter is its reference model
+in the tests); this module keeps it behind two functions.
 """
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import time
-import zoneinfo
 from typing import Optional
 
-from croniter import CroniterBadDateError, croniter
-
+from . import cron
 from .store.base import FirePlan, FirePlanner, JobRow, JobSpec, Misfire, NextFire, Overlap, ScheduleType
 
 Job = JobRow | JobSpec
+log = logging.getLogger("fastjob.schedule")
 
 
 _MISFIRE_POLICIES = tuple(m.value for m in Misfire)
@@ -33,13 +34,6 @@ def now_ms() -> int:
 
 def _cron_fields(expr: str) -> int:
     return len(expr.split())
-
-
-def _zone(name: str) -> zoneinfo.ZoneInfo:
-    try:
-        return zoneinfo.ZoneInfo(name or "UTC")
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a tzdata folder's name
-        raise ScheduleError(f"unknown timezone {name!r}") from exc
 
 
 def parse_period(expr: str) -> float:
@@ -76,16 +70,12 @@ def validate(job: Job) -> None:
     """Raise :class:`ScheduleError` with a clear message if the job's schedule is unusable."""
     kind = ScheduleType(job.schedule_type)
     if kind is ScheduleType.CRON:
-        fields = _cron_fields(job.schedule_expr)
-        if fields not in (5, 6) or not croniter.is_valid(job.schedule_expr, second_at_beginning=fields == 6):
+        if _cron_fields(job.schedule_expr) not in (5, 6):
             raise ScheduleError(
                 f"bad cron expression {job.schedule_expr!r}: want 5 fields (min hour dom month dow) "
                 "or 6 with seconds first"
             )
-        try:
-            cron_after(job.schedule_expr, job.timezone, now_ms())
-        except CroniterBadDateError:
-            raise ScheduleError(f"cron expression {job.schedule_expr!r} never fires (no such date)") from None
+        cron_after(job.schedule_expr, job.timezone, now_ms())  # bad fields, a bad zone, or never fires
     elif kind in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY):
         parse_period(job.schedule_expr)
     elif kind is ScheduleType.ONCE:
@@ -109,10 +99,11 @@ def validate(job: Job) -> None:
 
 
 def cron_after(expr: str, timezone: str, after_ms: int) -> int:
-    """The first cron time strictly after ``after_ms``."""
-    start = dt.datetime.fromtimestamp(after_ms / 1000.0, _zone(timezone))
-    it = croniter(expr, start, second_at_beginning=_cron_fields(expr) == 6)
-    return int(round(it.get_next(float) * 1000))
+    """The first cron time strictly after ``after_ms`` (the parsed form is cached)."""
+    try:
+        return cron.parse(expr, timezone or "UTC").next_after(after_ms)
+    except cron.CronError as exc:
+        raise ScheduleError(str(exc)) from None
 
 
 def first_fire_ms(job: Job, now_ms: int) -> Optional[int]:
@@ -170,7 +161,7 @@ def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = n
         while t is not None and t <= horizon_ms and budget > 0:  # the hot loop: one step per fire
             runs.append(t)
             budget -= 1
-            nxt = following(job, t)
+            nxt = _following_or_none(following, job, t)
             if nxt is not None and nxt <= t:
                 raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
             t = nxt
@@ -180,6 +171,16 @@ def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = n
     return plan
 
 
+def _following_or_none(following: NextFire, job: JobRow, t: int) -> Optional[int]:
+    """The next fire; None (the job stops) if its schedule has no more, so that one job whose cron
+    never fires again cannot fail the claim of its whole app."""
+    try:
+        return following(job, t)
+    except ScheduleError as exc:
+        log.warning("job %d of app %s: no next fire after %d: %s", job.id, job.app, t, exc)
+        return None
+
+
 def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int, budget: int,
                  following: NextFire, out: FirePlan) -> Optional[int]:
     """Plan the job's missed fires from ``t`` by its misfire policy; return the first fire not planned."""
@@ -187,7 +188,7 @@ def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int,
     window_start = now_ms - int(job.catch_up_window * 1000)
     catch_up, skipped = out.catch_up, out.skipped
     while t is not None and t < missed_before and len(catch_up) + len(skipped) < budget:
-        nxt = following(job, t)
+        nxt = _following_or_none(following, job, t)
         if nxt is not None and nxt <= t:
             raise ValueError(f"next fire did not advance for job {job.id}: {t} -> {nxt}")
         last = nxt is None or nxt >= missed_before
