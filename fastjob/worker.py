@@ -93,6 +93,7 @@ class Worker:
             parse_address(address)
         self.app = app
         self.servers = list(servers)
+        self._server_turn = random.randrange(len(self.servers))  # see _next_server
         self.token = token
         self.max_concurrency = max_concurrency
         self.tags = list(tags)
@@ -352,7 +353,7 @@ class Worker:
         # that owner's lease runs out (it will then take the app over), not after a long backoff.
         fallback: Optional[tuple[str, float]] = None  # (address, loop.time())
         while not self._stopping:
-            address = target or random.choice(self.servers)
+            address = target or self._next_server()
             target = None
             patience = self.connect_timeout
             if fallback is not None:
@@ -388,6 +389,11 @@ class Worker:
             delay = min(self.reconnect_max, self.reconnect_min * (2 ** failures)) * random.uniform(0.5, 1.0)
             failures = min(failures + 1, 16)
             await asyncio.sleep(delay)
+
+    def _next_server(self) -> str:
+        """The servers in turn, from a random start: after one failed, the next try is another."""
+        self._server_turn = (self._server_turn + 1) % len(self.servers)
+        return self.servers[self._server_turn]
 
     async def _session(self, address: str, patience: float) -> "Optional[str | _Redirect]":
         """One connection: handshake, then serve until it closes. Returns how it ended.
