@@ -322,8 +322,10 @@ class PrivateMariaDB:
         if installer is None:
             raise PrivateMariaDBError(f"no MariaDB installer found ({', '.join(INSTALLERS)})")
         log = self.base_dir / "install.log"
+        tmpdir = datadir.parent / f"{datadir.name}.tmp"  # its own: concurrent installs collide in /tmp
+        tmpdir.mkdir(parents=True, exist_ok=True)
         argv = [installer, "--no-defaults", f"--user={self._user()}", f"--datadir={datadir}",
-                *INSTALL_OPTIONS]
+                f"--tmpdir={tmpdir}", *INSTALL_OPTIONS]
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, timeout=120, check=False)

@@ -133,16 +133,49 @@ def _end_of_second_pass(at_ms: int, zone: ZoneInfo) -> int:
 def expected(expr: str, zone: str, after_ms: int) -> int | str:
     """croniter's next fire, except where FastJob's rule differs: a cron whose hour
     field is not '*' does not fire at a second occurrence of a repeated wall time
-    (croniter does), so its next fire is croniter's first one past such instants."""
+    (croniter does), so its next fire is croniter's first one past such instants; and a
+    cron whose hour field is '*' fires at every second occurrence, which croniter misses
+    when the clock goes back by less than an hour (Lord Howe's 30 minutes)."""
     try:
         got = croniter_next(expr, zone, after_ms)
+        tz = ZoneInfo(zone or "UTC")
         if not _hour_is_star(expr):
-            tz = ZoneInfo(zone or "UTC")
             while _second_occurrence(got, tz):
                 got = croniter_next(expr, zone, _end_of_second_pass(got, tz) - 1)
+        else:
+            got = _short_repeat_missed_by_croniter(expr, tz, after_ms, got) or got
     except CroniterBadDateError:
         return NEVER
     return got
+
+
+def _short_repeat_missed_by_croniter(expr: str, tz: ZoneInfo, after_ms: int, got_ms: int) -> int | None:
+    """The first second occurrence of a matching wall time in (after_ms, got_ms) where the clock
+    went back by less than an hour, which croniter never fires at; else None. Looks only at the
+    clock changes of the week after ``after_ms`` (hour-'*' crons fire at least weekly)."""
+    hop = 15 * 60_000
+    end = min(got_ms, after_ms + 8 * 86_400_000)
+    step = 1000 if _six(expr) else 60_000
+    t = after_ms
+    while t < end:
+        before, after_hop = in_zone(t, tz).utcoffset(), in_zone(t + hop, tz).utcoffset()
+        if before is not None and after_hop is not None and dt.timedelta(0) < before - after_hop < dt.timedelta(hours=1):
+            lo, hi = t, t + hop  # the change is in (lo, hi]
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if in_zone(mid, tz).utcoffset() == before:
+                    lo = mid
+                else:
+                    hi = mid
+            length = int((before - after_hop).total_seconds() * 1000)
+            c = max(hi, (after_ms // step + 1) * step)
+            c = -(-c // step) * step
+            while c < min(hi + length, got_ms):
+                if _second_occurrence(c, tz) and croniter.match(expr, in_zone(c, tz), second_at_beginning=_six(expr)):
+                    return c
+                c += step
+        t += hop
+    return None
 
 
 def outcome(mod, expr: str, zone: str, after_ms: int) -> int | str:
@@ -925,3 +958,13 @@ def test_implementation_is_selected_at_import(env: str, want: str) -> None:
         check=True,
     )
     assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize("impl", ["cython", "python"])
+def test_a_star_hour_fires_in_a_half_hour_repeat(impl: str) -> None:
+    """Lord Howe goes back 30 minutes (2000-03-26 02:00 LHDT -> 01:30 LHST): with the hour field '*',
+    the repeated 01:40 fires again (croniter skips it; found by the property test)."""
+    zone = ZoneInfo("Australia/Lord_Howe")
+    first = local(zone, 2000, 3, 26, 1, 40, fold=0)
+    nxt = _load(impl).parse("*/20 * * * sun", "Australia/Lord_Howe").next_after(ms(first))
+    assert nxt == ms(local(zone, 2000, 3, 26, 1, 40, fold=1)) == ms(first) + 30 * 60_000

@@ -119,3 +119,36 @@ async def test_hellos_racing_for_a_handed_app_adopt_it_once(tmp_path) -> None:
     finally:
         await asyncio.wait_for(first.stop(), 30)
         await asyncio.wait_for(second.stop(), 30)
+
+
+async def test_a_stop_waits_for_an_app_being_loaded(server: FastJobServer) -> None:
+    """SIGTERM while the app's WAL is being loaded (claimed, recovery not set up yet): the stop must
+    wait for the load, so that it sees what the load holds back, rather than hand the app over as
+    if nothing were unresolved (seen: a survivor released an app while a fire was held back)."""
+    events: list[str] = []
+    loading = asyncio.Event()
+    proceed = asyncio.Event()
+    real = server.scheduler.app_gained
+
+    async def slow_gain(app: str, epoch: int, origin: object) -> None:
+        events.append("load begins")
+        loading.set()
+        await proceed.wait()
+        await real(app, epoch, origin)  # type: ignore[arg-type]
+        events.append("load ends")
+
+    real_hand_over = server.cluster.hand_over
+
+    async def hand_over(app: str, to: object, why: str) -> bool:
+        events.append("hand-over")
+        return await real_hand_over(app, to, why)  # type: ignore[arg-type]
+
+    server.scheduler.app_gained = slow_gain  # type: ignore[method-assign]
+    server.cluster.hand_over = hand_over  # type: ignore[method-assign]
+    claim = asyncio.create_task(server.cluster.route("shop"))
+    await asyncio.wait_for(loading.wait(), 10)
+    stop = asyncio.create_task(server.cluster.stop())
+    await asyncio.sleep(0.2)  # the window in which a stop that does not wait would hand the app over
+    proceed.set()
+    await asyncio.wait_for(asyncio.gather(claim, stop), 20)
+    assert events == ["load begins", "load ends", "hand-over"], events

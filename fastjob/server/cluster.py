@@ -142,12 +142,13 @@ class Cluster:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=10)
             self._task = None
-        try:
-            live = await self.live_servers()
-        except StoreError:
-            live = {}
-        for app in list(self.owned):
-            await self.hand_over(app, self._successor(live), "server stopping")
+        async with self._sync_lock:  # an app being claimed and loaded is let go only once loaded
+            try:
+                live = await self.live_servers()
+            except StoreError:
+                live = {}
+            for app in list(self.owned):
+                await self.hand_over(app, self._successor(live), "server stopping")
         if self.owned:
             log.warning("server %s stops without letting go of apps %s: they expire after the heartbeat timeout",
                         self.server_id, sorted(self.owned))
