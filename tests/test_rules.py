@@ -161,9 +161,9 @@ class CountingStore(SQLiteStore):
 
     refused = 0
 
-    async def update_instances(self, updates: Any) -> int:
+    async def write_statuses(self, updates: Any, lines: Any, finished: Any) -> None:
         try:
-            return await super().update_instances(updates)
+            await super().write_statuses(updates, lines, finished)
         except StoreError:
             self.refused += 1
             raise

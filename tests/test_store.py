@@ -391,6 +391,30 @@ async def test_update_instances_monotonic(store: Store) -> None:
     assert j.id == r1.job_id
 
 
+async def test_write_statuses_is_one_batch_of_updates_logs_and_finish_times(store: Store) -> None:
+    """The status writer's flush: instance updates, log lines and each job's latest finish in one
+    call; a finish time never moves back (an older one in a later batch leaves it)."""
+    epoch = await owned(store)
+    a = await store.upsert_job(spec("a"), None, NOW)
+    b = await store.upsert_job(spec("b"), None, NOW)
+    r1 = await store.insert_instance("s1", "app", epoch, a.id, 1000, 1, "api", None, NOW)
+    r2 = await store.insert_instance("s1", "app", epoch, b.id, 1000, 1, "api", None, NOW)
+    await store.write_statuses(
+        [InstanceUpdate(r1.id, Status.DISPATCHED, worker="w"), InstanceUpdate(r1.id, Status.SUCCEEDED,
+                                                                              finished_at=NOW + 2, result=[1]),
+         InstanceUpdate(r2.id, Status.RUNNING, started_at=NOW + 1)],
+        [LogLine(r1.id, NOW + 1, "INFO", "one"), LogLine(r1.id, NOW + 1.5, "INFO", "two")],
+        {a.id: NOW + 2, b.id: NOW + 5})
+    got1, got2 = await store.get_instance(r1.id), await store.get_instance(r2.id)
+    assert (got1.status, got1.worker, got1.result, got1.finished_at) == (Status.SUCCEEDED, "w", [1], NOW + 2)
+    assert (got2.status, got2.started_at) == (Status.RUNNING, NOW + 1)
+    assert [ln.message for ln in await store.get_logs(r1.id)] == ["one", "two"]
+    await store.write_statuses([], [], {a.id: NOW + 1, b.id: NOW + 9})  # a's is older: kept
+    assert (await store.get_job(a.id)).last_finished_time == NOW + 2
+    assert (await store.get_job(b.id)).last_finished_time == NOW + 9
+    await store.write_statuses([], [], {})  # nothing to do is fine
+
+
 async def test_update_instances_big_batch(store: Store) -> None:
     epoch = await owned(store)
     await store.upsert_job(spec("a"), 0, NOW)

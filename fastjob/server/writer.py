@@ -70,14 +70,8 @@ class StatusWriter:
         lines, self._logs = self._logs, []
         finished, self._finished = self._finished, {}
         try:
-            if updates:
-                await self.store.update_instances(updates)
-                updates = []
-            if lines:
-                await self.store.append_logs(lines)
-                lines = []
-            if finished:
-                await self.store.mark_jobs_finished(finished)
+            if updates or lines or finished:
+                await self.store.write_statuses(updates, lines, finished)  # one transaction
             return True
         except StoreError as exc:
             log.warning("status write of %d updates, %d log lines failed, will retry: %s",

@@ -853,12 +853,36 @@ class SQLStore(Store):
         return None
 
     async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
-        batch = merge_updates(updates)
-        if not batch:
+        rows = self._update_rows(updates)
+        if not rows:
             return 0
-        rows = [(u.id, u.status.value, _rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
-                 dumps(u.result), u.error) for u in batch]
         return await self._run("update_instances", lambda: self._op_update_instances(rows), tx=True)
+
+    async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
+                             finished: dict[int, float]) -> None:
+        """See :meth:`Store.write_statuses`: one transaction, a few multi-row statements."""
+        rows = self._update_rows(updates)
+        log_rows = [(ln.instance_id, ln.ts, ln.level, ln.message) for ln in lines]
+        finish_rows = sorted(finished.items())
+        if rows or log_rows or finish_rows:
+            await self._run("write_statuses", lambda: self._op_write_statuses(rows, log_rows, finish_rows), tx=True)
+
+    def _op_write_statuses(self, rows: list[tuple], log_rows: list[tuple],
+                           finish_rows: list[tuple[int, float]]) -> Op[None]:
+        if rows:
+            yield from self._op_update_instances(rows)
+        if log_rows:
+            yield from self._op_append_logs(log_rows)
+        for part in chunks(finish_rows):
+            yield Stmt(self.dialect.update_join("jobs", ("id", "ft"), len(part), (("last_finished_time", "u.ft"),),
+                                                "jobs.last_finished_time IS NULL OR jobs.last_finished_time < u.ft"),
+                       flat(part))
+
+    @staticmethod
+    def _update_rows(updates: Iterable[InstanceUpdate]) -> list[tuple]:
+        """The parameter rows of ``_op_update_instances``, one per instance (updates merged)."""
+        return [(u.id, u.status.value, _rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
+                 dumps(u.result), u.error) for u in merge_updates(updates)]
 
     _UPD_COLS = ("id", "st", "rnk", "worker", "dispatched_at", "started_at", "finished_at", "result", "error")
     _UPD_SETS = (("status", "u.st"),) + tuple(

@@ -492,6 +492,18 @@ class Store(abc.ABC):
         Returns None if (job_id, planned_ms, attempt) is already recorded.
         """
 
+    async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
+                             finished: dict[int, float]) -> None:
+        """What the status writer gathered in one flush: instance updates, log lines, and each job's
+        latest finish (``last_finished_time``, never moved back). Backends do it in one transaction
+        with a few multi-row statements, whatever the fire rate."""
+        if updates:
+            await self.update_instances(updates)
+        if lines:
+            await self.append_logs(lines)
+        if finished:
+            await self.mark_jobs_finished(finished)
+
     @abc.abstractmethod
     async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
         """Apply a batch of status changes in one transaction; return rows changed.
