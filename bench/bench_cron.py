@@ -1,7 +1,11 @@
-"""Cron next-fire benchmark: the compiled evaluator, its pure-Python twin, and croniter.
+"""Cron benchmark: next-fire arithmetic, then sustained cron load on a real server and worker.
 
-    python bench/bench_cron.py            # the five expressions, in Europe/Berlin
-    python bench/bench_cron.py --zone UTC --quick
+    python bench/bench_cron.py            # everything (about 10 minutes)
+    python bench/bench_cron.py --zone UTC --quick --no-load
+    python bench/bench_cron.py --no-micro --jobs 10000 --stores sqlite
+
+Part 1, next fire (``--no-micro`` skips it): the compiled evaluator, its pure-Python twin,
+and croniter, on five expressions.
 
 How it measures: every call gets a new random start (uniform over 2020-2030, integer
 epoch ms, drawn before timing), so no implementation is flattered by starting where the
@@ -19,6 +23,13 @@ Python loop and call.
 The zone's offset changes are cached per UTC year on first use; a warm-up pass over the
 same starts fills them before timing (the one-off cost of a year is printed at the end).
 Before timing an expression, the three are checked to give the same fires on 300 starts.
+
+Part 2, sustained load (``--no-load`` skips it; bench/cron_load.py has the details): N jobs
+with ``* * * * * *`` on one fastjob-server and one worker process, on SQLite and MariaDB
+(``--mysql-dsn``, a database of its own): fires delivered per second, fires lost, lateness
+(handler start - planned second) p50/p99/max, statements per fire on MariaDB; next to it
+APScheduler 3 in process on the same jobs (its settings printed), and the floor: loop.call_at
+plus one task per fire in one process. Run it on a quiet machine: the figures are absolute.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import time
 import zoneinfo
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from croniter import croniter  # noqa: E402
 
@@ -138,7 +150,52 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer calls")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-micro", action="store_true", help="skip the next-fire table")
+    ap.add_argument("--no-load", action="store_true", help="skip the sustained load")
+    ap.add_argument("--jobs", default="1000,5000,10000,20000", help="job counts of the sustained load")
+    ap.add_argument("--stores", default="sqlite,mysql", help="stores of the sustained load")
+    ap.add_argument("--mysql-dsn", default="mysql://root@127.0.0.1:3306/test")
+    ap.add_argument("--window", type=int, default=20, help="planned seconds measured, after the warm-up")
+    ap.add_argument("--warmup", type=float, default=10.0)
+    ap.add_argument("--no-apscheduler", action="store_true")
     args = ap.parse_args()
+    if not args.no_micro:
+        micro(args)
+    if not args.no_load:
+        load(args)
+
+
+def load(args: argparse.Namespace) -> None:
+    """Part 2: the sustained load, FastJob next to APScheduler 3 and the call_at floor."""
+    import cron_load
+
+    jobs = [int(n) for n in args.jobs.split(",") if n]
+    stores = [s for s in args.stores.split(",") if s]
+    print(f"\nsustained load: N jobs '* * * * * *', one server, one worker; window {args.window} planned"
+          f" seconds after a {args.warmup:g} s warm-up; lateness = handler start - planned second")
+    print(cron_load.HEADER, flush=True)
+    results = []
+    for n in jobs:
+        for store in stores:
+            r = cron_load.run_fastjob(n, store, args.mysql_dsn, args.warmup, args.window, [])
+            results.append(r)
+            print(r.row(), flush=True)
+        if not args.no_apscheduler:
+            r = cron_load.run_apscheduler(n, args.warmup, args.window)
+            results.append(r)
+            print(r.row(), flush=True)
+        r = cron_load.run_floor(n, min(args.window, 10))
+        results.append(r)
+        print(r.row(), flush=True)
+    print("apscheduler3: AsyncIOScheduler + AsyncIOExecutor on uvloop, misfire_grace_time=30, coalesce=False,"
+          " max_instances=1; call_at: loop.call_at at each second + one task per fire, one process (uvloop)")
+    print("targets: 10,000 jobs on SQLite: every fire delivered, p99 <= 500 ms, max <= 1 s; MariaDB p99 <= 700 ms;"
+          " 20,000 on SQLite: nothing lost; p99 below APScheduler 3's at 2,000 and 10,000; <= 0.05 statements"
+          " per fire on MariaDB")
+
+
+def micro(args: argparse.Namespace) -> None:
+    """Part 1: ns per next fire."""
     rng = random.Random(args.seed)
     scale = 0.2 if args.quick else 1.0
     counts = (200_000, 20_000, 3_000, 1_500)

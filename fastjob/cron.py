@@ -68,7 +68,9 @@ weekday too). Daylight-saving changes:
   croniter's behaviour.
 * A wall time repeated by a fall-back change: if the hour field is ``*``, it fires at
   both instants (every real instant whose wall time matches: ``*/15`` never skips a
-  quarter hour), as croniter does. Otherwise (a fixed-hour job) it fires ONCE, at the
+  quarter hour), as croniter does when the clock goes back a whole hour; croniter
+  misses the repeated instants of a shorter change (Lord Howe's 30 minutes), this
+  evaluator does not. Otherwise (a fixed-hour job) it fires ONCE, at the
   first occurrence (the earlier instant, ``fold=0``): ``30 1 * * *`` in New York on
   2024-11-03 fires at 01:30 EDT only. **This is the one difference from croniter**,
   which fires such a cron at both 01:30 EDT and 01:30 EST. Precisely: wherever

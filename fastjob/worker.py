@@ -135,6 +135,7 @@ class Worker:
         self._log_buffer: dict[int, list[list[Any]]] = {}
         # dispatches received while our run lease had lapsed: started once a PONG renews it
         self._deferred: list[tuple[_ClientConnection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
+        self._loop_time: Callable[[], float] = lambda: asyncio.get_running_loop().time()  # bound at start()
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)
@@ -223,6 +224,7 @@ class Worker:
         if self._main_task is not None:
             raise RuntimeError("worker already started")
         self._stopping = False
+        self._loop_time = asyncio.get_running_loop().time
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.max_concurrency), thread_name_prefix=f"fastjob-{self.app}")
         self._main_task = asyncio.create_task(self._run(), name=f"fastjob-worker-{self.app}")
@@ -548,11 +550,12 @@ class Worker:
             self._deferred.append((conn, body, asyncio.get_running_loop().time()))
             self._ping(conn)
             return
-        conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+        if self.version < 2:  # version 2: START acknowledges an accepted DISPATCH (one frame less per fire)
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
         self._running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
 
     def _lease_held(self) -> bool:
-        return asyncio.get_running_loop().time() - self._server_alive_at <= self.run_lease
+        return self._loop_time() - self._server_alive_at <= self.run_lease
 
     def _start_deferred(self) -> None:
         """The lease is renewed: take the dispatches that waited for it (on the same connection)."""
@@ -575,7 +578,9 @@ class Worker:
     async def _execute(self, body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
         started_at = time.time()
-        self._send("START", {"instance_id": instance_id, "started_at": started_at})
+        # START goes out at the next loop turn, and only if the handler still runs then: a handler
+        # done at once reports once (its RESULT carries started_at), one frame less per fire
+        asyncio.get_running_loop().call_soon(self._report_start, instance_id, started_at)
         ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
                          body["scheduled_at"], JobLog(self, instance_id, body["job"]))
         status, result, error = await self.run_handler(self.handlers[body["handler"]], ctx, body.get("timeout"),
@@ -587,6 +592,10 @@ class Worker:
         self._unsent_results[instance_id] = report
         if self._conn is not None and not self._conn.closed:
             self._resend_results(self._conn)
+
+    def _report_start(self, instance_id: int, started_at: float) -> None:
+        if instance_id in self._running:
+            self._send("START", {"instance_id": instance_id, "started_at": started_at})
 
     async def run_handler(
         self, fn: Handler, ctx: Any, timeout: Optional[float], cancel_reason: Callable[[], str],

@@ -96,6 +96,8 @@ class Cluster:
         self._rates: dict[str, float] = {}  # app -> smoothed fires per second
         self._gained_at: dict[str, float] = {}  # app -> loop.time() we gained it
         self._last_heartbeat_ok = -1e18  # loop.time() of the last successful heartbeat
+        self._lease_until = -1e18  # loop.time() at which the lease it earned goes stale
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._db_up_since: Optional[float] = None  # loop.time() since when every database call succeeded
         self._started_at = 0.0
         self._orphan_seen: dict[str, float] = {}  # app -> loop.time() we first saw it ownerless
@@ -108,10 +110,14 @@ class Cluster:
 
     # ---- lease --------------------------------------------------------------------------
     def lease_valid(self) -> bool:
-        """True while our last successful heartbeat is younger than timeout minus a margin."""
-        margin = min(self.interval, self.timeout / 4)
-        age = asyncio.get_running_loop().time() - self._last_heartbeat_ok
-        return age < self.timeout - margin
+        """True while our last successful heartbeat is younger than timeout minus a margin
+        (asked for every fire: the deadline is worked out when the lease is renewed)."""
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.time() < self._lease_until
+
+    def _renewed(self, sent_at: float) -> None:
+        self._last_heartbeat_ok = sent_at
+        self._lease_until = sent_at + self.timeout - min(self.interval, self.timeout / 4)
 
     def owns(self, app: str, epoch: Optional[int] = None) -> bool:
         held = self.owned.get(app)
@@ -127,7 +133,9 @@ class Cluster:
         mine = [s for s in await self.store.list_servers() if s.id == self.server_id]
         self._previous_heartbeat = mine[0].heartbeat_at if mine else None
         await self.store.register_server(self.server_id, self.address, time.time())
-        self._started_at = self._last_heartbeat_ok = loop.time()
+        self._loop = loop
+        self._started_at = loop.time()
+        self._renewed(self._started_at)
         self._db_up_since = loop.time()
         await self.sync()
         self._task = asyncio.create_task(self._heartbeat_loop(), name="fastjob-cluster")
@@ -190,7 +198,7 @@ class Cluster:
         if self._db_up_since is None:
             self._db_up_since = sent_at
         await self.sync()
-        self._last_heartbeat_ok = sent_at
+        self._renewed(sent_at)
 
     def _update_rates(self) -> None:
         for app, rate in self._fire_rates().items():

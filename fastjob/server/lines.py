@@ -18,6 +18,10 @@ from typing import Hashable, Optional
 
 from ..store import InstanceRow, JobRow, Overlap
 
+# the policies as plain strings, looked up once (an Enum member's .value is a Python-level property)
+_ALLOW, _SKIP, _BUFFER_ONE, _QUEUE = (Overlap.ALLOW.value, Overlap.SKIP.value, Overlap.BUFFER_ONE.value,
+                                      Overlap.QUEUE.value)
+
 #: Fires of these triggers are never skipped by an overlap policy: an operator asked for them
 #: (api) or they continue a fire that already had its turn (retry, rerun). They still wait.
 NEVER_SKIPPED = frozenset({"api", "retry", "rerun"})
@@ -40,11 +44,15 @@ class Turn:
     epoch: int = field(compare=False)
 
 
-@dataclass(slots=True)
 class _Line:
-    holders: set[Hashable] = field(default_factory=set)
-    waiting: list[Turn] = field(default_factory=list)  # a heap
-    scheduled_waiting: int = 0  # of those, fires that a policy may skip (trigger schedule/catch_up)
+    """One job's holders and waiting fires (made for every fire of a free job: kept light)."""
+
+    __slots__ = ("holders", "waiting", "scheduled_waiting")
+
+    def __init__(self) -> None:
+        self.holders: set[Hashable] = set()
+        self.waiting: list[Turn] = []  # a heap
+        self.scheduled_waiting = 0  # of those, fires that a policy may skip (trigger schedule/catch_up)
 
 
 class JobLines:
@@ -60,16 +68,16 @@ class JobLines:
             return Verdict.RUN, ""
         if line is None:
             line = self._lines[job.id] = _Line()
-        if job.overlap == Overlap.ALLOW.value or not (line.holders or line.waiting):
+        if job.overlap == _ALLOW or not (line.holders or line.waiting):
             line.holders.add(row.id)
             return Verdict.RUN, ""
         skippable = row.trigger not in NEVER_SKIPPED
         if skippable:
-            if job.overlap == Overlap.SKIP.value:
+            if job.overlap == _SKIP:
                 return Verdict.SKIP, "overlap skip: an earlier instance of the job still runs"
-            if job.overlap == Overlap.BUFFER_ONE.value and line.scheduled_waiting >= 1:
+            if job.overlap == _BUFFER_ONE and line.scheduled_waiting >= 1:
                 return Verdict.SKIP, "overlap buffer_one: a fire already waits behind the running one"
-            if job.overlap == Overlap.QUEUE.value and line.scheduled_waiting >= job.max_queued:
+            if job.overlap == _QUEUE and line.scheduled_waiting >= job.max_queued:
                 return Verdict.SKIP, f"overlap queue: {job.max_queued} fires already wait (max_queued)"
             line.scheduled_waiting += 1
         heapq.heappush(line.waiting, Turn(row.planned_ms, row.attempt, row.id, row, epoch))

@@ -861,14 +861,15 @@ class SQLStore(Store):
     async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
                              finished: dict[int, float]) -> None:
         """See :meth:`Store.write_statuses`: one transaction, a few multi-row statements."""
+        if updates or lines or finished:
+            await self._run("write_statuses", lambda: self._op_write_statuses(updates, lines, finished), tx=True)
+
+    def _op_write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
+                           finished: dict[int, float]) -> Op[None]:
+        # the rows are built here, in the op: on SQLite that is the store's thread, not the event loop
         rows = self._update_rows(updates)
         log_rows = [(ln.instance_id, ln.ts, ln.level, ln.message) for ln in lines]
         finish_rows = sorted(finished.items())
-        if rows or log_rows or finish_rows:
-            await self._run("write_statuses", lambda: self._op_write_statuses(rows, log_rows, finish_rows), tx=True)
-
-    def _op_write_statuses(self, rows: list[tuple], log_rows: list[tuple],
-                           finish_rows: list[tuple[int, float]]) -> Op[None]:
         if rows:
             yield from self._op_update_instances(rows)
         if log_rows:
