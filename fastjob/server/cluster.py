@@ -103,6 +103,7 @@ class Cluster:
         self._orphan_seen: dict[str, float] = {}  # app -> loop.time() we first saw it ownerless
         self._previous_heartbeat: Optional[float] = None  # of our previous incarnation (a restart)
         self._ever_owned: set[str] = set()
+        self._fenced: dict[str, Optional[float]] = {}  # dead server -> the heartbeat we fenced it at
         self.draining = False  # handing every app over: claims nothing
         self._task: Optional[asyncio.Task[None]] = None
         self._sync_lock = asyncio.Lock()  # one ownership pass at a time (in-process only)
@@ -299,6 +300,8 @@ class Cluster:
         if owner == self.server_id and row.name in self.owned:
             return True  # ours already: a second load would work from rows our own writes have not reached
         origin = self._origin(row, servers)
+        if row.owner is not None and row.owner != self.server_id:
+            await self._fence(row.owner, servers.get(row.owner))
         epoch = await self.store.claim_app(row.name, owner, row.epoch, prev_owner=origin.prev_owner,
                                            left_clean=origin.left_clean, adopted=owner == self.server_id)
         if epoch is None:
@@ -318,6 +321,17 @@ class Cluster:
                 await self._on_lost(row.name)
                 raise
         return True
+
+    async def _fence(self, dead: str, row: Optional[ServerRow]) -> None:
+        """End a dead owner's database sessions before taking its apps: if it froze inside a
+        transaction, its locks would hold our claim. Once per heartbeat we judged it by."""
+        seen = row.heartbeat_at if row is not None else None
+        if dead in self._fenced and self._fenced[dead] == seen:
+            return
+        ended = await self.store.fence_server(dead)
+        self._fenced[dead] = seen
+        if ended:
+            log.warning("server %s judged dead: ended its %d database session(s)", dead, ended)
 
     async def _lose(self, app: str, why: str) -> None:
         self.owned.pop(app, None)

@@ -334,6 +334,14 @@ class Store(abc.ABC):
     async def remove_server(self, server_id: str) -> None:
         """Delete the server's row (clean shutdown)."""
 
+    async def fence_server(self, server_id: str) -> int:
+        """End the database sessions of a server judged dead; return how many were ended.
+
+        A server frozen inside a transaction (SIGSTOP, a stalled VM) keeps its row locks for as
+        long as its connection lives, and its successor's claim would wait on them. Stores
+        whose locks cannot outlive a session's owner have nothing to end."""
+        return 0
+
     # ---- app ownership (compare-and-set, no locks) --------------------------------------
     @abc.abstractmethod
     async def ensure_app(self, app: str) -> AppRow:

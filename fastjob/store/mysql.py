@@ -9,11 +9,18 @@ not deadlock on each other's ranges) and CLIENT.FOUND_ROWS, so an UPDATE reports
 Transient failures (server restarting, connection lost or killed, deadlock, lock wait timeout)
 close the connection, drop idle pooled ones that died with it, and are retried by the shared
 loop; the pool recycles connections well before the server's wait_timeout.
+
+Once the store serves a registered server, every connection records its id in ``db_sessions``
+before its first statement, so a survivor can KILL the sessions of a server it judged dead: a
+process frozen inside a transaction would otherwise hold its row locks (the app row its fence
+touched) for as long as its idle connection lives, and the takeover CAS would wait on them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import weakref
 from typing import Any, Callable, Optional, Sequence, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -21,7 +28,7 @@ import aiomysql
 import pymysql
 from pymysql.constants import CLIENT
 
-from ._common import Dialect, Op, Result, RetryTx, SQLStore
+from ._common import Dialect, Op, Result, RetryTx, SQLStore, Stmt
 from .base import StoreError
 
 log = logging.getLogger("fastjob.store")
@@ -46,6 +53,8 @@ TRANSIENT_CODES = frozenset({
     2055,  # lost connection, system error
     4031,  # disconnected by the server for inactivity (MySQL 8)
 })
+#: KILL of a session that already ended (1094), or of another user's without the privilege (1095).
+KILL_TOLERATED = (1094, 1095)
 
 
 class _QuietCursor(aiomysql.Cursor):
@@ -72,6 +81,8 @@ class MySQLStore(SQLStore):
         self.pool_recycle = pool_recycle
         self.op_timeout = op_timeout
         self._pool: Optional[aiomysql.Pool] = None
+        self._session_owner: Optional[str] = None  # the server whose sessions these are
+        self._recorded: weakref.WeakSet[aiomysql.Connection] = weakref.WeakSet()
 
     @classmethod
     def from_url(cls, url: str) -> "MySQLStore":
@@ -163,6 +174,9 @@ class MySQLStore(SQLStore):
 
     async def _drive(self, conn: aiomysql.Connection, factory: Callable[[], Op[T]], tx: bool) -> T:
         async with conn.cursor() as cur:
+            if self._session_owner is not None and conn not in self._recorded:
+                await self._record_session(cur, self._session_owner)
+                self._recorded.add(conn)
             if tx:
                 await conn.begin()
             gen = factory()
@@ -184,6 +198,41 @@ class MySQLStore(SQLStore):
             if tx:
                 await conn.commit()
             return value
+
+    @staticmethod
+    async def _record_session(cur: aiomysql.Cursor, server_id: str) -> None:
+        """Note this connection as ``server_id``'s, and forget the server's sessions that ended
+        (PROCESSLIST shows every session of our own user, which theirs are)."""
+        await cur.execute("INSERT INTO db_sessions (conn_id, server_id, opened_at) VALUES (CONNECTION_ID(), %s, %s)"
+                          " ON DUPLICATE KEY UPDATE server_id = VALUES(server_id), opened_at = VALUES(opened_at)",
+                          (server_id, time.time()))
+        await cur.execute("DELETE FROM db_sessions WHERE server_id = %s AND conn_id NOT IN"
+                          " (SELECT id FROM information_schema.PROCESSLIST)", (server_id,))
+
+    # ---- sessions of servers ------------------------------------------------------------------
+    async def register_server(self, server_id: str, address: str, now: float) -> None:
+        """Also: from now on this store's connections are ``server_id``'s (one server per store)."""
+        self._session_owner = server_id
+        await super().register_server(server_id, address, now)
+
+    async def remove_server(self, server_id: str) -> None:
+        await super().remove_server(server_id)
+        await self._run("remove_server", lambda: self._op_exec(
+            "DELETE FROM db_sessions WHERE server_id = ?", (server_id,)), tx=False)
+
+    async def fence_server(self, server_id: str) -> int:
+        if server_id == self._session_owner:
+            return 0  # never our own sessions
+        return await self._run("fence_server", lambda: self._op_fence_server(server_id), tx=False)
+
+    def _op_fence_server(self, server_id: str) -> Op[int]:
+        r = yield Stmt("SELECT conn_id FROM db_sessions WHERE server_id = ?", (server_id,))
+        ended = [int(row[0]) for row in r.rows]
+        for conn_id in ended:
+            yield Stmt(f"KILL CONNECTION {conn_id}", tolerate=KILL_TOLERATED)
+        if ended:
+            yield Stmt("DELETE FROM db_sessions WHERE server_id = ? AND conn_id <= ?", (server_id, max(ended)))
+        return len(ended)
 
     @staticmethod
     async def _rollback(conn: aiomysql.Connection, tx: bool) -> bool:

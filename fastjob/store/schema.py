@@ -208,12 +208,24 @@ _MYSQL_V2 = [
         PRIMARY KEY (app, worker_id))""" + _MYSQL_TAIL,
     *_V2_DATA,
 ]
+# Version 3: which database sessions belong to which server, so that a survivor can end the
+# sessions of a server it judged dead (a frozen process's open transaction keeps its row locks
+# until its connection ends). SQLite has nothing to record: its lock lives in the file.
+_MYSQL_V3 = [
+    """CREATE TABLE IF NOT EXISTS db_sessions (
+        conn_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+        server_id VARCHAR(191) NOT NULL,
+        opened_at DOUBLE NOT NULL,
+        KEY ix_db_sessions_server (server_id))""" + _MYSQL_TAIL,
+]
+_SQLITE_V3: list[str] = []
+
 #: MySQL error codes a migration statement may meet when another server ran it first.
 MYSQL_TOLERATED = (1060,)  # duplicate column name
 
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1, _SQLITE_V2],
-    "mysql": [_MYSQL_V1, _MYSQL_V2],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3],
+    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])
