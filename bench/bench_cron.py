@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-micro", action="store_true", help="skip the next-fire table")
     ap.add_argument("--no-load", action="store_true", help="skip the sustained load")
-    ap.add_argument("--jobs", default="1000,5000,10000,20000", help="job counts of the sustained load")
+    ap.add_argument("--jobs", default="1000,2000,5000,10000,20000", help="job counts of the sustained load")
     ap.add_argument("--stores", default="sqlite,mysql", help="stores of the sustained load")
     ap.add_argument("--mysql-dsn", default="mysql://root@127.0.0.1:3306/test")
     ap.add_argument("--window", type=int, default=20, help="planned seconds measured, after the warm-up")

@@ -222,6 +222,12 @@ def run_apscheduler(jobs: int, warmup: float, window: int) -> LoadResult:
         scheduler.start()
         first_s = int(time.time() + warmup) + 1
         await asyncio.sleep(first_s + window + 5.0 - time.time())
+        # pause, and let the jobs in flight finish: the executor's shutdown cancels them and
+        # APScheduler logs a traceback for each
+        scheduler.pause()
+        in_flight = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=10)
         scheduler.shutdown(wait=False)
         main.first_s = first_s  # type: ignore[attr-defined]
 

@@ -104,6 +104,10 @@ MUTANTS = [
            "            await self.hand_over(app, self._successor(live), \"server stopping\")",
            "            await self.hand_over(app, None, \"server stopping\")",
            ("tests/test_handover.py", "tests/test_failover.py::test_sigterm_hands_the_app_over_cleanly")),
+    Mutant("frozen-sessions-kept", "a survivor leaves a dead owner's database sessions open",
+           "fastjob/server/cluster.py",
+           "            await self._fence(row.owner, servers.get(row.owner))", "            pass",
+           ("tests/test_fencing.py::test_the_survivor_ends_a_frozen_owners_sessions_and_takes_its_app",)),
 ]
 
 
