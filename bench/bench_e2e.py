@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -160,7 +161,7 @@ def main() -> None:
             results.append((f"fastjob e2e ({name})", lateness, span, final_after))
     base_lateness, base_span = run(measure_call_at(args.jobs))
     print(f"\n{'':<40} {'fires':>8} {'fires/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
-    for name, lateness, span, final_after in results:
+    for name, lateness, span, _final_after in results:
         row(name, lateness, span)
     row(f"baseline: call_at in one process ({loop_name})", base_lateness, base_span)
     for name, lateness, span, final_after in results:

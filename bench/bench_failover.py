@@ -396,7 +396,8 @@ def describe(kind: str, item: dict[str, Any]) -> str:
            f" ({item['planned_rel']:+.3f}s)"
     if kind == "lost":
         return f"{head}: never ran; rows: {rows or 'none'}"
-    runs = ", ".join(f"attempt {r['attempt']} on {r['worker']} {span(r['start_rel'], r['end_rel'])}" for r in item["runs"])
+    runs = ", ".join(f"attempt {r['attempt']} on {r['worker']} {span(r['start_rel'], r['end_rel'])}"
+                     for r in item["runs"])
     return f"{head}: ran {runs}; rows: {rows or 'none'}"
 
 
@@ -416,7 +417,8 @@ def analyze(runs: list[Run], window: tuple[float, float], deaths: dict[str, floa
     no recorded end stopped then). ``t0``: the fault, times in details are relative to it."""
     ws, we = window
     grid = per_second(int(ws * 1000), int(we * 1000))
-    rel = lambda t: None if t is None else round(t - t0, 3)
+    def rel(t: float | None) -> float | None:
+        return None if t is None else round(t - t0, 3)
 
     def stop(run: Run) -> float:
         if run.end is not None:
@@ -471,8 +473,9 @@ def analyze(runs: list[Run], window: tuple[float, float], deaths: dict[str, floa
         latest: Run | None = None
         for r in slow:
             if latest is not None and r.start < stop(latest) - 1e-3:
-                out["overlaps"].append({"app": app, "first": {"planned": iso_ms(latest.planned_ms), "worker": latest.worker,
-                                                              "start_rel": rel(latest.start), "stop_rel": rel(stop(latest))},
+                first = {"planned": iso_ms(latest.planned_ms), "worker": latest.worker,
+                         "start_rel": rel(latest.start), "stop_rel": rel(stop(latest))}
+                out["overlaps"].append({"app": app, "first": first,
                                         "second": {"planned": iso_ms(r.planned_ms), "worker": r.worker,
                                                    "start_rel": rel(r.start)}})
             if latest is None or stop(r) > stop(latest):
@@ -710,7 +713,8 @@ class Trial:
                                   "instance": run.instance_id, "start_rel": round(run.start - self.fault_at, 3)}
         tick = await self.first_run("alpha", ("tick",), self.fault_at, 15, "alpha's next tick after the kill")
         self.res["ttff"]["alpha"] = round(tick.start - self.fault_at, 4)
-        rerun = await until(lambda: next((r for r in runs_of(self.ledger, "alpha", "slow") if r.planned_ms == run.planned_ms
+        rerun = await until(lambda: next((r for r in runs_of(self.ledger, "alpha", "slow")
+                                          if r.planned_ms == run.planned_ms
                                           and r.start > self.fault_at), None),
                             30, "the killed worker's slow run to run again")
         self.res["slow_rerun"] = {"after_s": round(rerun.start - self.fault_at, 3), "attempt": rerun.attempt,
@@ -806,7 +810,8 @@ class Trial:
                 self.res.setdefault("cleanup_errors", []).append(f"proxy close: {exc}")
         if self.db_created:
             try:
-                self.db_dump = await asyncio.wait_for(asyncio.to_thread(dump_database, self.bench.dsn, self.db_name), 30)
+                self.db_dump = await asyncio.wait_for(
+                    asyncio.to_thread(dump_database, self.bench.dsn, self.db_name), 30)
                 (self.dir / "db_dump.json").write_text(json.dumps(self.db_dump, indent=1, default=str))
             except Exception as exc:
                 self.res.setdefault("cleanup_errors", []).append(f"dump database: {exc}")
@@ -993,7 +998,9 @@ class Bench:
 
     def table(self) -> str:
         s = self.summary()
-        sec = lambda v: "-" if v is None else f"{v:.2f}s"
+        def sec(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}s"
+
         lines = [f"{'fault':<8} {'trials':>7} {'ttff p50':>9} {'ttff max':>9} {'lost':>5} {'dup':>5} {'reruns':>6} "
                  f"{'(alive)':>7} "
                  f"{'late p50':>9} {'late max':>9} {'late target':>11} {'overlaps':>8} {'sl gap max':>10}"]
@@ -1001,7 +1008,9 @@ class Bench:
             target = f["late_target"]
             late_max = sec(f["late_max"]) + ("!" if target is not None and f["late_max"] is not None
                                              and f["late_max"] > target else "")
-            mark = lambda v: f"{v}!" if v else str(v)
+            def mark(v: int) -> str:
+                return f"{v}!" if v else str(v)
+
             trials = f"{f['ok']}/{f['trials']}"
             target_text = ("<= " + sec(target)) if target is not None else "-"
             lines.append(
@@ -1049,7 +1058,8 @@ class Bench:
                 extra.append(f"{fault}: {f['reruns_alive']} re-run(s) whose previous run was cut short by a worker that"
                              " did not die (JSON: reruns with cause 'worker alive'): the handler started twice")
             if f["sl_double_s"]:
-                extra.append(f"{fault}: the second-level job ran on two workers at once for {f['sl_double_s']}s in total!")
+                extra.append(f"{fault}: the second-level job ran on two workers at once"
+                             f" for {f['sl_double_s']}s in total!")
             for trial, reason in f["failed"]:
                 extra.append(f"{fault} trial {trial} FAILED: {short(reason)}")
         return "\n".join(lines + notes + ([""] + extra if extra else []))
@@ -1079,7 +1089,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--pre", type=float, default=None, help="seconds of the window before the fault (default 3)")
     p.add_argument("--post", type=float, default=None, help="seconds of the window after recovery (default 4)")
     p.add_argument("--server-args", default="", help="more server flags, e.g. \"--scan-horizon 3\"")
-    p.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/failover-<timestamp>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (default bench/results/failover-<timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep every trial's logs and ledger")
     p.add_argument("--quick", action="store_true", help="2 trials per fault and shorter windows")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault phases")
@@ -1138,7 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.tmp_root.rmdir()
             elif bad:
                 print(f"logs of failed or contract-breaking trials kept: {', '.join(bad)}", file=sys.stderr)
-    cmd = "python bench/bench_failover.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    cmd = "python bench/bench_failover.py " + " ".join(shlex.quote(a) for a in args)
     print(f"\n$ {cmd.strip()}\n")
     print(bench.table())
     print(f"\nraw results: {out}")

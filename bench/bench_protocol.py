@@ -26,7 +26,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -112,7 +113,7 @@ class EchoClient(asyncio.Protocol):
         self.batch = batch
         self.expected = 0
         self.received = 0
-        self.done: Optional[asyncio.Future] = None
+        self.done: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -135,7 +136,7 @@ class AckClient(Connection):
         self.acked = 0
         self.expected = 0
         self.next_id = 0
-        self.done: Optional[asyncio.Future] = None
+        self.done: asyncio.Future | None = None
 
     def send_batch(self) -> None:
         body = dict(DISPATCH)

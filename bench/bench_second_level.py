@@ -28,7 +28,9 @@ from fastjob import Worker  # noqa: E402
 
 def summarize(name: str, lateness: list[float], seconds: float) -> dict[str, float]:
     ordered = sorted(lateness)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
     row = {"fires/s": len(ordered) / seconds, "p50 ms": pick(0.5), "p99 ms": pick(0.99),
            "max ms": ordered[-1] * 1000 if ordered else float("nan")}
     print(f"{name:<34} {row['fires/s']:>10.0f} {row['p50 ms']:>9.3f} {row['p99 ms']:>9.3f} {row['max ms']:>9.3f}")

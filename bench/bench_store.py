@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -46,7 +46,7 @@ NOW = 1_700_000_000.0
 APP, SERVER = "bench", "bench-server"
 
 
-def next_fire(job: JobRow, t: int) -> Optional[int]:
+def next_fire(job: JobRow, t: int) -> int | None:
     return t + 60_000  # one fire per job inside the horizon
 
 
@@ -58,7 +58,7 @@ async def seed_jobs(store: SQLStore, n: int, base_ms: int) -> None:
     """N enabled fixed-rate jobs due at base_ms (bulk-inserted: setup is not what we time)."""
     cols = ("app", "name", "handler", "schedule_type", "schedule_expr", "timezone", "params", "tags",
             "`interval`", "next_trigger_ms", "created_time", "updated_time")
-    rows = [(APP, f"job-{i:06d}", "bench:handler", "fixed_rate", "60", "UTC", '{"i":%d}' % i, "[]", "60",
+    rows = [(APP, f"job-{i:06d}", "bench:handler", "fixed_rate", "60", "UTC", f'{{"i":{i}}}', "[]", "60",
              base_ms, NOW, NOW) for i in range(n)]
 
     def op():

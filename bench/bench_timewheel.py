@@ -108,7 +108,7 @@ def walk_cost(handles: list) -> float:
     each), whatever the timer; this is the floor under any cancel in that loop."""
     gc.collect()
     t0 = pc()
-    for h in handles:
+    for _ in handles:
         pass
     return (pc() - t0) / len(handles)
 
@@ -363,7 +363,8 @@ def main() -> None:
               f"{'expiry':>9}{'vs asyncio':>11}{'B/timer':>9}")
         for name, r in results[N].items():
             own = f"  (own count {r['own']:.1f})" if r["own"] else ""
-            print(f"{name:<14}{fmt_ns(r['schedule']):>9}{fmt_ns(r.get('schedule_churned')) if r.get('schedule_churned') else '':>10}"
+            churned = fmt_ns(r["schedule_churned"]) if r.get("schedule_churned") else ""
+            print(f"{name:<14}{fmt_ns(r['schedule']):>9}{churned:>10}"
                   f"{ratio(a['schedule'], r['schedule']):>11}"
                   f"{ratio(hq['schedule'], r['schedule']):>9}{fmt_ns(r['cancel']):>9}"
                   f"{ratio(a['cancel'], r['cancel']):>11}{fmt_ns(r['walk']):>8}{fmt_ns(r['cancel_fifo']):>9}"

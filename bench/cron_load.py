@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
-    statements_per_fire: Optional[float] = None
+    statements_per_fire: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def row(self) -> str:
@@ -126,7 +126,7 @@ def _read_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout: float) -> 
 def run_fastjob(jobs: int, backend: str, mysql_dsn: str, warmup: float, window: int,
                 server_args: list[str]) -> LoadResult:
     tmp = Path(tempfile.mkdtemp(prefix="fastjob-load-"))
-    dropped: Optional[tuple[str, str]] = None
+    dropped: tuple[str, str] | None = None
     if backend == "sqlite":
         db = f"sqlite:///{tmp / 'load.db'}"
     else:

@@ -2,9 +2,9 @@
 
 The public API is the embeddable worker; the server runs as ``fastjob-server``.
 """
+from .context import JobContext
 from .protocol import ProtocolError, RemoteError
 from .schedule import ScheduleError
-from .context import JobContext
 from .worker import Worker, WorkerError
 
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ import functools
 import re
 import threading
 import zoneinfo
+from typing import Any
 
 __all__ = ["Cron", "CronError", "parse"]
 
@@ -113,7 +114,7 @@ _MONTHS = {
     "dec": 12,
 }
 _WEEKDAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_ALPHA = ({}, {}, {"l": "l"}, _MONTHS, _WEEKDAYS, {})
+_ALPHA: tuple[dict[str, Any], ...] = ({}, {}, {"l": "l"}, _MONTHS, _WEEKDAYS, {})
 
 _FIELD_RE = re.compile(r"\S+", re.ASCII)
 _STEP_RE = re.compile(r"^([^-]+)-([^-/]+)(/(\d+))?$", re.ASCII)
@@ -148,7 +149,7 @@ class _Bad(Exception):
     """A field's error; parse() turns it into a CronError naming the expression."""
 
 
-def _alpha(idx: int, key: str):
+def _alpha(idx: int, key: str) -> Any:
     try:
         return _ALPHA[idx][key]
     except KeyError:
@@ -166,12 +167,12 @@ def _alpha(idx: int, key: str):
         raise _Bad(f"{key!r} is not a number or a known name") from None
 
 
-def _alias(idx: int, val):
+def _alias(idx: int, val: Any) -> Any:
     # croniter's LOWMAP: of its aliases only 7 -> 0 (Sunday) applies to 5 or 6 fields
     return 0 if idx == DOW and val == 7 else val
 
 
-def _expand_field(idx: int, field: str, raw_fields: list[str]):
+def _expand_field(idx: int, field: str, raw_fields: list[str]) -> tuple[set[Any], dict[Any, set[Any]], int]:  # noqa: C901 - one grammar, read top to bottom
     """One field as croniter expands it: (values, nth weekday map, W day or 0)."""
     lo_r, hi_r = _RANGES[idx]
     if _HASH_RE.match(field):
@@ -182,14 +183,15 @@ def _expand_field(idx: int, field: str, raw_fields: list[str]):
         if idx not in (DAY, DOW):
             raise _Bad("'?' is only allowed in the day-of-month and day-of-week fields")
         field = "*"
-    e_list: list = field.split(",")
-    res: list = []
-    seen: set = set()
-    nth_map: dict = {}
+    # a field's items are ints, names, '*', 'l' and 'n#k' strings as the grammar unfolds them
+    e_list: list[Any] = list(field.split(","))
+    res: list[Any] = []
+    seen: set[Any] = set()
+    nth_map: dict[Any, set[Any]] = {}
     w_day = 0
     while e_list:
         e = e_list.pop()
-        nth = None
+        nth: Any = None
         if idx == DOW:
             sm = _SPECIAL_DOW_RE.match(str(e))
             if sm:
@@ -214,11 +216,11 @@ def _expand_field(idx: int, field: str, raw_fields: list[str]):
                 res.append(wd)
                 continue
         s = str(e)
-        t = _STAR_STEP_RE.sub(r"%d-%d\1" % (lo_r, hi_r), s)
+        t = _STAR_STEP_RE.sub(rf"{lo_r}-{hi_r}\1", s)
         m = _STEP_RE.search(t)
         start_with_step = False
         if not m:
-            t = _START_STEP_RE.sub(r"\1-%d/\2" % hi_r, s)
+            t = _START_STEP_RE.sub(rf"\1-{hi_r}/\2", s)
             m = _STEP_RE.search(t)
             start_with_step = bool(m)
         if m:
@@ -266,18 +268,19 @@ def _expand_field(idx: int, field: str, raw_fields: list[str]):
         else:
             if t.startswith("-"):
                 raise _Bad("negative numbers are not allowed")
+            item: Any = t
             if not _STAR_OR_INT_RE.search(t):
-                t = _alpha(idx, t)
+                item = _alpha(idx, t)
             try:
-                t = int(t)
+                item = int(item)
             except ValueError:
                 pass
-            t = _alias(idx, t)
-            if t not in ("*", "l") and not lo_r <= int(t) <= hi_r:
-                raise _Bad(f"value {t} is out of range {lo_r}-{hi_r}")
-            res.append(t)
+            item = _alias(idx, item)
+            if item not in ("*", "l") and not lo_r <= int(item) <= hi_r:
+                raise _Bad(f"value {item} is out of range {lo_r}-{hi_r}")
+            res.append(item)
             if idx == DOW and nth:
-                nth_map.setdefault(t, set()).add(nth)
+                nth_map.setdefault(item, set()).add(nth)
     values = set(res)
     if len(values) == _LEN_MEANS_ALL[idx]:
         # croniter keeps a full day list when the other day field has no '*' in it (so
@@ -290,7 +293,7 @@ def _expand_field(idx: int, field: str, raw_fields: list[str]):
     return values, nth_map, w_day
 
 
-def _bits(values, idx: int) -> int:
+def _bits(values: set[Any], idx: int) -> int:
     lo_r, hi_r = _RANGES[idx]
     if "*" in values:
         return sum(1 << v for v in range(lo_r, hi_r + 1))
@@ -318,6 +321,22 @@ class _Spec:
         "hour_star",
         "never",
     )
+    six: bool
+    sec: int
+    min: int
+    hour: int
+    month: int
+    dom_bits: int
+    dom_last: bool
+    dom_w: int
+    dom_star: bool
+    dow_bits: int
+    dow_star: bool
+    nth: tuple[int, ...]
+    has_nth: bool
+    mode: int
+    hour_star: bool
+    never: bool
 
 
 def _spec(expr: str) -> _Spec:
@@ -339,7 +358,7 @@ def _spec(expr: str) -> _Spec:
         fields.append(fields.pop(0))  # seconds last, as croniter orders them
         shown.append(shown.pop(0))
     expanded = []
-    nth_map: dict = {}
+    nth_map: dict[Any, set[Any]] = {}
     w_day = 0
     for idx, field in enumerate(fields):
         try:
@@ -500,7 +519,7 @@ _FIXED_NAMES = frozenset(
 )
 
 
-def _load_zone(name: str):
+def _load_zone(name: str) -> tuple[zoneinfo.ZoneInfo, int | None]:
     """(zoneinfo object, fixed offset in s or None); errors as in fastjob.schedule."""
     if name is not None and not isinstance(name, str):
         raise CronError(f"a time zone must be a string, got {type(name).__name__}")
@@ -512,15 +531,18 @@ def _load_zone(name: str):
     key = name or "UTC"
     if key in _FIXED_NAMES or key.startswith("Etc/"):  # Etc/*: fixed offsets only
         off = _dt.datetime(2000, 1, 1, tzinfo=zone).utcoffset()
+        assert off is not None  # a ZoneInfo always has an offset
         return zone, off // _dt.timedelta(seconds=1)
     return zone, None
 
 
-def _offset_at(zone, ts: int) -> int:
-    return _dt.datetime.fromtimestamp(ts, zone).utcoffset() // _dt.timedelta(seconds=1)
+def _offset_at(zone: _dt.tzinfo, ts: int) -> int:
+    off = _dt.datetime.fromtimestamp(ts, zone).utcoffset()
+    assert off is not None  # an aware datetime
+    return off // _dt.timedelta(seconds=1)
 
 
-def _scan_year(zone, y: int) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+def _scan_year(zone: _dt.tzinfo, y: int) -> tuple[int, tuple[tuple[int, int, int], ...]]:
     """The zone's UTC offset at the start of UTC year ``y`` and its changes in that
     year, as (utc second of the change, offset before, offset after). zoneinfo is probed
     once a day and each change bisected to the second: two changes less than a day apart
@@ -550,13 +572,13 @@ def _scan_year(zone, y: int) -> tuple[int, tuple[tuple[int, int, int], ...]]:
 class _ZoneTable:
     """A zone's offset changes by UTC year, scanned on first use (shared)."""
 
-    def __init__(self, zone) -> None:
+    def __init__(self, zone: _dt.tzinfo) -> None:
         self.zone = zone
         self.years: dict[
             int, tuple[int, tuple[int, ...], tuple[tuple[int, int, int], ...]]
         ] = {}
 
-    def _year(self, y: int):
+    def _year(self, y: int) -> tuple[int, tuple[int, ...], tuple[tuple[int, int, int], ...]]:
         got = self.years.get(y)
         if got is None:
             start_off, trs = _scan_year(self.zone, y)
@@ -586,7 +608,7 @@ class _ZoneTable:
         return pa, pb, o, op
 
 
-def _bisect_right(a, x) -> int:
+def _bisect_right(a: tuple[int, ...], x: int) -> int:
     lo, hi = 0, len(a)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -601,7 +623,7 @@ _zone_tables: dict[str, _ZoneTable] = {}
 _zone_lock = threading.Lock()
 
 
-def _zone_table(name: str, zone) -> _ZoneTable:
+def _zone_table(name: str, zone: _dt.tzinfo) -> _ZoneTable:
     with _zone_lock:
         table = _zone_tables.get(name)
         if table is None:
@@ -643,7 +665,7 @@ class Cron:
         "__weakref__",
     )
 
-    def __init__(self, expr: str, timezone: str, spec: _Spec, zone, fixed_off) -> None:
+    def __init__(self, expr: str, timezone: str, spec: _Spec, zone: _dt.tzinfo, fixed_off: int | None) -> None:
         self.expr = expr
         self.timezone = timezone
         self._sp = spec
@@ -651,7 +673,7 @@ class Cron:
         self._sec, self._min = spec.sec, spec.min
         self._hour, self._month = spec.hour, spec.month
         if fixed_off is None:
-            self._table = _zone_table(timezone or "UTC", zone)
+            self._table: _ZoneTable | None = _zone_table(timezone or "UTC", zone)
             self._period = (0, 0, 0, 0)  # empty: the first call looks the period up
         else:
             self._table = None
@@ -739,6 +761,7 @@ class Cron:
         p = self._period
         if p[0] <= t < p[1]:
             return p
+        assert self._table is not None  # a fixed offset has one endless period
         p = self._table.period(t)
         self._period = p
         return p

@@ -79,7 +79,7 @@ class TimingWheel:
             heapify(heap)
         return True
 
-    def advance(self, now: float) -> list:
+    def advance(self, now: float) -> list[Any]:
         n = _as_seconds(now, "now")
         heap = self._heap
         live = self._live

@@ -97,6 +97,7 @@ if os.environ.get("FASTJOB_PUREPYTHON", "") not in ("", "0"):
 
     USING_CYTHON = False
 else:
-    from ._cron import Cron, parse  # noqa: F401  (ImportError here means: build it)
+    # the compiled twin has the same interface (_cron.pyi); ImportError here means: build it
+    from ._cron import Cron, parse  # type: ignore[assignment]  # noqa: F401
 
     USING_CYTHON = True

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -67,7 +68,7 @@ class Message(NamedTuple):
 
     type: str
     rid: int
-    body: dict
+    body: dict[str, Any]
 
 
 class ErrorCode:
@@ -244,7 +245,7 @@ REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 
 # Compiled form: a map checker is a tuple of (name, allowed python types or None for any,
 # required, sub-checker or None). Exact type() membership keeps bool out of int and vice versa.
-_BASE_TYPES: dict[str, Optional[frozenset]] = {
+_BASE_TYPES: dict[str, frozenset[type] | None] = {
     "int": frozenset({int}),
     "float": frozenset({float, int}),
     "str": frozenset({str}),
@@ -261,12 +262,12 @@ def _type_name(value: Any) -> str:
     return "nil" if value is None else type(value).__name__
 
 
-def _compile_type(spec: str) -> tuple[Optional[frozenset], Optional[_Check]]:
+def _compile_type(spec: str) -> tuple[frozenset[type] | None, _Check | None]:
     """Turn a type string into (allowed types, deep checker) for the validator."""
     nullable = spec.endswith("|nil")
     if nullable:
         spec = spec[:-4]
-    sub: Optional[_Check] = None
+    sub: _Check | None = None
     if spec in _BASE_TYPES:
         types = _BASE_TYPES[spec]
     elif spec.startswith("array[") and spec.endswith("]"):
@@ -287,7 +288,7 @@ def _compile_type(spec: str) -> tuple[Optional[frozenset], Optional[_Check]]:
     return types, sub
 
 
-def _compile_fields(fields: dict[str, str]) -> tuple:
+def _compile_fields(fields: dict[str, str]) -> tuple[Any, ...]:
     out = []
     for name, spec in fields.items():
         required = not spec.endswith("?")
@@ -301,7 +302,7 @@ def _bad(path: str, spec: str, value: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: expected {spec}, got {_type_name(value)}")
 
 
-def _check_fields(body: dict, fields: tuple, path: str) -> None:
+def _check_fields(body: dict[str, Any], fields: tuple[Any, ...], path: str) -> None:
     get = body.get
     for name, types, required, sub, spec in fields:
         value = get(name, _MISSING)
@@ -315,14 +316,14 @@ def _check_fields(body: dict, fields: tuple, path: str) -> None:
             sub(value, f"{path}.{name}")
 
 
-def _map_checker(fields: tuple) -> _Check:
+def _map_checker(fields: tuple[Any, ...]) -> _Check:
     def check(value: Any, path: str) -> None:
         _check_fields(value, fields, path)
 
     return check
 
 
-def _array_checker(types: Optional[frozenset], sub: Optional[_Check], spec: str) -> _Check:
+def _array_checker(types: frozenset[type] | None, sub: _Check | None, spec: str) -> _Check:
     def check(value: Any, path: str) -> None:
         for i, item in enumerate(value):
             if types is not None and type(item) not in types:
@@ -333,13 +334,13 @@ def _array_checker(types: Optional[frozenset], sub: Optional[_Check], spec: str)
     return check
 
 
-def _tuple_checker(items: list) -> _Check:
+def _tuple_checker(items: list[Any]) -> _Check:
     def check(value: Any, path: str) -> None:
         if len(value) != len(items):
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"{path}: expected {len(items)} items, got {len(value)}"
             )
-        for i, (item, (types, sub, spec)) in enumerate(zip(value, items)):
+        for i, (item, (types, sub, spec)) in enumerate(zip(value, items, strict=True)):
             if types is not None and type(item) not in types:
                 raise _bad(f"{path}[{i}]", spec, item)
             if sub is not None and item is not None:
@@ -348,10 +349,10 @@ def _tuple_checker(items: list) -> _Check:
     return check
 
 
-_COMPILED: dict[str, tuple] = {name: _compile_fields(fields) for name, fields in SCHEMAS.items()}
+_COMPILED: dict[str, tuple[Any, ...]] = {name: _compile_fields(fields) for name, fields in SCHEMAS.items()}
 
 
-def _fast_checker(fields: tuple, path: str) -> Optional[Callable[[dict], None]]:
+def _fast_checker(fields: tuple[Any, ...], path: str) -> Callable[[dict[str, Any]], None] | None:
     """Compile a schema into one boolean expression over the body (the hot path).
 
     Why generated code: a DISPATCH is checked for every frame, and a straight-line expression
@@ -388,13 +389,13 @@ def _fast_checker(fields: tuple, path: str) -> Optional[Callable[[dict], None]]:
         source += "        raise ProtocolError(BAD, path)  # unreachable: slow() raised\n"
     source += "".join(subs)
     exec(compile(source, f"<schema {path}>", "exec"), env)
-    return env["check"]
+    checker: Callable[[dict[str, Any]], None] = env["check"]
+    return checker
 
 
-_CHECKERS: dict[str, Optional[Callable[[dict], None]]] = {
+_CHECKERS: dict[str, Callable[[dict[str, Any]], None] | None] = {
     name: _fast_checker(fields, name) for name, fields in _COMPILED.items()
 }
-_UNKNOWN = object()
 
 
 def validate(type: str, body: Any) -> None:
@@ -402,16 +403,16 @@ def validate(type: str, body: Any) -> None:
 
     Unknown extra fields are ignored (forward compatibility); optional fields may be nil.
     """
-    check = _CHECKERS.get(type, _UNKNOWN)
-    if check is _UNKNOWN:
+    if type not in _CHECKERS:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {type!r}")
+    check = _CHECKERS[type]
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{type}: body must be a map")
     if check is not None:
         check(body)
 
 
-def negotiate_version(client_version: int) -> Optional[int]:
+def negotiate_version(client_version: int) -> int | None:
     """The version to answer in WELCOME, or None when the client is too old (REJECT)."""
     version = min(client_version, PROTOCOL_VERSION)
     return version if version >= MIN_PROTOCOL_VERSION else None
@@ -439,9 +440,9 @@ _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _unpackb = msgpack.unpackb
 
 
-def encode(type: str, body: dict, rid: int = 0) -> bytes:
+def encode(type: str, body: dict[str, Any], rid: int = 0) -> bytes:
     """Header + payload of one frame. The body is not validated here (see :func:`validate`)."""
-    payload = _packb([type, rid, body])
+    payload: bytes = _packb([type, rid, body])
     return _pack_header(len(payload)) + payload
 
 
@@ -458,14 +459,14 @@ class Decoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
-        self._error: Optional[ProtocolError] = None
+        self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held back waiting for the rest of a frame (never above max_frame + 4)."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes | bytearray) -> list[Message]:
         """Consume ``data``; return every complete message, in order."""
         if self._error is not None:
             raise self._error
@@ -535,11 +536,11 @@ def _envelope(obj: Any) -> Message:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "envelope rid must be an unsigned integer")
     if type(body) is not dict:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "envelope body must be a map")
-    check = _CHECKERS.get(mtype, _UNKNOWN)
-    if check is _UNKNOWN:
+    if mtype not in _CHECKERS:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype[:64]!r}")
+    check = _CHECKERS[mtype]
     if check is not None:
-        check(body)  # type: ignore[operator]
+        check(body)
     return _tuple_new(Message, (mtype, rid, body))
 
 
@@ -564,24 +565,24 @@ class Connection(asyncio.Protocol):
     ) -> None:
         self.max_frame = max_frame
         self.max_write_buffer = max_write_buffer
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.last_received: float = 0.0
         self._decoder = Decoder(max_frame)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._out = bytearray()
         self._flush_scheduled = False
         self._transport_buffered = 0  # transport's write buffer size seen at the last flush
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_rid = 1
         self._closing = False
         self._lost = False
-        self._close_exc: Optional[Exception] = None
-        self._closed_waiters: list[asyncio.Future] = []
+        self._close_exc: Exception | None = None
+        self._closed_waiters: list[asyncio.Future[Any]] = []
         self._paused = False
-        self._drain_waiters: list[asyncio.Future] = []
-        self._idle_timeout: Optional[float] = None
+        self._drain_waiters: list[asyncio.Future[Any]] = []
+        self._idle_timeout: float | None = None
         self._idle_code = ErrorCode.HEARTBEAT_TIMEOUT
-        self._idle_handle: Optional[asyncio.TimerHandle] = None
+        self._idle_handle: asyncio.TimerHandle | None = None
         self._peername: Any = None
 
     # ---- hooks -----------------------------------------------------------------------
@@ -591,7 +592,7 @@ class Connection(asyncio.Protocol):
     def on_message(self, msg: Message) -> None:
         """Called for every incoming message that is not a reply to one of our requests."""
 
-    def on_close(self, exc: Optional[Exception]) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         """Called once when the connection is gone. ``exc`` says why (None: clean close).
 
         It is a :class:`ProtocolError` when we failed the connection (``fail``, slow consumer,
@@ -644,13 +645,13 @@ class Connection(asyncio.Protocol):
             if self._closing:
                 break
 
-    def eof_received(self) -> Optional[bool]:
+    def eof_received(self) -> bool | None:
         """The peer half-closed. A partial frame left behind is reported before we close."""
         if self._decoder.buffered and not self._closing:
             self.fail(ErrorCode.BAD_FRAME, "stream ended inside a frame")
         return None  # let the transport close our side too
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._lost = True
         self._cancel_idle()
@@ -686,7 +687,7 @@ class Connection(asyncio.Protocol):
         self._drain_waiters.clear()
 
     # ---- sending -----------------------------------------------------------------------
-    def send(self, type: str, body: dict, rid: int = 0) -> None:
+    def send(self, type: str, body: dict[str, Any], rid: int = 0) -> None:
         """Queue one frame; all frames queued in a loop iteration go out in one write.
 
         Raises ProtocolError(frame_too_large) if the frame exceeds ``max_frame`` (the peer
@@ -708,7 +709,7 @@ class Connection(asyncio.Protocol):
         out += payload
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            self._loop.call_soon(self._flush)
         if len(out) + self._transport_buffered > self.max_write_buffer:
             self._slow_consumer()
 
@@ -738,7 +739,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()  # close() would keep trying to flush the huge buffer
 
-    async def request(self, type: str, body: dict, timeout: Optional[float] = 10.0) -> Message:
+    async def request(self, type: str, body: dict[str, Any], timeout: float | None = 10.0) -> Message:
         """Send a request and wait for its reply (RESPONSE, WELCOME, REDIRECT or REJECT).
 
         Raises RemoteError for an ERROR reply, asyncio.TimeoutError after ``timeout``
@@ -756,12 +757,12 @@ class Connection(asyncio.Protocol):
         finally:
             self._pending.pop(rid, None)
 
-    def respond(self, request: Message, body: dict, type: str = "RESPONSE") -> None:
+    def respond(self, request: Message, body: dict[str, Any], type: str = "RESPONSE") -> None:
         """Answer ``request`` (the reply carries its rid)."""
         self.send(type, body, request.rid)
 
     def respond_error(
-        self, request: Optional[Message], code: str, message: str, fatal: bool = False
+        self, request: Message | None, code: str, message: str, fatal: bool = False
     ) -> None:
         """Send ERROR for ``request`` (rid 0 if None). A fatal error is followed by a close."""
         body: dict[str, Any] = {"code": code, "message": message}
@@ -825,7 +826,7 @@ class Connection(asyncio.Protocol):
         return self._peername
 
     # ---- idle watch (heartbeat / handshake timeouts) ------------------------------------
-    def watch_idle(self, timeout: Optional[float], code: str = ErrorCode.HEARTBEAT_TIMEOUT) -> None:
+    def watch_idle(self, timeout: float | None, code: str = ErrorCode.HEARTBEAT_TIMEOUT) -> None:
         """Fail the connection with ``code`` if no frame arrives for ``timeout`` seconds.
 
         A server calls ``watch_idle(handshake_timeout, HANDSHAKE_TIMEOUT)`` on connect and

@@ -10,7 +10,6 @@ import datetime as dt
 import logging
 import math
 import time
-from typing import Optional
 
 from . import cron
 from .store.base import FirePlan, FirePlanner, JobRow, JobSpec, Misfire, NextFire, Overlap, ScheduleType
@@ -58,12 +57,12 @@ def parse_at(expr: str) -> float:
             raise ScheduleError(f"one-shot time must be a finite number of epoch seconds, got {expr!r}")
         return when
     try:
-        when = dt.datetime.fromisoformat(expr)
+        moment = dt.datetime.fromisoformat(expr)
     except (TypeError, ValueError):
         raise ScheduleError(f"one-shot time must be epoch seconds or ISO 8601, got {expr!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.timestamp()
 
 
 def validate(job: Job) -> None:
@@ -106,7 +105,7 @@ def cron_after(expr: str, timezone: str, after_ms: int) -> int:
         raise ScheduleError(str(exc)) from None
 
 
-def first_fire_ms(job: Job, now_ms: int) -> Optional[int]:
+def first_fire_ms(job: Job, now_ms: int) -> int | None:
     """When a new (or re-scheduled) job fires first; None if only an API call fires it."""
     kind = ScheduleType(job.schedule_type)
     if kind is ScheduleType.CRON:
@@ -118,14 +117,14 @@ def first_fire_ms(job: Job, now_ms: int) -> Optional[int]:
     return None
 
 
-def period_seconds(job: Job) -> Optional[float]:
+def period_seconds(job: Job) -> float | None:
     """The period of a fixed-rate/fixed-delay job, else None."""
     if ScheduleType(job.schedule_type) in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY):
         return parse_period(job.schedule_expr)
     return None
 
 
-def next_fire(job: JobRow, prev_ms: int) -> Optional[int]:
+def next_fire(job: JobRow, prev_ms: int) -> int | None:
     """The planned time after ``prev_ms``, or None when the job has no further fire here:
     one-shot, run-once and api jobs, and fixed delay (its next fire is written when the
     previous one finishes)."""
@@ -171,7 +170,7 @@ def make_planner(now_ms: int, misfire_threshold_ms: int, following: NextFire = n
     return plan
 
 
-def _following_or_none(following: NextFire, job: JobRow, t: int) -> Optional[int]:
+def _following_or_none(following: NextFire, job: JobRow, t: int) -> int | None:
     """The next fire; None (the job stops) if its schedule has no more, so that one job whose cron
     never fires again cannot fail the claim of its whole app."""
     try:
@@ -181,8 +180,8 @@ def _following_or_none(following: NextFire, job: JobRow, t: int) -> Optional[int
         return None
 
 
-def _plan_missed(job: JobRow, t: Optional[int], missed_before: int, now_ms: int, budget: int,
-                 following: NextFire, out: FirePlan) -> Optional[int]:
+def _plan_missed(job: JobRow, t: int | None, missed_before: int, now_ms: int, budget: int,
+                 following: NextFire, out: FirePlan) -> int | None:
     """Plan the job's missed fires from ``t`` by its misfire policy; return the first fire not planned."""
     policy = job.misfire_policy
     window_start = now_ms - int(job.catch_up_window * 1000)

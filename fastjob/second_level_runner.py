@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .context import JobContext, LocalLog
 from .timer import WheelTimer
@@ -37,13 +37,13 @@ class _Job:
     spec: dict[str, Any]
     log: LocalLog
     next_planned: float = 0.0  # epoch seconds of the next fire
-    handle: Optional[int] = None
+    handle: int | None = None
     running: int = 0
     runs: int = 0
     failures: int = 0
     skipped: int = 0
-    last_error: Optional[str] = None
-    last_run_at: Optional[float] = None
+    last_error: str | None = None
+    last_run_at: float | None = None
     lateness: list[float] = field(default_factory=list)  # seconds, since the last report
 
     @property
@@ -70,13 +70,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class SecondLevelRunner:
     """The handed-down jobs of one worker."""
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.jobs: dict[int, _Job] = {}
         self.lease = 0.0
-        self._timer: Optional[WheelTimer] = None
+        self._timer: WheelTimer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reporter: Optional[asyncio.Task[None]] = None
+        self._reporter: asyncio.Task[None] | None = None
 
     def job_ids(self) -> list[int]:
         return sorted(self.jobs)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine, Optional
+from collections.abc import Coroutine
+from typing import Any
 
 log = logging.getLogger("fastjob.tasks")
 
@@ -63,7 +64,7 @@ async def wait_until_set(event: asyncio.Event, timeout: float) -> bool:
     return event.is_set()
 
 
-async def cancel_and_wait(task: "Optional[asyncio.Task[Any]]", timeout: float, what: str) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float, what: str) -> None:
     """Cancel a task and wait for it to end, at most ``timeout`` seconds (logged if it does not)."""
     if task is None or task.done():
         return

@@ -30,9 +30,13 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .timewheel import TimingWheel
+
+if TYPE_CHECKING:
+    from ._timerfd import TimerFd
 
 __all__ = ["WheelTimer"]
 
@@ -49,7 +53,7 @@ _WAKEUP_CHECK = 256
 _MIN_GAP = 0.00025
 
 
-def _load_timerfd() -> type | None:
+def _load_timerfd() -> type[TimerFd] | None:
     """The compiled timerfd class, or None where there is none (not Linux, pure-Python mode)."""
     if not sys.platform.startswith("linux") or os.environ.get("FASTJOB_PUREPYTHON", "") not in ("", "0"):
         return None
@@ -71,6 +75,7 @@ class _TimerFdWake:
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
         self._callback = callback
+        assert _TimerFd is not None, "built only where the timerfd module loaded"
         self._fd = _TimerFd()
         try:
             loop.add_reader(self._fd.fileno(), self._on_readable)
@@ -139,7 +144,7 @@ class WheelTimer:
 
     def __init__(
         self,
-        on_due: Callable[[list], None],
+        on_due: Callable[[list[Any]], None],
         *,
         tick: float = 0.001,
         loop: asyncio.AbstractEventLoop | None = None,

@@ -14,6 +14,7 @@ if os.environ.get("FASTJOB_PUREPYTHON", "") not in ("", "0"):
 
     USING_CYTHON = False
 else:
-    from ._timewheel import TimingWheel  # noqa: F401  (ImportError here means: build it)
+    # the compiled class has the same interface (_timewheel.pyi); ImportError here means: build it
+    from ._timewheel import TimingWheel  # type: ignore[assignment]  # noqa: F401
 
     USING_CYTHON = True

@@ -24,20 +24,21 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 
 from . import schedule
-from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
 from .context import JobContext, JobLog
+from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, Overlap, ScheduleType
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
 
-Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
+Handler = Callable[["JobContext"], Any | Awaitable[Any]]
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
 MAX_LOG_LINES_PER_INSTANCE = 10_000
 REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
@@ -56,11 +57,11 @@ class _Redirect(NamedTuple):
     """A REDIRECT: the owner's address, and when to come back if it does not answer."""
 
     address: str
-    retry_in: Optional[float]
+    retry_in: float | None
 
 
 class _ClientConnection(Connection):
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: Worker) -> None:
         super().__init__(max_frame=worker.max_frame)
         self.worker = worker
 
@@ -75,12 +76,12 @@ class Worker:
         self,
         app: str,
         servers: Sequence[str],
-        token: Optional[str] = None,
+        token: str | None = None,
         max_concurrency: int = 32,
         tags: Iterable[str] = (),
         *,
-        worker_id: Optional[str] = None,
-        ssl: Optional[ssl_module.SSLContext] = None,
+        worker_id: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         connect_timeout: float = 5.0,
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
@@ -107,14 +108,14 @@ class Worker:
         self.handlers: dict[str, Handler] = {}
         self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
         self.declared: dict[str, JobSpec] = {}
-        self.server_id: Optional[str] = None
+        self.server_id: str | None = None
         self.heartbeat_interval = 2.0
         self.heartbeat_timeout = 10.0
         self.version = PROTOCOL_VERSION  # negotiated at WELCOME
         # with no owning server heard for this long, running instances are stopped: the server
         # then runs them again elsewhere, never at the same time (WELCOME run_lease)
         self.run_lease = 10.0
-        self._conn: Optional[_ClientConnection] = None
+        self._conn: _ClientConnection | None = None
         # The second-level lease runs from the send time of our last PING (or HELLO) that the
         # server answered, not from when we read the answer: a worker that was frozen reads old
         # buffered frames on waking, and must not take them as a sign its server is alive now.
@@ -124,8 +125,8 @@ class Worker:
         self._max_frame = max_frame  # lowered to the server's limit at WELCOME
         self._ready = asyncio.Event()
         self._stopping = False
-        self._fatal: Optional[BaseException] = None
-        self._main_task: Optional[asyncio.Task[None]] = None
+        self._fatal: BaseException | None = None
+        self._main_task: asyncio.Task[None] | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[int, str] = {}
         self._unsent_results: dict[int, dict[str, Any]] = {}
@@ -136,12 +137,12 @@ class Worker:
         # dispatches received while our run lease had lapsed: started once a PONG renews it
         self._deferred: list[tuple[_ClientConnection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
         self._loop_time: Callable[[], float] = lambda: asyncio.get_running_loop().time()  # bound at start()
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)
 
     # ---- declaration ---------------------------------------------------------------------
-    def handler(self, name: Optional[str] = None) -> Callable[[Handler], Handler]:
+    def handler(self, name: str | None = None) -> Callable[[Handler], Handler]:
         """Register a handler (async def, or plain def run in a thread pool) under ``name``."""
 
         def register(fn: Handler) -> Handler:
@@ -154,25 +155,25 @@ class Worker:
         self,
         name: str,
         *,
-        handler: Optional[str] = None,
-        interval: Optional[float] = None,
-        delay: Optional[float] = None,
-        cron: Optional[str] = None,
-        at: Optional[Union[dt.datetime, float]] = None,
+        handler: str | None = None,
+        interval: float | None = None,
+        delay: float | None = None,
+        cron: str | None = None,
+        at: dt.datetime | float | None = None,
         run_once: bool = False,
         retries: int = 0,
         retry_backoff: float = 1.0,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
         params: Any = None,
         timezone: str = "UTC",
         misfire: str = "fire_once",
         catch_up_window: float = 3600.0,
         tags: Iterable[str] = (),
         routing: str = "round_robin",
-        overlap: Optional[str] = None,
+        overlap: str | None = None,
         max_queued: int = 100,
         enabled: bool = True,
-        allow_overlap: Optional[bool] = None,
+        allow_overlap: bool | None = None,
     ) -> JobSpec:
         """Declare a job in code; it is created or updated on the server at registration.
 
@@ -215,7 +216,7 @@ class Worker:
         return spec
 
     # ---- lifecycle -----------------------------------------------------------------------
-    async def start(self, timeout: Optional[float] = 30.0) -> None:
+    async def start(self, timeout: float | None = 30.0) -> None:
         """Connect (following redirects) and register; returns once registered.
 
         Raises WorkerError if the server rejects the worker or refuses a declared job,
@@ -304,7 +305,7 @@ class Worker:
             self._executor = None
         self._ready.clear()
 
-    async def __aenter__(self) -> "Worker":
+    async def __aenter__(self) -> Worker:
         await self.start()
         return self
 
@@ -349,11 +350,11 @@ class Worker:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
-        target: Optional[str] = None
+        target: str | None = None
         hops = 0
         # A server that redirected us to an owner whose heartbeat is late: come back to it when
         # that owner's lease runs out (it will then take the app over), not after a long backoff.
-        fallback: Optional[tuple[str, float]] = None  # (address, loop.time())
+        fallback: tuple[str, float] | None = None  # (address, loop.time())
         while not self._stopping:
             address = target or self._next_server()
             target = None
@@ -397,7 +398,7 @@ class Worker:
         self._server_turn = (self._server_turn + 1) % len(self.servers)
         return self.servers[self._server_turn]
 
-    async def _session(self, address: str, patience: float) -> "Optional[str | _Redirect]":
+    async def _session(self, address: str, patience: float) -> str | _Redirect | None:
         """One connection: handshake, then serve until it closes. Returns how it ended.
 
         ``patience`` bounds the connect and the HELLO's answer."""
@@ -415,7 +416,8 @@ class Worker:
                 code, reason = reply.body.get("code", ""), reply.body.get("reason", "")
                 if code in FATAL_REJECTS:
                     raise WorkerError(f"rejected by {address}: {code}: {reason}")
-                log.warning("worker %s: %s refused the session (%s: %s); retrying", self.worker_id, address, code, reason)
+                log.warning("worker %s: %s refused the session (%s: %s); retrying",
+                            self.worker_id, address, code, reason)
                 return None
             self.server_id = reply.body["server_id"]
             self.version = int(reply.body["version"])
@@ -465,7 +467,7 @@ class Worker:
                 *(conn.request("JOB_UPSERT", {"job": _spec_to_wire(spec)}, timeout=max(30.0, self.connect_timeout))
                   for spec in chunk),
                 return_exceptions=True)
-            for spec, reply in zip(chunk, replies):
+            for spec, reply in zip(chunk, replies, strict=True):
                 if isinstance(reply, RemoteError) and reply.code == "invalid":
                     raise WorkerError(f"job {spec.name!r} refused by the server: {reply.message}")
                 if isinstance(reply, BaseException):
@@ -514,7 +516,8 @@ class Worker:
         elif kind == "SL_REVOKE":
             self.second_level.revoke(msg.body["job_id"], msg.body.get("reason") or "revoked")
         elif kind == "PONG":
-            sent_at = self._pings.pop(msg.body.get("ts"), None)
+            ts = msg.body.get("ts")
+            sent_at = self._pings.pop(ts, None) if isinstance(ts, (int, float)) else None
             # a server that cannot vouch for its ownership (lease false) renews nothing
             if sent_at is not None and msg.body.get("lease", True):
                 self._server_alive_at = max(self._server_alive_at, sent_at)
@@ -598,9 +601,9 @@ class Worker:
             self._send("START", {"instance_id": instance_id, "started_at": started_at})
 
     async def run_handler(
-        self, fn: Handler, ctx: Any, timeout: Optional[float], cancel_reason: Callable[[], str],
+        self, fn: Handler, ctx: Any, timeout: float | None, cancel_reason: Callable[[], str],
         check_result: bool = True,
-    ) -> tuple[str, Any, Optional[str]]:
+    ) -> tuple[str, Any, str | None]:
         """Run one handler call: (status, result, error). Only this call fails if it misbehaves.
 
         ``check_result`` verifies that the result can be shipped; second-level runs ship none.
@@ -670,7 +673,7 @@ class Worker:
             if len(lines) < MAX_LOG_LINES_PER_INSTANCE:
                 lines.append([time.time(), level, text[:MAX_LOG_LINE]])
 
-    def _flush_logs(self, instance_id: Optional[int] = None) -> None:
+    def _flush_logs(self, instance_id: int | None = None) -> None:
         """Ship buffered lines in frames of LOG_LINES_PER_FRAME (each line is bounded)."""
         with self._log_lock:
             ids = [instance_id] if instance_id is not None else list(self._log_buffer)
@@ -713,24 +716,30 @@ class Worker:
         return int(reply["instance_id"])
 
     async def get_instance(self, instance_id: int) -> dict[str, Any]:
-        return (await self.call("INSTANCE_GET", {"instance_id": instance_id}))["instance"]
+        instance: dict[str, Any] = (await self.call("INSTANCE_GET", {"instance_id": instance_id}))["instance"]
+        return instance
 
-    async def list_instances(self, job: Optional[str] = None, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+    async def list_instances(self, job: str | None = None, status: Sequence[str] = (),
+                             limit: int = 100) -> list[dict[str, Any]]:
         body: dict[str, Any] = {"limit": limit}
         if job:
             body["job"] = job
         if status:
             body["status"] = list(status)
-        return (await self.call("INSTANCE_LIST", body))["instances"]
+        instances: list[dict[str, Any]] = (await self.call("INSTANCE_LIST", body))["instances"]
+        return instances
 
     async def get_logs(self, instance_id: int, limit: int = 1000) -> list[list[Any]]:
-        return (await self.call("LOG_GET", {"instance_id": instance_id, "limit": limit}))["lines"]
+        lines: list[list[Any]] = (await self.call("LOG_GET", {"instance_id": instance_id, "limit": limit}))["lines"]
+        return lines
 
     async def get_job(self, name: str) -> dict[str, Any]:
-        return (await self.call("JOB_GET", {"name": name}))["job"]
+        job: dict[str, Any] = (await self.call("JOB_GET", {"name": name}))["job"]
+        return job
 
     async def list_jobs(self) -> list[dict[str, Any]]:
-        return (await self.call("JOB_LIST", {}))["jobs"]
+        jobs: list[dict[str, Any]] = (await self.call("JOB_LIST", {}))["jobs"]
+        return jobs
 
     async def delete_job(self, name: str) -> bool:
         return bool((await self.call("JOB_DELETE", {"name": name}))["deleted"])
@@ -739,8 +748,8 @@ class Worker:
         return bool((await self.call("JOB_ENABLE", {"name": name, "enabled": enabled}))["ok"])
 
 
-def _overlap_of(allow_overlap: Optional[bool]) -> str:
-    return (Overlap.ALLOW if allow_overlap else Overlap.QUEUE).value
+def _overlap_of(allow_overlap: bool | None) -> str:
+    return str((Overlap.ALLOW if allow_overlap else Overlap.QUEUE).value)
 
 
 def _spec_to_wire(spec: JobSpec) -> dict[str, Any]:

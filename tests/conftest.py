@@ -11,7 +11,8 @@ import asyncio
 import os
 import sys
 import uuid
-from typing import Any, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -77,7 +78,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         _service_skips.append((item.nodeid, reason))
 
 
-def pytest_terminal_summary(terminalreporter: "pytest.TerminalReporter", exitstatus: int) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
     stats = terminalreporter.stats
     counts = {key: len(stats.get(key, [])) for key in ("passed", "failed", "error", "skipped", "xfailed")}
     terminalreporter.write_line("FASTJOB TESTS: " + ", ".join(f"{n} {key}" for key, n in counts.items()))

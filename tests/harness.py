@@ -5,8 +5,9 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 FAST_CLUSTER_ARGS = [
     "--heartbeat-interval", "0.25",
@@ -24,7 +25,7 @@ class ServerProcess:
         self.log_path = log_path
         self.args = list(args)
         self.port = port
-        self.proc: Optional[asyncio.subprocess.Process] = None
+        self.proc: asyncio.subprocess.Process | None = None
         self.address = ""
 
     async def start(self, timeout: float = 30.0) -> str:
@@ -137,7 +138,7 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, what: str, po
         await asyncio.sleep(poll)
 
 
-async def next_event(queue: "asyncio.Queue[Any]", timeout: float = 10.0) -> Any:
+async def next_event(queue: asyncio.Queue[Any], timeout: float = 10.0) -> Any:
     return await asyncio.wait_for(queue.get(), timeout)
 
 
@@ -149,7 +150,7 @@ class WorkerProcess:
         self.argv = [sys.executable, str(Path(__file__).with_name("sl_worker.py")), server, worker_id,
                      str(out_path), str(period)]
         self.log_path = log_path
-        self.proc: Optional[asyncio.subprocess.Process] = None
+        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 20.0) -> None:
         repo = str(Path(__file__).resolve().parent.parent)
@@ -184,9 +185,9 @@ class ProcWorker:
         self.config = config
         self.worker_id = config["worker_id"]
         self.log_path = log_path
-        self.proc: Optional[asyncio.subprocess.Process] = None
+        self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = 30.0) -> "ProcWorker":
+    async def start(self, timeout: float = 30.0) -> ProcWorker:
         import json
 
         here = Path(__file__).resolve().parent
@@ -260,13 +261,13 @@ def instance_rows(db: str, app: str, job: str) -> list[dict[str, Any]]:
             "started_at", "finished_at", "reruns"]
     rows = db_rows(db, f"SELECT {', '.join('i.' + c for c in cols)} FROM instances i JOIN jobs j ON j.id = i.job_id"
                    " WHERE j.app = ? AND j.name = ? ORDER BY i.planned_ms, i.attempt", (app, job))
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 UNFINISHED = ("waiting", "queued", "dispatched", "running")
 
 
-def settled_rows(db: str, app: str, job: str, planned: list[int]) -> Optional[list[dict[str, Any]]]:
+def settled_rows(db: str, app: str, job: str, planned: list[int]) -> list[dict[str, Any]] | None:
     """The job's rows once the last attempt of every planned fire is final, else None."""
     rows = instance_rows(db, app, job)
     last: dict[int, dict[str, Any]] = {}

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -156,5 +157,5 @@ def assert_final_records(rows: Sequence[dict[str, Any]], planned: Sequence[int],
 def assert_no_overlap(runs: Sequence[Run]) -> None:
     """No two runs of a job were going on at the same time (overlap queue/skip/buffer_one)."""
     spans = sorted((r.start, r.end if r.end is not None else float("inf"), r) for r in runs)
-    for (s1, e1, r1), (s2, _, r2) in zip(spans, spans[1:]):
+    for (_, e1, r1), (s2, _, r2) in pairwise(spans):
         assert s2 >= e1, f"runs overlapped: {r1} and {r2}"

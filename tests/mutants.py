@@ -39,7 +39,8 @@ class Mutant:
 MUTANTS = [
     Mutant("recovered-cancelled", "recovered waiting rows are cancelled instead of fired",
            "fastjob/server/scheduler.py",
-           "            elif row.status in (Status.WAITING, Status.QUEUED):\n                self._enter_wheel(row, epoch)",
+           "            elif row.status in (Status.WAITING, Status.QUEUED):\n"
+           "                self._enter_wheel(row, epoch)",
            "            elif row.status in (Status.WAITING, Status.QUEUED):\n"
            "                self._finish(row, Status.CANCELLED, error=\"mutant\")",
            ("tests/test_failover.py::test_kill_9_of_the_owner_loses_no_fire",

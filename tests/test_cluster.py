@@ -11,10 +11,10 @@ import signal
 import time
 
 import pytest
-
-from fastjob import Worker
 from harness import FAST_CLUSTER_ARGS, ProcWorker, app_row, db_rows, instance_rows, wait_until
 from ledger import Ledger, assert_each_ran_once, assert_final_records, last_attempts, per_second
+
+from fastjob import Worker
 
 pytestmark = pytest.mark.mysql
 

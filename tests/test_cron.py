@@ -159,7 +159,8 @@ def _short_repeat_missed_by_croniter(expr: str, tz: ZoneInfo, after_ms: int, got
     t = after_ms
     while t < end:
         before, after_hop = in_zone(t, tz).utcoffset(), in_zone(t + hop, tz).utcoffset()
-        if before is not None and after_hop is not None and dt.timedelta(0) < before - after_hop < dt.timedelta(hours=1):
+        if (before is not None and after_hop is not None
+                and dt.timedelta(0) < before - after_hop < dt.timedelta(hours=1)):
             lo, hi = t, t + hop  # the change is in (lo, hi]
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -265,7 +266,7 @@ expressions = st.builds(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _transitions(zone: str, year: int) -> tuple[int, ...]:
     """UTC ms of the zone's offset changes in a year (noon probes, then bisection)."""
     tz = ZoneInfo(zone)

@@ -208,7 +208,8 @@ async def test_database_outage_moves_no_app(scene, mysql_dsn, servers):
         for app, worker in (("alpha", "a1"), ("beta", "b1")):
             runs = [r for r in s.ledger.runs("tick") if r.worker == worker]
             planned = per_second(min(r.planned_ms for r in runs), int(end * 1000))
-            rows = await wait_until(lambda app=app, planned=planned: settled_rows(mysql_dsn, app, "tick", planned), 30, f"{app} settled")
+            rows = await wait_until(lambda app=app, planned=planned: settled_rows(mysql_dsn, app, "tick", planned),
+                                    30, f"{app} settled")
             assert_each_ran_once(runs, planned)
             assert_final_records(rows, planned)
     finally:
@@ -364,7 +365,9 @@ async def test_a_joining_server_takes_its_share_and_drain_moves_apps_away(scene)
     await s.start_worker("b1", [TICK], app="beta")
     await wait_until(lambda: len({r.worker for r in s.ledger.runs("tick")}) == 2, 15, "both apps ticking")
     (joiner,) = await s.start_servers(1)
-    owners = lambda: {app_row(s.db, app)[0] for app in ("alpha", "beta")}
+    def owners() -> set[str]:
+        return {app_row(s.db, app)[0] for app in ("alpha", "beta")}
+
     await wait_until(lambda: owners() == {first.address, joiner.address}, 30, "one app to move to the joiner")
     moved_at = time.time()
     await wait_until(lambda: sum(1 for r in s.ledger.runs("tick") if r.start > moved_at + 1) >= 4, 15, "ticks")
@@ -377,7 +380,8 @@ async def test_a_joining_server_takes_its_share_and_drain_moves_apps_away(scene)
     for app, worker in (("alpha", "a1"), ("beta", "b1")):
         runs = [r for r in s.ledger.runs("tick") if r.worker == worker]
         planned = per_second(min(r.planned_ms for r in runs), int(end * 1000))
-        rows = await wait_until(lambda app=app, planned=planned: settled_rows(s.db, app, "tick", planned), 20, f"{app} settled")
+        rows = await wait_until(lambda app=app, planned=planned: settled_rows(s.db, app, "tick", planned),
+                                20, f"{app} settled")
         assert_each_ran_once(runs, planned)
         assert_final_records(rows, planned)
     assert await request_drain(s.db, joiner.address, False)

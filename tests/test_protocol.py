@@ -16,7 +16,9 @@ import os
 import re
 import ssl
 import struct
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Any
 
 import msgpack
 import pytest
@@ -42,10 +44,6 @@ from fastjob.protocol import (
     parse_address,
     validate,
 )
-
-
-
-
 
 # ---- one valid body per message type ------------------------------------------------------
 
@@ -293,7 +291,7 @@ def _feed_all(dec: Decoder, chunks: list[bytes]) -> list[Message]:
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in pairwise(points)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -358,7 +356,7 @@ class EchoPeer(Connection):
     ``fail`` -> ``fail()`` with the code given in ``params`` (a fatal ERROR, then close).
     """
 
-    def __init__(self, listener: "EchoListener", **kw: Any) -> None:
+    def __init__(self, listener: EchoListener, **kw: Any) -> None:
         super().__init__(**kw)
         self.listener = listener
         self.held: list[Message] = []
@@ -367,7 +365,7 @@ class EchoPeer(Connection):
     def on_connect(self) -> None:
         self.listener.peers.append(self)
 
-    def on_close(self, exc: Optional[Exception]) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         self.closed_with.set_result(exc)
 
     def on_message(self, msg: Message) -> None:
@@ -395,10 +393,10 @@ class EchoListener:
     def __init__(self, **conn_kw: Any) -> None:
         self.conn_kw = conn_kw
         self.peers: list[EchoPeer] = []
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def start(self, ssl_ctx: Optional[ssl.SSLContext] = None) -> "EchoListener":
+    async def start(self, ssl_ctx: ssl.SSLContext | None = None) -> EchoListener:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: EchoPeer(self, **self.conn_kw), "127.0.0.1", 0, ssl=ssl_ctx
@@ -423,11 +421,11 @@ class ClientConn(Connection):
     def on_message(self, msg: Message) -> None:
         self.inbox.put_nowait(msg)
 
-    def on_close(self, exc: Optional[Exception]) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         self.closed_with.set_result(exc)
 
 
-async def connect(port: int, ssl_ctx: Optional[ssl.SSLContext] = None, **kw: Any) -> ClientConn:
+async def connect(port: int, ssl_ctx: ssl.SSLContext | None = None, **kw: Any) -> ClientConn:
     """A ClientConn to an EchoListener, once a first request has made the round trip (so the
     listener's side of it is in ``peers``)."""
     loop = asyncio.get_running_loop()
@@ -684,7 +682,7 @@ SPEC = os.path.join(os.path.dirname(__file__), os.pardir, "protocol.md")
 def _spec_tables() -> dict[str, Any]:
     """{name: {field: type-with-?} or [types]} from the ``#### `NAME` `` sections of protocol.md."""
     tables: dict[str, Any] = {}
-    current: Optional[str] = None
+    current: str | None = None
     with open(SPEC, encoding="utf-8") as f:
         for line in f:
             heading = re.match(r"^#{3,4} `(\w+)`\s*$", line)

@@ -89,7 +89,7 @@ class Scene:
     # -- reading the database as an operator would --
     def instance(self, instance_id: int) -> dict[str, Any] | None:
         rows = db_rows(self.db, f"SELECT {', '.join(INSTANCE_COLS)} FROM instances WHERE id = ?", (instance_id,))
-        return dict(zip(INSTANCE_COLS, rows[0])) if rows else None
+        return dict(zip(INSTANCE_COLS, rows[0], strict=True)) if rows else None
 
     def status(self, instance_id: int) -> str | None:
         row = self.instance(instance_id)
@@ -99,7 +99,7 @@ class Scene:
         cols = ", ".join(f"i.{c}" for c in INSTANCE_COLS)
         rows = db_rows(self.db, f"SELECT {cols} FROM instances i JOIN jobs j ON j.id = i.job_id"
                        " WHERE j.app = ? AND j.name = ? ORDER BY i.planned_ms, i.attempt", (app, job))
-        return [dict(zip(INSTANCE_COLS, r)) for r in rows]
+        return [dict(zip(INSTANCE_COLS, r, strict=True)) for r in rows]
 
     def logs(self, instance_id: int) -> list[str]:
         return [r[0] for r in db_rows(self.db, "SELECT message FROM job_logs WHERE instance_id = ? ORDER BY id",
@@ -815,7 +815,7 @@ async def test_fixed_delay_chain_lost_in_a_crash_restarts_when_a_server_gains_th
     await wait_until(lambda: len(runs) >= 4, WAIT + 5, "the chain to run four times")
     assert APP in server.cluster.owned
     assert runs[0][0] >= gained_from - 0.001  # a fresh fire, planned when the server gained the app
-    for (planned0, _, ended0), (planned1, started1, _) in itertools.pairwise(runs):
+    for (_, _, ended0), (planned1, started1, _) in itertools.pairwise(runs):
         assert planned1 >= ended0 + delay - 0.001, runs  # the delay counts from the previous finish
         assert started1 >= planned1 - 0.002, runs
         assert abs(planned1 * 1000 - round(planned1 * 1000)) < 1e-3  # planned on the millisecond grid

@@ -243,7 +243,8 @@ TRANSITIONS_MS = [
 LO_MS, HI_MS = ms(utc(2000, 1, 1)), ms(utc(2040, 1, 1))
 instants = st.one_of(
     st.integers(LO_MS, HI_MS),
-    st.builds(lambda base, off: base + off, st.sampled_from(TRANSITIONS_MS), st.integers(-3 * 3_600_000, 3 * 3_600_000)),
+    st.builds(lambda base, off: base + off, st.sampled_from(TRANSITIONS_MS),
+              st.integers(-3 * 3_600_000, 3 * 3_600_000)),
 )
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from harness import FAST_CLUSTER_ARGS, WorkerProcess, wait_until
 
 from fastjob import Worker
-from harness import FAST_CLUSTER_ARGS, WorkerProcess, wait_until
 
 PERIOD = 0.2
 TIMEOUT = 1.5  # the heartbeat timeout in FAST_CLUSTER_ARGS
@@ -36,7 +37,7 @@ def assert_one_runner_at_a_time(ticks: list[tuple[str, float]]) -> None:
     switches = [i for i in range(1, len(order)) if order[i] != order[i - 1]]
     for i in switches:
         assert order[i - 1] not in order[i:], f"worker {order[i - 1]} ran again after {order[i]} took over"
-    gaps = [b - a for (_, a), (_, b) in zip(ticks, ticks[1:])]
+    gaps = [b - a for (_, a), (_, b) in pairwise(ticks)]
     assert min(gaps) > PERIOD / 2, f"two runs within half a period: {min(gaps):.3f}s"
 
 
@@ -71,7 +72,7 @@ async def test_runs_at_its_rate_on_one_worker(servers, workers, sqlite_url, tmp_
     await wait_until(lambda: len(read_runs(ticks_file)) >= 15, 15, "fifteen runs")
     runs = read_runs(ticks_file)
     # fixed rate on the planned grid: every period exactly once, none skipped, none twice
-    gaps = [round(b[2] - a[2], 3) for a, b in zip(runs, runs[1:])]
+    gaps = [round(b[2] - a[2], 3) for a, b in pairwise(runs)]
     assert gaps == [PERIOD] * len(gaps), gaps
     assert len({w for w, _, _ in runs}) == 1, "only one worker runs the job"
     assert_one_runner_at_a_time(read_ticks(ticks_file))
@@ -113,7 +114,7 @@ async def test_server_restart_keeps_the_job_running(servers, workers, sqlite_url
     await wait_until(lambda: sum(1 for _, s in read_ticks(ticks_file) if s > restart_at + 2) >= 5, 15,
                      "runs after the restart")
     ticks = read_ticks(ticks_file)
-    gaps = [b - a for (_, a), (_, b) in zip(ticks, ticks[1:])]
+    gaps = [b - a for (_, a), (_, b) in pairwise(ticks)]
     assert max(gaps) <= TIMEOUT + PERIOD, f"a gap of {max(gaps):.2f}s"
     assert_one_runner_at_a_time(ticks)
 

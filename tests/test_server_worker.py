@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from itertools import pairwise
 from typing import Any
 
 import pytest
-
-from fastjob import RemoteError, Worker, WorkerError
 from harness import FAST_CLUSTER_ARGS, next_event, settled_rows, wait_until
 from ledger import FINAL, Ledger, assert_each_ran_once, assert_final_records, assert_no_overlap, per_second
+
+from fastjob import RemoteError, Worker, WorkerError
 
 # Regular-path tests: every job goes through the server's WAL and wheel.
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0"]
@@ -61,7 +62,7 @@ async def test_seed_cases(servers, db_url):
         assert all(r["status"] == "failed" and "mock job failed" in r["error"] for r in rows)
         await wait_until(lambda: len(runs["task1"]) >= 4, 10, "four runs of task1")
         # fixed rate: planned exactly every 0.5 s, none skipped, none twice
-        gaps = [round(b - a, 3) for a, b in zip(runs["task1"], runs["task1"][1:])]
+        gaps = [round(b - a, 3) for a, b in pairwise(runs["task1"])]
         assert gaps == [0.5] * len(gaps), gaps
         task1_rows = await final_instances(worker, "task1", 2)
         logs = await worker.get_logs(task1_rows[-1]["id"])
@@ -112,7 +113,7 @@ async def test_fixed_delay_counts_from_finish(servers, sqlite_url):
     worker.schedule("slow", delay=0.3)
     async with worker:
         times = [await next_event(starts) for _ in range(3)]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     # 0.4 s run + 0.3 s delay, less 10 ms of timer granularity (a rate from the start would give ~0.4)
     assert all(gap >= 0.69 for gap in gaps), gaps
 
@@ -339,7 +340,7 @@ async def test_overlap_policies(servers, tmp_path, overlap, max_queued):
     assert all(grid(r.planned_ms) for r in runs) and all(grid(r["planned_ms"]) for r in rows)
     if overlap == "allow":
         starts = sorted(r.start for r in runs)
-        assert any(b - a < 0.5 for a, b in zip(starts, starts[1:])), "allow: runs never overlapped"
+        assert any(b - a < 0.5 for a, b in pairwise(starts)), "allow: runs never overlapped"
         assert not skipped and not [r for r in rows if r["status"] == "queued"]
         return
     assert_no_overlap(ledger.runs("long"))
@@ -405,7 +406,7 @@ async def test_reenabling_a_fixed_delay_job_keeps_one_chain(servers, sqlite_url)
         mark = len(planned)
         await wait_until(lambda: len(planned) >= mark + 5, 10, "five runs after the re-enables")
         assert (await worker.get_job("slow"))["enabled"]
-    gaps = [round(b - a, 3) for a, b in zip(planned[mark:], planned[mark + 1:])]
+    gaps = [round(b - a, 3) for a, b in pairwise(planned[mark:])]
     # one chain: the next fire is planned 0.3 s after the previous run ended (0.2 s later)
     assert all(gap >= 0.5 for gap in gaps), f"two chains: planned gaps {gaps}"
 

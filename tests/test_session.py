@@ -18,8 +18,9 @@ import collections
 import contextlib
 import struct
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any
 
 import msgpack
 import pytest
@@ -38,7 +39,6 @@ from fastjob.protocol import (
 )
 from fastjob.server.app import FastJobServer, ServerConfig
 from fastjob.server.session import MAX_API_INFLIGHT, WorkerSession
-
 
 WAIT = 5.0  # bound of any wait for something that should happen promptly
 # uvloop's clock counts whole milliseconds, so an elapsed time measured on it may read a hair
@@ -139,7 +139,7 @@ class Bench:
         assert reply.type == "WELCOME", reply
         return peer
 
-    def session_of(self, peer: RawPeer) -> Optional[WorkerSession]:
+    def session_of(self, peer: RawPeer) -> WorkerSession | None:
         """The server's side of ``peer``'s connection, while it is open."""
         for session in self.server.connections:
             if session.peername == peer.sockname:

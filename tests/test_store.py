@@ -8,11 +8,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from harness import wait_until
+from private_mariadb import PrivateMariaDB
 
+from fastjob.schedule import make_planner
 from fastjob.store import (
+    FirePlan,
+    FirePlanner,
     InstanceUpdate,
     JobRow,
     JobSpec,
@@ -24,11 +29,8 @@ from fastjob.store import (
     StoreError,
     create_store,
 )
-from fastjob.schedule import make_planner
-from fastjob.store import FirePlan, FirePlanner
 from fastjob.store._common import FIRST_ATTEMPT
 from fastjob.store.schema import LATEST_VERSION
-from harness import wait_until
 
 BACKENDS = ["sqlite", "mysql"]
 NOW = 1_700_000_000.0
@@ -182,7 +184,8 @@ async def test_job_upsert_get_list_delete(store: Store) -> None:
     same = await store.upsert_job(spec("b", params={"k": [1, 2]}, tags=["gpu"], timeout=2.5), 9999, NOW + 1)
     assert (same.version, same.next_trigger_ms, same.updated_time) == (1, 1000, NOW)  # unchanged: kept
 
-    handler = await store.upsert_job(spec("b", handler="m:g", params={"k": [1, 2]}, tags=["gpu"], timeout=2.5), 9999, NOW + 2)
+    handler = await store.upsert_job(spec("b", handler="m:g", params={"k": [1, 2]}, tags=["gpu"], timeout=2.5),
+                                     9999, NOW + 2)
     assert (handler.version, handler.next_trigger_ms, handler.handler) == (2, 1000, "m:g")  # not a schedule change
 
     sched = await store.upsert_job(spec("b", schedule_expr="5", handler="m:g"), 7000, NOW + 3)
@@ -215,7 +218,8 @@ async def test_job_enable_finish_stats_cron_interval(store: Store) -> None:
     assert (got.last_finished_time, got.stats) == (NOW + 10, {"runs": 3, "failures": 1})
     # re-enabling through upsert gives the job a fresh next fire
     await store.set_job_enabled("app", "c", False, None, NOW + 12)
-    back = await store.upsert_job(spec("c", schedule_type=ScheduleType.CRON, schedule_expr="*/5 * * * *"), 900, NOW + 13)
+    back = await store.upsert_job(spec("c", schedule_type=ScheduleType.CRON, schedule_expr="*/5 * * * *"),
+                                  900, NOW + 13)
     assert (back.enabled, back.next_trigger_ms) == (True, 900)
 
 
@@ -236,7 +240,8 @@ async def test_claim_due_writes_each_fire_and_advances(store: Store) -> None:
     got = sorted((r.job_id, r.planned_ms) for r in rows)
     assert got == [(a.id, 1000), (a.id, 2000), (a.id, 3000), (b.id, 2500)]
     for r in rows:
-        assert (r.status, r.attempt, r.trigger, r.server, r.epoch, r.app) == (Status.WAITING, FIRST_ATTEMPT, "schedule", "s1", epoch, "app")
+        assert (r.status, r.attempt, r.trigger, r.server, r.epoch, r.app) == (
+            Status.WAITING, FIRST_ATTEMPT, "schedule", "s1", epoch, "app")
         assert r.created_at == NOW and r.id > 0
     assert [r.params for r in rows] == [None] * 4  # scheduled fires use the job's params
     assert (await store.get_job(a.id)).next_trigger_ms == 4000
@@ -342,7 +347,8 @@ async def test_insert_instance_and_duplicate(store: Store) -> None:
     epoch = await owned(store)
     j = await store.upsert_job(spec("a", schedule_type=ScheduleType.API, schedule_expr=""), None, NOW)
     row = await store.insert_instance("s1", "app", epoch, j.id, 5000, 1, "api", {"x": "y"}, NOW)
-    assert row is not None and (row.status, row.trigger, row.params, row.attempt) == (Status.WAITING, "api", {"x": "y"}, 1)
+    assert row is not None
+    assert (row.status, row.trigger, row.params, row.attempt) == (Status.WAITING, "api", {"x": "y"}, 1)
     assert await store.insert_instance("s1", "app", epoch, j.id, 5000, 1, "api", None, NOW + 1) is None
     retry = await store.insert_instance("s1", "app", epoch, j.id, 5000, 2, "retry", None, NOW + 2)
     assert retry is not None and retry.attempt == 2 and retry.id != row.id
@@ -360,7 +366,8 @@ async def test_update_instances_monotonic(store: Store) -> None:
     ])
     assert n == 3
     assert await store.update_instances([InstanceUpdate(r1.id, Status.RUNNING, started_at=NOW + 3)]) == 1
-    assert await store.update_instances([InstanceUpdate(r1.id, Status.SUCCEEDED, finished_at=NOW + 4, result={"ok": True})]) == 1
+    done = InstanceUpdate(r1.id, Status.SUCCEEDED, finished_at=NOW + 4, result={"ok": True})
+    assert await store.update_instances([done]) == 1
     # late and duplicated reports change nothing
     assert await store.update_instances([
         InstanceUpdate(r1.id, Status.RUNNING, worker="late"),
@@ -385,7 +392,8 @@ async def test_update_instances_monotonic(store: Store) -> None:
         InstanceUpdate(r4.id, Status.SUCCEEDED, result=1),
     ]) == 1
     got4 = await store.get_instance(r4.id)
-    assert (got4.status, got4.worker, got4.dispatched_at, got4.started_at, got4.finished_at, got4.error, got4.result) == (
+    assert (got4.status, got4.worker, got4.dispatched_at, got4.started_at, got4.finished_at, got4.error,
+            got4.result) == (
         Status.TIMED_OUT, "w4", NOW + 5, NOW + 6, NOW + 7, "timeout", None)
     assert await store.update_instances([]) == 0
     assert j.id == r1.job_id
@@ -420,7 +428,8 @@ async def test_update_instances_big_batch(store: Store) -> None:
     await store.upsert_job(spec("a"), 0, NOW)
     rows = await store.claim_due("s1", "app", epoch, 2499, every(1), NOW, limit=5000)
     assert len(rows) == 2500
-    n = await store.update_instances(InstanceUpdate(r.id, Status.SUCCEEDED, finished_at=NOW, result={"i": r.id}) for r in rows)
+    n = await store.update_instances(InstanceUpdate(r.id, Status.SUCCEEDED, finished_at=NOW, result={"i": r.id})
+                                     for r in rows)
     assert n == 2500
     assert await store.load_unfinished("app") == []
 
@@ -448,7 +457,8 @@ async def test_list_and_load_unfinished(store: Store) -> None:
 
 
 async def test_logs(store: Store) -> None:
-    await store.append_logs([LogLine(7, NOW + i, "INFO" if i % 2 else "ERROR", f"line {i} ünïcødé ✓") for i in range(1500)])
+    await store.append_logs([LogLine(7, NOW + i, "INFO" if i % 2 else "ERROR", f"line {i} ünïcødé ✓")
+                             for i in range(1500)])
     await store.append_logs([LogLine(8, NOW, "INFO", "other")])
     await store.append_logs([])
     lines = await store.get_logs(7, limit=2000)
@@ -724,7 +734,6 @@ async def test_a_lost_reply_is_recognised_as_our_own_write(store: Store, store_u
 # ---- a real MariaDB restart (mysql only) ------------------------------------------------------
 # These tests stop and start a private MariaDB of their own (tests/private_mariadb.py), never the
 # shared server of FASTJOB_TEST_MYSQL_DSN that concurrent test runs use.
-from private_mariadb import PrivateMariaDB
 
 OUTAGE_S = 1.0  # the server stays down this long: longer than the impatient store's retry budget
 

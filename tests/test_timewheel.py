@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tracemalloc
 from fractions import Fraction
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -241,7 +242,7 @@ def test_slots_are_handed_out_in_address_order_after_churn():
     hs = [w.schedule(rnd.uniform(20, 30), i) for i in range(5_000)]
     slots = [h & 0xFFFFFFFF for h in hs]
     assert len(set(hs)) == len(hs)
-    ascending = sum(b > a for a, b in zip(slots, slots[1:]))
+    ascending = sum(b > a for a, b in pairwise(slots))
     assert ascending >= len(slots) - 3, ascending  # one wrap-around at most
     assert len(w) == live + 5_000
     assert all(w.cancel(h) for h in hs[::2]) and not any(w.cancel(h) for h in hs[::2])

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import trustme
+from harness import FAST_CLUSTER_ARGS, next_event, wait_until
 
 from fastjob import Worker, WorkerError
 from fastjob.protocol import PROTOCOL_VERSION, Decoder, ProtocolError, encode, parse_address
-from harness import FAST_CLUSTER_ARGS, next_event, wait_until
 
 APP = "secure-app"
 REFUSED_WITHIN = 1.0  # a worker that cannot register must still not have registered by then

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import schedule
 from ..protocol import ErrorCode
@@ -70,7 +71,7 @@ def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
     return spec
 
 
-async def _job_or_404(server: "FastJobServer", app: str, name: Any) -> JobRow:
+async def _job_or_404(server: FastJobServer, app: str, name: Any) -> JobRow:
     if not isinstance(name, str):
         raise ApiError(ErrorCode.INVALID, "job name must be a string")
     job = await server.store.get_job_by_name(app, name)
@@ -86,7 +87,7 @@ def job_to_wire(job: JobRow) -> dict[str, Any]:
     return out
 
 
-async def job_upsert(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_upsert(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body.get("job"), dict):
         raise ApiError(ErrorCode.INVALID, "JOB_UPSERT needs a 'job' map")
     spec = spec_from_wire(app, body["job"])
@@ -94,14 +95,14 @@ async def job_upsert(server: "FastJobServer", app: str, body: dict[str, Any]) ->
     return {"job": job_to_wire(job)}
 
 
-async def job_delete(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_delete(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
     deleted = await server.store.delete_job(app, job.name, time.time())
     await server.reload_job(job.id)
     return {"deleted": deleted}
 
 
-async def job_enable(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_enable(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
     enabled = bool(body["enabled"])
     next_ms = schedule.first_fire_ms(job, schedule.now_ms()) if enabled else None
@@ -112,28 +113,28 @@ async def job_enable(server: "FastJobServer", app: str, body: dict[str, Any]) ->
     return {"ok": ok}
 
 
-async def job_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"job": job_to_wire(await _job_or_404(server, app, body["name"]))}
 
 
-async def job_list(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_list(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"jobs": [job_to_wire(job) for job in await server.store.list_jobs(app)]}
 
 
-async def trigger(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def trigger(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
     row = await server.scheduler.trigger(app, job, body.get("params"))
     return {"instance_id": row.id}
 
 
-async def instance_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def instance_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     row = await server.store.get_instance(body["instance_id"])
     if row is None or row.app != app:
         raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
     return {"instance": to_wire(row)}
 
 
-async def instance_list(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def instance_list(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job_id = None
     if body.get("job"):
         job_id = (await _job_or_404(server, app, body["job"])).id
@@ -148,7 +149,7 @@ async def instance_list(server: "FastJobServer", app: str, body: dict[str, Any])
     return {"instances": [to_wire(row) for row in rows]}
 
 
-async def log_get(server: "FastJobServer", app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def log_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
     row = await server.store.get_instance(body["instance_id"])
     if row is None or row.app != app:
         raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
@@ -174,7 +175,7 @@ API_HANDLERS: dict[str, Handler] = {
 API_TYPES = frozenset(API_HANDLERS)
 
 
-async def handle_api(server: "FastJobServer", app: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+async def handle_api(server: FastJobServer, app: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
     if app not in server.cluster.owned:
         raise NotOwnerError(app, -1)
     return await API_HANDLERS[kind](server, app, body)

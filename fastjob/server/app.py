@@ -7,7 +7,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from .. import schedule
 from ..protocol import ErrorCode
@@ -28,24 +28,24 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7700
     db: str = DEFAULT_URL
-    advertise: Optional[str] = None  # host:port workers are redirected to; default host:port bound
-    server_id: Optional[str] = None  # default: the advertised address, stable across restarts
+    advertise: str | None = None  # host:port workers are redirected to; default host:port bound
+    server_id: str | None = None  # default: the advertised address, stable across restarts
     log_level: str = "INFO"
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
     # a worker that hears no owning server this long stops its running instances (they run
     # again elsewhere, never at the same time); default: the heartbeat timeout
-    run_lease: Optional[float] = None
+    run_lease: float | None = None
     status_flush_interval: float = 0.02  # status changes gather this long into one batched write
     scan_horizon: float = 5.0
-    scan_interval: Optional[float] = None  # default: a fifth of the horizon
+    scan_interval: float | None = None  # default: a fifth of the horizon
     dispatch_wait: float = 30.0  # how long a due fire waits for a worker before it fails
     misfire_threshold: float = 5.0  # a fire later than this is a misfire
     second_level_threshold: float = 60.0
     handshake_timeout: float = 10.0
     max_frame: int = 1 << 20
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     app_tokens: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -61,9 +61,9 @@ class FastJobServer:
         self.store: Store = create_store(config.db)
         self.connections: set[WorkerSession] = set()
         self.sessions: dict[str, list[WorkerSession]] = {}  # app -> established sessions
-        self._listener: Optional[asyncio.base_events.Server] = None
+        self._listener: asyncio.base_events.Server | None = None
         self.tasks = BackgroundTasks(expected=(StoreError,))
-        self._sweeper: Optional[asyncio.Task[None]] = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.address = ""
         self.cluster: Cluster
         self.scheduler: Scheduler
@@ -122,7 +122,7 @@ class FastJobServer:
         await self.store.close()
         log.info("server %s stopped", self.cluster.server_id)
 
-    def _ssl_context(self) -> Optional[ssl.SSLContext]:
+    def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

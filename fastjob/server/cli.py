@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..store import DEFAULT_URL, create_store
 from .app import FastJobServer, ServerConfig
@@ -15,11 +16,12 @@ from .app import FastJobServer, ServerConfig
 log = logging.getLogger("fastjob.server")
 
 
-def _env(name: str, default: object) -> object:
+def _env(name: str, default: Any) -> Any:
+    """FASTJOB_<NAME> from the environment (a string), else ``default``."""
     return os.environ.get("FASTJOB_" + name.upper().replace("-", "_"), default)
 
 
-def _float_or_none(value: object) -> Optional[float]:
+def _float_or_none(value: object) -> float | None:
     return None if value is None else float(str(value))
 
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> ServerConfig:
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     args = build_parser().parse_args(argv)
     pairs = list(args.app_token)
     env_tokens = os.environ.get("FASTJOB_APP_TOKENS", "")
@@ -129,7 +131,7 @@ def drain_main(argv: Sequence[str]) -> None:
     print(f"server {args.server_id}: drain {'cleared' if args.undo else 'requested'}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["drain"]:
         drain_main(argv[1:])
@@ -140,11 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         import uvloop
     except ImportError:
-        uvloop = None
-    if uvloop is not None:
-        uvloop.run(serve(config))
-    else:
         asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
 
 from ..store import AppRow, ServerRow, Store, StoreError
 
@@ -46,9 +46,9 @@ RATE_SMOOTHING = 0.2
 class Origin:
     """How an app came to us: what its previous owner may have left unwritten."""
 
-    prev_owner: Optional[str]
+    prev_owner: str | None
     left_clean: bool  # released or handed over with everything written
-    prev_last_heartbeat: Optional[float]  # wall clock; None when unknown
+    prev_last_heartbeat: float | None  # wall clock; None when unknown
 
 
 AppGained = Callable[[str, int, Origin], Awaitable[None]]
@@ -63,7 +63,7 @@ class Route:
 
     own: bool
     address: str = ""  # the owner, when not us
-    retry_in: Optional[float] = None  # the owner looks dead: its lease runs out in this many seconds
+    retry_in: float | None = None  # the owner looks dead: its lease runs out in this many seconds
 
 
 class Cluster:
@@ -97,15 +97,15 @@ class Cluster:
         self._gained_at: dict[str, float] = {}  # app -> loop.time() we gained it
         self._last_heartbeat_ok = -1e18  # loop.time() of the last successful heartbeat
         self._lease_until = -1e18  # loop.time() at which the lease it earned goes stale
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._db_up_since: Optional[float] = None  # loop.time() since when every database call succeeded
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._db_up_since: float | None = None  # loop.time() since when every database call succeeded
         self._started_at = 0.0
         self._orphan_seen: dict[str, float] = {}  # app -> loop.time() we first saw it ownerless
-        self._previous_heartbeat: Optional[float] = None  # of our previous incarnation (a restart)
+        self._previous_heartbeat: float | None = None  # of our previous incarnation (a restart)
         self._ever_owned: set[str] = set()
-        self._fenced: dict[str, Optional[float]] = {}  # dead server -> the heartbeat we fenced it at
+        self._fenced: dict[str, float | None] = {}  # dead server -> the heartbeat we fenced it at
         self.draining = False  # handing every app over: claims nothing
-        self._task: Optional[asyncio.Task[None]] = None
+        self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()  # one ownership pass at a time (in-process only)
         self.synced = asyncio.Event()  # set after each successful sync; the lease waits on it
 
@@ -120,7 +120,7 @@ class Cluster:
         self._last_heartbeat_ok = sent_at
         self._lease_until = sent_at + self.timeout - min(self.interval, self.timeout / 4)
 
-    def owns(self, app: str, epoch: Optional[int] = None) -> bool:
+    def owns(self, app: str, epoch: int | None = None) -> bool:
         held = self.owned.get(app)
         return held is not None and (epoch is None or held == epoch)
 
@@ -282,6 +282,7 @@ class Cluster:
 
     def _origin(self, row: AppRow, servers: dict[str, ServerRow]) -> Origin:
         """What the app's row says about how its owner before us let go of it."""
+        prev: str | None
         if row.owner is not None and row.owner != self.server_id:  # a takeover from a dead owner
             prev, clean = row.owner, False
         elif row.owner == self.server_id and row.adopted:  # ours before: a restart, or dropped by us
@@ -294,7 +295,7 @@ class Cluster:
             last = servers[prev].heartbeat_at if prev in servers else None
         return Origin(prev, clean, last)
 
-    async def _claim(self, row: AppRow, servers: dict[str, ServerRow], for_server: Optional[str] = None) -> bool:
+    async def _claim(self, row: AppRow, servers: dict[str, ServerRow], for_server: str | None = None) -> bool:
         """CAS the app to ``for_server`` (default us); on our own win, load it."""
         owner = for_server or self.server_id
         if owner == self.server_id and row.name in self.owned:
@@ -322,7 +323,7 @@ class Cluster:
                 raise
         return True
 
-    async def _fence(self, dead: str, row: Optional[ServerRow]) -> None:
+    async def _fence(self, dead: str, row: ServerRow | None) -> None:
         """End a dead owner's database sessions before taking its apps: if it froze inside a
         transaction, its locks would hold our claim. Once per heartbeat we judged it by."""
         seen = row.heartbeat_at if row is not None else None
@@ -366,7 +367,7 @@ class Cluster:
                 await self._claim(row, servers, for_server=self._least_loaded(load, live))
         raise StoreError(f"app {app}: ownership did not settle after 5 attempts")
 
-    def _retry_in(self, owner: ServerRow, now: float) -> Optional[float]:
+    def _retry_in(self, owner: ServerRow, now: float) -> float | None:
         """Seconds until we would call a late owner dead (its lease has run out and we may judge),
         with a little jitter; None if it is not late."""
         age = now - owner.heartbeat_at
@@ -378,14 +379,14 @@ class Cluster:
         return max(0.0, self.timeout - age, until_judging) + random.uniform(0.05, 0.05 + self.interval / 2)
 
     # ---- handing apps over ----------------------------------------------------------------------
-    def _successor(self, live: Optional[dict[str, ServerRow]] = None) -> Optional[str]:
+    def _successor(self, live: dict[str, ServerRow] | None = None) -> str | None:
         """The live peer that should take an app we give away, or None (release it)."""
         peers = {sid: s for sid, s in (live or {}).items() if sid != self.server_id and not s.drain}
         if not peers:
             return None
         return min(peers, key=lambda sid: (peers[sid].load_score, sid))
 
-    async def hand_over(self, app: str, to: Optional[str], why: str) -> bool:
+    async def hand_over(self, app: str, to: str | None, why: str) -> bool:
         """Give the app to server ``to`` (None: release it) once everything about it is written.
 
         Our sessions of the app are then closed with ``not_owner``; the workers reconnect and

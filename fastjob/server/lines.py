@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import enum
 import heapq
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
 
 from ..store import InstanceRow, JobRow, Overlap
 
@@ -108,7 +108,7 @@ class JobLines:
         line.holders.add(new)
         return True
 
-    def release(self, job_id: int, key: Hashable) -> Optional[Turn]:
+    def release(self, job_id: int, key: Hashable) -> Turn | None:
         """``key`` no longer holds the job; the next fire in line, if the job is now free (it then holds it)."""
         line = self._lines.get(job_id)
         if line is None or key not in line.holders:
@@ -116,7 +116,7 @@ class JobLines:
         line.holders.discard(key)
         return self._next(job_id, line)
 
-    def _next(self, job_id: int, line: _Line) -> Optional[Turn]:
+    def _next(self, job_id: int, line: _Line) -> Turn | None:
         if line.holders:
             return None
         if not line.waiting:

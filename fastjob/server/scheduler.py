@@ -22,8 +22,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import schedule
 from ..protocol import ProtocolError
@@ -69,11 +70,11 @@ class Inflight:
 
     instance: InstanceRow
     job: JobRow
-    session: Optional["WorkerSession"]
-    worker_id: Optional[str]  # the worker it was sent to
+    session: WorkerSession | None
+    worker_id: str | None  # the worker it was sent to
     refused_by: set[str] = field(default_factory=set)
-    overdue_handle: Optional[int] = None
-    orphan_handle: Optional[int] = None  # armed while no session holds it (awaiting re-attach)
+    overdue_handle: int | None = None
+    orphan_handle: int | None = None  # armed while no session holds it (awaiting re-attach)
 
 
 @dataclass(slots=True)
@@ -101,7 +102,7 @@ class Recovery:
     reattached: set[str] = field(default_factory=set)
     suspects: dict[int, InstanceRow] = field(default_factory=dict)
     held_jobs: set[int] = field(default_factory=set)  # jobs held by RECOVERING
-    handle: Optional[int] = None
+    handle: int | None = None
 
 
 class Scheduler:
@@ -110,7 +111,7 @@ class Scheduler:
     def __init__(
         self,
         store: Store,
-        cluster: "Cluster",
+        cluster: Cluster,
         *,
         scan_horizon: float,
         scan_interval: float,
@@ -118,7 +119,7 @@ class Scheduler:
         misfire_threshold: float,
         heartbeat_timeout: float,
         run_lease: float,
-        workers_of: Callable[[str], list["WorkerSession"]],
+        workers_of: Callable[[str], list[WorkerSession]],
         is_second_level: Callable[[JobRow], bool],
         status_flush_interval: float = 0.02,
     ) -> None:
@@ -135,7 +136,7 @@ class Scheduler:
         self.workers_of = workers_of
         self.is_second_level = is_second_level
         self.writer = StatusWriter(store, flush_interval=status_flush_interval)
-        self.timer: Optional[WheelTimer] = None
+        self.timer: WheelTimer | None = None
         self.jobs: dict[int, JobRow] = {}
         self.lines = JobLines()
         self.inflight: dict[int, Inflight] = {}
@@ -151,7 +152,7 @@ class Scheduler:
         self._follow_ups: dict[str, set[asyncio.Task[None]]] = {}  # retries/re-runs being written, by app
         self._rr: dict[str, int] = {}
         self.tasks = BackgroundTasks(expected=(StoreError,))
-        self._scan_task: Optional[asyncio.Task[None]] = None
+        self._scan_task: asyncio.Task[None] | None = None
         self._scan_now = asyncio.Event()
         self._revalidating = False
 
@@ -176,7 +177,7 @@ class Scheduler:
         self._scan_now.set()
 
     # ---- ownership callbacks -------------------------------------------------------------
-    async def app_gained(self, app: str, epoch: int, origin: "Origin") -> None:
+    async def app_gained(self, app: str, epoch: int, origin: Origin) -> None:
         """Recover the app's WAL: waiting fires go into the wheel; fires the previous owner may
         have sent hold their jobs until their workers re-attach or surely stopped."""
         # our own statuses first: an app we owned before (and dropped) must not be recovered from
@@ -273,7 +274,7 @@ class Scheduler:
         self.wake_scan()
 
     # ---- jobs cache ------------------------------------------------------------------------
-    async def job(self, job_id: int) -> Optional[JobRow]:
+    async def job(self, job_id: int) -> JobRow | None:
         cached = self.jobs.get(job_id)
         if cached is None:
             cached = await self.store.get_job(job_id)
@@ -340,7 +341,7 @@ class Scheduler:
         """A wall-clock instant on the timer's monotonic clock."""
         return WheelTimer.time() + (epoch_ms / 1000.0 - time.time())
 
-    def _enter_wheel(self, row: InstanceRow, epoch: int, at: Optional[float] = None) -> None:
+    def _enter_wheel(self, row: InstanceRow, epoch: int, at: float | None = None) -> None:
         """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
         assert self.timer is not None
         previous = self.wheel_handles.pop(row.id, None)
@@ -415,7 +416,7 @@ class Scheduler:
         else:
             self._dispatch(row, job, set())
 
-    def _start_turns(self, turn: Optional[Turn]) -> None:
+    def _start_turns(self, turn: Turn | None) -> None:
         """Start the next fire of a line that became free (it already holds its job)."""
         if turn is not None:
             # call_soon: a chain of fires that end at once (cancelled, skipped) never recurses
@@ -429,7 +430,7 @@ class Scheduler:
         else:
             self._send_dispatch(session, row, job, refused_by)
 
-    def _send_dispatch(self, session: "WorkerSession", row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+    def _send_dispatch(self, session: WorkerSession, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
         try:
             self._send_dispatch_frame(session, row, job)
         except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
@@ -446,7 +447,7 @@ class Scheduler:
             row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
 
     @staticmethod
-    def _send_dispatch_frame(session: "WorkerSession", row: InstanceRow, job: JobRow) -> None:
+    def _send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow) -> None:
         session.send("DISPATCH", {
             "instance_id": row.id,
             "job_id": job.id,
@@ -458,7 +459,7 @@ class Scheduler:
             "timeout": job.timeout,
         })
 
-    def _route(self, app: str, job: JobRow, refused_by: set[str]) -> Optional["WorkerSession"]:
+    def _route(self, app: str, job: JobRow, refused_by: set[str]) -> WorkerSession | None:
         tags = job.tags
         candidates = [
             s for s in self.workers_of(app)
@@ -499,14 +500,14 @@ class Scheduler:
                          error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
 
     # ---- worker reports --------------------------------------------------------------------
-    def _flight_of(self, session: "WorkerSession", instance_id: int) -> Optional[Inflight]:
+    def _flight_of(self, session: WorkerSession, instance_id: int) -> Inflight | None:
         """The instance in flight on this very session; reports about any other are ignored."""
         flight = self.inflight.get(instance_id)
         if flight is None or flight.session is not session or flight.instance.app != session.app:
             return None
         return flight
 
-    def on_ack(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+    def on_ack(self, session: WorkerSession, body: dict[str, Any]) -> None:
         flight = self._flight_of(session, body["instance_id"])
         if flight is None or body["accepted"]:
             return
@@ -521,14 +522,14 @@ class Scheduler:
         else:
             self._send_dispatch(routed, flight.instance, flight.job, refused)
 
-    def on_start(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+    def on_start(self, session: WorkerSession, body: dict[str, Any]) -> None:
         flight = self._flight_of(session, body["instance_id"])
         if flight is None:
             return
         self.writer.update(InstanceUpdate(
             flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
 
-    def on_logs(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+    def on_logs(self, session: WorkerSession, body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
         if self._flight_of(session, instance_id) is None:
             return  # logs come before their RESULT; lines for instances not on this session are dropped
@@ -545,7 +546,7 @@ class Scheduler:
             return Status.INTERRUPTED
         return status if status in WORKER_STATUSES else Status.FAILED
 
-    def on_result(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+    def on_result(self, session: WorkerSession, body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
         status = self._reported_status(body)
         error = body.get("error")
@@ -562,8 +563,8 @@ class Scheduler:
                      finished_at=body["finished_at"], job=flight.job)
         self.drain_pending(flight.instance.app)
 
-    async def _record_untracked(self, session: "WorkerSession", instance_id: int, status: Status,
-                                body: dict[str, Any], error: Optional[str]) -> None:
+    async def _record_untracked(self, session: WorkerSession, instance_id: int, status: Status,
+                                body: dict[str, Any], error: str | None) -> None:
         row = await self.store.get_instance(instance_id)
         if row is None or row.app != session.app:
             log.warning("worker %s of app %s reported instance %d of another app; ignored",
@@ -574,7 +575,7 @@ class Scheduler:
             finished_at=body["finished_at"], result=body.get("result"), error=error))
 
     # ---- workers coming and going ------------------------------------------------------------
-    def worker_joined(self, session: "WorkerSession", running: Sequence[int], finished: Sequence[int] = ()) -> None:
+    def worker_joined(self, session: WorkerSession, running: Sequence[int], finished: Sequence[int] = ()) -> None:
         """Re-attach the instances a (re)connecting worker says it still runs or just finished;
         re-run those it was sent and does not have."""
         app = session.app
@@ -595,7 +596,7 @@ class Scheduler:
             self._maybe_end_recovery(app)
         self.drain_pending(app)
 
-    def _reattach(self, session: "WorkerSession", flight: Inflight, finished_here: bool) -> None:
+    def _reattach(self, session: WorkerSession, flight: Inflight, finished_here: bool) -> None:
         flight.session = session
         flight.worker_id = session.worker_id
         session.running.add(flight.instance.id)
@@ -606,7 +607,7 @@ class Scheduler:
             self._send_dispatch_frame(session, flight.instance, flight.job)
         log.info("instance %d: re-attached to worker %s", flight.instance.id, session.worker_id)
 
-    def _claim_suspect(self, session: "WorkerSession", rec: Recovery, instance_id: int) -> None:
+    def _claim_suspect(self, session: WorkerSession, rec: Recovery, instance_id: int) -> None:
         """A worker names a fire the previous owner may have sent it: it is that worker's. It
         keeps its one running copy (ACK) or replays its stored RESULT: the instance runs once."""
         row = rec.suspects[instance_id]
@@ -638,7 +639,7 @@ class Scheduler:
         for job_id in rec.held_jobs:
             self._start_turns(self.lines.release(job_id, RECOVERING))
 
-    def worker_left(self, session: "WorkerSession") -> None:
+    def worker_left(self, session: WorkerSession) -> None:
         """Its running instances wait for the worker to come back until its run lease has surely
         run out (no run of its can go on after that), then run again elsewhere."""
         loop = asyncio.get_running_loop()
@@ -665,7 +666,7 @@ class Scheduler:
         self._forget_flight(flight)
         self._finish(flight.instance, Status.INTERRUPTED, job=flight.job, error=why)
 
-    def worker_draining(self, session: "WorkerSession") -> None:
+    def worker_draining(self, session: WorkerSession) -> None:
         """A stopping worker takes nothing new: the fires waiting for a worker go elsewhere."""
         self.drain_pending(session.app)
 
@@ -695,11 +696,11 @@ class Scheduler:
         status: Status,
         *,
         result: Any = None,
-        error: Optional[str] = None,
-        worker: Optional[str] = None,
-        started_at: Optional[float] = None,
-        finished_at: Optional[float] = None,
-        job: Optional[JobRow] = None,
+        error: str | None = None,
+        worker: str | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        job: JobRow | None = None,
     ) -> None:
         """Record a final status, then start what follows it: a retry, a re-run, or the next in line."""
         finished_at = finished_at or time.time()
@@ -727,7 +728,7 @@ class Scheduler:
             self.tasks.spawn(self._continue_chain(row, job, finished_at), f"fastjob-chain-{row.id}")
 
     @staticmethod
-    def _follow_up(row: InstanceRow, status: Status, job: Optional[JobRow]) -> Optional[str]:
+    def _follow_up(row: InstanceRow, status: Status, job: JobRow | None) -> str | None:
         """"retry" (a failure with retries left), "rerun" (an interruption), or None."""
         if job is None:
             return None
@@ -751,7 +752,7 @@ class Scheduler:
     async def _write_follow_up(self, row: InstanceRow, job: JobRow, follow: str, key: Any) -> None:
         """Write the WAL row of a retry or re-run (kept trying while we own the app), then wheel it."""
         rerun = follow == "rerun"
-        again: Optional[InstanceRow] = None
+        again: InstanceRow | None = None
         delay = 0.05
         try:
             while True:

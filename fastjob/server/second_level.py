@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .. import schedule
 from ..store import JobRow, Overlap, StoreError
@@ -32,7 +32,7 @@ log = logging.getLogger("fastjob.second_level")
 class SecondLevel:
     """Which worker runs each second-level job of the apps this server owns."""
 
-    def __init__(self, server: "FastJobServer") -> None:
+    def __init__(self, server: FastJobServer) -> None:
         self.server = server
         timeout = server.config.heartbeat_timeout
         self.lease = 0.75 * timeout  # a worker stops its jobs after this much server silence
@@ -40,11 +40,11 @@ class SecondLevel:
         # the latest report of each job is written this often (a row per job): 10 s by default
         self.stats_interval = 5 * server.config.heartbeat_interval
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
-        self.runner: dict[int, "WorkerSession"] = {}  # job id -> the session running it
+        self.runner: dict[int, WorkerSession] = {}  # job id -> the session running it
         self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
         self._retry_armed: set[str] = set()  # apps with an assignment pass armed for the quiet period's end
         self._stats: dict[int, dict[str, Any]] = {}  # latest report per job, written in batches
-        self._stats_task: Optional[asyncio.Task[None]] = None
+        self._stats_task: asyncio.Task[None] | None = None
 
     # ---- who runs what ----------------------------------------------------------------------
     def _wire(self, job: JobRow) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class SecondLevel:
             "version": job.version,
         }
 
-    def _hand_to(self, session: "WorkerSession", job: JobRow) -> None:
+    def _hand_to(self, session: WorkerSession, job: JobRow) -> None:
         self.runner[job.id] = session
         session.second_level.add(job.id)
         session.send("SL_ASSIGN", {"job": self._wire(job), "lease": self.lease})
@@ -67,7 +67,7 @@ class SecondLevel:
             session.second_level.discard(job_id)
             session.send("SL_REVOKE", {"job_id": job_id, "reason": reason})
 
-    def _pick(self, job: JobRow) -> Optional["WorkerSession"]:
+    def _pick(self, job: JobRow) -> WorkerSession | None:
         candidates = [s for s in self.server.workers_of(job.app) if s.accepts_jobs and s.has_tags(job.tags)]
         if not candidates:
             return None
@@ -116,7 +116,7 @@ class SecondLevel:
                 session.second_level.discard(job_id)
         self._quiet_until.pop(app, None)
 
-    def worker_joined(self, session: "WorkerSession", reported: list[int]) -> None:
+    def worker_joined(self, session: WorkerSession, reported: list[int]) -> None:
         """A worker that says it still runs a job keeps it (no gap); it loses those now run elsewhere."""
         for job_id in reported:
             job = self.jobs.get(job_id)
@@ -129,7 +129,7 @@ class SecondLevel:
                 session.send("SL_REVOKE", {"job_id": job_id, "reason": "assigned elsewhere"})
         self.assign_unassigned(session.app)
 
-    def worker_left(self, session: "WorkerSession") -> None:
+    def worker_left(self, session: WorkerSession) -> None:
         """Reassign its jobs once its lease has surely expired, so no two workers overlap."""
         orphaned = [job_id for job_id, s in self.runner.items() if s is session]
         if not orphaned:
@@ -140,11 +140,11 @@ class SecondLevel:
                  session.worker_id, len(orphaned), max(0.0, safe_at - loop.time()))
         loop.call_at(safe_at, self._reassign, session, orphaned)
 
-    def worker_draining(self, session: "WorkerSession") -> None:
+    def worker_draining(self, session: WorkerSession) -> None:
         """A stopping worker stopped its second-level jobs before saying so: reassign them now."""
         self._reassign(session, [job_id for job_id, s in self.runner.items() if s is session])
 
-    def _reassign(self, gone: "WorkerSession", job_ids: list[int]) -> None:
+    def _reassign(self, gone: WorkerSession, job_ids: list[int]) -> None:
         for job_id in job_ids:
             if self.runner.get(job_id) is gone:
                 del self.runner[job_id]
@@ -169,7 +169,7 @@ class SecondLevel:
     def _wanted(self, job: JobRow) -> bool:
         return job.enabled and not job.is_delete and self.server.is_second_level(job)
 
-    def on_report(self, session: "WorkerSession", body: dict[str, Any]) -> None:
+    def on_report(self, session: WorkerSession, body: dict[str, Any]) -> None:
         """Keep the latest report of each job; they are written in batches, not one row per report."""
         for report in body["reports"]:
             job_id = report.get("job_id")

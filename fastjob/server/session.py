@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import (
     MIN_PROTOCOL_VERSION,
@@ -22,7 +22,7 @@ from ..protocol import (
 )
 from ..schedule import ScheduleError
 from ..store import NotOwnerError, StoreError
-from .api import ApiError, handle_api, API_TYPES
+from .api import API_TYPES, ApiError, handle_api
 
 if TYPE_CHECKING:
     from .app import FastJobServer
@@ -38,7 +38,7 @@ MAX_API_INFLIGHT = 1024
 class WorkerSession(Connection):
     """Server side of one connection."""
 
-    def __init__(self, server: "FastJobServer") -> None:
+    def __init__(self, server: FastJobServer) -> None:
         super().__init__(max_frame=server.config.max_frame)
         self.server = server
         self.app: str = ""
@@ -54,8 +54,8 @@ class WorkerSession(Connection):
         self.hello_finished: list[int] = []
         self.second_level: set[int] = set()  # second-level job ids handed down to it
         self.established = False
-        self._hello_task: Optional[asyncio.Task[None]] = None
-        self._handshake_timer: Optional[asyncio.TimerHandle] = None
+        self._hello_task: asyncio.Task[None] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ---- capabilities used by routing ---------------------------------------------------
     @property
@@ -88,7 +88,7 @@ class WorkerSession(Connection):
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
 
-    def on_close(self, exc: Optional[Exception]) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.server.connections.discard(self)
@@ -178,7 +178,7 @@ class WorkerSession(Connection):
         if not route.own:
             log.info("worker %s of app %s redirected to %s%s", body["worker_id"], app, route.address,
                      "" if route.retry_in is None else f" (late; lease out in {route.retry_in:.2f}s)")
-            reply = {"address": route.address}
+            reply: dict[str, Any] = {"address": route.address}
             if route.retry_in is not None:
                 reply["retry_in"] = route.retry_in
             self.respond(msg, reply, type="REDIRECT")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
 
 from ..store import InstanceUpdate, LogLine, Store, StoreError
 
@@ -29,7 +28,7 @@ class StatusWriter:
         self._logs: list[LogLine] = []
         self._finished: dict[int, float] = {}  # job id -> latest finish, for last_finished_time
         self._wake = asyncio.Event()
-        self._task: Optional[asyncio.Task[None]] = None
+        self._task: asyncio.Task[None] | None = None
 
     def update(self, change: InstanceUpdate) -> None:
         self._updates.append(change)

@@ -36,7 +36,10 @@ def create_store(url: str = DEFAULT_URL) -> Store:
 
         return SQLiteStore.from_url(url)
     if url.startswith(("mysql://", "mariadb://")):
-        from .mysql import MySQLStore
+        try:
+            from .mysql import MySQLStore
+        except ImportError as exc:  # the driver is an extra: a worker-only install has none
+            raise ValueError(f"the MySQL store needs its driver: pip install 'fastjob[mysql]' ({exc})") from None
 
         return MySQLStore.from_url(url)
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path or mysql://user:pass@host:port/db")

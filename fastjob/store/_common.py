@@ -22,18 +22,19 @@ import logging
 import operator
 import random
 import time
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator, Iterable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from .base import (
     FINAL_STATUSES,
     UNFINISHED_STATUSES,
     AppRow,
+    FirePlanner,
     InstanceRow,
     InstanceUpdate,
     JobRow,
     JobSpec,
-    FirePlanner,
     LogLine,
     NotOwnerError,
     Overlap,
@@ -75,9 +76,9 @@ class Stmt:
 class Result:
     """What the driver answered: all rows (if any), affected/matched rows, last insert id."""
 
-    rows: list[tuple]
+    rows: list[tuple[Any, ...]]
     rowcount: int
-    lastrowid: Optional[int]
+    lastrowid: int | None
 
 
 Op = Generator[Stmt, Result, T]
@@ -89,19 +90,19 @@ class RetryTx(Exception):
 
 
 # ---- JSON / row codecs -----------------------------------------------------------------
-def dumps(value: Any) -> Optional[str]:
+def dumps(value: Any) -> str | None:
     """JSON text for a params/result/tags/stats column; None stays NULL."""
     if value is None:
         return None
     return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
 
 
-def _json_ints(rows: Sequence[Sequence[Optional[int]]]) -> str:
+def _json_ints(rows: Sequence[Sequence[int | None]]) -> str:
     """A JSON array of arrays of integers (or null), for Dialect.json_rel."""
     return json.dumps(rows, separators=(",", ":"))
 
 
-def loads(text: Optional[str]) -> Any:
+def loads(text: str | None) -> Any:
     if text is None:
         return None
     return json.loads(text)
@@ -180,7 +181,7 @@ def row_to_instance(r: Sequence[Any]) -> InstanceRow:
     )
 
 
-def _spec_values(spec: JobSpec) -> tuple:
+def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
     """The stored form of a spec's columns, in _SPEC_COLS order (comparable with a row)."""
     st = ScheduleType(spec.schedule_type)
     interval = spec.schedule_expr if st in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY) else None
@@ -250,9 +251,9 @@ class Dialect:
         #: DDL can run inside a transaction (SQLite) rather than committing implicitly (MySQL).
         self.transactional_ddl = transactional_ddl
 
-    @functools.lru_cache(maxsize=256)
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects are module constants, never freed
     def insert(self, table: str, cols: tuple[str, ...], nrows: int, *, ignore: bool = False,
-               returning: Optional[str] = None) -> str:
+               returning: str | None = None) -> str:
         """A multi-row INSERT; ``ignore`` skips rows that hit a UNIQUE key."""
         one = "(" + ",".join("?" * len(cols)) + ")"
         values = ",".join([one] * nrows)
@@ -265,9 +266,9 @@ class Dialect:
             sql += f" RETURNING {returning}"
         return sql
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
     def insert_shared(self, table: str, cols: tuple[str, ...], shared: tuple[str, ...], nrows: int, *,
-                      returning: Optional[str] = None) -> str:
+                      returning: str | None = None) -> str:
         """A multi-row INSERT that skips rows hitting a UNIQUE key, of rows that differ only in
         ``cols`` and share the values of ``shared``; params from :meth:`shared_params`.
 
@@ -290,7 +291,7 @@ class Dialect:
             return [v for row in rows for v in (*row, *shared)]
         return [*shared, *flat(rows)]
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
     def upsert(self, table: str, cols: tuple[str, ...], key: str, update: tuple[str, ...]) -> str:
         """INSERT one row, or update ``update`` columns of the row with the same ``key``."""
         base = self.insert(table, cols, 1)
@@ -298,7 +299,7 @@ class Dialect:
             return base + " ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in update)
         return base + f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in update)
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
     def update_join(self, table: str, cols: tuple[str, ...], nrows: int,
                     sets: tuple[tuple[str, str], ...], where: str) -> str:
         """UPDATE ``table`` from an inline relation ``u(cols)`` of ``nrows`` parameter rows,
@@ -336,7 +337,7 @@ class Dialect:
             defs.insert(0, "n FOR ORDINALITY")
         return f"JSON_TABLE(?, '$[*]' COLUMNS ({', '.join(defs)})) AS u"
 
-    @functools.lru_cache(maxsize=16)
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - dialects are module constants, never freed
     def insert_shared_json(self, table: str, cols: tuple[str, ...], shared: tuple[str, ...]) -> str:
         """:meth:`insert_shared` from a JSON_TABLE; params ``[*shared, json_rows]``. ORDER BY
         the array position: the rows must take their consecutive ids in that order (the
@@ -345,7 +346,7 @@ class Dialect:
         return (f"INSERT IGNORE INTO {table} ({', '.join(cols + shared)}) SELECT {picks}"
                 f" FROM {self.json_rel(cols, ordinal=True)} ORDER BY u.n")
 
-    @functools.lru_cache(maxsize=16)
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - dialects are module constants, never freed
     def update_join_json(self, table: str, cols: tuple[str, ...], sets: tuple[tuple[str, str], ...],
                          where: str) -> str:
         """:meth:`update_join` from a JSON_TABLE of integer columns; params ``[json_rows]``."""
@@ -487,7 +488,7 @@ class SQLStore(Store):
         r = yield Stmt(sql, params)
         return r.rowcount
 
-    def _op_query(self, sql: str, params: Sequence[Any] = ()) -> Op[list[tuple]]:
+    def _op_query(self, sql: str, params: Sequence[Any] = ()) -> Op[list[tuple[Any, ...]]]:
         r = yield Stmt(sql, params)
         return r.rows
 
@@ -507,16 +508,17 @@ class SQLStore(Store):
         r = yield Stmt(self._APP_SELECT + " WHERE name = ?", (app,))
         return self._app(r.rows[0])
 
-    async def get_app(self, app: str) -> Optional[AppRow]:
-        rows = await self._run("get_app", lambda: self._op_query(self._APP_SELECT + " WHERE name = ?", (app,)), tx=False)
+    async def get_app(self, app: str) -> AppRow | None:
+        rows = await self._run("get_app", lambda: self._op_query(self._APP_SELECT + " WHERE name = ?", (app,)),
+                               tx=False)
         return self._app(rows[0]) if rows else None
 
     async def list_apps(self) -> list[AppRow]:
         rows = await self._run("list_apps", lambda: self._op_query(self._APP_SELECT + " ORDER BY name"), tx=False)
         return [self._app(r) for r in rows]
 
-    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: Optional[str] = None,
-                        left_clean: bool = False, adopted: bool = True) -> Optional[int]:
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: str | None = None,
+                        left_clean: bool = False, adopted: bool = True) -> int | None:
         # A lost reply is retried; the retry then fails the CAS although we won. Recognise our
         # own win: if the row already says (us, seen_epoch + 1) after a failed CAS on a retry.
         state = _Attempts()
@@ -537,10 +539,10 @@ class SQLStore(Store):
             return bool(r.rows) and r.rows[0][0] == server_id and int(r.rows[0][1]) == seen_epoch + 1
         return False
 
-    async def release_apps(self, server_id: str, apps: Optional[Sequence[str]] = None) -> list[str]:
+    async def release_apps(self, server_id: str, apps: Sequence[str] | None = None) -> list[str]:
         return await self._run("release_apps", lambda: self._op_release_apps(server_id, apps), tx=True)
 
-    def _op_release_apps(self, server_id: str, apps: Optional[Sequence[str]]) -> Op[list[str]]:
+    def _op_release_apps(self, server_id: str, apps: Sequence[str] | None) -> Op[list[str]]:
         r = yield Stmt("SELECT name, epoch FROM apps WHERE owner = ? ORDER BY name", (server_id,))
         released = []
         now = time.time()
@@ -563,9 +565,10 @@ class SQLStore(Store):
 
     async def unregister_worker(self, app: str, worker_id: str, server_id: str) -> None:
         await self._run("unregister_worker", lambda: self._op_exec(
-            "DELETE FROM workers WHERE app = ? AND worker_id = ? AND server = ?", (app, worker_id, server_id)), tx=False)
+            "DELETE FROM workers WHERE app = ? AND worker_id = ? AND server = ?", (app, worker_id, server_id)),
+            tx=False)
 
-    async def list_workers(self, app: str, server_id: Optional[str] = None) -> list[WorkerRow]:
+    async def list_workers(self, app: str, server_id: str | None = None) -> list[WorkerRow]:
         sql = "SELECT app, worker_id, server, connected_at, info FROM workers WHERE app = ?"
         params: tuple[Any, ...] = (app,)
         if server_id is not None:
@@ -573,10 +576,10 @@ class SQLStore(Store):
         rows = await self._run("list_workers", lambda: self._op_query(sql + " ORDER BY worker_id", params), tx=False)
         return [WorkerRow(r[0], r[1], r[2], float(r[3]), loads(r[4])) for r in rows]
 
-    async def set_app_token(self, app: str, token_hash: Optional[str]) -> None:
+    async def set_app_token(self, app: str, token_hash: str | None) -> None:
         await self._run("set_app_token", lambda: self._op_set_app_token(app, token_hash), tx=True)
 
-    def _op_set_app_token(self, app: str, token_hash: Optional[str]) -> Op[None]:
+    def _op_set_app_token(self, app: str, token_hash: str | None) -> Op[None]:
         yield Stmt(self.dialect.insert("apps", ("name", "epoch", "updated_at"), 1, ignore=True), (app, 0, time.time()))
         yield Stmt("UPDATE apps SET token_hash = ? WHERE name = ?", (token_hash, app))
 
@@ -590,11 +593,12 @@ class SQLStore(Store):
             raise NotOwnerError(app, epoch)
 
     # ---- jobs --------------------------------------------------------------------------------
-    async def upsert_job(self, spec: JobSpec, next_trigger_ms: Optional[int], now: float) -> JobRow:
+    async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
         values = _spec_values(spec)
         return await self._run("upsert_job", lambda: self._op_upsert_job(spec, values, next_trigger_ms, now), tx=True)
 
-    def _op_upsert_job(self, spec: JobSpec, values: tuple, next_trigger_ms: Optional[int], now: float) -> Op[JobRow]:
+    def _op_upsert_job(self, spec: JobSpec, values: tuple[Any, ...], next_trigger_ms: int | None,
+                       now: float) -> Op[JobRow]:
         cols = ", ".join(_SPEC_COLS)
         r = yield Stmt(f"SELECT id, version, is_delete, {cols} FROM jobs WHERE app = ? AND name = ?",
                        (spec.app, spec.name))
@@ -611,7 +615,7 @@ class SQLStore(Store):
             # handler..timezone are columns 0..3 of _SPEC_COLS; enabled is 12
             schedule_changed = old[1:4] != values[1:4]
             re_enabled = values[12] and not old[12]
-            changed = is_delete or any(_differs(a, b) for a, b in zip(old, values))
+            changed = is_delete or any(_differs(a, b) for a, b in zip(old, values, strict=True))
             if changed:
                 sets = ", ".join(f"{c} = ?" for c in _SPEC_COLS)
                 new_next = is_delete or schedule_changed or re_enabled
@@ -624,11 +628,12 @@ class SQLStore(Store):
         r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name = ?", (spec.app, spec.name))
         return row_to_job(r.rows[0])
 
-    async def get_job(self, job_id: int) -> Optional[JobRow]:
-        rows = await self._run("get_job", lambda: self._op_query(f"SELECT {JOB_COLS} FROM jobs WHERE id = ?", (job_id,)), tx=False)
+    async def get_job(self, job_id: int) -> JobRow | None:
+        rows = await self._run("get_job", lambda: self._op_query(
+            f"SELECT {JOB_COLS} FROM jobs WHERE id = ?", (job_id,)), tx=False)
         return row_to_job(rows[0]) if rows else None
 
-    async def get_job_by_name(self, app: str, name: str) -> Optional[JobRow]:
+    async def get_job_by_name(self, app: str, name: str) -> JobRow | None:
         rows = await self._run("get_job_by_name", lambda: self._op_query(
             f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name = ? AND is_delete = 0", (app, name)), tx=False)
         return row_to_job(rows[0]) if rows else None
@@ -644,7 +649,7 @@ class SQLStore(Store):
             " version = version + 1 WHERE app = ? AND name = ? AND is_delete = 0", (now, app, name)), tx=False)
         return n > 0
 
-    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: Optional[int],
+    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
                               now: float) -> bool:
         n = await self._run("set_job_enabled", lambda: self._op_exec(
             "UPDATE jobs SET enabled = ?, next_trigger_ms = ?, updated_time = ?, version = version + 1"
@@ -652,12 +657,12 @@ class SQLStore(Store):
         return n > 0
 
     async def set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
-                               next_trigger_ms: Optional[int]) -> None:
+                               next_trigger_ms: int | None) -> None:
         await self._run("set_next_trigger", lambda: self._op_set_next_trigger(
             server_id, app, epoch, job_id, next_trigger_ms), tx=True)
 
     def _op_set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
-                             next_trigger_ms: Optional[int]) -> Op[None]:
+                             next_trigger_ms: int | None) -> Op[None]:
         yield from self._fence(server_id, app, epoch)
         yield Stmt("UPDATE jobs SET next_trigger_ms = ? WHERE id = ? AND app = ?", (next_trigger_ms, job_id, app))
 
@@ -694,7 +699,7 @@ class SQLStore(Store):
     #: its fires and next trigger times as one JSON parameter per statement (Dialect.json_rel).
     json_table = False
 
-    def _op_due_jobs(self, app: str, horizon_ms: int, limit: int, excl: tuple[str, ...]) -> Op[list]:
+    def _op_due_jobs(self, app: str, horizon_ms: int, limit: int, excl: tuple[str, ...]) -> Op[list[Any]]:
         """The CLAIM_COLS rows of the app's due jobs, by (next_trigger_ms, id), at most ``limit``."""
         sql = (f"SELECT {CLAIM_COLS} FROM jobs WHERE app = ? AND enabled = 1 AND is_delete = 0"
                " AND next_trigger_ms IS NOT NULL AND next_trigger_ms <= ?")
@@ -738,7 +743,7 @@ class SQLStore(Store):
         fires: list[tuple[int, int]] = []  # (job_id, planned_ms)
         catch_ups: list[tuple[int, int]] = []
         skips: list[tuple[int, int, str]] = []  # (job_id, planned_ms, reason)
-        advances: list[tuple[int, int, Optional[int]]] = []
+        advances: list[tuple[int, int, int | None]] = []
         budget = limit
         for jr in due:
             if budget <= 0:
@@ -763,9 +768,9 @@ class SQLStore(Store):
             yield from self._op_insert_fires(app, server_id, epoch, now, catch_ups, "catch_up", out)
         if skips:
             shared = (app, FIRST_ATTEMPT, Status.SKIPPED.value, "schedule", server_id, epoch, now, now)
-            for part in chunks(skips):
-                yield Stmt(self.dialect.insert("instances", _SKIPPED_COLS, len(part), ignore=True),
-                           [v for row in part for v in (*row, *shared)])
+            for skipped in chunks(skips):
+                yield Stmt(self.dialect.insert("instances", _SKIPPED_COLS, len(skipped), ignore=True),
+                           [v for row in skipped for v in (*row, *shared)])
 
         # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
         # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
@@ -804,7 +809,7 @@ class SQLStore(Store):
                 # MySQL reports the first id a multi-row INSERT took; SQLite the last one, and
                 # a skipped row may use up an id, so only a lower bound is known there.
                 if d.name == "mysql":
-                    first = w.lastrowid
+                    first = w.lastrowid or 0  # set by every INSERT that wrote a row
                 else:
                     first = max((w.lastrowid or 0) - len(part) + 1, max((x.id for x in out), default=0) + 1)
                 if w.rowcount <= 0:
@@ -822,7 +827,7 @@ class SQLStore(Store):
 
     async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
                               attempt: int, trigger: str, params: Any, now: float,
-                              reruns: int = 0) -> Optional[InstanceRow]:
+                              reruns: int = 0) -> InstanceRow | None:
         state = _Attempts()
         values = (job_id, app, planned_ms, attempt, Status.WAITING.value, trigger, dumps(params), server_id, epoch, now,
                   reruns)
@@ -831,12 +836,13 @@ class SQLStore(Store):
         return None if row is None else row_to_instance(row)
 
     def _op_insert_instance(self, state: _Attempts, server_id: str, app: str, epoch: int,
-                            values: tuple) -> Op[Optional[tuple]]:
+                            values: tuple[Any, ...]) -> Op[tuple[Any, ...] | None]:
         yield from self._fence(server_id, app, epoch)
         retry = state.tried_insert
         state.tried_insert = True
         if self.dialect.returning:
-            w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True, returning=INST_COLS), values)
+            w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True, returning=INST_COLS),
+                           values)
             if w.rows:
                 return w.rows[0]
         else:
@@ -880,7 +886,7 @@ class SQLStore(Store):
                        flat(part))
 
     @staticmethod
-    def _update_rows(updates: Iterable[InstanceUpdate]) -> list[tuple]:
+    def _update_rows(updates: Iterable[InstanceUpdate]) -> list[tuple[Any, ...]]:
         """The parameter rows of ``_op_update_instances``, one per instance (updates merged)."""
         return [(u.id, u.status.value, _rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
                  dumps(u.result), u.error) for u in merge_updates(updates)]
@@ -892,7 +898,7 @@ class SQLStore(Store):
     # Monotonic: only unfinished rows change, and only forward (a final status from anywhere).
     _UPD_WHERE = f"instances.status IN {_SQL_UNFINISHED} AND u.rnk > {_SQL_RANK}"
 
-    def _op_update_instances(self, rows: list[tuple]) -> Op[int]:
+    def _op_update_instances(self, rows: list[tuple[Any, ...]]) -> Op[int]:
         changed = 0
         for part in chunks(rows):
             w = yield Stmt(self.dialect.update_join("instances", self._UPD_COLS, len(part), self._UPD_SETS,
@@ -900,13 +906,13 @@ class SQLStore(Store):
             changed += max(w.rowcount, 0)
         return changed
 
-    async def get_instance(self, instance_id: int) -> Optional[InstanceRow]:
+    async def get_instance(self, instance_id: int) -> InstanceRow | None:
         rows = await self._run("get_instance", lambda: self._op_query(
             f"SELECT {INST_COLS} FROM instances WHERE id = ?", (instance_id,)), tx=False)
         return row_to_instance(rows[0]) if rows else None
 
-    async def list_instances(self, app: str, job_id: Optional[int] = None,
-                             statuses: Optional[Sequence[Status]] = None, limit: int = 100) -> list[InstanceRow]:
+    async def list_instances(self, app: str, job_id: int | None = None,
+                             statuses: Sequence[Status] | None = None, limit: int = 100) -> list[InstanceRow]:
         sql = f"SELECT {INST_COLS} FROM instances WHERE app = ?"
         params: list[Any] = [app]
         if job_id is not None:
@@ -934,9 +940,10 @@ class SQLStore(Store):
         if rows:
             await self._run("append_logs", lambda: self._op_append_logs(rows), tx=True)
 
-    def _op_append_logs(self, rows: list[tuple]) -> Op[None]:
+    def _op_append_logs(self, rows: list[tuple[Any, ...]]) -> Op[None]:
         for part in chunks(rows):
-            yield Stmt(self.dialect.insert("job_logs", ("instance_id", "ts", "level", "message"), len(part)), flat(part))
+            yield Stmt(self.dialect.insert("job_logs", ("instance_id", "ts", "level", "message"), len(part)),
+                       flat(part))
 
     async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
         rows = await self._run("get_logs", lambda: self._op_query(
@@ -951,4 +958,4 @@ def _differs(old: Any, new: Any) -> bool:
         return old is not new
     if isinstance(new, (int, float)) and isinstance(old, (int, float)):
         return float(old) != float(new)
-    return old != new
+    return bool(old != new)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 
 class StoreError(Exception):
@@ -142,10 +143,10 @@ class AppRow:
     its owner, so that the owner knows what the one before it may have left unwritten."""
 
     name: str
-    owner: Optional[str]
+    owner: str | None
     epoch: int
-    token_hash: Optional[str] = None
-    prev_owner: Optional[str] = None  # who owned it before the current owner's claim
+    token_hash: str | None = None
+    prev_owner: str | None = None  # who owned it before the current owner's claim
     #: the previous owner let go cleanly (released or handed over with everything written):
     #: no fire it recorded as waiting can have been dispatched
     left_clean: bool = False
@@ -168,7 +169,7 @@ class JobSpec:
     schedule_expr: str = ""
     timezone: str = "UTC"
     params: Any = None
-    timeout: Optional[float] = None
+    timeout: float | None = None
     retry_times: int = 0
     retry_backoff: float = 1.0
     misfire_policy: str = Misfire.FIRE_ONCE.value
@@ -191,7 +192,7 @@ class JobRow:
     schedule_expr: str
     timezone: str
     params: Any
-    timeout: Optional[float]
+    timeout: float | None
     retry_times: int
     retry_backoff: float
     misfire_policy: str
@@ -202,10 +203,10 @@ class JobRow:
     overlap: str
     catch_up_window: float
     max_queued: int
-    next_trigger_ms: Optional[int]
+    next_trigger_ms: int | None
     created_time: float
     updated_time: float
-    last_finished_time: Optional[float]
+    last_finished_time: float | None
     is_delete: bool
     version: int  # bumped by every upsert/enable/delete, so changes can be noticed
     stats: Any = None  # second-level outcome report (dict) or None
@@ -221,15 +222,15 @@ class InstanceRow:
     status: Status
     trigger: str  # one of TRIGGERS
     params: Any
-    server: Optional[str]
+    server: str | None
     epoch: int
-    worker: Optional[str] = None
+    worker: str | None = None
     created_at: float = 0.0
-    dispatched_at: Optional[float] = None
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
     result: Any = None
-    error: Optional[str] = None
+    error: str | None = None
     reruns: int = 0  # earlier attempts of this fire that were interrupted (they use up no retry)
 
 
@@ -243,12 +244,12 @@ class InstanceUpdate:
 
     id: int
     status: Status
-    worker: Optional[str] = None
-    dispatched_at: Optional[float] = None
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    worker: str | None = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
     result: Any = None
-    error: Optional[str] = None
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -272,7 +273,7 @@ class WorkerRow:
 
 # Given a job and the planned time (ms) of its previous fire, the next planned time in ms,
 # or None when the job has no further fire (one-shot, run-once, api, fixed delay).
-NextFire = Callable[[JobRow, int], Optional[int]]
+NextFire = Callable[[JobRow, int], int | None]
 
 
 @dataclass(slots=True)
@@ -284,7 +285,7 @@ class FirePlan:
     runs: list[int] = field(default_factory=list)  # planned ms of fires written waiting, trigger "schedule"
     catch_up: list[int] = field(default_factory=list)  # missed fires that still run (trigger "catch_up")
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (planned ms, reason): written skipped
-    next_ms: Optional[int] = None  # the job's next_trigger_ms after the claim
+    next_ms: int | None = None  # the job's next_trigger_ms after the claim
 
     def __len__(self) -> int:
         return len(self.runs) + len(self.catch_up) + len(self.skipped)
@@ -348,7 +349,7 @@ class Store(abc.ABC):
         """Return the app's row, creating it unowned at epoch 0 if missing (race-safe)."""
 
     @abc.abstractmethod
-    async def get_app(self, app: str) -> Optional[AppRow]:
+    async def get_app(self, app: str) -> AppRow | None:
         """The app's row, or None."""
 
     @abc.abstractmethod
@@ -356,8 +357,8 @@ class Store(abc.ABC):
         """Every app row."""
 
     @abc.abstractmethod
-    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: Optional[str] = None,
-                        left_clean: bool = False, adopted: bool = True) -> Optional[int]:
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: str | None = None,
+                        left_clean: bool = False, adopted: bool = True) -> int | None:
         """CAS: ``SET owner = server_id, epoch = epoch + 1 WHERE app = app AND epoch = seen_epoch``,
         recording ``prev_owner``, ``left_clean`` and ``adopted`` (see :class:`AppRow`).
 
@@ -368,7 +369,7 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def release_apps(self, server_id: str, apps: Optional[Sequence[str]] = None) -> list[str]:
+    async def release_apps(self, server_id: str, apps: Sequence[str] | None = None) -> list[str]:
         """Set owner = NULL and epoch + 1 (left clean) on the apps owned by ``server_id`` (all,
         or those named); return the names of those released."""
 
@@ -382,16 +383,16 @@ class Store(abc.ABC):
         """Forget the worker, if ``server_id`` is still the server it is recorded with."""
 
     @abc.abstractmethod
-    async def list_workers(self, app: str, server_id: Optional[str] = None) -> list[WorkerRow]:
+    async def list_workers(self, app: str, server_id: str | None = None) -> list[WorkerRow]:
         """The workers recorded for ``app`` (only those with ``server_id``, if given)."""
 
     @abc.abstractmethod
-    async def set_app_token(self, app: str, token_hash: Optional[str]) -> None:
+    async def set_app_token(self, app: str, token_hash: str | None) -> None:
         """Store the hashed auth token of an app (None: no token required)."""
 
     # ---- jobs --------------------------------------------------------------------------
     @abc.abstractmethod
-    async def upsert_job(self, spec: JobSpec, next_trigger_ms: Optional[int], now: float) -> JobRow:
+    async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
         """Create or update the job (app, name); revives a logically deleted one.
 
         ``next_trigger_ms`` replaces the stored next fire only when the schedule
@@ -401,11 +402,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get_job(self, job_id: int) -> Optional[JobRow]:
+    async def get_job(self, job_id: int) -> JobRow | None:
         """The job by id (including logically deleted ones), or None."""
 
     @abc.abstractmethod
-    async def get_job_by_name(self, app: str, name: str) -> Optional[JobRow]:
+    async def get_job_by_name(self, app: str, name: str) -> JobRow | None:
         """The live (not deleted) job of that app and name, or None."""
 
     @abc.abstractmethod
@@ -417,12 +418,13 @@ class Store(abc.ABC):
         """Logical delete (is_delete = 1, enabled = 0, next_trigger_ms = NULL). False if absent."""
 
     @abc.abstractmethod
-    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: Optional[int], now: float) -> bool:
+    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
+                              now: float) -> bool:
         """Enable (with a fresh next fire) or disable a job. False if absent."""
 
     @abc.abstractmethod
     async def set_next_trigger(
-        self, server_id: str, app: str, epoch: int, job_id: int, next_trigger_ms: Optional[int]
+        self, server_id: str, app: str, epoch: int, job_id: int, next_trigger_ms: int | None
     ) -> None:
         """Fenced: set the job's next fire (fixed delay after a finish; disabling run-once)."""
 
@@ -494,7 +496,7 @@ class Store(abc.ABC):
         params: Any,
         now: float,
         reruns: int = 0,
-    ) -> Optional[InstanceRow]:
+    ) -> InstanceRow | None:
         """Fenced: write one ``waiting`` instance (API trigger, retry, re-run).
 
         Returns None if (job_id, planned_ms, attempt) is already recorded.
@@ -521,15 +523,15 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def get_instance(self, instance_id: int) -> Optional[InstanceRow]:
+    async def get_instance(self, instance_id: int) -> InstanceRow | None:
         """One instance, or None."""
 
     @abc.abstractmethod
     async def list_instances(
         self,
         app: str,
-        job_id: Optional[int] = None,
-        statuses: Optional[Sequence[Status]] = None,
+        job_id: int | None = None,
+        statuses: Sequence[Status] | None = None,
         limit: int = 100,
     ) -> list[InstanceRow]:
         """Instances of an app (optionally one job, some statuses), newest first."""

@@ -21,7 +21,8 @@ import asyncio
 import logging
 import time
 import weakref
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiomysql
@@ -80,17 +81,17 @@ class MySQLStore(SQLStore):
         self.connect_timeout = connect_timeout
         self.pool_recycle = pool_recycle
         self.op_timeout = op_timeout
-        self._pool: Optional[aiomysql.Pool] = None
-        self._session_owner: Optional[str] = None  # the server whose sessions these are
+        self._pool: aiomysql.Pool | None = None
+        self._session_owner: str | None = None  # the server whose sessions these are
         self._recorded: weakref.WeakSet[aiomysql.Connection] = weakref.WeakSet()
 
     @classmethod
-    def from_url(cls, url: str) -> "MySQLStore":
+    def from_url(cls, url: str) -> MySQLStore:
         """``mysql://user:pass@host:port/db?pool_max=10&connect_timeout=5&retry_total=10``."""
         parts = urlsplit(url)
         if parts.scheme not in ("mysql", "mariadb") or not parts.path.strip("/"):
             raise ValueError(f"bad MySQL URL {url!r}: use mysql://user:pass@host:port/db")
-        opts = {k: float(v) for k, v in parse_qsl(parts.query)}
+        opts: dict[str, Any] = {k: float(v) for k, v in parse_qsl(parts.query)}
         return cls(parts.hostname or "127.0.0.1", parts.port or 3306, unquote(parts.username or "root"),
                    unquote(parts.password or ""), unquote(parts.path.strip("/")), **opts)
 
@@ -194,7 +195,7 @@ class MySQLStore(SQLStore):
                     rows = list(await cur.fetchall()) if cur.description is not None else []
                     stmt = gen.send(Result(rows, cur.rowcount, cur.lastrowid))
             except StopIteration as stop:
-                value = stop.value
+                value: T = stop.value
             if tx:
                 await conn.commit()
             return value
@@ -277,6 +278,6 @@ def _escape_all(conn: aiomysql.Connection, params: Sequence[Any]) -> tuple[str, 
     return tuple([str(p) if p.__class__ is int else memo[id(p)] for p in params])
 
 
-def _code(exc: BaseException) -> Optional[int]:
+def _code(exc: BaseException) -> int | None:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else None

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from ._common import Dialect, Op, Result, SQLStore, Stmt
@@ -45,11 +46,11 @@ class SQLiteStore(SQLStore):
         super().__init__(**retry)
         self.path = path
         self.busy_timeout = busy_timeout
-        self._conn: Optional[sqlite3.Connection] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> "SQLiteStore":
+    def from_url(cls, url: str) -> SQLiteStore:
         """``sqlite:///relative/path.db`` or ``sqlite:////abs/path.db``; options as a query
         string: ``?busy_timeout=5&retry_total=10``."""
         if not url.startswith("sqlite:///"):
@@ -128,7 +129,7 @@ class SQLiteStore(SQLStore):
                     rows = cur.fetchall() if cur.description is not None else []
                     stmt = gen.send(Result(rows, cur.rowcount, cur.lastrowid))
             except StopIteration as stop:
-                value = stop.value
+                value: T = stop.value
             if tx:
                 cur.execute("COMMIT")
             return value
