@@ -63,3 +63,24 @@ async def test_fencing_spares_our_own_and_forgets_a_removed_servers_sessions(mys
         assert await store._run("t", lambda: store._op_query("SELECT conn_id FROM db_sessions"), tx=False) == []
     finally:
         await store.close()
+
+
+async def test_a_session_recorded_before_the_database_started_is_never_killed(mysql_dsn):
+    """Session ids start again from 1 after a database restart: an old row may name a live
+    session of somebody else now."""
+    store = MySQLStore.from_url(mysql_dsn + "?pool_max=2")
+    await store.open()
+    bystander = await store._pool.acquire()  # the store's other connection stays free for its own calls
+    try:
+        async with bystander.cursor() as cur:
+            await cur.execute("SELECT CONNECTION_ID()")
+            (conn_id,) = await cur.fetchone()
+            await cur.execute("INSERT INTO db_sessions (conn_id, server_id, opened_at) VALUES (%s, 'gone', 0)",
+                              (conn_id,))
+        assert await store.fence_server("gone") == 0
+        async with bystander.cursor() as cur:
+            await cur.execute("SELECT COUNT(*) FROM db_sessions WHERE server_id = 'gone'")
+            assert (await cur.fetchone())[0] == 0  # the stale row is gone, the session lives on
+    finally:
+        store._pool.release(bystander)
+        await store.close()

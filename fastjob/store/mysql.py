@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -204,9 +203,10 @@ class MySQLStore(SQLStore):
     async def _record_session(cur: aiomysql.Cursor, server_id: str) -> None:
         """Note this connection as ``server_id``'s, and forget the server's sessions that ended
         (PROCESSLIST shows every session of our own user, which theirs are)."""
-        await cur.execute("INSERT INTO db_sessions (conn_id, server_id, opened_at) VALUES (CONNECTION_ID(), %s, %s)"
+        await cur.execute("INSERT INTO db_sessions (conn_id, server_id, opened_at)"
+                          " VALUES (CONNECTION_ID(), %s, UNIX_TIMESTAMP(NOW(6)))"
                           " ON DUPLICATE KEY UPDATE server_id = VALUES(server_id), opened_at = VALUES(opened_at)",
-                          (server_id, time.time()))
+                          (server_id,))
         await cur.execute("DELETE FROM db_sessions WHERE server_id = %s AND conn_id NOT IN"
                           " (SELECT id FROM information_schema.PROCESSLIST)", (server_id,))
 
@@ -227,12 +227,17 @@ class MySQLStore(SQLStore):
         return await self._run("fence_server", lambda: self._op_fence_server(server_id), tx=False)
 
     def _op_fence_server(self, server_id: str) -> Op[int]:
-        r = yield Stmt("SELECT conn_id FROM db_sessions WHERE server_id = ?", (server_id,))
+        # Session ids start again from 1 when the database restarts: a row older than the
+        # database's own start names somebody else's session now, never to be killed.
+        up = yield Stmt("SHOW GLOBAL STATUS LIKE 'Uptime'")
+        since_start = float(up.rows[0][1]) + 1.0
+        r = yield Stmt("SELECT conn_id FROM db_sessions WHERE server_id = ? AND opened_at >= UNIX_TIMESTAMP() - ?",
+                       (server_id, since_start))
         ended = [int(row[0]) for row in r.rows]
         for conn_id in ended:
             yield Stmt(f"KILL CONNECTION {conn_id}", tolerate=KILL_TOLERATED)
-        if ended:
-            yield Stmt("DELETE FROM db_sessions WHERE server_id = ? AND conn_id <= ?", (server_id, max(ended)))
+        yield Stmt("DELETE FROM db_sessions WHERE server_id = ? AND (conn_id <= ? OR opened_at < UNIX_TIMESTAMP() - ?)",
+                   (server_id, max(ended, default=0), since_start))
         return len(ended)
 
     @staticmethod
