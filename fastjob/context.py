@@ -5,6 +5,7 @@ Kept apart from the worker so that the per-fire path of second-level jobs needs 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,3 +70,7 @@ class JobContext:
     attempt: int
     scheduled_at: float  # planned fire time, epoch seconds
     log: _Log
+
+
+#: A job's handler: called with the context; async or plain (a plain one runs in a thread).
+Handler = Callable[[JobContext], Any | Awaitable[Any]]

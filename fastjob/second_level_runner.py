@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .context import JobContext, LocalLog
+from .context import Handler, JobContext, LocalLog
 from .timer import WheelTimer
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 log = logging.getLogger("fastjob.worker")
 
@@ -67,10 +65,25 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+class WorkerLink(Protocol):
+    """What the runner uses of its worker, and nothing more."""
+
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def handlers(self) -> Mapping[str, Handler]: ...
+    @property
+    def connected(self) -> bool: ...
+    def server_alive_at(self) -> float: ...
+    def send_frame(self, kind: str, body: dict[str, Any]) -> bool: ...
+    async def run_handler(self, fn: Handler, ctx: Any, timeout: float | None, cancel_reason: Callable[[], str],
+                          check_result: bool = True) -> tuple[str, Any, str | None]: ...
+
+
 class SecondLevelRunner:
     """The handed-down jobs of one worker."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: WorkerLink) -> None:
         self.worker = worker
         self.jobs: dict[int, _Job] = {}
         self.lease = 0.0
@@ -225,5 +238,5 @@ class SecondLevelRunner:
                 chunk = [(j, self.jobs.get(j)) for j in job_ids[start:start + REPORTS_PER_FRAME]]
                 reports = [self._report(j, job) for j, job in chunk if job is not None]
                 if reports:
-                    self.worker._send("SL_REPORT", {"reports": reports})
+                    self.worker.send_frame("SL_REPORT", {"reports": reports})
                 await asyncio.sleep(0)

@@ -24,21 +24,29 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
 
 from . import schedule
-from .context import JobContext, JobLog
-from .protocol import PROTOCOL_VERSION, Connection, ErrorCode, Message, ProtocolError, RemoteError, parse_address
+from .context import Handler, JobContext, JobLog
+from .protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Connection,
+    ErrorCode,
+    Message,
+    ProtocolError,
+    RemoteError,
+    parse_address,
+)
 from .second_level_runner import SecondLevelRunner
 from .store.base import JobSpec, Overlap, ScheduleType
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
 
-Handler = Callable[["JobContext"], Any | Awaitable[Any]]
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
 MAX_LOG_LINES_PER_INSTANCE = 10_000
 REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
@@ -85,7 +93,7 @@ class Worker:
         connect_timeout: float = 5.0,
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
-        max_frame: int = 1 << 20,
+        max_frame: int = DEFAULT_MAX_FRAME,
         role: str = "worker",
     ) -> None:
         if not servers:
@@ -644,6 +652,10 @@ class Worker:
         return "succeeded", result, None
 
     # ---- outgoing ------------------------------------------------------------------------------
+    def send_frame(self, kind: str, body: dict[str, Any]) -> bool:
+        """Send one message to the server; False when there is no connection or it was refused."""
+        return self._send(kind, body)
+
     def _send(self, kind: str, body: dict[str, Any]) -> bool:
         conn = self._conn
         if conn is None or conn.closed:

@@ -6,51 +6,19 @@ import hashlib
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import schedule
 from ..protocol import ErrorCode
-from ..store import DEFAULT_URL, JobRow, JobSpec, Store, StoreError, create_store
+from ..store import JobRow, JobSpec, Store, StoreError, create_store
 from ..tasks import BackgroundTasks, cancel_and_wait
 from .cluster import Cluster, Origin
+from .config import ServerConfig
 from .scheduler import Scheduler
 from .second_level import SecondLevel
 from .session import WorkerSession
 
 log = logging.getLogger("fastjob.server")
-
-
-@dataclass
-class ServerConfig:
-    """Every knob of a server; each has a ``--flag`` and a ``FASTJOB_…`` variable (see cli)."""
-
-    host: str = "127.0.0.1"
-    port: int = 7700
-    db: str = DEFAULT_URL
-    advertise: str | None = None  # host:port workers are redirected to; default host:port bound
-    server_id: str | None = None  # default: the advertised address, stable across restarts
-    log_level: str = "INFO"
-    heartbeat_interval: float = 2.0
-    heartbeat_timeout: float = 10.0
-    # a worker that hears no owning server this long stops its running instances (they run
-    # again elsewhere, never at the same time); default: the heartbeat timeout
-    run_lease: float | None = None
-    status_flush_interval: float = 0.02  # status changes gather this long into one batched write
-    scan_horizon: float = 5.0
-    scan_interval: float | None = None  # default: a fifth of the horizon
-    dispatch_wait: float = 30.0  # how long a due fire waits for a worker before it fails
-    misfire_threshold: float = 5.0  # a fire later than this is a misfire
-    second_level_threshold: float = 60.0
-    handshake_timeout: float = 10.0
-    max_frame: int = 1 << 20
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    app_tokens: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def effective_run_lease(self) -> float:
-        return self.run_lease if self.run_lease is not None else self.heartbeat_timeout
 
 
 class FastJobServer:
