@@ -1,9 +1,7 @@
 """No import cycles among FastJob's modules, typing-only imports included.
 
 A cycle means two modules each need the other: neither can be read, tested or replaced alone.
-The server's session, API and second-level modules still reach the whole server object (the
-architecture issue replaces that with narrow interfaces); their cycle is listed here and may
-only shrink. Anything else that forms a cycle fails this test.
+Components take what they use (a small Protocol, or callables), not the object that owns them.
 """
 from __future__ import annotations
 
@@ -11,13 +9,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastjob"
-
-#: The one known cycle, to be removed: its members may shrink, never grow.
-KNOWN_CYCLE = frozenset({
-    "fastjob.server.api", "fastjob.server.app", "fastjob.server.scheduler",
-    "fastjob.server.second_level", "fastjob.server.session",
-})
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -90,11 +81,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_the_import_graph_is_read_from_the_code():
     graph = _graph()
+    assert "fastjob.server.session" in graph["fastjob.server.scheduler"]  # under TYPE_CHECKING
     assert "fastjob.server.scheduler" in graph["fastjob.server.app"]
     assert "fastjob.schedule" in graph["fastjob.server.api"]  # `from .. import schedule`
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
 
 
-def test_no_import_cycle_but_the_known_one_which_may_only_shrink():
-    cycles = _cycles(_graph())
-    assert all(c <= KNOWN_CYCLE for c in cycles), f"new import cycle: {[sorted(c) for c in cycles]}"
+def test_no_import_cycle():
+    assert _cycles(_graph()) == []

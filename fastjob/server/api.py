@@ -5,14 +5,24 @@ import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import schedule
 from ..protocol import ErrorCode
-from ..store import JobRow, JobSpec, NotOwnerError, Overlap, ScheduleType, Status
+from ..store import InstanceRow, JobRow, JobSpec, NotOwnerError, Overlap, ScheduleType, Status, Store
 
-if TYPE_CHECKING:
-    from .app import FastJobServer
+
+class ApiBackend(Protocol):
+    """What the API needs of its server, and nothing more."""
+
+    @property
+    def store(self) -> Store: ...
+    def owns(self, app: str) -> bool: ...
+    def is_second_level(self, job: JobRow | JobSpec) -> bool: ...
+    async def upsert_job(self, spec: JobSpec) -> JobRow: ...
+    async def reload_job(self, job_id: int) -> None: ...
+    async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow: ...
+    async def flush_statuses(self) -> None: ...
 
 
 class ApiError(Exception):
@@ -71,7 +81,7 @@ def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
     return spec
 
 
-async def _job_or_404(server: FastJobServer, app: str, name: Any) -> JobRow:
+async def _job_or_404(server: ApiBackend, app: str, name: Any) -> JobRow:
     if not isinstance(name, str):
         raise ApiError(ErrorCode.INVALID, "job name must be a string")
     job = await server.store.get_job_by_name(app, name)
@@ -87,7 +97,7 @@ def job_to_wire(job: JobRow) -> dict[str, Any]:
     return out
 
 
-async def job_upsert(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_upsert(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body.get("job"), dict):
         raise ApiError(ErrorCode.INVALID, "JOB_UPSERT needs a 'job' map")
     spec = spec_from_wire(app, body["job"])
@@ -95,14 +105,14 @@ async def job_upsert(server: FastJobServer, app: str, body: dict[str, Any]) -> d
     return {"job": job_to_wire(job)}
 
 
-async def job_delete(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_delete(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
     deleted = await server.store.delete_job(app, job.name, time.time())
     await server.reload_job(job.id)
     return {"deleted": deleted}
 
 
-async def job_enable(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_enable(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
     enabled = bool(body["enabled"])
     next_ms = schedule.first_fire_ms(job, schedule.now_ms()) if enabled else None
@@ -113,28 +123,28 @@ async def job_enable(server: FastJobServer, app: str, body: dict[str, Any]) -> d
     return {"ok": ok}
 
 
-async def job_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_get(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"job": job_to_wire(await _job_or_404(server, app, body["name"]))}
 
 
-async def job_list(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def job_list(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"jobs": [job_to_wire(job) for job in await server.store.list_jobs(app)]}
 
 
-async def trigger(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def trigger(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job = await _job_or_404(server, app, body["name"])
-    row = await server.scheduler.trigger(app, job, body.get("params"))
+    row = await server.trigger(app, job, body.get("params"))
     return {"instance_id": row.id}
 
 
-async def instance_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def instance_get(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     row = await server.store.get_instance(body["instance_id"])
     if row is None or row.app != app:
         raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
     return {"instance": to_wire(row)}
 
 
-async def instance_list(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def instance_list(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     job_id = None
     if body.get("job"):
         job_id = (await _job_or_404(server, app, body["job"])).id
@@ -149,17 +159,17 @@ async def instance_list(server: FastJobServer, app: str, body: dict[str, Any]) -
     return {"instances": [to_wire(row) for row in rows]}
 
 
-async def log_get(server: FastJobServer, app: str, body: dict[str, Any]) -> dict[str, Any]:
+async def log_get(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
     row = await server.store.get_instance(body["instance_id"])
     if row is None or row.app != app:
         raise ApiError(ErrorCode.NOT_FOUND, f"no instance {body['instance_id']} in app {app!r}")
-    await server.scheduler.writer.flush()  # so a caller sees the lines its worker already sent
+    await server.flush_statuses()  # so a caller sees the lines its worker already sent
     limit = max(1, min(int(body.get("limit") or 1000), 100_000))
     lines = await server.store.get_logs(row.id, limit)
     return {"lines": [[line.ts, line.level, line.message] for line in lines]}
 
 
-Handler = Callable[["FastJobServer", str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[ApiBackend, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 API_HANDLERS: dict[str, Handler] = {
     "JOB_UPSERT": job_upsert,
@@ -175,7 +185,7 @@ API_HANDLERS: dict[str, Handler] = {
 API_TYPES = frozenset(API_HANDLERS)
 
 
-async def handle_api(server: FastJobServer, app: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    if app not in server.cluster.owned:
+async def handle_api(server: ApiBackend, app: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    if not server.owns(app):
         raise NotOwnerError(app, -1)
     return await API_HANDLERS[kind](server, app, body)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import schedule
 from ..protocol import ErrorCode
-from ..store import JobRow, JobSpec, Store, StoreError, create_store
+from ..store import InstanceRow, JobRow, JobSpec, Store, StoreError, create_store
 from ..tasks import BackgroundTasks, cancel_and_wait
 from .cluster import Cluster, Origin
 from .config import ServerConfig
@@ -65,7 +65,14 @@ class FastJobServer:
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
         )
-        self.second_level = SecondLevel(self)
+        self.second_level = SecondLevel(
+            self.store, self.tasks,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            owns=self.cluster.owns,
+            workers_of=self.workers_of,
+            is_second_level=self.is_second_level,
+        )
         self.scheduler.start()
         await self.cluster.start()
         self._sweeper = asyncio.create_task(self._sweep_silent_sessions(), name="fastjob-sweeper")
@@ -139,6 +146,19 @@ class FastJobServer:
                 self.tasks.spawn(self.store.unregister_worker(session.app, session.worker_id, self.cluster.server_id),
                                  f"fastjob-unregister-{session.worker_id}")
 
+    def on_report(self, session: WorkerSession, kind: str, body: dict[str, Any]) -> None:
+        """A worker's report on what it runs (REPORT_TYPES), to the part that tracks it."""
+        if kind == "ACK":
+            self.scheduler.on_ack(session, body)
+        elif kind == "START":
+            self.scheduler.on_start(session, body)
+        elif kind == "LOG":
+            self.scheduler.on_logs(session, body)
+        elif kind == "RESULT":
+            self.scheduler.on_result(session, body)
+        elif kind == "SL_REPORT":
+            self.second_level.on_report(session, body)
+
     def session_draining(self, session: WorkerSession) -> None:
         """A stopping worker: its second-level jobs and the fires waiting for a worker go elsewhere."""
         self.second_level.worker_draining(session)
@@ -177,6 +197,16 @@ class FastJobServer:
         job = await self.store.upsert_job(spec, next_ms, time.time())
         self._job_changed(job)
         return job
+
+    def owns(self, app: str) -> bool:
+        return app in self.cluster.owned
+
+    async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
+        return await self.scheduler.trigger(app, job, params)
+
+    async def flush_statuses(self) -> None:
+        """Write every status and log line received so far (a query then sees them)."""
+        await self.scheduler.writer.flush()
 
     async def reload_job(self, job_id: int) -> None:
         job = await self.store.get_job(job_id)

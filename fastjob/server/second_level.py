@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import schedule
-from ..store import JobRow, Overlap, StoreError
+from ..store import JobRow, Overlap, Store, StoreError
+from ..tasks import BackgroundTasks
 
 if TYPE_CHECKING:
-    from .app import FastJobServer
     from .session import WorkerSession
 
 log = logging.getLogger("fastjob.second_level")
@@ -32,13 +33,19 @@ log = logging.getLogger("fastjob.second_level")
 class SecondLevel:
     """Which worker runs each second-level job of the apps this server owns."""
 
-    def __init__(self, server: FastJobServer) -> None:
-        self.server = server
-        timeout = server.config.heartbeat_timeout
-        self.lease = 0.75 * timeout  # a worker stops its jobs after this much server silence
-        self.margin = 0.1 * timeout  # extra wait before reassigning, for clock-rate skew and RTT
+    def __init__(self, store: Store, tasks: BackgroundTasks, *, heartbeat_interval: float,
+                 heartbeat_timeout: float, owns: Callable[[str], bool],
+                 workers_of: Callable[[str], list[WorkerSession]],
+                 is_second_level: Callable[[JobRow], bool]) -> None:
+        self.store = store
+        self.tasks = tasks
+        self._owns = owns
+        self._workers_of = workers_of
+        self._is_second_level = is_second_level
+        self.lease = 0.75 * heartbeat_timeout  # a worker stops its jobs after this much server silence
+        self.margin = 0.1 * heartbeat_timeout  # extra wait before reassigning, for clock-rate skew and RTT
         # the latest report of each job is written this often (a row per job): 10 s by default
-        self.stats_interval = 5 * server.config.heartbeat_interval
+        self.stats_interval = 5 * heartbeat_interval
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, WorkerSession] = {}  # job id -> the session running it
         self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
@@ -68,7 +75,7 @@ class SecondLevel:
             session.send("SL_REVOKE", {"job_id": job_id, "reason": reason})
 
     def _pick(self, job: JobRow) -> WorkerSession | None:
-        candidates = [s for s in self.server.workers_of(job.app) if s.accepts_jobs and s.has_tags(job.tags)]
+        candidates = [s for s in self._workers_of(job.app) if s.accepts_jobs and s.has_tags(job.tags)]
         if not candidates:
             return None
         return min(candidates, key=lambda s: (len(s.second_level), s.worker_id))
@@ -101,7 +108,7 @@ class SecondLevel:
 
     # ---- events ------------------------------------------------------------------------------
     async def app_gained(self, app: str) -> None:
-        for job in await self.server.store.list_jobs(app):
+        for job in await self.store.list_jobs(app):
             if self._wanted(job):
                 self.jobs[job.id] = job
         # the previous owner's runners may still be within their lease: wait for their reports
@@ -153,7 +160,7 @@ class SecondLevel:
             self.assign_unassigned(app)
 
     def job_changed(self, job: JobRow) -> None:
-        if self._wanted(job) and self.server.cluster.owns(job.app):
+        if self._wanted(job) and self._owns(job.app):
             self.jobs[job.id] = job
             session = self.runner.get(job.id)
             if session is None or session.closed:
@@ -167,7 +174,7 @@ class SecondLevel:
             self._revoke(job.id, "job deleted, disabled or no longer second-level")
 
     def _wanted(self, job: JobRow) -> bool:
-        return job.enabled and not job.is_delete and self.server.is_second_level(job)
+        return job.enabled and not job.is_delete and self._is_second_level(job)
 
     def on_report(self, session: WorkerSession, body: dict[str, Any]) -> None:
         """Keep the latest report of each job; they are written in batches, not one row per report."""
@@ -176,13 +183,13 @@ class SecondLevel:
             if self.runner.get(job_id) is session:
                 self._stats[job_id] = report
         if self._stats and (self._stats_task is None or self._stats_task.done()):
-            self._stats_task = self.server.tasks.spawn(self._write_stats(), "fastjob-sl-stats")
+            self._stats_task = self.tasks.spawn(self._write_stats(), "fastjob-sl-stats")
 
     async def _write_stats(self) -> None:
         await asyncio.sleep(self.stats_interval)
         stats, self._stats = self._stats, {}
         try:
-            await self.server.store.set_jobs_stats(stats, time.time())
+            await self.store.set_jobs_stats(stats, time.time())
         except StoreError as exc:
             log.warning("%d second-level reports not stored, keeping them: %s", len(stats), exc)
             self._stats = {**stats, **self._stats}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..protocol import (
     MIN_PROTOCOL_VERSION,
@@ -22,10 +22,10 @@ from ..protocol import (
 )
 from ..schedule import ScheduleError
 from ..store import NotOwnerError, StoreError
-from .api import API_TYPES, ApiError, handle_api
-
-if TYPE_CHECKING:
-    from .app import FastJobServer
+from ..tasks import BackgroundTasks
+from .api import API_TYPES, ApiBackend, ApiError, handle_api
+from .cluster import Cluster
+from .config import ServerConfig
 
 log = logging.getLogger("fastjob.session")
 
@@ -35,10 +35,30 @@ REPORT_TYPES = frozenset({"ACK", "START", "LOG", "RESULT", "SL_REPORT"})
 MAX_API_INFLIGHT = 1024
 
 
+class SessionHost(ApiBackend, Protocol):
+    """What a session needs of its server, and nothing more."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def cluster(self) -> Cluster: ...
+    @property
+    def tasks(self) -> BackgroundTasks: ...
+    @property
+    def connections(self) -> set[WorkerSession]: ...
+    def hash_token(self, app: str, token: str) -> str: ...
+    async def register_worker(self, app: str, hello: dict[str, Any]) -> None: ...
+    def session_joined(self, session: WorkerSession, running: list[int], finished: list[int],
+                       second_level: list[int]) -> None: ...
+    def session_left(self, session: WorkerSession) -> None: ...
+    def session_draining(self, session: WorkerSession) -> None: ...
+    def on_report(self, session: WorkerSession, kind: str, body: dict[str, Any]) -> None: ...
+
+
 class WorkerSession(Connection):
     """Server side of one connection."""
 
-    def __init__(self, server: FastJobServer) -> None:
+    def __init__(self, server: SessionHost) -> None:
         super().__init__(max_frame=server.config.max_frame)
         self.server = server
         self.app: str = ""
@@ -218,18 +238,7 @@ class WorkerSession(Connection):
 
     # ---- reports and API -----------------------------------------------------------------
     def _report(self, msg: Message) -> None:
-        scheduler = self.server.scheduler
-        kind = msg.type
-        if kind == "ACK":
-            scheduler.on_ack(self, msg.body)
-        elif kind == "START":
-            scheduler.on_start(self, msg.body)
-        elif kind == "LOG":
-            scheduler.on_logs(self, msg.body)
-        elif kind == "RESULT":
-            scheduler.on_result(self, msg.body)
-        elif kind == "SL_REPORT":
-            self.server.second_level.on_report(self, msg.body)
+        self.server.on_report(self, msg.type, msg.body)
 
     async def _api(self, msg: Message) -> None:
         try:
