@@ -439,7 +439,7 @@ class Scheduler:
         flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by)
         self.inflight[row.id] = flight
         self._dispatched[row.app] += 1
-        session.running.add(row.id)
+        session.runs(row.id)
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
             flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.heartbeat_timeout)
@@ -599,7 +599,7 @@ class Scheduler:
     def _reattach(self, session: WorkerSession, flight: Inflight, finished_here: bool) -> None:
         flight.session = session
         flight.worker_id = session.worker_id
-        session.running.add(flight.instance.id)
+        session.runs(flight.instance.id)
         if flight.orphan_handle is not None and self.timer is not None:
             self.timer.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
             flight.orphan_handle = None
@@ -644,12 +644,11 @@ class Scheduler:
         run out (no run of its can go on after that), then run again elsewhere."""
         loop = asyncio.get_running_loop()
         safe_in = session.last_received + self.run_lease + self.lease_margin - loop.time()
-        for instance_id in list(session.running):
+        for instance_id in session.forget_runs():
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.session is session:
                 flight.session = None
                 flight.orphan_handle = self._arm(("orphan", instance_id), safe_in)
-        session.running.clear()
 
     def _orphan_expired(self, instance_id: int) -> None:
         flight = self.inflight.get(instance_id)
@@ -684,7 +683,7 @@ class Scheduler:
     def _forget_flight(self, flight: Inflight) -> None:
         self.inflight.pop(flight.instance.id, None)
         if flight.session is not None:
-            flight.session.running.discard(flight.instance.id)
+            flight.session.ended(flight.instance.id)
         if flight.overdue_handle is not None and self.timer is not None:
             self.timer.cancel(flight.overdue_handle)
             flight.overdue_handle = None

@@ -64,21 +64,21 @@ class SecondLevel:
 
     def _hand_to(self, session: WorkerSession, job: JobRow) -> None:
         self.runner[job.id] = session
-        session.second_level.add(job.id)
+        session.hand_down(job.id)
         session.send("SL_ASSIGN", {"job": self._wire(job), "lease": self.lease})
         log.info("second-level job %s (%d) of app %s handed to worker %s", job.name, job.id, job.app, session.worker_id)
 
     def _revoke(self, job_id: int, reason: str) -> None:
         session = self.runner.pop(job_id, None)
         if session is not None:
-            session.second_level.discard(job_id)
+            session.take_back(job_id)
             session.send("SL_REVOKE", {"job_id": job_id, "reason": reason})
 
     def _pick(self, job: JobRow) -> WorkerSession | None:
         candidates = [s for s in self._workers_of(job.app) if s.accepts_jobs and s.has_tags(job.tags)]
         if not candidates:
             return None
-        return min(candidates, key=lambda s: (len(s.second_level), s.worker_id))
+        return min(candidates, key=lambda s: (s.second_level_count, s.worker_id))
 
     def _in_quiet_period(self, app: str) -> bool:
         """True while a newly gained app waits for its old runners' reports; one retry is armed then."""
@@ -120,7 +120,7 @@ class SecondLevel:
             del self.jobs[job_id]
             session = self.runner.pop(job_id, None)
             if session is not None:
-                session.second_level.discard(job_id)
+                session.take_back(job_id)
         self._quiet_until.pop(app, None)
 
     def worker_joined(self, session: WorkerSession, reported: list[int]) -> None:

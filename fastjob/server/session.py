@@ -68,11 +68,11 @@ class WorkerSession(Connection):
         self.draining = False  # the worker is stopping (DRAIN): it takes nothing new
         self.tags: frozenset[str] = frozenset()
         self.capacity = 0
-        self.running: set[int] = set()  # instance ids dispatched to it and not finished
+        self._running: set[int] = set()  # instance ids dispatched to it and not finished
         self._api_inflight = 0  # API requests being answered
         self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
         self.hello_finished: list[int] = []
-        self.second_level: set[int] = set()  # second-level job ids handed down to it
+        self._second_level: set[int] = set()  # second-level job ids handed down to it
         self.established = False
         self._hello_task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -83,13 +83,38 @@ class WorkerSession(Connection):
         return self.established and self.role == "worker" and not self.closed and not self.draining
 
     def has_room(self) -> bool:
-        return self.capacity <= 0 or len(self.running) < self.capacity
+        return self.capacity <= 0 or len(self._running) < self.capacity
 
     def has_tags(self, tags: list[str]) -> bool:
         return not tags or self.tags.issuperset(tags)
 
     def load(self) -> float:
-        return len(self.running) / self.capacity if self.capacity > 0 else float(len(self.running))
+        return len(self._running) / self.capacity if self.capacity > 0 else float(len(self._running))
+
+    # ---- what it runs (the scheduler and the second-level tracker keep these) -----------------
+    def runs(self, instance_id: int) -> None:
+        """An instance was dispatched to it (it counts against its capacity until it ends)."""
+        self._running.add(instance_id)
+
+    def ended(self, instance_id: int) -> None:
+        self._running.discard(instance_id)
+
+    def forget_runs(self) -> list[int]:
+        """Every instance it was running, now no longer counted (it left)."""
+        ids = list(self._running)
+        self._running.clear()
+        return ids
+
+    def hand_down(self, job_id: int) -> None:
+        """A second-level job now runs on it."""
+        self._second_level.add(job_id)
+
+    def take_back(self, job_id: int) -> None:
+        self._second_level.discard(job_id)
+
+    @property
+    def second_level_count(self) -> int:
+        return len(self._second_level)
 
     def supersede(self) -> None:
         """A newer session of the same worker replaced this one: forget it now, close it."""
