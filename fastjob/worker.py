@@ -78,7 +78,10 @@ class _ClientConnection(Connection):
 
 
 class Worker:
-    """A FastJob worker process's client. See the README for a complete example."""
+    """A FastJob worker process's client. See the README for a complete example.
+
+    ``role="client"`` and the query methods (get/list jobs, instances and logs, delete, enable)
+    are deprecated: they move to the HTTP admin API's typed client (protocol.md, section 6.5)."""
 
     def __init__(
         self,
