@@ -87,6 +87,47 @@ class Pending:
     reason: str = "no worker connected"
 
 
+# ---- what the timer holds: one type per kind of deadline -------------------------------------
+@dataclass(frozen=True, slots=True)
+class FireDue:
+    """A fire's planned time, tagged with the epoch it was recorded under."""
+
+    row: InstanceRow
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunOverdue:
+    """A running instance passed its timeout plus a heartbeat: the server's safety net."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanExpired:
+    """An instance whose worker left has waited out that worker's run lease."""
+
+    instance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingExpired:
+    """A due fire found no worker within --dispatch-wait."""
+
+    entry: Pending
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryOver:
+    """A gained app's previous owner's workers have surely stopped."""
+
+    app: str
+    epoch: int
+
+
+TimerEntry = FireDue | RunOverdue | OrphanExpired | PendingExpired | RecoveryOver
+
+
 @dataclass(slots=True)
 class Recovery:
     """A gained app whose previous owner may have sent fires we cannot see.
@@ -213,9 +254,9 @@ class Scheduler:
                 flight = Inflight(row, job, None, row.worker)
                 self.inflight[row.id] = flight
                 self.lines.hold(job.id, row.id)
-                flight.orphan_handle = self._arm(("orphan", row.id), rec.deadline - WheelTimer.time())
+                flight.orphan_handle = self._arm(OrphanExpired(row.id), rec.deadline - WheelTimer.time())
         self.recovery[app] = rec
-        rec.handle = self._arm(("recovery", (app, epoch)), rec.deadline - WheelTimer.time())
+        rec.handle = self._arm(RecoveryOver(app, epoch), rec.deadline - WheelTimer.time())
         await self._restart_delay_chains(app, epoch, rows)
         log.info("app %s: gained at epoch %d from %s (%s), recovered %d unfinished instances; %d fires it may"
                  " have sent wait for %d of its workers or %.1fs", app, epoch, origin.prev_owner,
@@ -350,7 +391,7 @@ class Scheduler:
         else:
             self.waiting_per_job[row.job_id] += 1
         when = at if at is not None else self._timer_time_of(row.planned_ms)
-        self.wheel_handles[row.id] = self.timer.call_at(when, ("fire", (row, epoch)))
+        self.wheel_handles[row.id] = self.timer.call_at(when, FireDue(row, epoch))
 
     def _left_wheel(self, job_id: int) -> None:
         self.waiting_per_job[job_id] -= 1
@@ -362,33 +403,34 @@ class Scheduler:
         return (self.waiting_per_job[job.id] > 0 or self.lines.busy(job.id)
                 or any(row.job_id == job.id for row, _ in self.held))
 
-    def _arm(self, item: tuple[str, Any], delay: float) -> int:
+    def _arm(self, item: TimerEntry, delay: float) -> int:
         assert self.timer is not None
         return self.timer.call_later(max(0.0, delay), item)
 
-    def _on_due(self, items: list[tuple[str, Any]]) -> None:
+    def _on_due(self, items: list[TimerEntry]) -> None:
         """Handle due items; a big burst goes in slices so frames leave while the rest waits."""
         if len(items) > DUE_SLICE:
             asyncio.get_running_loop().call_soon(self._on_due, items[DUE_SLICE:])
             items = items[:DUE_SLICE]
-        for kind, payload in items:
+        for item in items:
             try:
-                if kind == "fire":
-                    row, epoch = payload
-                    if self.wheel_handles.pop(row.id, None) is not None:
-                        self._left_wheel(row.job_id)
-                    self.fire(row, epoch)
-                elif kind == "overdue":
-                    self._overdue(payload)
-                elif kind == "orphan":
-                    self._orphan_expired(payload)
-                elif kind == "pending":
-                    self._pending_expired(payload)
-                elif kind == "recovery":
-                    app, epoch = payload
-                    self._end_recovery(app, epoch, "the previous owner's workers surely stopped")
+                self._due(item)
             except Exception:  # one bad item must not cost the rest of the batch
-                log.exception("scheduler: %s item failed", kind)
+                log.exception("scheduler: %s failed", item)
+
+    def _due(self, item: TimerEntry) -> None:
+        if isinstance(item, FireDue):  # by far the most frequent
+            if self.wheel_handles.pop(item.row.id, None) is not None:
+                self._left_wheel(item.row.job_id)
+            self.fire(item.row, item.epoch)
+        elif isinstance(item, RunOverdue):
+            self._overdue(item.instance_id)
+        elif isinstance(item, OrphanExpired):
+            self._orphan_expired(item.instance_id)
+        elif isinstance(item, PendingExpired):
+            self._pending_expired(item.entry)
+        else:
+            self._end_recovery(item.app, item.epoch, "the previous owner's workers surely stopped")
 
     # ---- dispatch --------------------------------------------------------------------------
     def fire(self, row: InstanceRow, epoch: int) -> None:
@@ -442,7 +484,7 @@ class Scheduler:
         session.runs(row.id)
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
-            flight.overdue_handle = self._arm(("overdue", row.id), job.timeout + self.heartbeat_timeout)
+            flight.overdue_handle = self._arm(RunOverdue(row.id), job.timeout + self.heartbeat_timeout)
         self.writer.update(InstanceUpdate(
             row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
 
@@ -479,7 +521,7 @@ class Scheduler:
     def _queue_pending(self, row: InstanceRow, job: JobRow, refused_by: set[str], reason: str = "") -> None:
         entry = Pending(row, job, refused_by, reason or f"no worker of app {row.app!r} could take it")
         self.pending.setdefault(row.app, []).append(entry)
-        self._arm(("pending", entry), self.dispatch_wait)
+        self._arm(PendingExpired(entry), self.dispatch_wait)
 
     def drain_pending(self, app: str) -> None:
         """A worker joined or freed a slot: dispatch the app's queued fires while workers have room."""
@@ -648,7 +690,7 @@ class Scheduler:
             flight = self.inflight.get(instance_id)
             if flight is not None and flight.session is session:
                 flight.session = None
-                flight.orphan_handle = self._arm(("orphan", instance_id), safe_in)
+                flight.orphan_handle = self._arm(OrphanExpired(instance_id), safe_in)
 
     def _orphan_expired(self, instance_id: int) -> None:
         flight = self.inflight.get(instance_id)
