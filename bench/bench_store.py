@@ -39,7 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastjob.schedule import make_planner  # noqa: E402
 from fastjob.store import JobRow, create_store  # noqa: E402
-from fastjob.store._common import INST_INSERT_COLS, SQLStore, Stmt, chunks, flat  # noqa: E402
+from fastjob.store.codecs import INST_INSERT_COLS  # noqa: E402
+from fastjob.store.sql import SQLStore  # noqa: E402
+from fastjob.store.statements import Stmt, chunks, flat  # noqa: E402
 
 TARGETS = {"sqlite": 50_000, "mysql": 20_000}
 NOW = 1_700_000_000.0

@@ -55,7 +55,7 @@ MUTANTS = [
            "        if job.overlap != _ALLOW or not (line.holders or line.waiting):",
            ("tests/test_server_worker.py::test_overlap_policies",)),
     Mutant("no-fence", "the fence on the epoch removed: a deposed owner still writes",
-           "fastjob/store/_common.py",
+           "fastjob/store/sql.py",
            "        if r.rowcount != 1:\n            raise NotOwnerError(app, epoch)", "        pass",
            ("tests/test_store.py::test_stale_owner_is_fenced",
             "tests/test_failover.py::test_frozen_owner_wakes_fenced")),

@@ -29,7 +29,7 @@ from fastjob.store import (
     StoreError,
     create_store,
 )
-from fastjob.store._common import FIRST_ATTEMPT
+from fastjob.store.codecs import FIRST_ATTEMPT
 from fastjob.store.schema import LATEST_VERSION
 
 BACKENDS = ["sqlite", "mysql"]
@@ -522,8 +522,6 @@ async def test_inserted_id_strategies(store: Store) -> None:
     """RETURNING, first-id + consecutive ids, and first-id + read back give the same answers,
     with the fires sent as a VALUES list or (MySQL) as one JSON_TABLE parameter: every strategy
     the backend can use, each on an app of its own."""
-    from fastjob.store._common import Dialect
-
     d = store.dialect  # type: ignore[attr-defined]
     if d.name == "mysql":  # the probe must find this machine's MariaDB's fast paths, not fall back
         assert store.json_rows and store.json_table  # type: ignore[attr-defined]
@@ -531,7 +529,7 @@ async def test_inserted_id_strategies(store: Store) -> None:
     else:  # SQLite has RETURNING and no JSON_TABLE
         strategies = [(True, False, False), (False, False, False), (False, True, False)]
     for n, (returning, consecutive, json_table) in enumerate(strategies):
-        store.dialect = Dialect(d.name, returning=returning, transactional_ddl=d.transactional_ddl)  # type: ignore[attr-defined]
+        store.dialect = type(d)(returning=returning)  # type: ignore[attr-defined]
         store.consecutive_ids = consecutive  # type: ignore[attr-defined]
         store.json_table = json_table  # type: ignore[attr-defined]
         await _ids_agree(store, f"app{n}")

@@ -28,15 +28,17 @@ import aiomysql
 import pymysql
 from pymysql.constants import CLIENT
 
-from ._common import Dialect, Op, Result, RetryTx, SQLStore, Stmt
 from .base import StoreError
+from .dialect import MySQLDialect
+from .sql import SQLStore
+from .statements import Op, Result, RetryTx, Stmt
 
 log = logging.getLogger("fastjob.store")
 T = TypeVar("T")
 
 # No INSERT … RETURNING (MySQL lacks it; on MariaDB every returned row is one more protocol
 # packet to parse in Python): inserted ids come from the statement's first id instead.
-MYSQL = Dialect("mysql", returning=False, transactional_ddl=False)
+MYSQL = MySQLDialect(returning=False)
 
 # Server/client error codes worth a retry.
 TRANSIENT_CODES = frozenset({

@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
-from ._common import Dialect, Op, Result, SQLStore, Stmt
 from .base import StoreError
+from .dialect import SQLiteDialect
+from .sql import SQLStore
+from .statements import Op, Result, Stmt
 
 T = TypeVar("T")
 
@@ -31,7 +33,7 @@ T = TypeVar("T")
 if sqlite3.sqlite_version_info < (3, 35, 0):  # pragma: no cover - depends on the platform
     raise ImportError(f"fastjob needs SQLite >= 3.35 (found {sqlite3.sqlite_version})")
 
-SQLITE = Dialect("sqlite", returning=True, transactional_ddl=True)
+SQLITE = SQLiteDialect(returning=True)
 
 
 class SQLiteStore(SQLStore):

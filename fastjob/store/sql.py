@@ -1,4 +1,4 @@
-"""Backend-independent half of the SQL stores.
+"""Backend-independent half of the SQL stores: every operation, the retry loop, migrations.
 
 Every :class:`~fastjob.store.base.Store` method is written ONCE here as a "sans-IO" generator
 (an *op*): it yields :class:`Stmt` objects and receives a :class:`Result` for each, and its
@@ -17,18 +17,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-import json
 import logging
-import operator
 import random
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from .base import (
-    FINAL_STATUSES,
-    UNFINISHED_STATUSES,
     AppRow,
     FirePlanner,
     InstanceRow,
@@ -37,7 +33,6 @@ from .base import (
     JobSpec,
     LogLine,
     NotOwnerError,
-    Overlap,
     ScheduleType,
     ServerRow,
     Status,
@@ -45,314 +40,36 @@ from .base import (
     StoreError,
     WorkerRow,
 )
+from .codecs import (
+    CLAIM_COLS,
+    DUE_ORDER,
+    FIRE_COLS,
+    FIRST_ATTEMPT,
+    INST_COLS,
+    INST_INSERT_COLS,
+    JOB_COLS,
+    SHARED_COLS,
+    SKIPPED_COLS,
+    SPEC_COLS,
+    SQL_RANK,
+    SQL_UNFINISHED,
+    claim_job,
+    differs,
+    dumps,
+    json_ints,
+    load_json,
+    loads,
+    merge_updates,
+    rank,
+    row_to_instance,
+    row_to_job,
+    spec_values,
+)
+from .dialect import Dialect
 from .schema import LATEST_VERSION, MIGRATIONS, MYSQL_TOLERATED, SCHEMA_VERSION_DDL
+from .statements import CHUNK_ROWS, JSON_CHUNK_ROWS, Op, RetryTx, Stmt, T, chunks, flat
 
 log = logging.getLogger("fastjob.store")
-
-T = TypeVar("T")
-
-#: Rows per multi-row statement: keeps statements well under SQLite's 32766 variables and
-#: MySQL's max_allowed_packet while amortising the round trip.
-CHUNK_ROWS = 1000
-#: Rows per statement when they travel as one JSON parameter (~25 bytes a row: 10k rows stay
-#: far below max_allowed_packet, whose smallest default is MariaDB's 16 MB).
-JSON_CHUNK_ROWS = 10_000
-#: Attempt number of a first fire; a retry writes attempt + 1 with the same planned time.
-FIRST_ATTEMPT = 1
-
-
-@dataclass(slots=True)
-class Stmt:
-    """One statement an op wants executed."""
-
-    sql: str
-    params: Sequence[Any] = ()
-    #: driver error codes that mean "already done" for this statement: the driver answers
-    #: an empty Result instead of raising (MySQL DDL run twice by servers migrating at once)
-    tolerate: tuple[int, ...] = ()
-
-
-@dataclass(slots=True)
-class Result:
-    """What the driver answered: all rows (if any), affected/matched rows, last insert id."""
-
-    rows: list[tuple[Any, ...]]
-    rowcount: int
-    lastrowid: int | None
-
-
-Op = Generator[Stmt, Result, T]
-
-
-class RetryTx(Exception):
-    """Raised by an op that lost a benign race (e.g. a concurrent insert of the same job):
-    the backend rolls back and the op is run again in a fresh transaction."""
-
-
-# ---- JSON / row codecs -----------------------------------------------------------------
-def dumps(value: Any) -> str | None:
-    """JSON text for a params/result/tags/stats column; None stays NULL."""
-    if value is None:
-        return None
-    return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
-
-
-def _json_ints(rows: Sequence[Sequence[int | None]]) -> str:
-    """A JSON array of arrays of integers (or null), for Dialect.json_rel."""
-    return json.dumps(rows, separators=(",", ":"))
-
-
-def loads(text: str | None) -> Any:
-    if text is None:
-        return None
-    return json.loads(text)
-
-
-JOB_COLS = (
-    "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
-    " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
-    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats"
-)
-
-# What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
-# timezone, run_once, misfire_policy, catch_up_window) and those it needs itself. Reading and
-# decoding all the columns of 10k jobs was most of a claim's time (pure-Python row parsing on
-# MySQL, JSON decoding on SQLite).
-CLAIM_COLS = ("id, schedule_type, schedule_expr, timezone, run_once, next_trigger_ms, version, misfire_policy,"
-              " catch_up_window")
-_DUE_ORDER = operator.itemgetter(5, 0)  # (next_trigger_ms, id) of a CLAIM_COLS row
-
-INST_COLS = (
-    "id, job_id, app, planned_ms, attempt, status, trigger_kind, params, server, epoch, worker,"
-    " created_at, dispatched_at, started_at, finished_at, result, error, reruns"
-)
-# Columns written when an instance is created (the rest start NULL).
-INST_INSERT_COLS = (
-    "job_id", "app", "planned_ms", "attempt", "status", "trigger_kind", "params", "server",
-    "epoch", "created_at", "reruns",
-)
-# A fire recorded skipped by a claim (misfire policy): final at once, with its reason.
-_SKIPPED_COLS = ("job_id", "planned_ms", "error", "app", "attempt", "status", "trigger_kind", "server", "epoch",
-                 "created_at", "finished_at")
-# How claim_due writes them: per fire, and shared by every fire of the claim.
-_FIRE_COLS = ("job_id", "planned_ms")
-_SHARED_COLS = ("app", "attempt", "status", "trigger_kind", "params", "server", "epoch", "created_at")
-# Columns upsert_job writes from a JobSpec (plus `interval`, derived).
-_SPEC_COLS = (
-    "handler", "schedule_type", "schedule_expr", "timezone", "params", "timeout", "retry_times",
-    "retry_backoff", "misfire_policy", "tags", "routing", "run_once", "enabled", "allow_overlap",
-    "`interval`", "overlap", "catch_up_window", "max_queued",
-)
-
-
-_SCHEDULE_TYPES = {t.value: t for t in ScheduleType}
-_STATUSES = {t.value: t for t in Status}
-_loads = json.loads
-
-
-# The converters run once per claimed job / written row, so they are kept lean: positional
-# dataclass construction, dict lookups instead of Enum(value), and JSON decoding skipped for
-# NULL and the common empty values.
-def row_to_job(r: Sequence[Any]) -> JobRow:
-    tags = r[12]
-    return JobRow(
-        r[0], r[1], r[2], r[3], _SCHEDULE_TYPES[r[4]], r[5], r[6],
-        None if r[7] is None else _loads(r[7]), r[8], r[9], float(r[10]), r[11],
-        [] if tags is None or tags == "[]" else _loads(tags), r[13], bool(r[14]), bool(r[15]),
-        r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
-        None if r[25] is None else _loads(r[25]),
-    )
-
-
-def claim_job(app: str, r: Sequence[Any]) -> JobRow:
-    """A JobRow from a CLAIM_COLS row, for ``next_fire``: the fields not read hold the
-    placeholders that Store.claim_due documents (never the job's real values)."""
-    return JobRow(
-        r[0], app, "", "", _SCHEDULE_TYPES[r[1]], r[2], r[3], None, None, 0, 1.0, r[7], [],
-        "round_robin", bool(r[4]), True, "queue", float(r[8]), 0, r[5], 0.0, 0.0, None, False, r[6],
-    )
-
-
-def row_to_instance(r: Sequence[Any]) -> InstanceRow:
-    return InstanceRow(
-        r[0], r[1], r[2], r[3], r[4], _STATUSES[r[5]], r[6], None if r[7] is None else _loads(r[7]),
-        r[8], r[9], r[10], r[11], r[12], r[13], r[14], None if r[15] is None else _loads(r[15]), r[16],
-        r[17],
-    )
-
-
-def _spec_values(spec: JobSpec) -> tuple[Any, ...]:
-    """The stored form of a spec's columns, in _SPEC_COLS order (comparable with a row)."""
-    st = ScheduleType(spec.schedule_type)
-    interval = spec.schedule_expr if st in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY) else None
-    return (
-        spec.handler, st.value, spec.schedule_expr or "", spec.timezone, dumps(spec.params),
-        None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
-        float(spec.retry_backoff), spec.misfire_policy, dumps(list(spec.tags)) or "[]", spec.routing,
-        int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
-        spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
-    )
-
-
-# Rank used to keep status updates monotonic; every final status has the top rank.
-_RANK = {Status.WAITING: 0, Status.QUEUED: 1, Status.DISPATCHED: 2, Status.RUNNING: 3}
-_FINAL_RANK = len(_RANK)
-assert set(_RANK) == UNFINISHED_STATUSES
-#: SQL: the rank of the stored status of an unfinished instance, and the unfinished statuses
-_SQL_RANK = "(CASE instances.status " + " ".join(f"WHEN '{s.value}' THEN {r}" for s, r in _RANK.items()) + " END)"
-_SQL_UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in _RANK) + ")"
-
-
-def _rank(status: Status) -> int:
-    return _RANK.get(status, _FINAL_RANK)
-
-
-def merge_updates(updates: Iterable[InstanceUpdate]) -> list[InstanceUpdate]:
-    """Collapse several updates of one instance into one, as if applied in order.
-
-    A multi-row UPDATE … JOIN may apply only one source row per target row, so the batch is
-    reduced first: the furthest status wins, a first final status is never replaced, and
-    fields given by earlier updates are kept unless a later applied one gives them too.
-    """
-    merged: dict[int, InstanceUpdate] = {}
-    for u in updates:
-        u = InstanceUpdate(u.id, Status(u.status), u.worker, u.dispatched_at, u.started_at,
-                           u.finished_at, u.result, u.error)
-        cur = merged.get(u.id)
-        if cur is None:
-            merged[u.id] = u
-            continue
-        if cur.status in FINAL_STATUSES or _rank(u.status) <= _rank(cur.status):
-            continue  # stale or duplicate report: the database would ignore it too
-        for f in ("worker", "dispatched_at", "started_at", "finished_at", "result", "error"):
-            if getattr(u, f) is None:
-                setattr(u, f, getattr(cur, f))
-        merged[u.id] = u
-    return list(merged.values())
-
-
-def chunks(seq: Sequence[T], n: int = CHUNK_ROWS) -> Iterable[Sequence[T]]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
-
-
-def flat(rows: Iterable[Sequence[Any]]) -> list[Any]:
-    return [v for row in rows for v in row]
-
-
-# ---- dialects ------------------------------------------------------------------------------
-class Dialect:
-    """The few SQL spellings that differ between SQLite and MySQL/MariaDB."""
-
-    def __init__(self, name: str, *, returning: bool, transactional_ddl: bool) -> None:
-        self.name = name
-        #: INSERT … RETURNING (SQLite >= 3.35, MariaDB >= 10.5; not MySQL).
-        self.returning = returning
-        #: DDL can run inside a transaction (SQLite) rather than committing implicitly (MySQL).
-        self.transactional_ddl = transactional_ddl
-
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects are module constants, never freed
-    def insert(self, table: str, cols: tuple[str, ...], nrows: int, *, ignore: bool = False,
-               returning: str | None = None) -> str:
-        """A multi-row INSERT; ``ignore`` skips rows that hit a UNIQUE key."""
-        one = "(" + ",".join("?" * len(cols)) + ")"
-        values = ",".join([one] * nrows)
-        mysql = self.name == "mysql"
-        head = "INSERT IGNORE INTO" if ignore and mysql else "INSERT INTO"
-        sql = f"{head} {table} ({', '.join(cols)}) VALUES {values}"
-        if ignore and not mysql:
-            sql += " ON CONFLICT DO NOTHING"
-        if returning:
-            sql += f" RETURNING {returning}"
-        return sql
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
-    def insert_shared(self, table: str, cols: tuple[str, ...], shared: tuple[str, ...], nrows: int, *,
-                      returning: str | None = None) -> str:
-        """A multi-row INSERT that skips rows hitting a UNIQUE key, of rows that differ only in
-        ``cols`` and share the values of ``shared``; params from :meth:`shared_params`.
-
-        SQLite binds the shared values once (INSERT … SELECT … FROM (VALUES …)): binding is
-        much of its insert time. MySQL repeats them in every row of a plain VALUES list: its
-        derived tables parse slower than VALUES, and the backend escapes each object once."""
-        if self.name == "mysql":
-            return self.insert(table, cols + shared, nrows, ignore=True)
-        one = "(" + ",".join("?" * len(cols)) + ")"
-        picks = ", ".join([f"column{i + 1}" for i in range(len(cols))] + ["?"] * len(shared))
-        # "WHERE true" keeps ON CONFLICT from parsing as a join's ON (SQLite's documented rule)
-        sql = (f"INSERT INTO {table} ({', '.join(cols + shared)}) SELECT {picks}"
-               f" FROM (VALUES {','.join([one] * nrows)}) WHERE true ON CONFLICT DO NOTHING")
-        return sql + f" RETURNING {returning}" if returning else sql
-
-    def shared_params(self, rows: Sequence[Sequence[Any]], shared: Sequence[Any]) -> list[Any]:
-        """The parameters of :meth:`insert_shared`'s statement for ``rows``."""
-        if self.name == "mysql":
-            shared = tuple(shared)
-            return [v for row in rows for v in (*row, *shared)]
-        return [*shared, *flat(rows)]
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
-    def upsert(self, table: str, cols: tuple[str, ...], key: str, update: tuple[str, ...]) -> str:
-        """INSERT one row, or update ``update`` columns of the row with the same ``key``."""
-        base = self.insert(table, cols, 1)
-        if self.name == "mysql":
-            return base + " ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in update)
-        return base + f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in update)
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - dialects are module constants, never freed
-    def update_join(self, table: str, cols: tuple[str, ...], nrows: int,
-                    sets: tuple[tuple[str, str], ...], where: str) -> str:
-        """UPDATE ``table`` from an inline relation ``u(cols)`` of ``nrows`` parameter rows,
-        joined on ``table.id = u.id`` (``cols[0]`` must be ``id``). One statement for many
-        rows with different values: UPDATE … FROM (VALUES …) on SQLite, a UNION ALL
-        derived table + multi-table UPDATE on MySQL (portable to MySQL 8 and MariaDB)."""
-        if self.name == "mysql":
-            first = "SELECT " + ", ".join(f"? AS {c}" for c in cols)
-            rest = " UNION ALL SELECT " + ",".join("?" * len(cols))
-            rel = first + rest * (nrows - 1)
-            set_sql = ", ".join(f"{table}.{c} = {e}" for c, e in sets)
-            return (f"UPDATE {table} JOIN ({rel}) AS u ON {table}.id = u.id"
-                    f" SET {set_sql} WHERE {where}")
-        one = "(" + ",".join("?" * len(cols)) + ")"
-        rel = ",".join([one] * nrows)
-        set_sql = ", ".join(f"{c} = {e}" for c, e in sets)
-        # Not "WITH u(...) AS (VALUES ...)": Python's sqlite3 reports no rowcount for a
-        # statement that does not start with UPDATE.
-        named = ", ".join(f"column{i + 1} AS {c}" for i, c in enumerate(cols))
-        return (f"UPDATE {table} SET {set_sql} FROM (SELECT {named} FROM (VALUES {rel})) AS u"
-                f" WHERE {table}.id = u.id AND ({where})")
-
-    def in_list(self, n: int) -> str:
-        return "(" + ",".join("?" * n) + ")"
-
-    # JSON_TABLE (MariaDB >= 10.6, MySQL >= 8.0.4): a relation of integer rows sent as ONE JSON
-    # parameter. Much cheaper than a literal VALUES / UNION ALL list of 10k rows both to build
-    # (json.dumps in C instead of escaping 30k Python objects) and for the server to parse.
-    @staticmethod
-    def json_rel(cols: tuple[str, ...], ordinal: bool = False) -> str:
-        """``JSON_TABLE(?, …) AS u`` with BIGINT columns ``cols`` from a JSON array of arrays;
-        ``ordinal`` adds ``u.n``, the 1-based position of the row in the array."""
-        defs = [f"{c} BIGINT PATH '$[{i}]'" for i, c in enumerate(cols)]
-        if ordinal:
-            defs.insert(0, "n FOR ORDINALITY")
-        return f"JSON_TABLE(?, '$[*]' COLUMNS ({', '.join(defs)})) AS u"
-
-    @functools.lru_cache(maxsize=16)  # noqa: B019 - dialects are module constants, never freed
-    def insert_shared_json(self, table: str, cols: tuple[str, ...], shared: tuple[str, ...]) -> str:
-        """:meth:`insert_shared` from a JSON_TABLE; params ``[*shared, json_rows]``. ORDER BY
-        the array position: the rows must take their consecutive ids in that order (the
-        caller maps ids by position), which a SELECT without ORDER BY does not promise."""
-        picks = ", ".join([f"u.{c}" for c in cols] + ["?"] * len(shared))
-        return (f"INSERT IGNORE INTO {table} ({', '.join(cols + shared)}) SELECT {picks}"
-                f" FROM {self.json_rel(cols, ordinal=True)} ORDER BY u.n")
-
-    @functools.lru_cache(maxsize=16)  # noqa: B019 - dialects are module constants, never freed
-    def update_join_json(self, table: str, cols: tuple[str, ...], sets: tuple[tuple[str, str], ...],
-                         where: str) -> str:
-        """:meth:`update_join` from a JSON_TABLE of integer columns; params ``[json_rows]``."""
-        set_sql = ", ".join(f"{table}.{c} = {e}" for c, e in sets)
-        return (f"UPDATE {table} JOIN {self.json_rel(cols)} ON {table}.id = u.id"
-                f" SET {set_sql} WHERE {where}")
 
 
 # ---- the shared store ----------------------------------------------------------------------
@@ -594,16 +311,16 @@ class SQLStore(Store):
 
     # ---- jobs --------------------------------------------------------------------------------
     async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
-        values = _spec_values(spec)
+        values = spec_values(spec)
         return await self._run("upsert_job", lambda: self._op_upsert_job(spec, values, next_trigger_ms, now), tx=True)
 
     def _op_upsert_job(self, spec: JobSpec, values: tuple[Any, ...], next_trigger_ms: int | None,
                        now: float) -> Op[JobRow]:
-        cols = ", ".join(_SPEC_COLS)
+        cols = ", ".join(SPEC_COLS)
         r = yield Stmt(f"SELECT id, version, is_delete, {cols} FROM jobs WHERE app = ? AND name = ?",
                        (spec.app, spec.name))
         if not r.rows:
-            ins_cols = ("app", "name") + _SPEC_COLS + ("next_trigger_ms", "created_time", "updated_time",
+            ins_cols = ("app", "name") + SPEC_COLS + ("next_trigger_ms", "created_time", "updated_time",
                                                         "is_delete", "version")
             w = yield Stmt(self.dialect.insert("jobs", ins_cols, 1, ignore=True),
                            (spec.app, spec.name) + values + (next_trigger_ms, now, now, 0, 1))
@@ -612,12 +329,12 @@ class SQLStore(Store):
         else:
             job_id, version, is_delete = r.rows[0][0], r.rows[0][1], bool(r.rows[0][2])
             old = tuple(r.rows[0][3:])
-            # handler..timezone are columns 0..3 of _SPEC_COLS; enabled is 12
+            # handler..timezone are columns 0..3 of SPEC_COLS; enabled is 12
             schedule_changed = old[1:4] != values[1:4]
             re_enabled = values[12] and not old[12]
-            changed = is_delete or any(_differs(a, b) for a, b in zip(old, values, strict=True))
+            changed = is_delete or any(differs(a, b) for a, b in zip(old, values, strict=True))
             if changed:
-                sets = ", ".join(f"{c} = ?" for c in _SPEC_COLS)
+                sets = ", ".join(f"{c} = ?" for c in SPEC_COLS)
                 new_next = is_delete or schedule_changed or re_enabled
                 sql = (f"UPDATE jobs SET {sets}, is_delete = 0, updated_time = ?, version = version + 1"
                        + (", next_trigger_ms = ?" if new_next else "") + " WHERE id = ? AND version = ?")
@@ -713,11 +430,11 @@ class SQLStore(Store):
             r = yield Stmt(f"SELECT COUNT(*), JSON_ARRAYAGG(JSON_ARRAY({CLAIM_COLS})) FROM ({sql}) AS due", params)
             count, text = r.rows[0]
             try:
-                rows = [] if not count else _loads(text)
+                rows = [] if not count else load_json(text)
             except (TypeError, ValueError):
                 rows = None  # NULL or cut short: larger than group_concat_max_len (MariaDB)
             if rows is not None and len(rows) == count:
-                rows.sort(key=_DUE_ORDER)  # an aggregate's order is not guaranteed
+                rows.sort(key=DUE_ORDER)  # an aggregate's order is not guaranteed
                 return rows
         r = yield Stmt(sql, params)
         return r.rows
@@ -769,7 +486,7 @@ class SQLStore(Store):
         if skips:
             shared = (app, FIRST_ATTEMPT, Status.SKIPPED.value, "schedule", server_id, epoch, now, now)
             for skipped in chunks(skips):
-                yield Stmt(self.dialect.insert("instances", _SKIPPED_COLS, len(skipped), ignore=True),
+                yield Stmt(self.dialect.insert("instances", SKIPPED_COLS, len(skipped), ignore=True),
                            [v for row in skipped for v in (*row, *shared)])
 
         # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
@@ -780,7 +497,7 @@ class SQLStore(Store):
         cols, where = ("id", "ver", "nt"), "jobs.version = u.ver"
         for part in chunks(advances, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
             if jt:
-                yield Stmt(d.update_join_json("jobs", cols, sql_sets, where), (_json_ints(part),))
+                yield Stmt(d.update_join_json("jobs", cols, sql_sets, where), (json_ints(part),))
             else:
                 yield Stmt(d.update_join("jobs", cols, len(part), sql_sets, where), flat(part))
         return out
@@ -796,22 +513,17 @@ class SQLStore(Store):
         returning = d.returning and not self.consecutive_ids
         for part in chunks(fires, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
             if jt:
-                w = yield Stmt(d.insert_shared_json("instances", _FIRE_COLS, _SHARED_COLS),
-                               [*shared, _json_ints(part)])
+                w = yield Stmt(d.insert_shared_json("instances", FIRE_COLS, SHARED_COLS),
+                               [*shared, json_ints(part)])
             else:
-                w = yield Stmt(d.insert_shared("instances", _FIRE_COLS, _SHARED_COLS, len(part),
+                w = yield Stmt(d.insert_shared("instances", FIRE_COLS, SHARED_COLS, len(part),
                                                returning="id, job_id, planned_ms" if returning else None),
                                d.shared_params(part, shared))
             # Which rows went in (a fire already recorded is skipped): (id, job_id, planned_ms).
             if returning:
                 got = w.rows
             else:
-                # MySQL reports the first id a multi-row INSERT took; SQLite the last one, and
-                # a skipped row may use up an id, so only a lower bound is known there.
-                if d.name == "mysql":
-                    first = w.lastrowid or 0  # set by every INSERT that wrote a row
-                else:
-                    first = max((w.lastrowid or 0) - len(part) + 1, max((x.id for x in out), default=0) + 1)
+                first = d.first_inserted_id(w.lastrowid, len(part), max((x.id for x in out), default=0))
                 if w.rowcount <= 0:
                     got = []
                 elif w.rowcount == len(part) and self.consecutive_ids:
@@ -888,7 +600,7 @@ class SQLStore(Store):
     @staticmethod
     def _update_rows(updates: Iterable[InstanceUpdate]) -> list[tuple[Any, ...]]:
         """The parameter rows of ``_op_update_instances``, one per instance (updates merged)."""
-        return [(u.id, u.status.value, _rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
+        return [(u.id, u.status.value, rank(u.status), u.worker, u.dispatched_at, u.started_at, u.finished_at,
                  dumps(u.result), u.error) for u in merge_updates(updates)]
 
     _UPD_COLS = ("id", "st", "rnk", "worker", "dispatched_at", "started_at", "finished_at", "result", "error")
@@ -896,7 +608,7 @@ class SQLStore(Store):
         (c, f"COALESCE(u.{c}, instances.{c})")
         for c in ("worker", "dispatched_at", "started_at", "finished_at", "result", "error"))
     # Monotonic: only unfinished rows change, and only forward (a final status from anywhere).
-    _UPD_WHERE = f"instances.status IN {_SQL_UNFINISHED} AND u.rnk > {_SQL_RANK}"
+    _UPD_WHERE = f"instances.status IN {SQL_UNFINISHED} AND u.rnk > {SQL_RANK}"
 
     def _op_update_instances(self, rows: list[tuple[Any, ...]]) -> Op[int]:
         changed = 0
@@ -930,7 +642,7 @@ class SQLStore(Store):
 
     async def load_unfinished(self, app: str) -> list[InstanceRow]:
         rows = await self._run("load_unfinished", lambda: self._op_query(
-            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND status IN {_SQL_UNFINISHED}"
+            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND status IN {SQL_UNFINISHED}"
             " ORDER BY planned_ms, id", (app,)), tx=False)
         return [row_to_instance(r) for r in rows]
 
@@ -950,12 +662,3 @@ class SQLStore(Store):
             "SELECT instance_id, ts, level, message FROM job_logs WHERE instance_id = ? ORDER BY id LIMIT ?",
             (instance_id, limit)), tx=False)
         return [LogLine(int(r[0]), float(r[1]), r[2], r[3]) for r in rows]
-
-
-def _differs(old: Any, new: Any) -> bool:
-    """Column comparison tolerant of driver types (1 vs True, 5 vs 5.0)."""
-    if old is None or new is None:
-        return old is not new
-    if isinstance(new, (int, float)) and isinstance(old, (int, float)):
-        return float(old) != float(new)
-    return bool(old != new)
