@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .context import Handler, JobContext, LocalLog
+from .store.base import Status
 from .timer import WheelTimer
 
 log = logging.getLogger("fastjob.worker")
@@ -206,7 +207,7 @@ class SecondLevelRunner:
         job.running -= 1
         job.runs += 1
         job.last_run_at = started
-        if status != "succeeded":
+        if status != Status.SUCCEEDED.value:
             job.failures += 1
             job.last_error = error
         if job.spec["schedule_type"] == "fixed_delay" and self.jobs.get(spec["id"]) is job and job.handle is None:

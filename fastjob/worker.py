@@ -42,7 +42,7 @@ from .protocol import (
     parse_address,
 )
 from .second_level_runner import SecondLevelRunner
-from .store.base import JobSpec, Overlap, ScheduleType
+from .store.base import JobSpec, Overlap, ScheduleType, Status
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
@@ -632,27 +632,28 @@ class Worker:
             if inspect.isawaitable(result):
                 result = await result
         except asyncio.TimeoutError:
-            return "timed_out", None, f"handler exceeded its {timeout}s timeout"
+            return Status.TIMED_OUT.value, None, f"handler exceeded its {timeout}s timeout"
         except asyncio.CancelledError:
             reason = cancel_reason()
             if self._main_task is not None and self._main_task.cancelled():
                 raise
             if reason == "timeout":
-                return "timed_out", None, "cancelled: timeout"
+                return Status.TIMED_OUT.value, None, "cancelled: timeout"
             # cut short by its worker or server, not by the handler: version 1 calls it cancelled
-            return ("interrupted" if self.version >= 2 else "cancelled"), None, f"interrupted: {reason}"
+            return (Status.INTERRUPTED if self.version >= 2 else Status.CANCELLED).value, None, f"interrupted: {reason}"
         except Exception as exc:
             log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
-            return "failed", None, f"{type(exc).__name__}: {exc}"
+            return Status.FAILED.value, None, f"{type(exc).__name__}: {exc}"
         if not check_result:
-            return "succeeded", result, None
+            return Status.SUCCEEDED.value, result, None
         try:
             size = len(msgpack.packb(result))
         except Exception as exc:
-            return "failed", None, f"result not serialisable: {type(exc).__name__}: {exc}"
+            return Status.FAILED.value, None, f"result not serialisable: {type(exc).__name__}: {exc}"
         if size > self._max_frame - RESULT_HEADROOM:
-            return "failed", None, f"result too large: {size} bytes encoded, the frame limit is {self._max_frame}"
-        return "succeeded", result, None
+            return (Status.FAILED.value, None,
+                    f"result too large: {size} bytes encoded, the frame limit is {self._max_frame}")
+        return Status.SUCCEEDED.value, result, None
 
     # ---- outgoing ------------------------------------------------------------------------------
     def send_frame(self, kind: str, body: dict[str, Any]) -> bool:
