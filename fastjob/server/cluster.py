@@ -197,7 +197,9 @@ class Cluster:
             self._db_up_since = None
             raise
         if self._db_up_since is None:
-            self._db_up_since = sent_at
+            # from when the database answered, not from when we asked: a call retried through
+            # an outage was sent before it, and peers have had no time to renew since
+            self._db_up_since = loop.time()
         await self.sync()
         self._renewed(sent_at)
 
