@@ -13,6 +13,26 @@ may have sent to a worker (its status write may not have landed) hold their job 
 workers it had re-attach and say what they run, or until any run of theirs has surely
 stopped (the workers' run lease); dispatched or running fires wait for their worker the same
 way and are re-run (``interrupted``) if it does not have them.
+
+Where a fire is on this server, by state (one place at a time; the stored status in brackets):
+
+=============  ========================================  ===========================================
+state          held in                                   leaves for
+=============  ========================================  ===========================================
+in the wheel   ``wheel_handles`` (+ ``waiting_per_job``)  due: its line decides (FireDue)  [waiting]
+held           ``held``                                  lease renewed: due again; app lost: dropped
+draining       ``draining[app]``                         handed over: the new owner's; not: due again
+queued         its job's line (:mod:`.lines`)            its turn: dispatched             [queued]
+pending        ``pending[app]``                          a worker with room: dispatched; after
+                                                         --dispatch-wait: failed          [waiting]
+recovering     ``recovery[app].suspects``                a worker names it: in flight; all
+                                                         re-attached or the lease is out: due again
+in flight      ``inflight`` (session set, or None while  RESULT: final; worker lost past its run
+               orphaned: OrphanExpired armed)            lease: interrupted, re-run
+                                                                               [dispatched, running]
+following up   ``_follow_ups[app]`` (a retry or re-run   written: in the wheel as attempt + 1
+               being written)
+=============  ========================================  ===========================================
 """
 from __future__ import annotations
 
