@@ -540,7 +540,9 @@ async def _ids_agree(store: Store, app: str) -> None:
     a = await store.upsert_job(spec("a", app=app), 1000, NOW)
     pre = await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW)
     assert pre is not None and pre.params == {"x": 1} and pre.planned_ms == 2000
-    assert await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", None, NOW) is None
+    assert await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", None, NOW + 1) is None
+    # the same write again (a retry of an unanswered try, same stamp): the row it committed
+    assert await store.insert_instance("s1", app, epoch, a.id, 2000, 1, "schedule", {"x": 1}, NOW) == pre
     rows = await store.claim_due("s1", app, epoch, 4000, every(1000), NOW)
     assert sorted(r.planned_ms for r in rows) == [1000, 3000, 4000]  # 2000 was a duplicate
     assert {r.id for r in rows}.isdisjoint({pre.id})

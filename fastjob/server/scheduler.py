@@ -211,6 +211,9 @@ class Scheduler:
         self._dispatched: collections.Counter[str] = collections.Counter()  # fires sent per app, for fire_rates()
         self._rates_since = time.monotonic()
         self._follow_ups: dict[str, set[asyncio.Task[None]]] = {}  # retries/re-runs being written, by app
+        # WAL writes that failed without an answer, by app: (epoch, created_at); they may have
+        # committed, and then only a query by their stamp finds their fires (_recover_unanswered)
+        self._unanswered: dict[str, list[tuple[int, float]]] = {}
         self._rr: dict[str, int] = {}
         self.tasks = BackgroundTasks(expected=(StoreError,))
         self._scan_task: asyncio.Task[None] | None = None
@@ -244,6 +247,7 @@ class Scheduler:
         # our own statuses first: an app we owned before (and dropped) must not be recovered from
         # rows that our pending writes have not reached (a finished run would look dispatched)
         await self.writer.flush()
+        self._unanswered.pop(app, None)  # every unfinished row is loaded below
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
         expected: set[str] = set()
@@ -302,6 +306,7 @@ class Scheduler:
         # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
         self.pending.pop(app, None)
         self.draining.pop(app, None)
+        self._unanswered.pop(app, None)
         rec = self.recovery.pop(app, None)
         if rec is not None and rec.handle is not None and self.timer is not None:
             self.timer.cancel(rec.handle)
@@ -376,25 +381,49 @@ class Scheduler:
 
         A claim writes at most CLAIM_LIMIT fires (a bounded transaction); while one comes back
         full, the next is claimed at once: 10,000 per-second jobs need 10,000 fires a second."""
+        await self._recover_unanswered(app, epoch)
         claimed = 0
         for _ in range(MAX_CLAIMS_PER_SCAN):
             now = time.time()
             horizon_ms = int((now + self.scan_horizon) * 1000)
             planner = schedule.make_planner(int(now * 1000), int(self.misfire_threshold * 1000))
-            rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, planner, now,
-                                              limit=CLAIM_LIMIT)
-            jobs = self.jobs
-            if any(row.job_id not in jobs for row in rows):
-                await self.load_jobs(app)  # one query for the app, not a round trip per job
-            for row in rows:
-                if row.job_id in jobs:
-                    self._enter_wheel(row, epoch)
+            try:
+                rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, planner, now,
+                                                  limit=CLAIM_LIMIT)
+            except StoreError:
+                self._unanswered.setdefault(app, []).append((epoch, now))
+                raise
+            await self._wheel_claimed(app, epoch, rows)
             claimed += len(rows)
             if len(rows) < CLAIM_LIMIT:
                 break
         if claimed:
             log.debug("app %s: claimed %d fires", app, claimed)
         return claimed
+
+    async def _wheel_claimed(self, app: str, epoch: int, rows: list[InstanceRow]) -> None:
+        jobs = self.jobs
+        if any(row.job_id not in jobs for row in rows):
+            await self.load_jobs(app)  # one query for the app, not a round trip per job
+        for row in rows:
+            if row.job_id in jobs:
+                self._enter_wheel(row, epoch)
+
+    async def _recover_unanswered(self, app: str, epoch: int) -> None:
+        """Wheel the fires of our WAL writes that failed without an answer but committed (the
+        reply lost, every retry failed): no one else holds them. A write of an older epoch is
+        the business of whoever gained the app since (it loads every unfinished row)."""
+        unanswered = self._unanswered.get(app)
+        while unanswered:
+            written_epoch, created_at = unanswered[0]
+            if written_epoch == epoch:
+                rows = await self.store.written_at(self.cluster.server_id, app, epoch, created_at)
+                known = [r for r in rows if r.id in self.wheel_handles or r.id in self.inflight]
+                if rows:
+                    log.warning("app %s: %d fires of a write whose answer was lost found in the WAL",
+                                app, len(rows) - len(known))
+                await self._wheel_claimed(app, epoch, [r for r in rows if r not in known])
+            unanswered.pop(0)
 
     # ---- the wheel -------------------------------------------------------------------------
     @staticmethod
@@ -815,6 +844,7 @@ class Scheduler:
         rerun = follow == "rerun"
         again: InstanceRow | None = None
         delay = 0.05
+        created_at = time.time()  # one stamp for every try: a try that committed unheard is recognised
         try:
             while True:
                 epoch = self.cluster.owned.get(row.app)
@@ -823,7 +853,7 @@ class Scheduler:
                 try:
                     again = await self.store.insert_instance(
                         self.cluster.server_id, row.app, epoch, job.id, row.planned_ms, row.attempt + 1, follow,
-                        row.params, time.time(), reruns=row.reruns + int(rerun))
+                        row.params, created_at, reruns=row.reruns + int(rerun))
                     break
                 except NotOwnerError:
                     return
@@ -861,8 +891,13 @@ class Scheduler:
             raise NotOwnerError(app, -1)
         planned = schedule.now_ms()
         for bump in range(50):  # two triggers in the same millisecond get distinct planned times
-            row = await self.store.insert_instance(
-                self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, time.time())
+            created_at = time.time()
+            try:
+                row = await self.store.insert_instance(
+                    self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, created_at)
+            except StoreError:
+                self._unanswered.setdefault(app, []).append((epoch, created_at))
+                raise
             if row is not None:
                 self.jobs[job.id] = job
                 self._enter_wheel(row, epoch, WheelTimer.time())

@@ -499,7 +499,9 @@ class Store(abc.ABC):
     ) -> InstanceRow | None:
         """Fenced: write one ``waiting`` instance (API trigger, retry, re-run).
 
-        Returns None if (job_id, planned_ms, attempt) is already recorded.
+        Returns None if (job_id, planned_ms, attempt) is already recorded, except when that row
+        is this very write (same server, epoch, trigger and ``now``): a caller that retries with
+        the same ``now`` after an unanswered try gets the row its try committed.
         """
 
     async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
@@ -542,6 +544,13 @@ class Store(abc.ABC):
 
         Used by a new owner (takeover, restart) to recover the WAL.
         """
+
+    @abc.abstractmethod
+    async def written_at(self, server_id: str, app: str, epoch: int, created_at: float) -> list[InstanceRow]:
+        """The waiting instances a write of ours stamped ``created_at`` left in the WAL.
+
+        For a caller that never heard the write's answer: its COMMIT may have landed while the
+        reply was lost and every retry failed, and then nobody holds those fires."""
 
     # ---- job logs ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -547,10 +547,15 @@ class SQLStore(Store):
                               tx=True)
         return None if row is None else row_to_instance(row)
 
+    async def written_at(self, server_id: str, app: str, epoch: int, created_at: float) -> list[InstanceRow]:
+        rows = await self._run("written_at", lambda: self._op_query(
+            f"SELECT {INST_COLS} FROM instances WHERE app = ? AND server = ? AND epoch = ? AND created_at = ?"
+            " AND status = ? ORDER BY id", (app, server_id, epoch, created_at, Status.WAITING.value)), tx=False)
+        return [row_to_instance(r) for r in rows]
+
     def _op_insert_instance(self, state: _Attempts, server_id: str, app: str, epoch: int,
                             values: tuple[Any, ...]) -> Op[tuple[Any, ...] | None]:
         yield from self._fence(server_id, app, epoch)
-        retry = state.tried_insert
         state.tried_insert = True
         if self.dialect.returning:
             w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True, returning=INST_COLS),
@@ -561,13 +566,14 @@ class SQLStore(Store):
             w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True), values)
             if w.rowcount == 1 and w.lastrowid:
                 return (w.lastrowid,) + values[:7] + values[7:9] + (None, values[9]) + (None,) * 5 + values[10:11]
-        if retry:  # did our previous attempt commit before the connection dropped?
-            r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE job_id = ? AND planned_ms = ? AND attempt = ?",
-                           values[0:1] + values[2:4])
-            if r.rows:
-                row = r.rows[0]
-                if (row[8], row[9], row[11], row[6]) == (server_id, epoch, values[9], values[5]):
-                    return row
+        # Skipped: is it the row an earlier attempt of ours committed without us hearing back
+        # (same server, epoch and created_at, which a caller keeps across its retries)?
+        r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE job_id = ? AND planned_ms = ? AND attempt = ?",
+                       values[0:1] + values[2:4])
+        if r.rows:
+            row = r.rows[0]
+            if (row[8], row[9], row[11], row[6]) == (server_id, epoch, values[9], values[5]):
+                return tuple(row)
         return None
 
     async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
