@@ -140,11 +140,21 @@ class FastJobServer:
             peers.remove(session)
         log.info("%s %s of app %s disconnected", session.role, session.worker_id, session.app)
         if session.role == "worker":
+            # Stopped cleanly (DRAIN, nothing left running), it runs nothing of ours; gone any other
+            # way, it may run on until its run lease is out, and a successor must know it existed.
+            clean = session.draining and session.run_count == 0
             self.scheduler.worker_left(session)
             self.second_level.worker_left(session)
-            if not any(peer.worker_id == session.worker_id for peer in peers):
-                self.tasks.spawn(self.store.unregister_worker(session.app, session.worker_id, self.cluster.server_id),
-                                 f"fastjob-unregister-{session.worker_id}")
+            keep_for = 0.0 if clean else self.config.effective_run_lease + 0.1 * self.config.heartbeat_timeout
+            self.tasks.spawn(self._unregister_later(session.app, session.worker_id, keep_for),
+                             f"fastjob-unregister-{session.worker_id}")
+
+    async def _unregister_later(self, app: str, worker_id: str, delay: float) -> None:
+        """Forget the worker in the registry after ``delay``, unless it came back meanwhile."""
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if not any(peer.worker_id == worker_id for peer in self.sessions.get(app, [])):
+            await self.store.unregister_worker(app, worker_id, self.cluster.server_id)
 
     def on_report(self, session: WorkerSession, kind: str, body: dict[str, Any]) -> None:
         """A worker's report on what it runs (REPORT_TYPES), to the part that tracks it."""

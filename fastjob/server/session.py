@@ -99,6 +99,10 @@ class WorkerSession(Connection):
     def ended(self, instance_id: int) -> None:
         self._running.discard(instance_id)
 
+    @property
+    def run_count(self) -> int:
+        return len(self._running)
+
     def forget_runs(self) -> list[int]:
         """Every instance it was running, now no longer counted (it left)."""
         ids = list(self._running)
