@@ -38,14 +38,13 @@ class TcpProxy:
             await asyncio.wait(self._pipes, timeout=5)
 
     async def cut(self, mode: str = "refuse") -> None:
-        """Make the target unreachable through the proxy."""
+        """Make the target unreachable through the proxy. "refuse" resets every connection, open or
+        new; the port stays bound (released, another process on the machine could take it before
+        ``restore`` binds it again)."""
         assert mode in ("refuse", "blackhole")
         self.mode = mode
-        if mode == "refuse" and self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        self._drop_all() if mode == "refuse" else None
+        if mode == "refuse":
+            self._drop_all()
 
     async def restore(self) -> None:
         """Forward again (on the same port); connections held in a black hole are dropped."""
