@@ -74,41 +74,36 @@ def summarise(system: str, backend: str, jobs: int, starts: list[tuple[int, int,
 
 
 # ---- FastJob: a server process and a worker process ---------------------------------------------------
-def _mysql_database(base: str) -> tuple[str, str]:
+def _admin(base: str, sql: str) -> tuple[Any, ...] | None:
+    """Run one statement on the server of ``base`` (no database selected); its first row, if any."""
     import pymysql
 
-    name = f"fastjob_load_{uuid.uuid4().hex[:8]}"
     parts = urlsplit(base)
     conn = pymysql.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
                            user=parts.username or "root", password=parts.password or "", autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    conn.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+def _mysql_database(base: str) -> tuple[str, str]:
+    name = f"fastjob_load_{uuid.uuid4().hex[:8]}"
+    _admin(base, f"CREATE DATABASE `{name}`")
+    parts = urlsplit(base)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, "", "")), name
 
 
 def _mysql_drop(base: str, name: str) -> None:
-    import pymysql
-
-    parts = urlsplit(base)
-    conn = pymysql.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
-                           user=parts.username or "root", password=parts.password or "", autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    conn.close()
+    _admin(base, f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def _questions(base: str) -> int:
-    import pymysql
-
-    parts = urlsplit(base)
-    conn = pymysql.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
-                           user=parts.username or "root", password=parts.password or "", autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute("SHOW GLOBAL STATUS LIKE 'Questions'")
-        value = int(cur.fetchone()[1])
-    conn.close()
-    return value
+    row = _admin(base, "SHOW GLOBAL STATUS LIKE 'Questions'")
+    assert row is not None
+    return int(row[1])
 
 
 def _read_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout: float) -> bytes:

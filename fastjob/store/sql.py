@@ -540,10 +540,9 @@ class SQLStore(Store):
     async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
                               attempt: int, trigger: str, params: Any, now: float,
                               reruns: int = 0) -> InstanceRow | None:
-        state = _Attempts()
         values = (job_id, app, planned_ms, attempt, Status.WAITING.value, trigger, dumps(params), server_id, epoch, now,
                   reruns)
-        row = await self._run("insert_instance", lambda: self._op_insert_instance(state, server_id, app, epoch, values),
+        row = await self._run("insert_instance", lambda: self._op_insert_instance(server_id, app, epoch, values),
                               tx=True)
         return None if row is None else row_to_instance(row)
 
@@ -553,10 +552,9 @@ class SQLStore(Store):
             " AND status = ? ORDER BY id", (app, server_id, epoch, created_at, Status.WAITING.value)), tx=False)
         return [row_to_instance(r) for r in rows]
 
-    def _op_insert_instance(self, state: _Attempts, server_id: str, app: str, epoch: int,
+    def _op_insert_instance(self, server_id: str, app: str, epoch: int,
                             values: tuple[Any, ...]) -> Op[tuple[Any, ...] | None]:
         yield from self._fence(server_id, app, epoch)
-        state.tried_insert = True
         if self.dialect.returning:
             w = yield Stmt(self.dialect.insert("instances", INST_INSERT_COLS, 1, ignore=True, returning=INST_COLS),
                            values)
