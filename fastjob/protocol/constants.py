@@ -1,0 +1,15 @@
+"""Protocol versions and default limits.
+
+Apart so that configuration (``fastjob.server.config``, the worker's arguments) can name the
+defaults without pulling in the codec or the connection.
+"""
+from __future__ import annotations
+
+PROTOCOL_VERSION = 2
+"""The highest protocol version this implementation speaks."""
+MIN_PROTOCOL_VERSION = 1
+"""The lowest protocol version this implementation still accepts."""
+DEFAULT_MAX_FRAME = 1 << 20
+"""Default limit of one frame's payload, in bytes (1 MiB)."""
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a server waits for HELLO before closing with ``handshake_timeout``."""
