@@ -31,7 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastjob import Worker  # noqa: E402
-from fastjob.store import JobSpec, ScheduleType, create_store  # noqa: E402
+from fastjob.models import JobSpec, ScheduleType
+from fastjob.store import create_store
 
 
 def percentile(ordered: list[float], q: float) -> float:

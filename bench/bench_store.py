@@ -37,8 +37,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastjob.models import JobRow
 from fastjob.schedule import make_planner  # noqa: E402
-from fastjob.store import JobRow, create_store  # noqa: E402
+from fastjob.store import create_store
 from fastjob.store.codecs import INST_INSERT_COLS  # noqa: E402
 from fastjob.store.sql import SQLStore  # noqa: E402
 from fastjob.store.statements import Stmt, chunks, flat  # noqa: E402

@@ -12,7 +12,8 @@ import math
 import time
 
 from . import cron
-from .store.base import FirePlan, FirePlanner, JobRow, JobSpec, Misfire, NextFire, Overlap, ScheduleType
+from .models import JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType
+from .store.base import FirePlan, FirePlanner, NextFire
 
 Job = JobRow | JobSpec
 log = logging.getLogger("fastjob.schedule")
@@ -20,6 +21,7 @@ log = logging.getLogger("fastjob.schedule")
 
 _MISFIRE_POLICIES = tuple(m.value for m in Misfire)
 _OVERLAP_POLICIES = tuple(o.value for o in Overlap)
+_ROUTINGS = tuple(r.value for r in Routing)
 
 
 class ScheduleError(ValueError):
@@ -89,8 +91,8 @@ def validate(job: Job) -> None:
         raise ScheduleError(f"catch_up_window must be a positive number of seconds, got {job.catch_up_window!r}")
     if not isinstance(job.max_queued, int) or isinstance(job.max_queued, bool) or job.max_queued < 0:
         raise ScheduleError(f"max_queued must be a whole number >= 0, got {job.max_queued!r}")
-    if job.routing not in ("round_robin", "random", "least_busy"):
-        raise ScheduleError(f"routing must be round_robin, random or least_busy, got {job.routing!r}")
+    if job.routing not in _ROUTINGS:
+        raise ScheduleError(f"routing must be one of {', '.join(_ROUTINGS)}, got {job.routing!r}")
     if job.retry_times < 0 or job.retry_backoff < 0:
         raise ScheduleError("retry_times and retry_backoff must not be negative")
     if job.timeout is not None and not (job.timeout > 0):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .context import Handler, JobContext, LocalLog
-from .store.base import Status
+from .models import Status
 from .timer import WheelTimer
 
 log = logging.getLogger("fastjob.worker")

@@ -31,6 +31,7 @@ import msgpack
 
 from . import schedule
 from .context import Handler, JobContext, JobLog
+from .models import JOB_DEFAULTS, JobSpec, Overlap, ScheduleType, Status, spec_to_wire
 from .protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -42,10 +43,10 @@ from .protocol import (
     parse_address,
 )
 from .second_level_runner import SecondLevelRunner
-from .store.base import JobSpec, Overlap, ScheduleType, Status
 from .tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.worker")
+_DEFAULT = JOB_DEFAULTS  # schedule()'s defaults are the model's
 
 FATAL_REJECTS = frozenset({"bad_token", "unsupported_version", "bad_message"})
 MAX_LOG_LINES_PER_INSTANCE = 10_000
@@ -171,19 +172,19 @@ class Worker:
         delay: float | None = None,
         cron: str | None = None,
         at: dt.datetime | float | None = None,
-        run_once: bool = False,
-        retries: int = 0,
-        retry_backoff: float = 1.0,
-        timeout: float | None = None,
-        params: Any = None,
-        timezone: str = "UTC",
-        misfire: str = "fire_once",
-        catch_up_window: float = 3600.0,
+        run_once: bool = _DEFAULT.run_once,
+        retries: int = _DEFAULT.retry_times,
+        retry_backoff: float = _DEFAULT.retry_backoff,
+        timeout: float | None = _DEFAULT.timeout,
+        params: Any = _DEFAULT.params,
+        timezone: str = _DEFAULT.timezone,
+        misfire: str = _DEFAULT.misfire_policy,
+        catch_up_window: float = _DEFAULT.catch_up_window,
         tags: Iterable[str] = (),
-        routing: str = "round_robin",
+        routing: str = _DEFAULT.routing,
         overlap: str | None = None,
-        max_queued: int = 100,
-        enabled: bool = True,
+        max_queued: int = _DEFAULT.max_queued,
+        enabled: bool = _DEFAULT.enabled,
         allow_overlap: bool | None = None,
     ) -> JobSpec:
         """Declare a job in code; it is created or updated on the server at registration.
@@ -475,7 +476,7 @@ class Worker:
         for start in range(0, len(specs), 256):
             chunk = specs[start:start + 256]
             replies = await asyncio.gather(
-                *(conn.request("JOB_UPSERT", {"job": _spec_to_wire(spec)}, timeout=max(30.0, self.connect_timeout))
+                *(conn.request("JOB_UPSERT", {"job": spec_to_wire(spec)}, timeout=max(30.0, self.connect_timeout))
                   for spec in chunk),
                 return_exceptions=True)
             for spec, reply in zip(chunk, replies, strict=True):
@@ -766,16 +767,3 @@ class Worker:
 
 def _overlap_of(allow_overlap: bool | None) -> str:
     return str((Overlap.ALLOW if allow_overlap else Overlap.QUEUE).value)
-
-
-def _spec_to_wire(spec: JobSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name, "handler": spec.handler, "schedule_type": spec.schedule_type.value,
-        "schedule_expr": spec.schedule_expr, "timezone": spec.timezone, "params": spec.params,
-        "timeout": spec.timeout, "retry_times": spec.retry_times, "retry_backoff": spec.retry_backoff,
-        "misfire_policy": spec.misfire_policy, "tags": spec.tags, "routing": spec.routing,
-        "run_once": spec.run_once, "enabled": spec.enabled, "overlap": spec.overlap,
-        "catch_up_window": spec.catch_up_window, "max_queued": spec.max_queued,
-        # for version-1 servers, which know only the boolean
-        "allow_overlap": spec.overlap == Overlap.ALLOW.value,
-    }

@@ -13,9 +13,10 @@ import pytest
 from harness import wait_until
 
 from fastjob import Worker
+from fastjob.models import InstanceRow, Status
 from fastjob.server.app import FastJobServer, ServerConfig
-from fastjob.server.scheduler import Recovery
-from fastjob.store import InstanceRow, Status, create_store
+from fastjob.server.fires import Recovery
+from fastjob.store import create_store
 
 
 @pytest.fixture
@@ -74,11 +75,11 @@ async def test_hand_over_is_refused_while_a_fire_is_unresolved(server: FastJobSe
     worker = Worker(app="shop", servers=[server.address], reconnect_max=0.2)
     async with worker:
         rec_app = "shop"
-        server.scheduler.recovery[rec_app] = _unresolved(server.cluster.owned[rec_app])
+        server.scheduler.recovery.apps[rec_app] = _unresolved(server.cluster.owned[rec_app])
         moved = await server.cluster.hand_over(rec_app, "peer", "test")
         assert not moved and rec_app in server.cluster.owned and rec_app not in server.scheduler.draining
         assert (await server.store.get_app(rec_app)).owner == server.cluster.server_id
-        del server.scheduler.recovery[rec_app]
+        del server.scheduler.recovery.apps[rec_app]
 
 
 def _unresolved(epoch: int) -> Recovery:

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastjob.models import JobRow
 from fastjob.schedule import make_planner, next_fire
-from fastjob.store.base import FirePlan, JobRow
+from fastjob.store.base import FirePlan
 from fastjob.store.codecs import claim_job
 
 NOW = 1_700_000_000_000  # epoch ms: 2023-11-14 22:13:20 UTC, on a 10 s grid

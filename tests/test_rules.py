@@ -26,17 +26,11 @@ import pytest
 from harness import db_rows, wait_until
 
 from fastjob import RemoteError, Worker
+from fastjob.models import InstanceUpdate, JobSpec, LogLine, ScheduleType, Status
 from fastjob.protocol import Message
 from fastjob.server.app import FastJobServer, ServerConfig
 from fastjob.server.writer import StatusWriter
-from fastjob.store import (
-    InstanceUpdate,
-    JobSpec,
-    LogLine,
-    ScheduleType,
-    Status,
-    StoreError,
-)
+from fastjob.store import StoreError
 from fastjob.store.sqlite import SQLiteStore
 
 APP = "rules"

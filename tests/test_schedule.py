@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastjob import schedule
+from fastjob.models import JobSpec, ScheduleType
 from fastjob.schedule import (
     ScheduleError,
     cron_after,
@@ -27,7 +28,6 @@ from fastjob.schedule import (
     retry_delay,
     validate,
 )
-from fastjob.store.base import JobSpec, ScheduleType
 
 UTC = dt.timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")

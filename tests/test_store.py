@@ -14,21 +14,9 @@ import pytest
 from harness import wait_until
 from private_mariadb import PrivateMariaDB
 
+from fastjob.models import InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
 from fastjob.schedule import make_planner
-from fastjob.store import (
-    FirePlan,
-    FirePlanner,
-    InstanceUpdate,
-    JobRow,
-    JobSpec,
-    LogLine,
-    NotOwnerError,
-    ScheduleType,
-    Status,
-    Store,
-    StoreError,
-    create_store,
-)
+from fastjob.store import FirePlan, FirePlanner, NotOwnerError, Store, StoreError, create_store
 from fastjob.store.codecs import FIRST_ATTEMPT
 from fastjob.store.schema import LATEST_VERSION
 

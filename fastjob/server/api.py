@@ -1,15 +1,24 @@
 """The client API: job definitions, triggers, instance and log queries, scoped to one app."""
 from __future__ import annotations
 
-import dataclasses
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .. import schedule
+from ..models import (
+    JOB_FIELD_TYPES,
+    JOB_REQUIRED,
+    InstanceRow,
+    JobRow,
+    JobSpec,
+    Overlap,
+    ScheduleType,
+    Status,
+    to_wire,
+)
 from ..protocol import ErrorCode
-from ..store import InstanceRow, JobRow, JobSpec, NotOwnerError, Overlap, ScheduleType, Status, Store
+from ..store import NotOwnerError, Store
 
 
 class ApiBackend(Protocol):
@@ -32,34 +41,23 @@ class ApiError(Exception):
         self.message = message
 
 
-def to_wire(row: Any) -> dict[str, Any]:
-    """A store dataclass as a msgpack-friendly map (enums as their values)."""
-    out = {}
-    for f in dataclasses.fields(row):
-        value = getattr(row, f.name)
-        out[f.name] = value.value if isinstance(value, enum.Enum) else value
-    return out
-
-
-_SPEC_FIELDS: dict[str, tuple[type, ...]] = {
-    "name": (str,), "handler": (str,), "schedule_type": (str,), "schedule_expr": (str,),
-    "timezone": (str,), "timeout": (int, float, type(None)), "retry_times": (int,),
-    "retry_backoff": (int, float), "misfire_policy": (str,), "tags": (list, tuple),
-    "routing": (str,), "run_once": (bool,), "enabled": (bool,), "overlap": (str,),
-    "catch_up_window": (int, float), "max_queued": (int,),
-}
+def _has_type(value: Any, kinds: tuple[type, ...]) -> bool:
+    """Is ``value`` of one of ``kinds`` (``object``: anything)? A bool is not taken for an int."""
+    if object in kinds:
+        return True
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
 
 
 def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
     """Check a job map field by field and build a JobSpec; a clear INVALID error otherwise."""
-    for name in ("name", "handler", "schedule_type"):
+    for name in JOB_REQUIRED:
         if not body.get(name):
             raise ApiError(ErrorCode.INVALID, f"job field {name!r} is required")
     kwargs: dict[str, Any] = {}
-    for name, kinds in _SPEC_FIELDS.items():
+    for name, kinds in JOB_FIELD_TYPES.items():
         if name in body:
             value = body[name]
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            if not _has_type(value, kinds):
                 raise ApiError(ErrorCode.INVALID, f"job field {name!r} has the wrong type {type(value).__name__}")
             kwargs[name] = value
     try:
@@ -72,8 +70,6 @@ def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
         kwargs["overlap"] = (Overlap.ALLOW if body["allow_overlap"] else Overlap.QUEUE).value
     if "tags" in kwargs:
         kwargs["tags"] = [str(tag) for tag in kwargs["tags"]]
-    if "params" in body:
-        kwargs["params"] = body["params"]
     if len(kwargs["name"]) > 190:
         raise ApiError(ErrorCode.INVALID, "job name longer than 190 characters")
     spec = JobSpec(app=app, **kwargs)

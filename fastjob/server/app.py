@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 from .. import schedule
+from ..models import InstanceRow, JobRow, JobSpec
 from ..protocol import ErrorCode
-from ..store import InstanceRow, JobRow, JobSpec, Store, StoreError, create_store
+from ..store import Store, StoreError, create_store
 from ..tasks import BackgroundTasks, cancel_and_wait
 from .cluster import Cluster, Origin
 from .config import ServerConfig

@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from ..store import InstanceRow, JobRow, Overlap
+from ..models import InstanceRow, JobRow, Overlap
 
 # the policies as plain strings, looked up once (an Enum member's .value is a Python-level property)
 _ALLOW, _SKIP, _BUFFER_ONE, _QUEUE = (Overlap.ALLOW.value, Overlap.SKIP.value, Overlap.BUFFER_ONE.value,

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import schedule
-from ..store import JobRow, Overlap, Store, StoreError
+from ..models import JobRow, Overlap
+from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
 
 if TYPE_CHECKING:

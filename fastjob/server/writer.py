@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..store import InstanceUpdate, LogLine, Store, StoreError
+from ..models import InstanceUpdate, LogLine
+from ..store import Store, StoreError
 
 log = logging.getLogger("fastjob.scheduler")
 

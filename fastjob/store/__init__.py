@@ -2,25 +2,11 @@
 from __future__ import annotations
 
 from .base import (
-    FINAL_STATUSES,
-    MAX_RERUNS,
-    STATUS_RULES,
-    TRIGGERS,
-    UNFINISHED_STATUSES,
     AppRow,
     FirePlan,
     FirePlanner,
-    InstanceRow,
-    InstanceUpdate,
-    JobRow,
-    JobSpec,
-    LogLine,
-    Misfire,
     NotOwnerError,
-    Overlap,
-    ScheduleType,
     ServerRow,
-    Status,
     Store,
     StoreError,
     WorkerRow,
@@ -46,8 +32,6 @@ def create_store(url: str = DEFAULT_URL) -> Store:
 
 
 __all__ = [
-    "AppRow", "DEFAULT_URL", "FINAL_STATUSES", "FirePlan", "FirePlanner", "InstanceRow", "InstanceUpdate",
-    "JobRow", "JobSpec", "LogLine", "MAX_RERUNS", "Misfire", "NotOwnerError", "Overlap", "STATUS_RULES",
-    "ScheduleType", "ServerRow", "Status", "Store", "StoreError", "TRIGGERS", "UNFINISHED_STATUSES",
+    "AppRow", "DEFAULT_URL", "FirePlan", "FirePlanner", "NotOwnerError", "ServerRow", "Store", "StoreError",
     "WorkerRow", "create_store",
 ]

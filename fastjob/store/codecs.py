@@ -7,7 +7,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .base import (
+from ..models import (
     FINAL_STATUSES,
     UNFINISHED_STATUSES,
     InstanceRow,

@@ -24,22 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import (
-    AppRow,
-    FirePlanner,
-    InstanceRow,
-    InstanceUpdate,
-    JobRow,
-    JobSpec,
-    LogLine,
-    NotOwnerError,
-    ScheduleType,
-    ServerRow,
-    Status,
-    Store,
-    StoreError,
-    WorkerRow,
-)
+from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, Store, StoreError, WorkerRow
 from .codecs import (
     CLAIM_COLS,
     DUE_ORDER,

@@ -1,0 +1,267 @@
+"""FastJob's data model, defined once: jobs, instances, statuses and the kinds and policies of a schedule.
+
+Everything else derives from here or is checked against it by a test: the wire's ``job_def``
+struct (:func:`job_wire_fields`), the admin API's field checks (:data:`JOB_FIELD_TYPES`), the
+defaults of ``Worker.schedule``, and the stores' columns and row codecs (tests/test_models.py).
+Statuses carry their rules (:data:`STATUS_RULES`), which the README's fire contract table repeats.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ScheduleType(str, enum.Enum):
+    CRON = "cron"
+    FIXED_RATE = "fixed_rate"
+    FIXED_DELAY = "fixed_delay"
+    ONCE = "once"
+    API = "api"
+
+
+class Status(str, enum.Enum):
+    """What became of one attempt of a fire; see :data:`STATUS_RULES` for what each means."""
+
+    WAITING = "waiting"
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    INTERRUPTED = "interrupted"
+    KILLED = "killed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class StatusRule:
+    """The fire contract's row for one status (the README's table is checked against these)."""
+
+    final: bool
+    #: what follows a final status: "no", "if retries are left" (a new attempt after the
+    #: backoff) or "re-run" (a new attempt at once, not counted against the retries)
+    followed_by: str
+    handler_failure: bool  # counts as a failure of the handler (alarms, success rate)
+    #: does the job's next fire wait (overlap queue) while an instance is in this status?
+    blocks_queue: str
+    meaning: str
+
+
+STATUS_RULES: dict[Status, StatusRule] = {
+    Status.WAITING: StatusRule(False, "-", False, "once due (first in line), or a retry in its backoff",
+                               "written to the WAL; in the owner's wheel until its planned time, then waiting for"
+                               " a worker with room"),
+    Status.QUEUED: StatusRule(False, "-", False, "no (it waits behind)",
+                              "due while an earlier instance of its job runs (overlap queue or buffer_one);"
+                              " takes no worker capacity"),
+    Status.DISPATCHED: StatusRule(False, "-", False, "yes", "sent to a worker"),
+    Status.RUNNING: StatusRule(False, "-", False, "yes", "the handler started"),
+    Status.SUCCEEDED: StatusRule(True, "no", False, "no", "the handler returned"),
+    Status.FAILED: StatusRule(True, "if retries are left", True, "no",
+                              "the handler raised, or no worker could take the fire within --dispatch-wait"),
+    Status.TIMED_OUT: StatusRule(True, "if retries are left", True, "no", "the handler ran past its timeout"),
+    Status.INTERRUPTED: StatusRule(True, "re-run", False, "no",
+                                   "the run was cut short by its worker, not by the handler: the worker stopped,"
+                                   " died or lost its server for longer than its run lease; re-run up to 3 times"
+                                   " (MAX_RERUNS) without using up a retry"),
+    Status.KILLED: StatusRule(True, "no", False, "no",
+                              "stopped by an operator (reserved for the admin API's kill)"),
+    Status.SKIPPED: StatusRule(True, "no", False, "no",
+                               "not run because its policy said so: overlap (skip, buffer_one, a full queue) or"
+                               " misfire (skip, fire_once coalescing, older than the catch-up window)"),
+    Status.CANCELLED: StatusRule(True, "no", False, "no",
+                                 "not run because its job was deleted or disabled before it came due"),
+}
+
+FINAL_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if rule.final)
+UNFINISHED_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if not rule.final)
+#: Re-runs of one fire after interruptions (worker stopped, died or lost), beyond which the
+#: fire ends ``interrupted``: a handler that kills its worker every time must not loop forever.
+MAX_RERUNS = 3
+
+
+class Overlap(str, enum.Enum):
+    """What a fire does when it comes due while an earlier instance of its job runs (Temporal's vocabulary)."""
+
+    QUEUE = "queue"  # wait, start when the earlier one ends, in planned order (bounded by max_queued)
+    BUFFER_ONE = "buffer_one"  # at most one fire waits; the others are skipped
+    SKIP = "skip"  # skipped
+    ALLOW = "allow"  # runs at once, concurrently
+
+
+class Routing(str, enum.Enum):
+    """Which of the app's workers with room gets a fire."""
+
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    LEAST_BUSY = "least_busy"  # the one running the fewest instances for its capacity
+
+
+class Misfire(str, enum.Enum):
+    """What happens to fires that were never written to the WAL in time (downtime longer than the horizon)."""
+
+    FIRE_ONCE = "fire_once"  # everything missed runs as one fire; the rest are recorded skipped
+    FIRE_ALL = "fire_all"  # every missed fire runs, in order, back to catch_up_window
+    SKIP = "skip"  # every missed fire is recorded skipped
+
+
+#: How an instance came about (``InstanceRow.trigger``).
+TRIGGERS = ("schedule", "catch_up", "api", "retry", "rerun")
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """What a user declares. ``upsert_job`` turns it into a :class:`JobRow`.
+
+    ``schedule_expr`` holds the cron string, the period in seconds (rate/delay, as text),
+    or the ISO/epoch time of a one-shot; it is empty for ``api`` jobs.
+    """
+
+    app: str
+    name: str
+    handler: str
+    schedule_type: ScheduleType
+    schedule_expr: str = ""
+    timezone: str = "UTC"
+    params: Any = None
+    timeout: float | None = None
+    retry_times: int = 0
+    retry_backoff: float = 1.0
+    misfire_policy: str = Misfire.FIRE_ONCE.value
+    tags: list[str] = field(default_factory=list)
+    routing: str = Routing.ROUND_ROBIN.value
+    run_once: bool = False
+    enabled: bool = True
+    overlap: str = Overlap.QUEUE.value
+    catch_up_window: float = 3600.0  # misfire fire_all: how far back missed fires still run (seconds)
+    max_queued: int = 100  # overlap queue: fires that may wait behind a running one; more are skipped
+
+
+@dataclass(slots=True)
+class JobRow:
+    id: int
+    app: str
+    name: str
+    handler: str
+    schedule_type: ScheduleType
+    schedule_expr: str
+    timezone: str
+    params: Any
+    timeout: float | None
+    retry_times: int
+    retry_backoff: float
+    misfire_policy: str
+    tags: list[str]
+    routing: str
+    run_once: bool
+    enabled: bool
+    overlap: str
+    catch_up_window: float
+    max_queued: int
+    next_trigger_ms: int | None
+    created_time: float
+    updated_time: float
+    last_finished_time: float | None
+    is_delete: bool
+    version: int  # bumped by every upsert/enable/delete, so changes can be noticed
+    stats: Any = None  # second-level outcome report (dict) or None
+
+
+@dataclass(slots=True)
+class InstanceRow:
+    id: int
+    job_id: int
+    app: str
+    planned_ms: int
+    attempt: int
+    status: Status
+    trigger: str  # one of TRIGGERS
+    params: Any
+    server: str | None
+    epoch: int
+    worker: str | None = None
+    created_at: float = 0.0
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: Any = None
+    error: str | None = None
+    reruns: int = 0  # earlier attempts of this fire that were interrupted (they use up no retry)
+
+
+@dataclass(slots=True)
+class InstanceUpdate:
+    """One status change. ``None`` fields are left as they are.
+
+    Updates are monotonic: an instance already in a final status is never changed again,
+    and a later status never goes back to an earlier one (running never returns to dispatched).
+    """
+
+    id: int
+    status: Status
+    worker: str | None = None
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class LogLine:
+    instance_id: int
+    ts: float
+    level: str
+    message: str
+
+
+#: The fields a job declaration must carry; every other field of :class:`JobSpec` has a default.
+JOB_REQUIRED = ("name", "handler", "schedule_type")
+
+# How each JobSpec annotation travels on the wire (protocol.md's type strings) and which Python
+# types a decoded value of it may have (bool is never an int here, and an int is a float).
+_FIELD_KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "str": ("str", (str,)),
+    "int": ("int", (int,)),
+    "float": ("float", (int, float)),
+    "bool": ("bool", (bool,)),
+    "Any": ("any", (object,)),
+    "float | None": ("float|nil", (int, float, type(None))),
+    "list[str]": ("array[str]", (list, tuple)),
+    "ScheduleType": ("str", (str,)),
+}
+#: What a user declares of a job, as opposed to the app it belongs to (given by the connection).
+_DECLARED = [f for f in dataclasses.fields(JobSpec) if f.name != "app"]
+
+
+def job_wire_fields() -> dict[str, str]:
+    """The wire's ``job_def`` struct: each declared field of JobSpec, optional unless required."""
+    return {f.name: _FIELD_KINDS[str(f.type)][0] + ("" if f.name in JOB_REQUIRED else "?") for f in _DECLARED}
+
+
+#: The Python types a decoded value of each declared job field may have (the API checks them).
+JOB_FIELD_TYPES: dict[str, tuple[type, ...]] = {f.name: _FIELD_KINDS[str(f.type)][1] for f in _DECLARED}
+#: A JobSpec's defaults, for the signatures that repeat them (``Worker.schedule``).
+JOB_DEFAULTS = JobSpec(app="", name="", handler="", schedule_type=ScheduleType.API)
+
+
+def to_wire(record: Any) -> dict[str, Any]:
+    """A model dataclass as a msgpack-friendly map (enums as their values)."""
+    out = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        out[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return out
+
+
+def spec_to_wire(spec: JobSpec) -> dict[str, Any]:
+    """A job declaration as the wire's ``job_def`` map; ``allow_overlap`` is for version-1 servers,
+    which know only that boolean."""
+    out = to_wire(spec)
+    del out["app"]
+    out["allow_overlap"] = spec.overlap == Overlap.ALLOW.value
+    return out

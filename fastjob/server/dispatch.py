@@ -1,0 +1,259 @@
+"""Due fires to workers and back: routing, the wait for a worker with room, and the workers' reports.
+
+A fire that runs is sent (DISPATCH) to one worker of its app chosen by the job's routing and
+tags; with no worker able to take it, it waits in the app's pending queue for ``dispatch_wait``
+and then fails. Sent, it is :class:`~.fires.Inflight` on its worker's session until its RESULT
+(or its timeout, the server's safety net) ends it through ``finish``. Reports about an instance
+that is not in flight on the reporting session are ignored, or recorded if they are late.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Status
+from ..protocol import ProtocolError
+from ..store import Store
+from ..tasks import BackgroundTasks
+from .fires import MAX_TEXT, Alarms, Finish, Inflight, Pending, PendingExpired, RunOverdue
+from .writer import StatusWriter
+
+if TYPE_CHECKING:
+    from .session import WorkerSession
+
+log = logging.getLogger("fastjob.scheduler")
+
+#: Statuses a worker may report in RESULT; "cancelled" is what version-1 workers call an
+#: interruption (the server never asks a worker to cancel except for a timeout).
+WORKER_STATUSES = {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.INTERRUPTED, Status.KILLED}
+
+
+class Dispatcher:
+    """Sends fires to the app's workers and tracks each until its worker reports how it ended."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        writer: StatusWriter,
+        alarms: Alarms,
+        finish: Finish,
+        workers_of: Callable[[str], list[WorkerSession]],
+        jobs: dict[int, JobRow],
+        tasks: BackgroundTasks,
+        dispatch_wait: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.alarms = alarms
+        self.finish = finish
+        self.workers_of = workers_of
+        self.jobs = jobs  # the scheduler's job cache: the newest version of a job a pending fire waits for
+        self.tasks = tasks
+        self.dispatch_wait = dispatch_wait
+        self.heartbeat_timeout = heartbeat_timeout
+        self.inflight: dict[int, Inflight] = {}
+        self.pending: dict[str, list[Pending]] = {}
+        self._rr: dict[str, int] = {}
+        self._dispatched: collections.Counter[str] = collections.Counter()  # fires sent per app, for fire_rates()
+        self._rates_since = time.monotonic()
+
+    # ---- sending ---------------------------------------------------------------------------
+    def dispatch(self, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+        """Send the fire to a worker, or queue it until one can take it."""
+        session = self.route(row.app, job, refused_by)
+        if session is None:
+            self.queue_pending(row, job, refused_by)
+        else:
+            self.send(session, row, job, refused_by)
+
+    def send(self, session: WorkerSession, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+        try:
+            send_dispatch_frame(session, row, job)
+        except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
+            self.finish(row, Status.FAILED, error=f"could not dispatch: {exc.message}", job=job)
+            return
+        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by)
+        self.inflight[row.id] = flight
+        self._dispatched[row.app] += 1
+        session.runs(row.id)
+        if job.timeout:
+            # the worker enforces the timeout; this is the safety net if its answer never comes
+            flight.overdue_handle = self.alarms.arm(RunOverdue(row.id), job.timeout + self.heartbeat_timeout)
+        self.writer.update(InstanceUpdate(
+            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
+
+    def route(self, app: str, job: JobRow, refused_by: set[str]) -> WorkerSession | None:
+        """A worker of the app with room and the job's tags, by the job's routing; None if there is none."""
+        tags = job.tags
+        candidates = [
+            s for s in self.workers_of(app)
+            if s.accepts_jobs and (not refused_by or s.worker_id not in refused_by) and s.has_room()
+            and (not tags or s.has_tags(tags))
+        ]
+        if not candidates:
+            return None
+        if job.routing == Routing.RANDOM:
+            return random.choice(candidates)
+        if job.routing == Routing.LEAST_BUSY:
+            return min(candidates, key=lambda s: s.load())
+        index = self._rr.get(app, 0)
+        self._rr[app] = index + 1
+        return candidates[index % len(candidates)]
+
+    # ---- waiting for a worker ------------------------------------------------------------------
+    def queue_pending(self, row: InstanceRow, job: JobRow, refused_by: set[str], reason: str = "") -> None:
+        entry = Pending(row, job, refused_by, reason or f"no worker of app {row.app!r} could take it")
+        self.pending.setdefault(row.app, []).append(entry)
+        self.alarms.arm(PendingExpired(entry), self.dispatch_wait)
+
+    def drain_pending(self, app: str) -> None:
+        """A worker joined or freed a slot: dispatch the app's queued fires while workers have room."""
+        queue = self.pending.pop(app, [])
+        for index, entry in enumerate(queue):
+            job = self.jobs.get(entry.job.id, entry.job)
+            session = self.route(app, job, entry.refused_by)
+            if session is None:
+                self.pending.setdefault(app, []).extend(queue[index:])
+                return
+            self.send(session, entry.instance, job, entry.refused_by)
+
+    def pending_expired(self, entry: Pending) -> None:
+        queue = self.pending.get(entry.instance.app, [])
+        if entry in queue:
+            queue.remove(entry)
+            self.finish(entry.instance, Status.FAILED, job=entry.job,
+                        error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
+
+    # ---- worker reports --------------------------------------------------------------------
+    def flight_of(self, session: WorkerSession, instance_id: int) -> Inflight | None:
+        """The instance in flight on this very session; reports about any other are ignored."""
+        flight = self.inflight.get(instance_id)
+        if flight is None or flight.session is not session or flight.instance.app != session.app:
+            return None
+        return flight
+
+    def on_ack(self, session: WorkerSession, body: dict[str, Any]) -> None:
+        flight = self.flight_of(session, body["instance_id"])
+        if flight is None or body["accepted"]:
+            return
+        reason = body.get("reason") or "refused"
+        log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
+        self.forget(flight)
+        flight.refused_by.add(session.worker_id)
+        refused = set(flight.refused_by)
+        routed = self.route(flight.instance.app, flight.job, refused)
+        if routed is None:
+            self.queue_pending(flight.instance, flight.job, refused, f"every worker refused it (last: {reason})")
+        else:
+            self.send(routed, flight.instance, flight.job, refused)
+
+    def on_start(self, session: WorkerSession, body: dict[str, Any]) -> None:
+        flight = self.flight_of(session, body["instance_id"])
+        if flight is None:
+            return
+        self.writer.update(InstanceUpdate(
+            flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
+
+    def on_logs(self, session: WorkerSession, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        if self.flight_of(session, instance_id) is None:
+            return  # logs come before their RESULT; lines for instances not on this session are dropped
+        self.writer.logs([LogLine(instance_id, float(ts), str(level)[:16], str(message)[:MAX_TEXT])
+                          for ts, level, message in body["lines"]])
+
+    def on_result(self, session: WorkerSession, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        status = reported_status(body)
+        error = body.get("error")
+        error = str(error)[:MAX_TEXT] if error is not None else None
+        flight = self.flight_of(session, instance_id)
+        if flight is None:
+            if instance_id not in self.inflight:  # late, or after a takeover: record it if it is this app's
+                self.tasks.spawn(self._record_untracked(session, instance_id, status, body, error),
+                                 f"fastjob-late-result-{instance_id}")
+            return
+        self.forget(flight)
+        self.finish(flight.instance, status, result=body.get("result"), error=error,
+                    worker=session.worker_id, started_at=body.get("started_at"),
+                    finished_at=body["finished_at"], job=flight.job)
+        self.drain_pending(flight.instance.app)
+
+    async def _record_untracked(self, session: WorkerSession, instance_id: int, status: Status,
+                                body: dict[str, Any], error: str | None) -> None:
+        row = await self.store.get_instance(instance_id)
+        if row is None or row.app != session.app:
+            log.warning("worker %s of app %s reported instance %d of another app; ignored",
+                        session.worker_id, session.app, instance_id)
+            return
+        self.writer.update(InstanceUpdate(
+            instance_id, status, worker=session.worker_id, started_at=body.get("started_at"),
+            finished_at=body["finished_at"], result=body.get("result"), error=error))
+
+    # ---- ending ----------------------------------------------------------------------------------
+    def overdue(self, instance_id: int) -> None:
+        """No answer within the job's timeout plus a heartbeat: the run is timed out (and cancelled)."""
+        flight = self.inflight.get(instance_id)
+        if flight is None:
+            return
+        flight.overdue_handle = None
+        if flight.session is not None:
+            flight.session.send("CANCEL", {"instance_id": instance_id, "reason": "timeout"})
+        self.forget(flight)
+        self.finish(flight.instance, Status.TIMED_OUT, job=flight.job,
+                    error=f"no result within the {flight.job.timeout}s timeout")
+
+    def forget(self, flight: Inflight) -> None:
+        """The instance is no longer in flight (it ended, or it is to be sent elsewhere)."""
+        self.inflight.pop(flight.instance.id, None)
+        if flight.session is not None:
+            flight.session.ended(flight.instance.id)
+        self.alarms.cancel(flight.overdue_handle)
+        flight.overdue_handle = None
+
+    def forget_app(self, app: str) -> None:
+        """The app moved: its waiting and in-flight fires are its new owner's business."""
+        self.pending.pop(app, None)
+        for flight in list(self.inflight.values()):
+            if flight.instance.app == app:
+                self.forget(flight)
+                self.alarms.cancel(flight.orphan_handle)
+
+    def fire_rates(self) -> dict[str, float]:
+        """Fires sent per second by app since the last call (for balancing apps over servers)."""
+        now = time.monotonic()
+        elapsed = max(1e-3, now - self._rates_since)
+        rates = {app: count / elapsed for app, count in self._dispatched.items()}
+        self._dispatched.clear()
+        self._rates_since = now
+        return rates
+
+
+def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow) -> None:
+    """DISPATCH: what a worker needs to run one attempt of a fire (sent again to re-ask a result)."""
+    session.send("DISPATCH", {
+        "instance_id": row.id,
+        "job_id": job.id,
+        "job": job.name,
+        "handler": job.handler,
+        "params": row.params if row.params is not None else job.params,
+        "attempt": row.attempt,
+        "scheduled_at": row.planned_ms / 1000.0,
+        "timeout": job.timeout,
+    })
+
+
+def reported_status(body: dict[str, Any]) -> Status:
+    """The final status a RESULT reports; anything a worker may not report counts as failed."""
+    try:
+        status = Status(body["status"])
+    except ValueError:
+        return Status.FAILED
+    if status is Status.CANCELLED:
+        return Status.INTERRUPTED
+    return status if status in WORKER_STATUSES else Status.FAILED
