@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..models import job_wire_fields
 from .constants import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from .errors import ErrorCode, ProtocolError
 
@@ -44,26 +45,8 @@ STRUCTS: dict[str, Any] = {
         "lateness_max": "float",
         "skipped": "int?",
     },
-    "job_def": {
-        "name": "str",
-        "handler": "str",
-        "schedule_type": "str",
-        "schedule_expr": "str?",
-        "timezone": "str?",
-        "params": "any?",
-        "timeout": "float|nil?",
-        "retry_times": "int?",
-        "retry_backoff": "float?",
-        "misfire_policy": "str?",
-        "tags": "array[str]?",
-        "routing": "str?",
-        "run_once": "bool?",
-        "enabled": "bool?",
-        "overlap": "str?",
-        "catch_up_window": "float?",
-        "max_queued": "int?",
-        "allow_overlap": "bool?",
-    },
+    # a job declaration: the model's fields (fastjob/models.py), plus version 1's overlap boolean
+    "job_def": {**job_wire_fields(), "allow_overlap": "bool?"},
 }
 
 SCHEMAS: dict[str, dict[str, str]] = {
