@@ -11,10 +11,10 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..clock import Clock
 from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Status
 from ..protocol import ProtocolError
 from ..store import Store
@@ -47,6 +47,7 @@ class Dispatcher:
         tasks: BackgroundTasks,
         dispatch_wait: float,
         heartbeat_timeout: float,
+        clock: Clock,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -57,11 +58,12 @@ class Dispatcher:
         self.tasks = tasks
         self.dispatch_wait = dispatch_wait
         self.heartbeat_timeout = heartbeat_timeout
+        self.clock = clock
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self._rr: dict[str, int] = {}
         self._dispatched: collections.Counter[str] = collections.Counter()  # fires sent per app, for fire_rates()
-        self._rates_since = time.monotonic()
+        self._rates_since = clock.monotonic()
 
     # ---- sending ---------------------------------------------------------------------------
     def dispatch(self, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
@@ -86,7 +88,7 @@ class Dispatcher:
             # the worker enforces the timeout; this is the safety net if its answer never comes
             flight.overdue_handle = self.alarms.arm(RunOverdue(row.id), job.timeout + self.heartbeat_timeout)
         self.writer.update(InstanceUpdate(
-            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=time.time()))
+            row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=self.clock.wall()))
 
     def route(self, app: str, job: JobRow, refused_by: set[str]) -> WorkerSession | None:
         """A worker of the app with room and the job's tags, by the job's routing; None if there is none."""
@@ -226,7 +228,7 @@ class Dispatcher:
 
     def fire_rates(self) -> dict[str, float]:
         """Fires sent per second by app since the last call (for balancing apps over servers)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         elapsed = max(1e-3, now - self._rates_since)
         rates = {app: count / elapsed for app, count in self._dispatched.items()}
         self._dispatched.clear()

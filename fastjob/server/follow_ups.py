@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 from .. import schedule
+from ..clock import Clock, wall_ms
 from ..models import MAX_RERUNS, InstanceRow, JobRow, ScheduleType, Status
 from ..store import NotOwnerError, Store, StoreError
 from ..tasks import BackgroundTasks
-from ..timer import WheelTimer
 from .fires import EnterWheel, StartTurns
 from .lines import JobLines
 
@@ -57,6 +56,7 @@ class FollowUps:
         start_turns: StartTurns,
         wake_scan: Callable[[], None],
         is_second_level: Callable[[JobRow], bool],
+        clock: Clock,
     ) -> None:
         self.store = store
         self.server_id = server_id
@@ -68,6 +68,7 @@ class FollowUps:
         self.start_turns = start_turns
         self.wake_scan = wake_scan
         self.is_second_level = is_second_level
+        self.clock = clock
         self._writing: dict[str, set[asyncio.Task[None]]] = {}  # retries/re-runs being written, by app
 
     def writing(self, app: str) -> list[asyncio.Task[None]]:
@@ -86,7 +87,7 @@ class FollowUps:
         rerun = follow == RERUN
         again: InstanceRow | None = None
         delay = 0.05
-        created_at = time.time()  # one stamp for every try: a try that committed unheard is recognised
+        created_at = self.clock.wall()  # one stamp for every try: a try that committed unheard is recognised
         try:
             while True:
                 epoch = self.epoch_of(row.app)
@@ -112,7 +113,7 @@ class FollowUps:
             self.lines.replace(job.id, key, again.id)
         wait = 0.0 if rerun else schedule.retry_delay(job, row.attempt - row.reruns)
         log.info("instance %d: %s as %d (attempt %d) in %.2fs", row.id, follow, again.id, again.attempt, wait)
-        self.enter_wheel(again, epoch, WheelTimer.time() + wait)
+        self.enter_wheel(again, epoch, self.clock.monotonic() + wait)
 
     # ---- fixed delay ---------------------------------------------------------------------------
     def is_delay_chain(self, job: JobRow) -> bool:
@@ -141,4 +142,4 @@ class FollowUps:
         for job in [j for j in self.jobs.values() if j.app == app]:
             if job.next_trigger_ms is None and job.id not in busy and self.is_delay_chain(job):
                 log.info("job %s (%d): fixed-delay chain had no next fire; restarting it", job.name, job.id)
-                await self.store.set_next_trigger(self.server_id, app, epoch, job.id, schedule.now_ms())
+                await self.store.set_next_trigger(self.server_id, app, epoch, job.id, wall_ms(self.clock))

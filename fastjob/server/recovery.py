@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .. import schedule
+from ..clock import Clock
 from ..models import InstanceRow, JobRow, Status
-from ..timer import WheelTimer
 from .dispatch import Dispatcher, send_dispatch_frame
 from .fires import RECOVERING, Alarms, Finish, Inflight, OrphanExpired, Recovery, RecoveryOver, StartTurns
 from .lines import JobLines
@@ -43,7 +41,7 @@ def recovery_window(origin: Origin, now: float, *, heartbeat_timeout: float, run
     # it sent fires only while its lease held: up to its last heartbeat plus the timeout
     last = origin.prev_last_heartbeat if origin.prev_last_heartbeat is not None else now
     lease_end = last + heartbeat_timeout + CLOCK_SKEW_MARGIN
-    cutoff_ms = min(schedule.now_ms(), math.ceil(lease_end * 1000))
+    cutoff_ms = min(int(now * 1000), math.ceil(lease_end * 1000))
     return cutoff_ms, max(now, lease_end + run_lease + lease_margin)
 
 
@@ -62,6 +60,7 @@ class FailoverRecovery:
         owns: Callable[[str, int], bool],
         run_lease: float,
         lease_margin: float,
+        clock: Clock,
     ) -> None:
         self.dispatcher = dispatcher
         self.lines = lines
@@ -72,6 +71,7 @@ class FailoverRecovery:
         self.owns = owns
         self.run_lease = run_lease
         self.lease_margin = lease_margin
+        self.clock = clock
         self.apps: dict[str, Recovery] = {}  # gained apps not settled yet
 
     # ---- a gained app ----------------------------------------------------------------------------
@@ -81,7 +81,8 @@ class FailoverRecovery:
         workers as orphans; the waiting rows returned go into the wheel. ``until``: wall clock.
 
         Nothing here awaits: workers that re-attach meanwhile find the recovery whole."""
-        rec = Recovery(epoch, expected, WheelTimer.time() + (until - time.time()))
+        clock = self.clock
+        rec = Recovery(epoch, expected, clock.monotonic() + (until - clock.wall()))
         to_wheel: list[InstanceRow] = []
         for row, job in rows:
             if row.status in (Status.WAITING, Status.QUEUED) and row.epoch < epoch and row.planned_ms <= cutoff_ms:
@@ -94,9 +95,9 @@ class FailoverRecovery:
                 flight = Inflight(row, job, None, row.worker)
                 self.dispatcher.inflight[row.id] = flight
                 self.lines.hold(job.id, row.id)
-                flight.orphan_handle = self.alarms.arm(OrphanExpired(row.id), rec.deadline - WheelTimer.time())
+                flight.orphan_handle = self.alarms.arm(OrphanExpired(row.id), rec.deadline - clock.monotonic())
         self.apps[app] = rec
-        rec.handle = self.alarms.arm(RecoveryOver(app, epoch), rec.deadline - WheelTimer.time())
+        rec.handle = self.alarms.arm(RecoveryOver(app, epoch), rec.deadline - clock.monotonic())
         return to_wheel
 
     def unresolved(self, app: str) -> bool:

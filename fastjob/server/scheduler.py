@@ -39,11 +39,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import schedule
+from ..clock import SYSTEM_CLOCK, Clock, Timer, TimerFactory, wall_ms
 from ..models import InstanceRow, InstanceUpdate, JobRow, Status
 from ..store import NotOwnerError, Store, StoreError
 from ..tasks import BackgroundTasks, cancel_and_wait, wait_until_set
@@ -88,9 +88,13 @@ class Scheduler:
         workers_of: Callable[[str], list[WorkerSession]],
         is_second_level: Callable[[JobRow], bool],
         status_flush_interval: float = 0.02,
+        clock: Clock = SYSTEM_CLOCK,
+        timer_factory: TimerFactory = WheelTimer,
     ) -> None:
         self.store = store
         self.cluster = cluster
+        self.clock = clock
+        self.timer_factory = timer_factory
         self.scan_horizon = scan_horizon
         self.scan_interval = scan_interval
         self.misfire_threshold = misfire_threshold
@@ -100,7 +104,7 @@ class Scheduler:
         self.lease_margin = 0.1 * heartbeat_timeout
         self.workers_of = workers_of
         self.writer = StatusWriter(store, flush_interval=status_flush_interval)
-        self.timer: WheelTimer | None = None
+        self.timer: Timer | None = None
         self.jobs: dict[int, JobRow] = {}
         self.lines = JobLines()
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
@@ -114,21 +118,23 @@ class Scheduler:
         self.tasks = BackgroundTasks(expected=(StoreError,))
         self.dispatcher = Dispatcher(
             store=store, writer=self.writer, alarms=self, finish=self.finish, workers_of=workers_of,
-            jobs=self.jobs, tasks=self.tasks, dispatch_wait=dispatch_wait, heartbeat_timeout=heartbeat_timeout)
+            jobs=self.jobs, tasks=self.tasks, dispatch_wait=dispatch_wait, heartbeat_timeout=heartbeat_timeout,
+            clock=clock)
         self.recovery = FailoverRecovery(
             dispatcher=self.dispatcher, lines=self.lines, jobs=self.jobs, alarms=self, finish=self.finish,
-            start_turns=self.start_turns, owns=cluster.owns, run_lease=run_lease, lease_margin=self.lease_margin)
+            start_turns=self.start_turns, owns=cluster.owns, run_lease=run_lease, lease_margin=self.lease_margin,
+            clock=clock)
         self.follow_ups = FollowUps(
             store=store, server_id=cluster.server_id, epoch_of=lambda app: cluster.owned.get(app),
             lines=self.lines, jobs=self.jobs, tasks=self.tasks, enter_wheel=self.enter_wheel,
-            start_turns=self.start_turns, wake_scan=self.wake_scan, is_second_level=is_second_level)
+            start_turns=self.start_turns, wake_scan=self.wake_scan, is_second_level=is_second_level, clock=clock)
         self._scan_task: asyncio.Task[None] | None = None
         self._scan_now = asyncio.Event()
         self._revalidating = False
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        self.timer = WheelTimer(self._on_due)
+        self.timer = self.timer_factory(self._on_due)
         self.writer.start()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="fastjob-scan")
 
@@ -159,7 +165,7 @@ class Scheduler:
         expected: set[str] = set()
         if origin.prev_owner is not None:
             expected = {w.worker_id for w in await self.store.list_workers(app, origin.prev_owner)}
-        now = time.time()
+        now = self.clock.wall()
         cutoff_ms, until = recovery_window(origin, now, heartbeat_timeout=self.heartbeat_timeout,
                                            run_lease=self.run_lease, lease_margin=self.lease_margin)
         with_jobs = []
@@ -256,7 +262,7 @@ class Scheduler:
         await self._recover_unanswered(app, epoch)
         claimed = 0
         for _ in range(MAX_CLAIMS_PER_SCAN):
-            now = time.time()
+            now = self.clock.wall()
             horizon_ms = int((now + self.scan_horizon) * 1000)
             planner = schedule.make_planner(int(now * 1000), int(self.misfire_threshold * 1000))
             try:
@@ -298,10 +304,9 @@ class Scheduler:
             unanswered.pop(0)
 
     # ---- the wheel -------------------------------------------------------------------------
-    @staticmethod
-    def _timer_time_of(epoch_ms: int) -> float:
+    def _timer_time_of(self, epoch_ms: int) -> float:
         """A wall-clock instant on the timer's monotonic clock."""
-        return WheelTimer.time() + (epoch_ms / 1000.0 - time.time())
+        return self.clock.monotonic() + (epoch_ms / 1000.0 - self.clock.wall())
 
     def enter_wheel(self, row: InstanceRow, epoch: int, at: float | None = None) -> None:
         """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
@@ -431,7 +436,7 @@ class Scheduler:
         job: JobRow | None = None,
     ) -> None:
         """Record a final status, then start what follows it: a retry, a re-run, or the next in line."""
-        finished_at = finished_at or time.time()
+        finished_at = finished_at or self.clock.wall()
         if status is not Status.SUCCEEDED and error:
             log.info("instance %d (job %d, app %s, attempt %d): %s: %s",
                      row.id, row.job_id, row.app, row.attempt, status.value, error)
@@ -460,9 +465,9 @@ class Scheduler:
         epoch = self.cluster.owned.get(app)
         if epoch is None or app in self.draining:
             raise NotOwnerError(app, -1)
-        planned = schedule.now_ms()
+        planned = wall_ms(self.clock)
         for bump in range(50):  # two triggers in the same millisecond get distinct planned times
-            created_at = time.time()
+            created_at = self.clock.wall()
             try:
                 row = await self.store.insert_instance(
                     self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, created_at)
@@ -471,7 +476,7 @@ class Scheduler:
                 raise
             if row is not None:
                 self.jobs[job.id] = job
-                self.enter_wheel(row, epoch, WheelTimer.time())
+                self.enter_wheel(row, epoch, self.clock.monotonic())
                 return row
         raise StoreError(f"job {job.name}: could not record the trigger")
 
