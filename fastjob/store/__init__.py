@@ -1,4 +1,9 @@
-"""Durable state: pick a backend by URL (``sqlite:///path`` or ``mysql://user:pass@host:port/db``)."""
+"""Durable state: pick a backend by URL (``sqlite:///path`` or ``mysql://user:pass@host:port/db``).
+
+``memory://`` is the in-process store of rule tests (store/memory.py), durable for no longer than
+the process: a fresh database per ``create_store`` call, or with ``memory://NAME`` the one database
+of that NAME in this process, shared by every store built on it (as stores on one SQL database).
+"""
 from __future__ import annotations
 
 from .base import (
@@ -28,7 +33,12 @@ def create_store(url: str = DEFAULT_URL) -> Store:
             raise ValueError(f"the MySQL store needs its driver: pip install 'fastjob[mysql]' ({exc})") from None
 
         return MySQLStore.from_url(url)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path or mysql://user:pass@host:port/db")
+    if url.startswith("memory://"):
+        from .memory import MemoryStore
+
+        return MemoryStore.from_url(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path, mysql://user:pass@host:port/db,"
+                     " memory:// or memory://NAME")
 
 
 __all__ = [

@@ -1,0 +1,438 @@
+"""In-process store: the whole :class:`~fastjob.store.base.Store` contract on Python dicts.
+
+For fast rule tests of the scheduler (in the spirit of APScheduler 4's MemoryDataStore), not
+for production: nothing survives the process. ``memory://`` (see ``create_store``) builds a
+store with a private database of its own; ``memory://NAME`` one on the database registered under
+NAME in this process (created by the first store that names it), so that several stores (two
+servers of a test, a server and its restarted successor) share state the way stores on one SQL
+database do. A named database lives until :func:`drop_database` forgets it, or the process ends.
+
+Behaviour follows the SQL stores (store/sql.py): the same fencing, compare-and-set claims,
+monotonic status updates, UNIQUE keys, orderings and limits; rows are copied in and out as a
+database would (store/memory_db.py). What a database does for a transaction, the event loop
+does here: every method yields to the loop once when called (a database round trip would),
+then reads and writes in ONE synchronous step, never awaiting between a check and its write. A
+database is therefore for one event loop (one thread), and needs no locks. There is no
+connection: no transient error, no retry, no lost reply and no session to end; a store that
+is not open answers :class:`~fastjob.store.base.StoreError` like the SQL stores. No clock is
+read: every time stored is a caller's ``now``, and the SQL stores' one wall-clock column
+(``apps.updated_at``, written by claims and fences) is in no row the contract returns, so it is
+not kept.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..models import FINAL_STATUSES, InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, Store, StoreError, WorkerRow
+from .codecs import FIRST_ATTEMPT, SPEC_COLS, differs, merge_updates, rank
+from .memory_db import (
+    SCHEDULE_COLS,
+    MemoryDatabase,
+    copy_app,
+    copy_instance,
+    copy_job,
+    copy_log,
+    copy_server,
+    copy_worker,
+    json_copy,
+    planner_view,
+    spec_fields,
+    stored_spec,
+    stored_spec_of,
+)
+
+#: The databases of ``memory://NAME`` URLs in this process, by NAME.
+_NAMED: dict[str, MemoryDatabase] = {}
+
+
+def drop_database(name: str) -> None:
+    """Forget the database named ``name``: the next store built on ``memory://NAME`` starts empty
+    (stores already built on it keep theirs). For tests that reuse names."""
+    _NAMED.pop(name, None)
+
+
+class MemoryStore(Store):
+    """A store on a :class:`MemoryDatabase`: private, or shared by name (see the module docstring)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        self._database = MemoryDatabase() if name is None else _NAMED.setdefault(name, MemoryDatabase())
+        self._open = False
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStore:
+        """``memory://`` (a private database) or ``memory://NAME`` (the process's database NAME)."""
+        if not url.startswith("memory://"):
+            raise ValueError(f"bad memory URL {url!r}: use memory:// or memory://NAME")
+        name = url[len("memory://"):]
+        if any(c in name for c in "/?#"):
+            raise ValueError(f"bad memory URL {url!r}: a NAME has no '/', '?' or '#' (and there are no options)")
+        return cls(name or None)
+
+    async def _db(self) -> MemoryDatabase:
+        """Yield to the event loop (a method's one suspension), then the database if open."""
+        await asyncio.sleep(0)
+        if not self._open:
+            raise StoreError("memory store is not open")
+        return self._database
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        """Start answering. There is no schema, so nothing to migrate. Idempotent."""
+        self._open = True
+
+    async def close(self) -> None:
+        """Stop answering (StoreError until opened again); the data stays. Safe to call twice."""
+        self._open = False
+
+    # ---- cluster membership ------------------------------------------------------------
+    async def register_server(self, server_id: str, address: str, now: float) -> None:
+        """Insert or refresh the row; a refresh keeps its load and drain request (as SQL's upsert does)."""
+        db = await self._db()
+        row = db.servers.get(server_id)
+        if row is None:
+            db.servers[server_id] = ServerRow(server_id, address, float(now), float(now))
+        else:
+            row.address, row.started_at, row.heartbeat_at = address, float(now), float(now)
+
+    async def heartbeat_server(self, server_id: str, now: float, load: float = 0.0) -> bool:
+        db = await self._db()
+        row = db.servers.get(server_id)
+        if row is None:
+            return False
+        row.heartbeat_at, row.load_score = float(now), float(load)
+        return True
+
+    async def set_server_drain(self, server_id: str, drain: bool) -> bool:
+        db = await self._db()
+        row = db.servers.get(server_id)
+        if row is None:
+            return False
+        row.drain = bool(drain)
+        return True
+
+    async def list_servers(self) -> list[ServerRow]:
+        db = await self._db()
+        return [copy_server(db.servers[k]) for k in sorted(db.servers)]
+
+    async def remove_server(self, server_id: str) -> None:
+        db = await self._db()
+        db.servers.pop(server_id, None)
+
+    async def fence_server(self, server_id: str) -> int:
+        """No-op: there are no database sessions, and nothing a frozen server could hold (a call
+        runs to completion in one step). Always 0."""
+        return 0
+
+    # ---- app ownership -------------------------------------------------------------------
+    @staticmethod
+    def _app_row(db: MemoryDatabase, app: str) -> AppRow:
+        """The app's row, inserted unowned at epoch 0 if missing. ``adopted`` starts true: the
+        SQL column's default (an app nobody was handed is not awaiting anyone)."""
+        row = db.apps.get(app)
+        if row is None:
+            row = db.apps[app] = AppRow(app, None, 0, adopted=True)
+        return row
+
+    async def ensure_app(self, app: str) -> AppRow:
+        db = await self._db()
+        return copy_app(self._app_row(db, app))
+
+    async def get_app(self, app: str) -> AppRow | None:
+        db = await self._db()
+        row = db.apps.get(app)
+        return None if row is None else copy_app(row)
+
+    async def list_apps(self) -> list[AppRow]:
+        db = await self._db()
+        return [copy_app(db.apps[k]) for k in sorted(db.apps)]
+
+    async def claim_app(self, app: str, server_id: str, seen_epoch: int, *, prev_owner: str | None = None,
+                        left_clean: bool = False, adopted: bool = True) -> int | None:
+        db = await self._db()
+        row = db.apps.get(app)
+        if row is None or row.epoch != seen_epoch:
+            return None
+        row.owner, row.prev_owner, row.left_clean, row.adopted = server_id, prev_owner, bool(left_clean), bool(adopted)
+        row.epoch += 1
+        return row.epoch
+
+    async def release_apps(self, server_id: str, apps: Sequence[str] | None = None) -> list[str]:
+        """Release in name order; returns the names released, in that order."""
+        db = await self._db()
+        released: list[str] = []
+        for name in sorted(db.apps):
+            row = db.apps[name]
+            if row.owner != server_id or (apps is not None and name not in apps):
+                continue
+            row.owner, row.prev_owner, row.left_clean, row.adopted = None, server_id, True, False
+            row.epoch += 1
+            released.append(name)
+        return released
+
+    @staticmethod
+    def _fence(db: MemoryDatabase, server_id: str, app: str, epoch: int) -> None:
+        """Raise NotOwnerError unless ``server_id`` owns ``app`` at ``epoch``."""
+        row = db.apps.get(app)
+        if row is None or row.owner != server_id or row.epoch != epoch:
+            raise NotOwnerError(app, epoch)
+
+    # ---- worker registry ------------------------------------------------------------------
+    async def register_worker(self, app: str, worker_id: str, server_id: str, now: float, info: Any) -> None:
+        db = await self._db()
+        db.workers[(app, worker_id)] = WorkerRow(app, worker_id, server_id, float(now), json_copy(info))
+
+    async def unregister_worker(self, app: str, worker_id: str, server_id: str) -> None:
+        db = await self._db()
+        row = db.workers.get((app, worker_id))
+        if row is not None and row.server == server_id:
+            del db.workers[(app, worker_id)]
+
+    async def list_workers(self, app: str, server_id: str | None = None) -> list[WorkerRow]:
+        """By worker id."""
+        db = await self._db()
+        rows = [w for (a, _), w in db.workers.items() if a == app and (server_id is None or w.server == server_id)]
+        return [copy_worker(w) for w in sorted(rows, key=lambda w: w.worker_id)]
+
+    async def set_app_token(self, app: str, token_hash: str | None) -> None:
+        db = await self._db()
+        self._app_row(db, app).token_hash = token_hash
+
+    # ---- jobs --------------------------------------------------------------------------
+    async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
+        """See :meth:`Store.upsert_job`. "Changed" is judged on the stored form of each declared
+        field (``codecs.differs``, as the SQL stores judge it: 5 and 5.0 are no change)."""
+        db = await self._db()
+        new = stored_spec(spec)
+        next_ms = None if next_trigger_ms is None else int(next_trigger_ms)
+        job = db.job_named(spec.app, spec.name)
+        if job is None:
+            job = db.add_job(JobRow(
+                0, spec.app, spec.name, **spec_fields(new), next_trigger_ms=next_ms, created_time=float(now),
+                updated_time=float(now), last_finished_time=None, is_delete=False, version=1))
+            return copy_job(job)
+        old = stored_spec_of(job)
+        if job.is_delete or any(differs(old[col], new[col]) for col in SPEC_COLS):
+            schedule_changed = any(old[col] != new[col] for col in SCHEDULE_COLS)
+            re_enabled = new["enabled"] and not old["enabled"]
+            if job.is_delete or schedule_changed or re_enabled:
+                job.next_trigger_ms = next_ms
+            for name, value in spec_fields(new).items():
+                setattr(job, name, value)
+            job.is_delete = False
+            job.updated_time = float(now)
+            job.version += 1
+        return copy_job(job)
+
+    async def get_job(self, job_id: int) -> JobRow | None:
+        db = await self._db()
+        job = db.jobs.get(job_id)
+        return None if job is None else copy_job(job)
+
+    async def get_job_by_name(self, app: str, name: str) -> JobRow | None:
+        db = await self._db()
+        job = db.live_job(app, name)
+        return None if job is None else copy_job(job)
+
+    async def list_jobs(self, app: str) -> list[JobRow]:
+        db = await self._db()
+        jobs = [j for j in db.jobs.values() if j.app == app and not j.is_delete]
+        return [copy_job(j) for j in sorted(jobs, key=lambda j: j.name)]
+
+    async def delete_job(self, app: str, name: str, now: float) -> bool:
+        db = await self._db()
+        job = db.live_job(app, name)
+        if job is None:
+            return False
+        job.is_delete, job.enabled, job.next_trigger_ms = True, False, None
+        job.updated_time = float(now)
+        job.version += 1
+        return True
+
+    async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
+                              now: float) -> bool:
+        db = await self._db()
+        job = db.live_job(app, name)
+        if job is None:
+            return False
+        job.enabled = bool(enabled)
+        job.next_trigger_ms = None if next_trigger_ms is None else int(next_trigger_ms)
+        job.updated_time = float(now)
+        job.version += 1
+        return True
+
+    async def set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
+                               next_trigger_ms: int | None) -> None:
+        """Fenced. Like SQL's, it touches a job of that app whatever its state, and bumps no version."""
+        db = await self._db()
+        self._fence(db, server_id, app, epoch)
+        job = db.jobs.get(job_id)
+        if job is not None and job.app == app:
+            job.next_trigger_ms = None if next_trigger_ms is None else int(next_trigger_ms)
+
+    async def mark_job_finished(self, job_id: int, finished_at: float) -> None:
+        db = await self._db()
+        job = db.jobs.get(job_id)
+        if job is not None:
+            job.last_finished_time = float(finished_at)
+
+    async def set_job_stats(self, job_id: int, stats: Any, now: float) -> None:
+        """``updated_time`` tracks the job's definition, so a report leaves it alone (as in SQL)."""
+        db = await self._db()
+        job = db.jobs.get(job_id)
+        if job is not None:
+            job.stats = json_copy(stats)
+
+    # ---- the WAL -----------------------------------------------------------------------
+    async def claim_due(self, server_id: str, app: str, epoch: int, horizon_ms: int, planner: FirePlanner,
+                        now: float, limit: int = 5000,
+                        exclude_types: Sequence[ScheduleType] = ()) -> list[InstanceRow]:
+        """See :meth:`Store.claim_due`. Every plan is made before anything is written, so a
+        planner that raises leaves the database as it was (its exception propagates as is)."""
+        db = await self._db()
+        excluded = {ScheduleType(t) for t in exclude_types}
+        self._fence(db, server_id, app, epoch)
+        if limit <= 0:
+            return []
+        due = sorted(((j.next_trigger_ms, j.id, j) for j in db.jobs.values()
+                      if j.app == app and j.enabled and not j.is_delete and j.next_trigger_ms is not None
+                      and j.next_trigger_ms <= horizon_ms and j.schedule_type not in excluded),
+                     key=lambda d: (d[0], d[1]))[:limit]
+        runs: list[tuple[int, int]] = []  # (job_id, planned_ms)
+        catch_ups: list[tuple[int, int]] = []
+        skips: list[tuple[int, int, str]] = []  # (job_id, planned_ms, reason)
+        advances: list[tuple[JobRow, int | None]] = []
+        budget = limit
+        for _, job_id, job in due:
+            if budget <= 0:
+                break
+            plan = planner(planner_view(job), horizon_ms, budget)
+            runs.extend((job_id, t) for t in plan.runs)
+            catch_ups.extend((job_id, t) for t in plan.catch_up)
+            skips.extend((job_id, t, reason) for t, reason in plan.skipped)
+            budget -= len(plan)
+            advances.append((job, plan.next_ms))
+
+        def row(job_id: int, planned_ms: int, trigger: str, status: Status) -> InstanceRow:
+            return InstanceRow(0, job_id, app, int(planned_ms), FIRST_ATTEMPT, status, trigger, None, server_id,
+                               epoch, created_at=float(now))
+
+        out: list[InstanceRow] = []
+        for fires, trigger in ((runs, "schedule"), (catch_ups, "catch_up")):
+            for job_id, planned_ms in fires:
+                written = db.add_instance(row(job_id, planned_ms, trigger, Status.WAITING))
+                if written is not None:  # a fire already recorded is skipped
+                    out.append(copy_instance(written))
+        for job_id, planned_ms, reason in skips:
+            skipped = row(job_id, planned_ms, "schedule", Status.SKIPPED)
+            skipped.error, skipped.finished_at = reason, float(now)
+            db.add_instance(skipped)
+        # SQL guards this with the version it read; here nothing can change a job in between.
+        for job, next_ms in advances:
+            job.next_trigger_ms = None if next_ms is None else int(next_ms)
+        return out
+
+    async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
+                              attempt: int, trigger: str, params: Any, now: float,
+                              reruns: int = 0) -> InstanceRow | None:
+        db = await self._db()
+        self._fence(db, server_id, app, epoch)
+        row = db.add_instance(InstanceRow(0, job_id, app, int(planned_ms), int(attempt), Status.WAITING, trigger,
+                                          json_copy(params), server_id, epoch, created_at=float(now),
+                                          reruns=int(reruns)))
+        if row is None:  # recorded already: answer it only if it is this very write, made before
+            row = db.fire(job_id, int(planned_ms), int(attempt))
+            if row is None or (row.server, row.epoch, row.created_at, row.trigger) != (server_id, epoch, now, trigger):
+                return None
+        return copy_instance(row)
+
+    async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
+                             finished: dict[int, float]) -> None:
+        """See :meth:`Store.write_statuses`: all of it in one step."""
+        db = await self._db()
+        self._update(db, updates)
+        self._append(db, lines)
+        for job_id, finished_at in finished.items():
+            job = db.jobs.get(job_id)
+            if job is not None and (job.last_finished_time is None or job.last_finished_time < finished_at):
+                job.last_finished_time = float(finished_at)
+
+    async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
+        db = await self._db()
+        return self._update(db, updates)
+
+    @staticmethod
+    def _update(db: MemoryDatabase, updates: Iterable[InstanceUpdate]) -> int:
+        """Apply the updates, merged per instance as SQL merges them (``codecs.merge_updates``):
+        only an unfinished row changes, and only forward (by ``codecs.rank``). Rows changed."""
+        changed = 0
+        for u in merge_updates(updates):
+            row = db.instances.get(u.id)
+            if row is None or row.status in FINAL_STATUSES or rank(u.status) <= rank(row.status):
+                continue
+            row.status = u.status  # and, like SQL's COALESCE, every field the update gives
+            if u.worker is not None:
+                row.worker = u.worker
+            if u.dispatched_at is not None:
+                row.dispatched_at = float(u.dispatched_at)
+            if u.started_at is not None:
+                row.started_at = float(u.started_at)
+            if u.finished_at is not None:
+                row.finished_at = float(u.finished_at)
+            if u.result is not None:
+                row.result = json_copy(u.result)
+            if u.error is not None:
+                row.error = u.error
+            changed += 1
+        return changed
+
+    async def get_instance(self, instance_id: int) -> InstanceRow | None:
+        db = await self._db()
+        row = db.instances.get(instance_id)
+        return None if row is None else copy_instance(row)
+
+    async def list_instances(self, app: str, job_id: int | None = None, statuses: Sequence[Status] | None = None,
+                             limit: int = 100) -> list[InstanceRow]:
+        """Newest (highest id) first, at most ``limit``."""
+        db = await self._db()
+        wanted = None if statuses is None else {Status(s) for s in statuses}
+        out: list[InstanceRow] = []
+        for row in reversed(db.instances.values()):
+            if len(out) >= limit:
+                break
+            if row.app == app and (job_id is None or row.job_id == job_id) and (wanted is None or row.status in wanted):
+                out.append(copy_instance(row))
+        return out
+
+    async def load_unfinished(self, app: str) -> list[InstanceRow]:
+        """By (planned_ms, id)."""
+        db = await self._db()
+        rows = [r for r in db.instances.values() if r.app == app and r.status not in FINAL_STATUSES]
+        return [copy_instance(r) for r in sorted(rows, key=lambda r: (r.planned_ms, r.id))]
+
+    async def written_at(self, server_id: str, app: str, epoch: int, created_at: float) -> list[InstanceRow]:
+        """By id. A write here is never unanswered, but the rows are there to be found all the same."""
+        db = await self._db()
+        return [copy_instance(r) for r in db.instances.values()
+                if r.app == app and r.server == server_id and r.epoch == epoch and r.created_at == created_at
+                and r.status is Status.WAITING]
+
+    # ---- job logs ----------------------------------------------------------------------
+    async def append_logs(self, lines: Sequence[LogLine]) -> None:
+        db = await self._db()
+        self._append(db, lines)
+
+    @staticmethod
+    def _append(db: MemoryDatabase, lines: Sequence[LogLine]) -> None:
+        for line in lines:
+            db.logs.setdefault(int(line.instance_id), []).append(copy_log(line))
+
+    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
+        db = await self._db()
+        return [copy_log(line) for line in db.logs.get(instance_id, [])[:max(limit, 0)]]
+
+
+__all__ = ["MemoryStore", "drop_database"]
