@@ -293,6 +293,21 @@ async def test_claim_due_skips_duplicates_limit_exclude(store: Store) -> None:
     assert other == 1
 
 
+async def test_claim_due_reports_only_the_rows_it_wrote(store: Store) -> None:
+    """A claim some of whose fires are already recorded returns the new rows only: never an older
+    row of the app (here one recorded skipped), which the scheduler would fire as if it waited."""
+    epoch = await owned(store)
+    job = await store.upsert_job(spec("j"), 0, NOW)
+    first = await store.claim_due("s1", "app", epoch, 10, lambda j, h, b: FirePlan(runs=[3], skipped=[(2, "x")]),
+                                  NOW)
+    assert [r.planned_ms for r in first] == [3]
+    await store.set_next_trigger("s1", "app", epoch, job.id, 0)
+    again = await store.claim_due("s1", "app", epoch, 10, lambda j, h, b: FirePlan(runs=[1, 3]), NOW + 1)
+    assert [(r.planned_ms, r.status) for r in again] == [(1, Status.WAITING)]
+    stored = {r.planned_ms: r.status for r in await store.list_instances("app")}
+    assert stored == {1: Status.WAITING, 2: Status.SKIPPED, 3: Status.WAITING}
+
+
 async def test_claim_due_next_fire_none_clears(store: Store) -> None:
     epoch = await owned(store)
     j = await store.upsert_job(spec("once", schedule_type=ScheduleType.ONCE, schedule_expr="1000"), 1000, NOW)

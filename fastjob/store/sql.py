@@ -515,10 +515,13 @@ class SQLStore(Store):
                 elif w.rowcount == len(part) and self.consecutive_ids:
                     got = [(first + i, j, pms) for i, (j, pms) in enumerate(part)]
                 else:
-                    # Every instance write of the app is fenced and the fence serialises them,
-                    # so the app's rows from this statement's first id on are this statement's.
+                    # Every instance write of the app is fenced and the fence serialises them, so
+                    # the app's rows from this statement's first id on, with its stamp and trigger,
+                    # are this statement's. ``first`` is only a lower bound (SQLite's lastrowid is
+                    # the last row that went in): without the stamp an older row (say one recorded
+                    # skipped) above it would be reported as a fire just written.
                     g = yield Stmt("SELECT id, job_id, planned_ms FROM instances WHERE app = ? AND id >= ?"
-                                   " ORDER BY id", (app, first))
+                                   " AND created_at = ? AND trigger_kind = ? ORDER BY id", (app, first, now, trigger))
                     got = g.rows
             out.extend(InstanceRow(i, j, app, pms, FIRST_ATTEMPT, waiting, trigger, None, server_id,
                                    epoch, None, now) for i, j, pms in got)
