@@ -138,7 +138,7 @@ class Scene:
         return row.id
 
     async def scan(self) -> int:
-        return await self.scheduler.scan_app(APP, self.epoch)
+        return await self.scheduler.scanner.scan_app(APP, self.epoch)
 
     async def advance(self, seconds: float) -> None:
         await self.clock.advance(seconds)

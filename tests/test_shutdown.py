@@ -47,7 +47,7 @@ async def test_stop_right_after_a_scan_wake_up_ends_the_scan_loop(tmp_path) -> N
     server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=f"sqlite:///{tmp_path / 's.db'}",
                                         heartbeat_interval=0.2, heartbeat_timeout=1.0))
     await server.start()
-    scan_task = server.scheduler._scan_task
+    scan_task = server.scheduler.scanner._task
     assert scan_task is not None
     try:
         for _ in range(10):  # a few loop turns: the scan loop reaches its wait

@@ -1,6 +1,6 @@
 """The life of a regular fire on its owner server: scan, WAL, wheel, overlap, dispatch, result.
 
-A scan pass claims, per owned app, every job due within the horizon; the store writes the
+A scan pass (:mod:`.scan`) claims, per owned app, every job due within the horizon; the store writes the
 instance rows (the WAL) and advances the jobs in one fenced transaction. Only then do the
 fires enter the timing wheel. When the wheel says a fire is due, its job's line (overlap
 policy, :mod:`.lines`) says whether it runs now, waits its turn or is skipped; a fire that
@@ -42,17 +42,17 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import schedule
 from ..clock import SYSTEM_CLOCK, Clock, Timer, TimerFactory, wall_ms
 from ..models import InstanceRow, InstanceUpdate, JobRow, Status
 from ..store import NotOwnerError, Store, StoreError
-from ..tasks import BackgroundTasks, cancel_and_wait, wait_until_set
+from ..tasks import BackgroundTasks
 from ..timer import WheelTimer
 from .dispatch import Dispatcher
 from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
 from .follow_ups import FollowUps, follow_up
 from .lines import JobLines, Turn, Verdict
 from .recovery import FailoverRecovery, recovery_window
+from .scan import Scanner
 from .writer import StatusWriter
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastjob.scheduler")
 
 DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs between slices
-CLAIM_LIMIT = 5000  # fires one claim transaction writes at most
-MAX_CLAIMS_PER_SCAN = 20  # claims one scan pass makes for one app before the next app's turn
 
 
 class Scheduler:
@@ -95,9 +93,6 @@ class Scheduler:
         self.cluster = cluster
         self.clock = clock
         self.timer_factory = timer_factory
-        self.scan_horizon = scan_horizon
-        self.scan_interval = scan_interval
-        self.misfire_threshold = misfire_threshold
         self.heartbeat_timeout = heartbeat_timeout
         self.run_lease = run_lease
         # extra wait past a worker's lease before its instance may run elsewhere (clock rates, RTT)
@@ -112,9 +107,6 @@ class Scheduler:
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
         # apps being handed to another server: nothing more is sent; fires due meanwhile wait here
         self.draining: dict[str, list[tuple[InstanceRow, int]]] = {}
-        # WAL writes that failed without an answer, by app: (epoch, created_at); they may have
-        # committed, and then only a query by their stamp finds their fires (_recover_unanswered)
-        self._unanswered: dict[str, list[tuple[int, float]]] = {}
         self.tasks = BackgroundTasks(expected=(StoreError,))
         self.dispatcher = Dispatcher(
             store=store, writer=self.writer, alarms=self, finish=self.finish, workers_of=workers_of,
@@ -128,21 +120,24 @@ class Scheduler:
             store=store, server_id=cluster.server_id, epoch_of=lambda app: cluster.owned.get(app),
             lines=self.lines, jobs=self.jobs, tasks=self.tasks, enter_wheel=self.enter_wheel,
             start_turns=self.start_turns, wake_scan=self.wake_scan, is_second_level=is_second_level, clock=clock)
-        self._scan_task: asyncio.Task[None] | None = None
-        self._scan_now = asyncio.Event()
+        self.scanner = Scanner(
+            store=store, cluster=cluster, jobs=self.jobs, load_jobs=self.load_jobs, enter_wheel=self.enter_wheel,
+            known=lambda instance_id: instance_id in self.wheel_handles or instance_id in self.dispatcher.inflight,
+            draining=self.draining, tasks=self.tasks, clock=clock, scan_horizon=scan_horizon,
+            scan_interval=scan_interval, misfire_threshold=misfire_threshold)
         self._revalidating = False
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.timer = self.timer_factory(self._on_due)
         self.writer.start()
-        self._scan_task = asyncio.create_task(self._scan_loop(), name="fastjob-scan")
+        self.scanner.start()
 
     async def stop(self) -> bool:
         """Stop firing and write what is pending.  True when our apps can be let go cleanly:
         every status is written and no fire of a previous owner is still unresolved (a
         successor that finds an app released or handed over holds nothing back)."""
-        await cancel_and_wait(self._scan_task, 10.0, "the scan loop")
+        await self.scanner.stop()
         await self.tasks.close()
         if self.timer is not None:
             self.timer.close()
@@ -150,7 +145,7 @@ class Scheduler:
         return flushed and not any(self.recovery.unresolved(app) for app in list(self.recovery.apps))
 
     def wake_scan(self) -> None:
-        self._scan_now.set()
+        self.scanner.wake()
 
     # ---- ownership callbacks -------------------------------------------------------------
     async def app_gained(self, app: str, epoch: int, origin: Origin) -> None:
@@ -159,7 +154,7 @@ class Scheduler:
         # our own statuses first: an app we owned before (and dropped) must not be recovered from
         # rows that our pending writes have not reached (a finished run would look dispatched)
         await self.writer.flush()
-        self._unanswered.pop(app, None)  # every unfinished row is loaded below
+        self.scanner.forget(app)  # every unfinished row is loaded below
         rows = await self.store.load_unfinished(app)
         await self.load_jobs(app)
         expected: set[str] = set()
@@ -192,7 +187,7 @@ class Scheduler:
         """Forget every fire of the app; its new owner has them in the database."""
         # waiting fires stay in the wheel and are dropped when due: fire() checks ownership
         self.draining.pop(app, None)
-        self._unanswered.pop(app, None)
+        self.scanner.forget(app)
         self.recovery.forget_app(app)
         self.dispatcher.forget_app(app)
         self.held = [(row, epoch) for row, epoch in self.held if row.app != app]
@@ -233,75 +228,6 @@ class Scheduler:
     def job_changed(self, job: JobRow) -> None:
         self.jobs[job.id] = job
         self.wake_scan()
-
-    # ---- scan ------------------------------------------------------------------------------
-    async def _scan_loop(self) -> None:
-        while True:
-            await wait_until_set(self._scan_now, self.scan_interval)
-            self._scan_now.clear()
-            if not self.cluster.lease_valid():
-                continue
-            for app, epoch in list(self.cluster.owned.items()):
-                if app in self.draining:
-                    continue
-                try:
-                    await self.scan_app(app, epoch)
-                except NotOwnerError:
-                    log.warning("app %s: scan fenced at epoch %d; re-syncing ownership", app, epoch)
-                    self.tasks.spawn(self.cluster.sync(), "fastjob-resync")
-                except StoreError as exc:
-                    log.warning("app %s: scan failed, will retry: %s", app, exc)
-                except Exception:
-                    log.exception("app %s: scan crashed", app)
-
-    async def scan_app(self, app: str, epoch: int) -> int:
-        """Claim the app's fires due within the horizon and put them into the wheel.
-
-        A claim writes at most CLAIM_LIMIT fires (a bounded transaction); while one comes back
-        full, the next is claimed at once: 10,000 per-second jobs need 10,000 fires a second."""
-        await self._recover_unanswered(app, epoch)
-        claimed = 0
-        for _ in range(MAX_CLAIMS_PER_SCAN):
-            now = self.clock.wall()
-            horizon_ms = int((now + self.scan_horizon) * 1000)
-            planner = schedule.make_planner(int(now * 1000), int(self.misfire_threshold * 1000))
-            try:
-                rows = await self.store.claim_due(self.cluster.server_id, app, epoch, horizon_ms, planner, now,
-                                                  limit=CLAIM_LIMIT)
-            except StoreError:
-                self._unanswered.setdefault(app, []).append((epoch, now))
-                raise
-            await self._wheel_claimed(app, epoch, rows)
-            claimed += len(rows)
-            if len(rows) < CLAIM_LIMIT:
-                break
-        if claimed:
-            log.debug("app %s: claimed %d fires", app, claimed)
-        return claimed
-
-    async def _wheel_claimed(self, app: str, epoch: int, rows: list[InstanceRow]) -> None:
-        jobs = self.jobs
-        if any(row.job_id not in jobs for row in rows):
-            await self.load_jobs(app)  # one query for the app, not a round trip per job
-        for row in rows:
-            if row.job_id in jobs:
-                self.enter_wheel(row, epoch)
-
-    async def _recover_unanswered(self, app: str, epoch: int) -> None:
-        """Wheel the fires of our WAL writes that failed without an answer but committed (the
-        reply lost, every retry failed): no one else holds them. A write of an older epoch is
-        the business of whoever gained the app since (it loads every unfinished row)."""
-        unanswered = self._unanswered.get(app)
-        while unanswered:
-            written_epoch, created_at = unanswered[0]
-            if written_epoch == epoch:
-                rows = await self.store.written_at(self.cluster.server_id, app, epoch, created_at)
-                known = [r for r in rows if r.id in self.wheel_handles or r.id in self.dispatcher.inflight]
-                if rows:
-                    log.warning("app %s: %d fires of a write whose answer was lost found in the WAL",
-                                app, len(rows) - len(known))
-                await self._wheel_claimed(app, epoch, [r for r in rows if r not in known])
-            unanswered.pop(0)
 
     # ---- the wheel -------------------------------------------------------------------------
     def _timer_time_of(self, epoch_ms: int) -> float:
@@ -472,7 +398,7 @@ class Scheduler:
                 row = await self.store.insert_instance(
                     self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, created_at)
             except StoreError:
-                self._unanswered.setdefault(app, []).append((epoch, created_at))
+                self.scanner.unanswered(app, epoch, created_at)
                 raise
             if row is not None:
                 self.jobs[job.id] = job
