@@ -1,49 +1,26 @@
-"""Backend-independent half of the SQL stores: every operation, the retry loop, migrations.
+"""Backend-independent half of the SQL stores: every Store operation, written once as an op.
 
-Every :class:`~fastjob.store.base.Store` method is written ONCE here as a "sans-IO" generator
-(an *op*): it yields :class:`Stmt` objects and receives a :class:`Result` for each, and its
-return value is the method's result. A backend only has to drive an op inside a transaction:
-
-* SQLite drives the whole op synchronously in its one dedicated thread (one thread hop per
-  call, and ``claim_due``'s ``next_fire`` callback runs in that thread);
-* MySQL drives it with ``await cursor.execute(...)`` on a pooled aiomysql connection.
-
-The retry loop (transient errors, exponential backoff, a total time bound, StoreError at the
-end) is also shared; the backends say which exceptions are theirs and which are transient.
-SQL is written with ``?`` placeholders; the MySQL backend turns them into ``%s``.
+How ops are run (transactions, retries, migrations) is :mod:`.sql_runner`; the claim, the WAL's
+hot path, is :mod:`.sql_wal`. The backends (:mod:`.sqlite`, :mod:`.mysql`) drive the ops.
 """
 from __future__ import annotations
 
-import abc
-import asyncio
-import functools
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
-from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, Store, StoreError, WorkerRow
+from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, WorkerRow
 from .codecs import (
-    CLAIM_COLS,
-    DUE_ORDER,
-    FIRE_COLS,
-    FIRST_ATTEMPT,
     INST_COLS,
     INST_INSERT_COLS,
     JOB_COLS,
-    SHARED_COLS,
-    SKIPPED_COLS,
     SPEC_COLS,
     SQL_RANK,
     SQL_UNFINISHED,
-    claim_job,
     differs,
     dumps,
-    json_ints,
-    load_json,
     loads,
     merge_updates,
     rank,
@@ -51,116 +28,16 @@ from .codecs import (
     row_to_job,
     spec_values,
 )
-from .dialect import Dialect
-from .schema import LATEST_VERSION, MIGRATIONS, MYSQL_TOLERATED, SCHEMA_VERSION_DDL
-from .statements import CHUNK_ROWS, JSON_CHUNK_ROWS, Op, RetryTx, Stmt, T, chunks, flat
+from .sql_runner import Attempts, SQLRunner
+from .sql_wal import op_claim_due
+from .statements import Op, RetryTx, Stmt, chunks, flat
 
 log = logging.getLogger("fastjob.store")
 
 
 # ---- the shared store ----------------------------------------------------------------------
-@dataclass(slots=True)
-class _Attempts:
-    """Per-call state that survives retries: lets an op recognise rows it committed in an
-    attempt whose COMMIT reply was lost (the connection died after the server committed)."""
-
-    tried_insert: bool = False
-
-
-class SQLStore(Store):
+class SQLStore(SQLRunner):
     """Implements the whole :class:`Store` contract on top of :meth:`_attempt`."""
-
-    dialect: Dialect
-
-    def __init__(self, *, retry_total: float = 10.0, retry_initial: float = 0.05,
-                 retry_max: float = 1.0) -> None:
-        self.retry_total = retry_total
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
-
-    # ---- what a backend provides -----------------------------------------------------
-    @abc.abstractmethod
-    async def _attempt(self, factory: Callable[[], Op[T]], tx: bool) -> T:
-        """Run one op once: in one transaction if ``tx`` (committing at the end, rolling back
-        on any exception), else each statement in autocommit mode."""
-
-    @abc.abstractmethod
-    def _is_driver_error(self, exc: BaseException) -> bool:
-        """The exception came from the database or the connection to it."""
-
-    @abc.abstractmethod
-    def _is_transient(self, exc: BaseException) -> bool:
-        """Worth retrying: lost connection, server restarting, lock contention, deadlock."""
-
-    # ---- retry loop --------------------------------------------------------------------
-    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` until it succeeds, a non-transient error occurs, or the time bound
-        is spent. Raises StoreError (NotOwnerError passes through untouched, never retried);
-        errors that did not come from the database (a caller's callback) propagate as is."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        delay = self.retry_initial
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                return await attempt()
-            except StoreError:
-                raise
-            except RetryTx:
-                if loop.time() - start > self.retry_total:
-                    raise StoreError(f"{what}: kept losing a race for {self.retry_total:.0f}s") from None
-                continue
-            except Exception as exc:
-                if not self._is_driver_error(exc):
-                    raise
-                if not self._is_transient(exc):
-                    raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
-                elapsed = loop.time() - start
-                if elapsed + delay > self.retry_total:
-                    raise StoreError(
-                        f"{what}: database unavailable for {elapsed:.1f}s after {tries} attempts:"
-                        f" {type(exc).__name__}: {exc}"
-                    ) from exc
-                log.warning("store %s: transient error (attempt %d), retrying in %.2fs: %s",
-                            what, tries, delay, exc)
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, self.retry_max)
-
-    async def _run(self, what: str, factory: Callable[[], Op[T]], *, tx: bool) -> T:
-        return await self._retrying(what, lambda: self._attempt(factory, tx))
-
-    # ---- migrations --------------------------------------------------------------------
-    async def _migrate(self) -> None:
-        """Bring the schema to LATEST_VERSION; safe with several servers doing it at once."""
-        await self._run("migrate", self._op_bootstrap, tx=False)
-        while True:
-            version = await self._run("migrate", self._op_schema_version, tx=False)
-            if version >= LATEST_VERSION:
-                if version > LATEST_VERSION:
-                    log.warning("schema version %d is newer than this code (%d)", version, LATEST_VERSION)
-                return
-            await self._run("migrate", functools.partial(self._op_migrate_step, version + 1),
-                            tx=self.dialect.transactional_ddl)
-
-    def _op_bootstrap(self) -> Op[None]:
-        yield Stmt(SCHEMA_VERSION_DDL[self.dialect.name])
-        yield Stmt(self.dialect.insert("schema_version", ("id", "version"), 1, ignore=True), (1, 0))
-
-    def _op_schema_version(self) -> Op[int]:
-        r = yield Stmt("SELECT version FROM schema_version WHERE id = 1")
-        return int(r.rows[0][0])
-
-    def _op_migrate_step(self, target: int) -> Op[None]:
-        r = yield Stmt("SELECT version FROM schema_version WHERE id = 1")
-        if int(r.rows[0][0]) != target - 1:
-            return  # someone else moved it; the caller re-reads
-        for sql in MIGRATIONS[self.dialect.name][target - 1]:
-            yield Stmt(sql, tolerate=MYSQL_TOLERATED)
-        r = yield Stmt("UPDATE schema_version SET version = ? WHERE id = 1 AND version = ?",
-                       (target, target - 1))
-        if r.rowcount == 1:
-            log.info("store schema migrated to version %d", target)
 
     # ---- cluster membership --------------------------------------------------------------
     async def register_server(self, server_id: str, address: str, now: float) -> None:
@@ -186,14 +63,6 @@ class SQLStore(Store):
     async def remove_server(self, server_id: str) -> None:
         await self._run("remove_server", lambda: self._op_exec(
             "DELETE FROM servers WHERE id = ?", (server_id,)), tx=False)
-
-    def _op_exec(self, sql: str, params: Sequence[Any] = ()) -> Op[int]:
-        r = yield Stmt(sql, params)
-        return r.rowcount
-
-    def _op_query(self, sql: str, params: Sequence[Any] = ()) -> Op[list[tuple[Any, ...]]]:
-        r = yield Stmt(sql, params)
-        return r.rows
 
     # ---- apps ------------------------------------------------------------------------------
     _APP_SELECT = "SELECT name, owner, epoch, token_hash, prev_owner, left_clean, adopted FROM apps"
@@ -224,12 +93,12 @@ class SQLStore(Store):
                         left_clean: bool = False, adopted: bool = True) -> int | None:
         # A lost reply is retried; the retry then fails the CAS although we won. Recognise our
         # own win: if the row already says (us, seen_epoch + 1) after a failed CAS on a retry.
-        state = _Attempts()
+        state = Attempts()
         values = (server_id, prev_owner, int(left_clean), int(adopted))
         won = await self._run("claim_app", lambda: self._op_claim_app(state, app, values, seen_epoch), tx=False)
         return seen_epoch + 1 if won else None
 
-    def _op_claim_app(self, state: _Attempts, app: str, values: tuple[Any, ...], seen_epoch: int) -> Op[bool]:
+    def _op_claim_app(self, state: Attempts, app: str, values: tuple[Any, ...], seen_epoch: int) -> Op[bool]:
         retry = state.tried_insert
         state.tried_insert = True
         server_id = values[0]
@@ -383,148 +252,11 @@ class SQLStore(Store):
                         now: float, limit: int = 5000,
                         exclude_types: Sequence[ScheduleType] = ()) -> list[InstanceRow]:
         """See :meth:`Store.claim_due`."""
-        state = _Attempts()
+        state = Attempts()
         excl = tuple(ScheduleType(t).value for t in exclude_types)
-        return await self._run("claim_due", lambda: self._op_claim_due(
-            state, server_id, app, epoch, horizon_ms, planner, now, limit, excl), tx=True)
-
-    #: Set by a backend whose multi-row INSERT takes consecutive auto-increment ids (InnoDB
-    #: autoinc lock mode 0/1, SQLite): the ids of a fully inserted chunk follow from its first
-    #: or last id, so claim_due needs no RETURNING (a partly skipped chunk is read back). This
-    #: holds for INSERT … SELECT too: lock modes 0 and 1 keep the table's AUTO-INC lock for the
-    #: whole statement.
-    consecutive_ids = False
-    #: Set by a backend with JSON_ARRAYAGG (MySQL >= 5.7.22, MariaDB >= 10.5): claim_due then
-    #: reads the due jobs as ONE JSON value, decoded in C, instead of 10k rows that the
-    #: pure-Python MySQL driver parses column by column (about 4x slower).
-    json_rows = False
-    #: Set by a backend with JSON_TABLE (MariaDB >= 10.6, MySQL >= 8.0.4): claim_due then sends
-    #: its fires and next trigger times as one JSON parameter per statement (Dialect.json_rel).
-    json_table = False
-
-    def _op_due_jobs(self, app: str, horizon_ms: int, limit: int, excl: tuple[str, ...]) -> Op[list[Any]]:
-        """The CLAIM_COLS rows of the app's due jobs, by (next_trigger_ms, id), at most ``limit``."""
-        sql = (f"SELECT {CLAIM_COLS} FROM jobs WHERE app = ? AND enabled = 1 AND is_delete = 0"
-               " AND next_trigger_ms IS NOT NULL AND next_trigger_ms <= ?")
-        params: list[Any] = [app, horizon_ms]
-        if excl:
-            sql += " AND schedule_type NOT IN " + self.dialect.in_list(len(excl))
-            params.extend(excl)
-        sql += " ORDER BY next_trigger_ms, id LIMIT ?"
-        params.append(limit)
-        if self.json_rows:
-            r = yield Stmt(f"SELECT COUNT(*), JSON_ARRAYAGG(JSON_ARRAY({CLAIM_COLS})) FROM ({sql}) AS due", params)
-            count, text = r.rows[0]
-            try:
-                rows = [] if not count else load_json(text)
-            except (TypeError, ValueError):
-                rows = None  # NULL or cut short: larger than group_concat_max_len (MariaDB)
-            if rows is not None and len(rows) == count:
-                rows.sort(key=DUE_ORDER)  # an aggregate's order is not guaranteed
-                return rows
-        r = yield Stmt(sql, params)
-        return r.rows
-
-    def _op_claim_due(self, state: _Attempts, server_id: str, app: str, epoch: int, horizon_ms: int,
-                      planner: FirePlanner, now: float, limit: int,
-                      excl: tuple[str, ...]) -> Op[list[InstanceRow]]:
-        yield from self._fence(server_id, app, epoch)
-        out: list[InstanceRow] = []
-        if state.tried_insert:
-            # An earlier attempt may have committed without us hearing back: its rows carry
-            # our (server, epoch, created_at) and belong in the answer.
-            r = yield Stmt(f"SELECT {INST_COLS} FROM instances WHERE app = ? AND server = ? AND epoch = ?"
-                           " AND created_at = ? AND trigger_kind IN ('schedule', 'catch_up') AND status = ?"
-                           " ORDER BY id", (app, server_id, epoch, now, Status.WAITING.value))
-            out.extend(row_to_instance(x) for x in r.rows)
-        if limit <= 0:
-            return out
-        due = yield from self._op_due_jobs(app, horizon_ms, limit, excl)
-
-        # Scheduled fires are written with params NULL: the job's params apply (see
-        # Store.claim_due), so they are neither read, decoded nor copied here.
-        fires: list[tuple[int, int]] = []  # (job_id, planned_ms)
-        catch_ups: list[tuple[int, int]] = []
-        skips: list[tuple[int, int, str]] = []  # (job_id, planned_ms, reason)
-        advances: list[tuple[int, int, int | None]] = []
-        budget = limit
-        for jr in due:
-            if budget <= 0:
-                break
-            job = claim_job(app, jr)
-            plan = planner(job, horizon_ms, budget)
-            job_id = job.id
-            fires.extend([(job_id, t) for t in plan.runs])
-            if plan.catch_up:
-                catch_ups.extend((job_id, t) for t in plan.catch_up)
-            if plan.skipped:
-                skips.extend((job_id, t, reason) for t, reason in plan.skipped)
-            budget -= len(plan)
-            advances.append((job_id, job.version, plan.next_ms))
-        if not advances:
-            return out
-
-        state.tried_insert = True
-        if fires:
-            yield from self._op_insert_fires(app, server_id, epoch, now, fires, "schedule", out)
-        if catch_ups:
-            yield from self._op_insert_fires(app, server_id, epoch, now, catch_ups, "catch_up", out)
-        if skips:
-            shared = (app, FIRST_ATTEMPT, Status.SKIPPED.value, "schedule", server_id, epoch, now, now)
-            for skipped in chunks(skips):
-                yield Stmt(self.dialect.insert("instances", SKIPPED_COLS, len(skipped), ignore=True),
-                           [v for row in skipped for v in (*row, *shared)])
-
-        # Move next_trigger_ms in one statement per chunk. The version guard leaves a job alone
-        # if a user changed it since we read it (MySQL; SQLite writers are serialised anyway).
-        d = self.dialect
-        jt = self.json_table
-        sql_sets = (("next_trigger_ms", "u.nt"),)
-        cols, where = ("id", "ver", "nt"), "jobs.version = u.ver"
-        for part in chunks(advances, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
-            if jt:
-                yield Stmt(d.update_join_json("jobs", cols, sql_sets, where), (json_ints(part),))
-            else:
-                yield Stmt(d.update_join("jobs", cols, len(part), sql_sets, where), flat(part))
-        return out
-
-    def _op_insert_fires(self, app: str, server_id: str, epoch: int, now: float, fires: list[tuple[int, int]],
-                         trigger: str, out: list[InstanceRow]) -> Op[None]:
-        """Write ``waiting`` rows of (job_id, planned_ms) and append those that went in to ``out``."""
-        waiting = Status.WAITING
-        # Every column but job_id and planned_ms is the same in all rows of a claim.
-        shared = (app, FIRST_ATTEMPT, waiting.value, trigger, None, server_id, epoch, now)
-        d = self.dialect
-        jt = self.json_table
-        returning = d.returning and not self.consecutive_ids
-        for part in chunks(fires, JSON_CHUNK_ROWS if jt else CHUNK_ROWS):
-            if jt:
-                w = yield Stmt(d.insert_shared_json("instances", FIRE_COLS, SHARED_COLS),
-                               [*shared, json_ints(part)])
-            else:
-                w = yield Stmt(d.insert_shared("instances", FIRE_COLS, SHARED_COLS, len(part),
-                                               returning="id, job_id, planned_ms" if returning else None),
-                               d.shared_params(part, shared))
-            # Which rows went in (a fire already recorded is skipped): (id, job_id, planned_ms).
-            if returning:
-                got = w.rows
-            else:
-                first = d.first_inserted_id(w.lastrowid, len(part), max((x.id for x in out), default=0))
-                if w.rowcount <= 0:
-                    got = []
-                elif w.rowcount == len(part) and self.consecutive_ids:
-                    got = [(first + i, j, pms) for i, (j, pms) in enumerate(part)]
-                else:
-                    # Every instance write of the app is fenced and the fence serialises them, so
-                    # the app's rows from this statement's first id on, with its stamp and trigger,
-                    # are this statement's. ``first`` is only a lower bound (SQLite's lastrowid is
-                    # the last row that went in): without the stamp an older row (say one recorded
-                    # skipped) above it would be reported as a fire just written.
-                    g = yield Stmt("SELECT id, job_id, planned_ms FROM instances WHERE app = ? AND id >= ?"
-                                   " AND created_at = ? AND trigger_kind = ? ORDER BY id", (app, first, now, trigger))
-                    got = g.rows
-            out.extend(InstanceRow(i, j, app, pms, FIRST_ATTEMPT, waiting, trigger, None, server_id,
-                                   epoch, None, now) for i, j, pms in got)
+        return await self._run("claim_due", lambda: op_claim_due(
+            self, self._fence(server_id, app, epoch), state, server_id, app, epoch, horizon_ms, planner, now, limit,
+            excl), tx=True)
 
     async def insert_instance(self, server_id: str, app: str, epoch: int, job_id: int, planned_ms: int,
                               attempt: int, trigger: str, params: Any, now: float,
