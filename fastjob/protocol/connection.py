@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from .codec import Decoder, Message, _pack_header, _packb
 from .constants import DEFAULT_MAX_FRAME
@@ -67,9 +67,15 @@ class Connection(asyncio.Protocol):
         idle timeout), a :class:`RemoteError` when the peer sent a fatal ERROR before closing.
         """
 
+    @property
+    def _live_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, once the connection is made (nothing that needs it runs before)."""
+        assert self._loop is not None, "connection not made yet"
+        return self._loop
+
     # ---- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport: TCP or TLS
         self._loop = asyncio.get_running_loop()
         self._peername = transport.get_extra_info("peername")
         self.last_received = self._loop.time()
@@ -90,7 +96,7 @@ class Connection(asyncio.Protocol):
             return
         if not msgs:
             return
-        self.last_received = self._loop.time()  # type: ignore[union-attr]
+        self.last_received = self._live_loop.time()
         pending = self._pending
         for msg in msgs:
             if msg.rid and pending and msg.type in REPLY_TYPES:
@@ -217,7 +223,7 @@ class Connection(asyncio.Protocol):
             raise ConnectionError("connection closed")
         rid = self._next_rid
         self._next_rid = rid + 1 if rid + 1 < _RID_LIMIT else 1
-        fut = self._loop.create_future()  # type: ignore[union-attr]
+        fut = self._live_loop.create_future()
         self._pending[rid] = fut
         try:
             self.send(type, body, rid)
@@ -261,7 +267,7 @@ class Connection(asyncio.Protocol):
             self._flush()
         if not self._paused:
             return
-        fut = self._loop.create_future()  # type: ignore[union-attr]
+        fut = self._live_loop.create_future()
         self._drain_waiters.append(fut)
         await fut
 
@@ -318,8 +324,9 @@ class Connection(asyncio.Protocol):
         if timeout is None or self._closing:
             return
         deadline = self.last_received + timeout
-        if self._loop.time() >= deadline:  # type: ignore[union-attr]
+        loop = self._live_loop
+        if loop.time() >= deadline:
             log.warning("closing %s: nothing received for %.1f s", self._peername, timeout)
             self.fail(self._idle_code, f"nothing received for {timeout:g} s")
         else:
-            self._idle_handle = self._loop.call_at(deadline, self._check_idle)  # type: ignore[union-attr]
+            self._idle_handle = loop.call_at(deadline, self._check_idle)
