@@ -1,0 +1,313 @@
+"""Running the instances a server dispatches, and getting their results and log lines back to it.
+
+At most ``max_concurrency`` instances run at once, each with its timeout, and never two copies of
+one instance: a repeated DISPATCH of an instance that runs is acknowledged and ignored, and one of
+an instance that finished is answered with its result (a server that restarted before recording
+the dispatch fires the row again). Results that could not be sent (the connection dropped) are
+kept and sent after the next handshake, whose HELLO lists them so that the server re-attaches them
+instead of failing them. Log lines are buffered per instance and shipped in bounded frames.
+
+The run lease is enforced here: no instance starts, and none goes on running, while no owning
+server has vouched for this worker within the lease, because by then the server may have given
+the instance to another worker. The link keeps the lease's clock (:class:`RunLink`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import msgpack
+
+from .context import Handler, JobContext, JobLog
+from .models import Status
+from .protocol import Connection, ProtocolError
+
+log = logging.getLogger("fastjob.worker")
+
+MAX_LOG_LINES_PER_INSTANCE = 10_000
+REMEMBERED_RESULTS = 10_000  # finished instances whose result is replayed on a repeated DISPATCH
+# How many of those a HELLO names in `finished` (the newest), for a new owner after a failover.
+FINISHED_IN_HELLO = 1000
+MAX_LOG_LINE = 4096  # characters kept of one log line
+LOG_LINES_PER_FRAME = 100  # so a LOG frame stays far below max_frame (100 x 4 KiB)
+RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
+
+
+class RunLink(Protocol):
+    """What the runner uses of the worker's link to its server, and nothing more."""
+
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def conn(self) -> Connection | None: ...  # the registered session's, if any
+    @property
+    def version(self) -> int: ...  # negotiated protocol version
+    @property
+    def frame_limit(self) -> int: ...  # negotiated max frame: bounds a result
+    @property
+    def stopping(self) -> bool: ...  # the worker is stopping: refuse new runs
+    @property
+    def alive_at(self) -> float: ...  # loop time an owning server last vouched for us
+    @property
+    def run_lease(self) -> float: ...
+    @property
+    def heartbeat_timeout(self) -> float: ...
+    def lease_held(self) -> bool: ...
+    def send(self, kind: str, body: dict[str, Any]) -> bool: ...
+    def ping(self, conn: Connection) -> None: ...
+
+
+class InstanceRunner:
+    """The instances this worker runs, has run (results to send or replay), and their log lines."""
+
+    def __init__(
+        self,
+        link: RunLink,
+        handlers: Mapping[str, Handler],
+        capacity: Callable[[], int],
+        abandoned: Callable[[], bool],
+    ) -> None:
+        """``capacity`` is the worker's max_concurrency (read at each DISPATCH); ``abandoned`` says
+        the worker's main task was cancelled (the loop is going away): a cancelled handler then
+        propagates the cancellation instead of reporting an interruption."""
+        self._link = link
+        self._handlers = handlers
+        self._capacity = capacity
+        self._abandoned = abandoned
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[int, str] = {}
+        self.unsent_results: dict[int, dict[str, Any]] = {}
+        # a server that restarted before recording a dispatch fires the row again: answer it
+        # with the result we already have instead of running the instance a second time
+        self.sent_results: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._log_lock = threading.Lock()  # ctx.log is called from handler threads too
+        self._log_buffer: dict[int, list[list[Any]]] = {}
+        # dispatches received while our run lease had lapsed: started once a PONG renews it
+        self.deferred: list[tuple[Connection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
+        self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def open(self, max_workers: int, thread_name_prefix: str) -> None:
+        """Create the thread pool that plain ``def`` handlers run in."""
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+
+    def close(self) -> None:
+        """Drop the thread pool without waiting: a thread cannot be stopped, its run is abandoned."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def wind_down(self, grace: float) -> None:
+        """Let running instances finish for ``grace`` seconds, then interrupt the rest."""
+        if self.running:
+            self.interrupt_after(grace, "worker stopping")
+            await asyncio.wait(list(self.running.values()), timeout=grace + 2.0)
+
+    def hello_state(self) -> dict[str, Any]:
+        """What a HELLO says of our runs, so that a new owner re-attaches them instead of failing them."""
+        return {
+            "running": sorted({*self.running, *self.unsent_results}),
+            # results the last owner may have received but not written before it died
+            "finished": list(itertools.islice(reversed(self.sent_results), FINISHED_IN_HELLO)),
+        }
+
+    # ---- stopping runs ------------------------------------------------------------------------
+    def cancel(self, instance_id: int, reason: str) -> None:
+        """The server's CANCEL: stop that run (it reports itself, with ``reason``)."""
+        task = self.running.get(instance_id)
+        if task is not None:
+            self._cancel_reasons[instance_id] = reason
+            task.cancel()
+
+    def interrupt_after(self, grace: float, reason: str) -> None:
+        """Cancel the running instances still running after ``grace`` seconds (reported interrupted)."""
+        def interrupt() -> None:
+            self.interrupt(reason)
+
+        asyncio.get_running_loop().call_later(grace, interrupt)
+
+    def interrupt(self, reason: str) -> None:
+        for instance_id, task in list(self.running.items()):
+            if not task.done():
+                self._cancel_reasons[instance_id] = reason
+                task.cancel()
+
+    async def watch_run_lease(self) -> None:
+        """Stop running instances when no owning server has been heard for the run lease: by then
+        the server may have given them to another worker, and they must not run twice at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, min(1.0, self._link.run_lease / 4)))
+            silent = loop.time() - self._link.alive_at
+            if self.running and silent > self._link.run_lease:
+                log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",
+                            self._link.worker_id, silent, len(self.running))
+                self.interrupt(f"run lease expired: no owning server heard for {silent:.1f}s")
+            if self.deferred:  # no server vouched for us within a heartbeat timeout of asking
+                self.refuse_deferred(loop.time() - self._link.heartbeat_timeout,
+                                     f"run lease expired: no owning server heard for {silent:.1f}s")
+
+    # ---- dispatches ---------------------------------------------------------------------------
+    def on_dispatch(self, conn: Connection, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        if instance_id in self.running:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})  # already ours: one copy only
+            return
+        if instance_id in self.unsent_results or instance_id in self.sent_results:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            conn.send("RESULT", self.unsent_results.get(instance_id) or self.sent_results[instance_id])
+            return
+        reason = None
+        if self._link.stopping:
+            reason = "worker stopping"
+        elif body["handler"] not in self._handlers:
+            reason = f"unknown handler {body['handler']!r}"
+        elif len(self.running) >= self._capacity():
+            reason = "at max_concurrency"
+        if reason is not None:
+            conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
+            return
+        if not self._link.lease_held():
+            # our run lease lapsed (an outage, or we were frozen and this frame is old): start
+            # nothing until an owning server vouches for us again; ask it now
+            self.deferred.append((conn, body, asyncio.get_running_loop().time()))
+            self._link.ping(conn)
+            return
+        if self._link.version < 2:  # version 2: START acknowledges an accepted DISPATCH (one frame less per fire)
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+        self.running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
+
+    def start_deferred(self) -> None:
+        """The lease is renewed: take the dispatches that waited for it (on the same connection)."""
+        deferred, self.deferred = self.deferred, []
+        for conn, body, _ in deferred:
+            if not conn.closed:
+                self.on_dispatch(conn, body)
+
+    def refuse_deferred(self, older_than: float, reason: str) -> None:
+        """Refuse the dispatches that waited longer than ``older_than`` (loop time) for a vouching PONG."""
+        keep = []
+        for conn, body, since in self.deferred:
+            if since >= older_than:
+                keep.append((conn, body, since))
+            elif not conn.closed:
+                conn.send("ACK", {"instance_id": body["instance_id"], "accepted": False, "reason": reason})
+        self.deferred = keep
+
+    # ---- running a handler --------------------------------------------------------------------
+    async def _execute(self, body: dict[str, Any]) -> None:
+        instance_id = body["instance_id"]
+        started_at = time.time()
+        # START goes out at the next loop turn, and only if the handler still runs then: a handler
+        # done at once reports once (its RESULT carries started_at), one frame less per fire
+        asyncio.get_running_loop().call_soon(self._report_start, instance_id, started_at)
+        ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
+                         body["scheduled_at"], JobLog(self, instance_id, body["job"]))
+        status, result, error = await self.run_handler(self._handlers[body["handler"]], ctx, body.get("timeout"),
+                                                       lambda: self._cancel_reasons.pop(instance_id, "cancelled"))
+        self.flush_logs(instance_id)
+        report = {"instance_id": instance_id, "status": status, "started_at": started_at,
+                  "finished_at": time.time(), "result": result, "error": error}
+        self.running.pop(instance_id, None)
+        self.unsent_results[instance_id] = report
+        conn = self._link.conn
+        if conn is not None and not conn.closed:
+            self.resend_results(conn)
+
+    def _report_start(self, instance_id: int, started_at: float) -> None:
+        if instance_id in self.running:
+            self._link.send("START", {"instance_id": instance_id, "started_at": started_at})
+
+    async def run_handler(
+        self, fn: Handler, ctx: Any, timeout: float | None, cancel_reason: Callable[[], str],
+        check_result: bool = True,
+    ) -> tuple[str, Any, str | None]:
+        """Run one handler call: (status, result, error). Only this call fails if it misbehaves.
+
+        ``check_result`` verifies that the result can be shipped; second-level runs ship none.
+        """
+        try:
+            is_async = self._is_async.get(fn)
+            if is_async is None:
+                is_async = self._is_async[fn] = inspect.iscoroutinefunction(fn)
+            if is_async:
+                coro = fn(ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                coro = loop.run_in_executor(self._executor, functools.partial(fn, ctx))
+            result = await asyncio.wait_for(coro, timeout) if timeout else await coro
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.TimeoutError:
+            return Status.TIMED_OUT.value, None, f"handler exceeded its {timeout}s timeout"
+        except asyncio.CancelledError:
+            reason = cancel_reason()
+            if self._abandoned():
+                raise
+            if reason == "timeout":
+                return Status.TIMED_OUT.value, None, "cancelled: timeout"
+            # cut short by its worker or server, not by the handler: version 1 calls it cancelled
+            status = Status.INTERRUPTED if self._link.version >= 2 else Status.CANCELLED
+            return status.value, None, f"interrupted: {reason}"
+        except Exception as exc:
+            log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
+            return Status.FAILED.value, None, f"{type(exc).__name__}: {exc}"
+        if not check_result:
+            return Status.SUCCEEDED.value, result, None
+        try:
+            size = len(msgpack.packb(result))
+        except Exception as exc:
+            return Status.FAILED.value, None, f"result not serialisable: {type(exc).__name__}: {exc}"
+        limit = self._link.frame_limit
+        if size > limit - RESULT_HEADROOM:
+            return Status.FAILED.value, None, f"result too large: {size} bytes encoded, the frame limit is {limit}"
+        return Status.SUCCEEDED.value, result, None
+
+    # ---- results and log lines ----------------------------------------------------------------
+    def resend_results(self, conn: Connection) -> None:
+        """Send every result not yet sent, and remember it (a repeated DISPATCH replays it)."""
+        for instance_id in list(self.unsent_results):
+            report = self.unsent_results.pop(instance_id)
+            try:
+                conn.send("RESULT", report)
+            except ProtocolError as exc:  # should not happen (results are size-checked); fail, never lose
+                report = {**report, "status": "failed", "result": None, "error": f"result not sent: {exc.message}"}
+                conn.send("RESULT", report)
+            self.sent_results[instance_id] = report
+            if len(self.sent_results) > REMEMBERED_RESULTS:
+                self.sent_results.popitem(last=False)
+
+    def _buffer_log(self, instance_id: int, level: str, text: str) -> None:
+        """``ctx.log``'s sink (see context.JobLog); called from handler threads too."""
+        with self._log_lock:
+            lines = self._log_buffer.setdefault(instance_id, [])
+            if len(lines) < MAX_LOG_LINES_PER_INSTANCE:
+                lines.append([time.time(), level, text[:MAX_LOG_LINE]])
+
+    def flush_logs(self, instance_id: int | None = None) -> None:
+        """Ship buffered lines in frames of LOG_LINES_PER_FRAME (each line is bounded)."""
+        with self._log_lock:
+            ids = [instance_id] if instance_id is not None else list(self._log_buffer)
+            batches = {key: self._log_buffer.pop(key) for key in ids if self._log_buffer.get(key)}
+        for key, lines in batches.items():
+            for start in range(0, len(lines), LOG_LINES_PER_FRAME):
+                if not self._link.send("LOG", {"instance_id": key, "lines": lines[start:start + LOG_LINES_PER_FRAME]}):
+                    with self._log_lock:  # not connected: keep the rest for the next flush
+                        self._log_buffer[key] = lines[start:] + self._log_buffer.get(key, [])
+                    break
+
+    async def flush_logs_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self.flush_logs()
