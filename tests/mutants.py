@@ -74,7 +74,8 @@ MUTANTS = [
            "        if rec is not None and rec.expected <= rec.reattached:",
            "        if rec is not None and False:",
            ("tests/test_failover.py::test_kill_9_of_the_owner_loses_no_fire",
-            "tests/test_failover.py::test_a_fire_sent_just_before_the_owner_died_goes_back_to_its_worker")),
+            "tests/test_failover.py::test_a_fire_sent_just_before_the_owner_died_goes_back_to_its_worker",
+            "tests/test_scheduler_rules.py::test_a_failover_holds_what_the_previous_owner_may_have_sent_until_its_workers_are_back")),
     Mutant("misfire-ignored", "fires never written run anyway, whatever the misfire policy",
            "fastjob/schedule.py",
            "        if t is not None and t < missed_before and job.schedule_type is not ScheduleType.FIXED_DELAY:",
@@ -89,12 +90,14 @@ MUTANTS = [
            "fastjob/server/recovery.py",
            "        safe_in = session.last_received + self.run_lease + self.lease_margin - now",
            "        safe_in = 0.0",
-           ("tests/test_failover.py::test_kill_9_of_a_worker_mid_run_runs_it_again_elsewhere",)),
+           ("tests/test_failover.py::test_kill_9_of_a_worker_mid_run_runs_it_again_elsewhere",
+            "tests/test_scheduler_rules.py::test_a_worker_that_left_gets_its_run_lease_before_its_instance_runs_elsewhere")),
     Mutant("interrupted-not-rerun", "an interrupted run is not run again",
            "fastjob/server/follow_ups.py",
            "    if status is Status.INTERRUPTED and row.reruns < MAX_RERUNS:",
-           "        if False:",
-           ("tests/test_failover.py::test_a_stopping_worker_hands_its_run_back",)),
+           "    if False:",
+           ("tests/test_failover.py::test_a_stopping_worker_hands_its_run_back",
+            "tests/test_scheduler_rules.py::test_a_worker_that_left_gets_its_run_lease_before_its_instance_runs_elsewhere")),
     Mutant("judge-at-once", "peers are judged dead right after a database outage",
            "fastjob/server/cluster.py",
            "        return asyncio.get_running_loop().time() - self._db_up_since > 2 * self.interval + RENEW_SLACK",
@@ -111,7 +114,7 @@ MUTANTS = [
            "            self._db_up_since = sent_at\n        await self.sync()",
            ("tests/test_judging.py",)),
     Mutant("unanswered-forgotten", "fires of a claim whose answer was lost are never wheeled",
-           "fastjob/server/scheduler.py",
+           "fastjob/server/scan.py",
            "        await self._recover_unanswered(app, epoch)\n", "",
            ("tests/test_unanswered.py",)),
     Mutant("vanished-unregistered", "a worker that vanished is taken off the registry at once",
@@ -123,6 +126,15 @@ MUTANTS = [
            "fastjob/server/cluster.py",
            "            await self._fence(row.owner, servers.get(row.owner))", "            pass",
            ("tests/test_fencing.py::test_the_survivor_ends_a_frozen_owners_sessions_and_takes_its_app",)),
+    Mutant("stale-lease-fires", "a fire due while the lease is stale is dropped instead of held",
+           "fastjob/server/scheduler.py",
+           "            self.held.append((row, epoch))\n", "",
+           ("tests/test_scheduler_rules.py::test_a_fire_due_while_the_lease_is_stale_is_held_until_it_is_renewed",)),
+    Mutant("retry-at-once", "a failed attempt is retried at once, not after its backoff",
+           "fastjob/server/follow_ups.py",
+           "        wait = 0.0 if rerun else schedule.retry_delay(job, row.attempt - row.reruns)",
+           "        wait = 0.0",
+           ("tests/test_scheduler_rules.py::test_a_failed_attempt_is_retried_after_its_backoff_until_the_retries_are_used",)),
 ]
 
 
@@ -140,7 +152,12 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
         source = target.read_text()
         if source.count(mutant.original) != 1:
             return "error", 0.0, f"the original code is not in {mutant.path} exactly once: update the mutant"
-        target.write_text(source.replace(mutant.original, mutant.broken))
+        broken = source.replace(mutant.original, mutant.broken)
+        try:  # a mutant that does not compile would be "killed" by the import error, not by a test
+            compile(broken, mutant.path, "exec")
+        except SyntaxError as exc:
+            return "error", 0.0, f"the broken code does not compile: {exc}"
+        target.write_text(broken)
         env = dict(os.environ, PYTHONPATH=str(copy))
         started = time.monotonic()
         try:
