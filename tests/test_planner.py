@@ -19,6 +19,8 @@ from fastjob.schedule import make_planner, next_fire
 from fastjob.store.base import FirePlan
 from fastjob.store.codecs import claim_job
 
+pytestmark = pytest.mark.rules  # pytest -m rules: the scheduler's rules, no process, no service
+
 NOW = 1_700_000_000_000  # epoch ms: 2023-11-14 22:13:20 UTC, on a 10 s grid
 THRESHOLD = 5_000  # misfire threshold, ms
 SECOND = 1_000

@@ -29,6 +29,8 @@ from fastjob.schedule import (
     validate,
 )
 
+pytestmark = pytest.mark.rules  # pytest -m rules: the scheduler's rules, no process, no service
+
 UTC = dt.timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
