@@ -29,7 +29,6 @@ from .models import JobSpec, spec_to_wire
 from .protocol import (
     PROTOCOL_VERSION,
     Connection,
-    ErrorCode,
     Message,
     ProtocolError,
     RemoteError,
@@ -305,6 +304,7 @@ class ServerLink:
             self.heartbeat_timeout = float(reply.body["heartbeat_timeout"])
             self.run_lease = float(reply.body.get("run_lease") or self.heartbeat_timeout)
             self.frame_limit = min(config.max_frame, int(reply.body["max_frame"]))
+            conn.watch_idle(self.heartbeat_timeout)  # a server silent this long is gone: reconnect
             self.alive_at = max(self.alive_at, hello_sent_at)
             self.conn = conn
             await self._register_jobs(conn)
@@ -352,18 +352,12 @@ class ServerLink:
                     raise reply
 
     async def _heartbeat_until_closed(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
         closed = asyncio.ensure_future(conn.wait_closed())
         try:
             while not closed.done():
                 # asyncio.wait, not wait_for: it never swallows a cancellation (Python < 3.12)
                 await asyncio.wait({closed}, timeout=self.heartbeat_interval)
                 if closed.done():
-                    return
-                if loop.time() - conn.last_received > self.heartbeat_timeout:
-                    log.warning("worker %s: server %s silent for %.1fs; reconnecting",
-                                self._config.worker_id, self.server_id, self.heartbeat_timeout)
-                    conn.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
                     return
                 self.ping(conn)
         finally:

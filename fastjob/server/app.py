@@ -12,7 +12,7 @@ from .. import schedule
 from ..models import InstanceRow, JobRow, JobSpec
 from ..protocol import ErrorCode
 from ..store import Store, StoreError, create_store
-from ..tasks import BackgroundTasks, cancel_and_wait
+from ..tasks import BackgroundTasks
 from .cluster import Cluster, Origin
 from .config import ServerConfig
 from .scheduler import Scheduler
@@ -32,7 +32,6 @@ class FastJobServer:
         self.sessions: dict[str, list[WorkerSession]] = {}  # app -> established sessions
         self._listener: asyncio.base_events.Server | None = None
         self.tasks = BackgroundTasks(expected=(StoreError,))
-        self._sweeper: asyncio.Task[None] | None = None
         self.address = ""
         self.cluster: Cluster
         self.scheduler: Scheduler
@@ -76,7 +75,6 @@ class FastJobServer:
         )
         self.scheduler.start()
         await self.cluster.start()
-        self._sweeper = asyncio.create_task(self._sweep_silent_sessions(), name="fastjob-sweeper")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
         return self.address
 
@@ -87,7 +85,6 @@ class FastJobServer:
         redirected to the new owner while their instances keep running."""
         if self._listener is not None:
             self._listener.close()
-        await cancel_and_wait(self._sweeper, 5.0, "the session sweeper")
         await self.cluster.stop()
         for session in list(self.connections):
             session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
@@ -104,18 +101,6 @@ class FastJobServer:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         return context
-
-    async def _sweep_silent_sessions(self) -> None:
-        """Close sessions that sent nothing for a heartbeat timeout (a dead or frozen worker)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval / 2)
-            deadline = loop.time() - self.config.heartbeat_timeout
-            for session in list(self.connections):
-                if session.established and session.last_received < deadline:
-                    log.warning("worker %s of app %s silent for %.1fs: closing",
-                                session.worker_id, session.app, self.config.heartbeat_timeout)
-                    session.fail(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received within the heartbeat timeout")
 
     # ---- sessions -----------------------------------------------------------------------
     def workers_of(self, app: str) -> list[WorkerSession]:

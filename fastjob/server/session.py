@@ -75,7 +75,6 @@ class WorkerSession(Connection):
         self._second_level: set[int] = set()  # second-level job ids handed down to it
         self.established = False
         self._hello_task: asyncio.Task[None] | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ---- capabilities used by routing ---------------------------------------------------
     @property
@@ -134,20 +133,13 @@ class WorkerSession(Connection):
     # ---- connection hooks ----------------------------------------------------------------
     def on_connect(self) -> None:
         self.server.connections.add(self)
-        loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
+        self.watch_idle(self.server.config.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT)  # until WELCOME
 
     def on_close(self, exc: Exception | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
         self.server.connections.discard(self)
         if self.established:
             self.established = False
             self.server.session_left(self)
-
-    def _handshake_expired(self) -> None:
-        if not self.established and not self.closed:
-            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")
 
     def on_message(self, msg: Message) -> None:
         if not self.established:
@@ -240,9 +232,8 @@ class WorkerSession(Connection):
         self.tags = frozenset(body.get("tags") or ())
         self.capacity = int(body.get("capacity") or 0)
         self.established = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
         cfg = self.server.config
+        self.watch_idle(cfg.heartbeat_timeout)  # a worker that sends nothing for this long is dead or frozen
         self.respond(msg, {
             "version": self.version,
             "server_id": self.server.cluster.server_id,
