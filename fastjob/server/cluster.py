@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..store import AppRow, ServerRow, Store, StoreError
 
 log = logging.getLogger("fastjob.cluster")
@@ -81,8 +81,10 @@ class Cluster:
         on_drain: AppDrain,
         on_undrain: AppUndrain,
         fire_rates: Callable[[], dict[str, float]],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock  # monotonic: leases and judging; wall: heartbeats stored for peers
         self.server_id = server_id
         self.address = address
         self.interval = heartbeat_interval
@@ -94,13 +96,12 @@ class Cluster:
         self._on_undrain = on_undrain
         self._fire_rates = fire_rates
         self._rates: dict[str, float] = {}  # app -> smoothed fires per second
-        self._gained_at: dict[str, float] = {}  # app -> loop.time() we gained it
-        self._last_heartbeat_ok = -1e18  # loop.time() of the last successful heartbeat
-        self._lease_until = -1e18  # loop.time() at which the lease it earned goes stale
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._db_up_since: float | None = None  # loop.time() since when every database call succeeded
+        self._gained_at: dict[str, float] = {}  # app -> monotonic time we gained it
+        self._last_heartbeat_ok = -1e18  # monotonic time of the last successful heartbeat
+        self._lease_until = -1e18  # monotonic time at which the lease it earned goes stale
+        self._db_up_since: float | None = None  # monotonic time since when every database call succeeded
         self._started_at = 0.0
-        self._orphan_seen: dict[str, float] = {}  # app -> loop.time() we first saw it ownerless
+        self._orphan_seen: dict[str, float] = {}  # app -> monotonic time we first saw it ownerless
         self._previous_heartbeat: float | None = None  # of our previous incarnation (a restart)
         self._ever_owned: set[str] = set()
         self._fenced: dict[str, float | None] = {}  # dead server -> the heartbeat we fenced it at
@@ -113,8 +114,7 @@ class Cluster:
     def lease_valid(self) -> bool:
         """True while our last successful heartbeat is younger than timeout minus a margin
         (asked for every fire: the deadline is worked out when the lease is renewed)."""
-        loop = self._loop or asyncio.get_running_loop()
-        return loop.time() < self._lease_until
+        return self.clock.monotonic() < self._lease_until
 
     def _renewed(self, sent_at: float) -> None:
         self._last_heartbeat_ok = sent_at
@@ -130,14 +130,12 @@ class Cluster:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         mine = [s for s in await self.store.list_servers() if s.id == self.server_id]
         self._previous_heartbeat = mine[0].heartbeat_at if mine else None
-        await self.store.register_server(self.server_id, self.address, time.time())
-        self._loop = loop
-        self._started_at = loop.time()
+        await self.store.register_server(self.server_id, self.address, self.clock.wall())
+        self._started_at = self.clock.monotonic()
         self._renewed(self._started_at)
-        self._db_up_since = loop.time()
+        self._db_up_since = self.clock.monotonic()
         await self.sync()
         self._task = asyncio.create_task(self._heartbeat_loop(), name="fastjob-cluster")
 
@@ -186,9 +184,8 @@ class Cluster:
         The lease counts from when the heartbeat was sent, and is granted after ``sync`` has
         dropped any app we lost, so no stale fire can slip out while the epochs are read.
         """
-        loop = asyncio.get_running_loop()
-        sent_at = loop.time()
-        now = time.time()
+        sent_at = self.clock.monotonic()
+        now = self.clock.wall()
         self._update_rates()
         try:
             if not await self.store.heartbeat_server(self.server_id, now, self.load()):
@@ -199,7 +196,7 @@ class Cluster:
         if self._db_up_since is None:
             # from when the database answered, not from when we asked: a call retried through
             # an outage was sent before it, and peers have had no time to renew since
-            self._db_up_since = loop.time()
+            self._db_up_since = self.clock.monotonic()
         await self.sync()
         self._renewed(sent_at)
 
@@ -217,13 +214,13 @@ class Cluster:
         peer to have renewed its heartbeat (two intervals, and the slack of its retries)."""
         if self._db_up_since is None:
             return False
-        return asyncio.get_running_loop().time() - self._db_up_since > 2 * self.interval + RENEW_SLACK
+        return self.clock.monotonic() - self._db_up_since > 2 * self.interval + RENEW_SLACK
 
     def _alive(self, server: ServerRow, now: float) -> bool:
         return server.id == self.server_id or now - server.heartbeat_at < self.timeout or not self._judging()
 
     async def live_servers(self) -> dict[str, ServerRow]:
-        now = time.time()
+        now = self.clock.wall()
         return {s.id: s for s in await self.store.list_servers() if self._alive(s, now)}
 
     # ---- ownership ----------------------------------------------------------------------
@@ -236,12 +233,11 @@ class Cluster:
             except StoreError:
                 self._db_up_since = None
                 raise
-            now = time.time()
+            now = self.clock.wall()
             live = {sid: s for sid, s in servers.items() if self._alive(s, now)}
             me = servers.get(self.server_id)
             await self._follow_drain_request(me is not None and me.drain)
             load = self._load_by_server(apps, live)
-            loop = asyncio.get_running_loop()
             for row in apps:
                 held = self.owned.get(row.name)
                 if held is not None and row.epoch < held:
@@ -254,9 +250,9 @@ class Cluster:
                 elif row.owner is None or row.owner not in live:
                     if self.draining:
                         continue
-                    first_seen = self._orphan_seen.setdefault(row.name, loop.time())
+                    first_seen = self._orphan_seen.setdefault(row.name, self.clock.monotonic())
                     preferred = self._least_loaded(load, live) == self.server_id
-                    if preferred or loop.time() - first_seen > 2 * self.timeout:
+                    if preferred or self.clock.monotonic() - first_seen > 2 * self.timeout:
                         if await self._claim(row, servers):
                             load[self.server_id] = load.get(self.server_id, 0) + 1
                 else:
@@ -292,7 +288,7 @@ class Cluster:
         else:  # released, or assigned/handed to us and not loaded yet
             prev, clean = row.prev_owner, row.left_clean
         if prev == self.server_id:
-            last = self._previous_heartbeat if row.name not in self._ever_owned else time.time()
+            last = self._previous_heartbeat if row.name not in self._ever_owned else self.clock.wall()
         else:
             last = servers[prev].heartbeat_at if prev in servers else None
         return Origin(prev, clean, last)
@@ -315,7 +311,7 @@ class Cluster:
         if owner == self.server_id:
             self.owned[row.name] = epoch
             self._ever_owned.add(row.name)
-            self._gained_at[row.name] = asyncio.get_running_loop().time()
+            self._gained_at[row.name] = self.clock.monotonic()
             try:
                 await self._on_gained(row.name, epoch, origin)
             except BaseException:
@@ -357,7 +353,7 @@ class Cluster:
                     return Route(True)
                 row = await self.store.ensure_app(app)
                 servers = {s.id: s for s in await self.store.list_servers()}
-                now = time.time()
+                now = self.clock.wall()
                 live = {sid: s for sid, s in servers.items() if self._alive(s, now)}
                 if row.owner == self.server_id:
                     await self._claim(row, servers)  # adopt: it was assigned or handed to us
@@ -377,7 +373,7 @@ class Cluster:
             return None
         until_judging = 0.0
         if self._db_up_since is not None:
-            until_judging = self._db_up_since + 2 * self.interval + RENEW_SLACK - asyncio.get_running_loop().time()
+            until_judging = self._db_up_since + 2 * self.interval + RENEW_SLACK - self.clock.monotonic()
         return max(0.0, self.timeout - age, until_judging) + random.uniform(0.05, 0.05 + self.interval / 2)
 
     # ---- handing apps over ----------------------------------------------------------------------
@@ -433,8 +429,7 @@ class Cluster:
 
     async def _rebalance(self, live: dict[str, ServerRow]) -> None:
         """Give one app to the least-loaded peer when we carry clearly more than it (a server joined)."""
-        loop = asyncio.get_running_loop()
-        if self.draining or not self._judging() or loop.time() - self._started_at < 4 * self.interval:
+        if self.draining or not self._judging() or self.clock.monotonic() - self._started_at < 4 * self.interval:
             return
         to = self._successor(live)
         if to is None:
@@ -442,7 +437,7 @@ class Cluster:
         gap = self.load() - live[to].load_score
         cooldown = max(5.0, 20 * self.interval)
         movable = [(1.0 + self._rates.get(app, 0.0), app) for app in self.owned
-                   if loop.time() - self._gained_at.get(app, 0.0) > cooldown]
+                   if self.clock.monotonic() - self._gained_at.get(app, 0.0) > cooldown]
         fitting = [(weight, app) for weight, app in movable if weight <= REBALANCE_FACTOR * gap]
         if fitting:
             weight, app = max(fitting)
