@@ -135,6 +135,11 @@ MUTANTS = [
            "        wait = 0.0 if rerun else schedule.retry_delay(job, row.attempt - row.reruns)",
            "        wait = 0.0",
            ("tests/test_scheduler_rules.py::test_a_failed_attempt_is_retried_after_its_backoff_until_the_retries_are_used",)),
+    Mutant("lease-outlives-timeout", "a server's lease outlives its heartbeat timeout: a frozen owner still sends when "
+           "its app is taken", "fastjob/server/cluster.py",
+           "        self._lease_until = sent_at + self.timeout - min(self.interval, self.timeout / 4)",
+           "        self._lease_until = sent_at + 2 * self.timeout",
+           ("tests/test_cluster_rules.py",)),
 ]
 
 
