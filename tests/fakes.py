@@ -30,6 +30,8 @@ class FakeSession:
         self.hello_running: list[int] = []
         self.hello_finished: list[int] = []
         self.redirected = False
+        self.closed = False
+        self.handed: set[int] = set()  # second-level jobs handed down to it
 
     @property
     def accepts_jobs(self) -> bool:
@@ -56,6 +58,16 @@ class FakeSession:
     def forget_runs(self) -> list[int]:
         ids, self.running = sorted(self.running), set()
         return ids
+
+    def hand_down(self, job_id: int) -> None:
+        self.handed.add(job_id)
+
+    def take_back(self, job_id: int) -> None:
+        self.handed.discard(job_id)
+
+    @property
+    def second_level_count(self) -> int:
+        return len(self.handed)
 
     def redirect_away(self) -> None:
         self.redirected = True

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import schedule
+from ..clock import SYSTEM_CLOCK, Clock
 from ..models import JobRow, Overlap
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastjob.second_level")
 
+#: Run a callback at a monotonic time (``loop.call_at``; fake time in tests).
+CallAt = Callable[[float, Callable[[], None]], object]
+
 
 
 class SecondLevel:
@@ -37,8 +40,11 @@ class SecondLevel:
     def __init__(self, store: Store, tasks: BackgroundTasks, *, heartbeat_interval: float,
                  heartbeat_timeout: float, owns: Callable[[str], bool],
                  workers_of: Callable[[str], list[WorkerSession]],
-                 is_second_level: Callable[[JobRow], bool]) -> None:
+                 is_second_level: Callable[[JobRow], bool], clock: Clock = SYSTEM_CLOCK,
+                 call_at: CallAt | None = None) -> None:
         self.store = store
+        self._clock = clock  # monotonic; sessions' last_received is on the same clock (asyncio's loop.time())
+        self._call_at: CallAt = call_at or (lambda when, fn: asyncio.get_running_loop().call_at(when, fn))
         self.tasks = tasks
         self._owns = owns
         self._workers_of = workers_of
@@ -49,7 +55,7 @@ class SecondLevel:
         self.stats_interval = 5 * heartbeat_interval
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, WorkerSession] = {}  # job id -> the session running it
-        self._quiet_until: dict[str, float] = {}  # app -> loop.time() before which only reports assign
+        self._quiet_until: dict[str, float] = {}  # app -> monotonic time before which only reports assign
         self._retry_armed: set[str] = set()  # apps with an assignment pass armed for the quiet period's end
         self._stats: dict[int, dict[str, Any]] = {}  # latest report per job, written in batches
         self._stats_task: asyncio.Task[None] | None = None
@@ -83,13 +89,12 @@ class SecondLevel:
 
     def _in_quiet_period(self, app: str) -> bool:
         """True while a newly gained app waits for its old runners' reports; one retry is armed then."""
-        loop = asyncio.get_running_loop()
         quiet_until = self._quiet_until.get(app, 0.0)
-        if loop.time() >= quiet_until:
+        if self._clock.monotonic() >= quiet_until:
             return False
         if app not in self._retry_armed:
             self._retry_armed.add(app)
-            loop.call_at(quiet_until + 0.01, self._quiet_period_over, app)
+            self._call_at(quiet_until + 0.01, lambda: self._quiet_period_over(app))
         return True
 
     def _quiet_period_over(self, app: str) -> None:
@@ -113,7 +118,7 @@ class SecondLevel:
             if self._wanted(job):
                 self.jobs[job.id] = job
         # the previous owner's runners may still be within their lease: wait for their reports
-        self._quiet_until[app] = asyncio.get_running_loop().time() + self.lease + self.margin
+        self._quiet_until[app] = self._clock.monotonic() + self.lease + self.margin
         self.assign_unassigned(app)
 
     def app_lost(self, app: str) -> None:
@@ -142,11 +147,10 @@ class SecondLevel:
         orphaned = [job_id for job_id, s in self.runner.items() if s is session]
         if not orphaned:
             return
-        loop = asyncio.get_running_loop()
         safe_at = session.last_received + self.lease + self.margin
         log.info("worker %s left with %d second-level jobs; reassigning in %.2fs",
-                 session.worker_id, len(orphaned), max(0.0, safe_at - loop.time()))
-        loop.call_at(safe_at, self._reassign, session, orphaned)
+                 session.worker_id, len(orphaned), max(0.0, safe_at - self._clock.monotonic()))
+        self._call_at(safe_at, lambda: self._reassign(session, orphaned))
 
     def worker_draining(self, session: WorkerSession) -> None:
         """A stopping worker stopped its second-level jobs before saying so: reassign them now."""
@@ -190,7 +194,7 @@ class SecondLevel:
         await asyncio.sleep(self.stats_interval)
         stats, self._stats = self._stats, {}
         try:
-            await self.store.set_jobs_stats(stats, time.time())
+            await self.store.set_jobs_stats(stats, self._clock.wall())
         except StoreError as exc:
             log.warning("%d second-level reports not stored, keeping them: %s", len(stats), exc)
             self._stats = {**stats, **self._stats}

@@ -72,12 +72,19 @@ class FakeClock:
         self._wall = start
         self._mono = 1000.0
         self._timers: list[FakeTimer] = []
+        self._callbacks: FakeTimer | None = None  # for call_at
 
     def wall(self) -> float:
         return self._wall
 
     def monotonic(self) -> float:
         return self._mono
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> int:
+        """Run ``callback`` when the monotonic clock reaches ``when`` (as ``loop.call_at`` does)."""
+        if self._callbacks is None:
+            self._callbacks = self.timer_factory(_run_each)
+        return self._callbacks.call_at(when, callback)
 
     def timer_factory(self, on_due: Callable[[list[Any]], None]) -> FakeTimer:
         timer = FakeTimer(self, on_due)
@@ -105,6 +112,11 @@ class FakeClock:
             await settle()
         self._move_to(target)
         await settle()
+
+
+def _run_each(callbacks: list[Any]) -> None:
+    for callback in callbacks:
+        callback()
 
 
 async def settle(rounds: int = 20) -> None:

@@ -1,0 +1,99 @@
+"""Second-level rules in one process: who runs a handed-down job, and never two workers at once.
+
+A worker runs its handed-down jobs only while it hears from its server within its lease; so
+the server hands a job to another worker only once the first one's lease has surely run out
+(its last frame + lease + margin), and after gaining an app it waits one lease for the old
+runners to report before it assigns anything new. Fake time, a memory store, fake workers.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from fakes import APP, FakeSession
+
+from fastjob.models import JobSpec, ScheduleType
+from fastjob.server.second_level import SecondLevel
+from fastjob.store import Store, create_store
+from fastjob.tasks import BackgroundTasks
+from fastjob.testing import FakeClock
+
+pytestmark = pytest.mark.rules
+
+TIMEOUT = 4.0
+
+
+class Scene:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.store: Store = create_store("memory://")
+        self.tasks = BackgroundTasks()
+        self.sessions: list[FakeSession] = []
+        self.sl = SecondLevel(self.store, self.tasks, heartbeat_interval=1.0, heartbeat_timeout=TIMEOUT,
+                              owns=lambda app: True, workers_of=lambda app: [s for s in self.sessions if s.app == app],
+                              is_second_level=lambda job: job.schedule_type is ScheduleType.FIXED_RATE,
+                              clock=self.clock, call_at=self.clock.call_at)
+
+    async def job(self, name: str) -> int:
+        spec = JobSpec(app=APP, name=name, handler=name, schedule_type=ScheduleType.FIXED_RATE, schedule_expr="0.1")
+        return (await self.store.upsert_job(spec, None, self.clock.wall())).id
+
+    def worker(self, worker_id: str, reported: list[int] | None = None) -> FakeSession:
+        session = FakeSession(worker_id, last_received=self.clock.monotonic())
+        self.sessions.append(session)
+        self.sl.worker_joined(session, reported or [])  # type: ignore[arg-type]
+        return session
+
+    def leave(self, session: FakeSession) -> None:
+        session.closed = True
+        self.sessions.remove(session)
+        self.sl.worker_left(session)  # type: ignore[arg-type]
+
+
+
+@pytest.fixture
+async def scene() -> AsyncIterator[Scene]:
+    scene = Scene()
+    await scene.store.open()
+    try:
+        yield scene
+    finally:
+        await scene.tasks.close()
+        await scene.store.close()
+
+
+async def test_each_job_goes_to_one_worker_the_least_loaded(scene: Scene) -> None:
+    a, b = scene.worker("a"), scene.worker("b")
+    jobs = [await scene.job(f"j{i}") for i in range(4)]
+    await scene.clock.advance(0)
+    await scene.sl.app_gained(APP)
+    await scene.clock.advance(scene.sl.lease + scene.sl.margin + 0.1)  # the quiet period after gaining
+    assert sorted(a.handed | b.handed) == jobs and not a.handed & b.handed
+    assert len(a.handed) == len(b.handed) == 2
+    assert all(kind == "SL_ASSIGN" for kind, _ in a.sent + b.sent)
+
+
+async def test_a_departed_workers_jobs_move_only_when_its_lease_is_surely_out(scene: Scene) -> None:
+    job = await scene.job("j")
+    first = scene.worker("first")
+    await scene.sl.app_gained(APP)
+    await scene.clock.advance(scene.sl.lease + scene.sl.margin + 0.1)
+    assert first.handed == {job}
+    second = scene.worker("second")
+    first.last_received = scene.clock.monotonic()
+    scene.leave(first)
+    await scene.clock.advance(scene.sl.lease + scene.sl.margin - 0.05)
+    assert second.handed == set(), "the first worker may still run it within its lease"
+    await scene.clock.advance(0.1)
+    assert second.handed == {job}
+
+
+async def test_after_a_gain_a_reporting_runner_keeps_its_job_and_nothing_else_is_assigned_early(
+        scene: Scene) -> None:
+    kept, fresh = await scene.job("kept"), await scene.job("fresh")
+    await scene.sl.app_gained(APP)
+    runner = scene.worker("runner", reported=[kept])  # it ran `kept` for the previous owner
+    other = scene.worker("other")
+    assert runner.handed == {kept} and other.handed == set(), "only what a runner reports, in the quiet period"
+    await scene.clock.advance(scene.sl.lease + scene.sl.margin + 0.1)
+    assert fresh in runner.handed | other.handed and kept not in other.handed
