@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..store import DEFAULT_URL, create_store
+from ..store import DEFAULT_URL, StoreError, create_store
 from .app import FastJobServer
 from .config import ServerConfig
 
@@ -35,8 +35,9 @@ def _add_knob(p: argparse.ArgumentParser, knob: dataclasses.Field[Any]) -> None:
         default = knob.default if raw is None else convert(raw)
     except ValueError:
         raise SystemExit(f"FASTJOB_{knob.name.upper()}={raw!r} is not a valid {convert.__name__}") from None
+    shown = "none" if knob.default is None else knob.default
     p.add_argument("--" + knob.name.replace("_", "-"), type=convert, default=default,
-                   help=f"{knob.metadata['help']} (FASTJOB_{knob.name.upper()})")
+                   help=f"{knob.metadata['help']} (default: {shown}; FASTJOB_{knob.name.upper()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     for knob in dataclasses.fields(ServerConfig):
         if knob.name == "app_tokens":
             p.add_argument("--app-token", action="append", default=[], metavar="APP=TOKEN",
-                           help=knob.metadata["help"])
+                           help=knob.metadata["help"] + " (default: none)")
         else:
             _add_knob(p, knob)
     return p
@@ -72,6 +73,12 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if problems:
         raise SystemExit(problems[0])
     return config
+
+
+def _refuse(message: str) -> None:
+    """A setting the server cannot start with: one line on stderr, exit status 2 (as argparse does)."""
+    print(f"fastjob-server: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -110,7 +117,11 @@ async def request_drain(db: str, server_id: str, drain: bool) -> bool:
 
 def drain_main(argv: Sequence[str]) -> None:
     args = build_drain_parser().parse_args(argv)
-    if not asyncio.run(request_drain(args.db, args.server_id, not args.undo)):
+    try:
+        found = asyncio.run(request_drain(args.db, args.server_id, not args.undo))
+    except (ValueError, StoreError) as exc:
+        _refuse(f"--db: {exc}")
+    if not found:
         raise SystemExit(f"no server {args.server_id!r} in {args.db.split('@')[-1]}")
     print(f"server {args.server_id}: drain {'cleared' if args.undo else 'requested'}")
 
@@ -120,15 +131,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["drain"]:
         drain_main(argv[1:])
         return
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+    except SystemExit as refused:
+        if isinstance(refused.code, str):
+            _refuse(refused.code)
+        raise
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        run: Callable[[Any], None] = asyncio.run
     else:
-        uvloop.run(serve(config))
+        run = uvloop.run
+    try:
+        run(serve(config))
+    except StoreError as exc:  # the database could not be opened: the store said why, and retried first
+        _refuse(f"--db: {exc}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,20 @@ inconsistent, and the CLI refuses to start on it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol import DEFAULT_MAX_FRAME
-from ..store import DEFAULT_URL
+from ..store import DEFAULT_URL, create_store
 
 #: The smallest frame limit a server accepts: a worker's HELLO alone may need several KiB.
 MIN_MAX_FRAME = 65536
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Durations that must be positive, and those that may be zero (None: the knob is unset).
+_POSITIVE = ("heartbeat_interval", "heartbeat_timeout", "run_lease", "scan_horizon", "scan_interval",
+             "dispatch_wait", "handshake_timeout")
+_NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold")
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -53,8 +59,10 @@ class ServerConfig:
         return self.run_lease if self.run_lease is not None else self.heartbeat_timeout
 
     def check(self) -> list[str]:
-        """What is inconsistent, one line each (empty: nothing)."""
-        problems = []
+        """What is out of range or inconsistent, one line each naming the flag (empty: nothing)."""
+        problems = self._ranges()
+        if problems:
+            return problems  # the checks below compare values that must first be numbers in range
         if self.heartbeat_timeout <= self.heartbeat_interval:
             problems.append("--heartbeat-timeout must be longer than --heartbeat-interval")
         if self.run_lease is not None and self.run_lease <= self.heartbeat_interval:
@@ -64,4 +72,24 @@ class ServerConfig:
                             " (a worker's HELLO alone may need several KiB)")
         if not 0 < self.status_flush_interval <= 60:
             problems.append("--status-flush-interval must be in (0, 60] seconds")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("--tls-cert and --tls-key go together")
+        try:
+            create_store(self.db)  # builds, does not connect: the URL's form and its driver
+        except ValueError as exc:
+            problems.append(f"--db: {exc}")
+        return problems
+
+    def _ranges(self) -> list[str]:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in 0-65535, got {self.port}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        for name in _POSITIVE + _NOT_NEGATIVE:
+            value = getattr(self, name)
+            if value is None or (math.isfinite(value) and (value > 0 or (value == 0 and name in _NOT_NEGATIVE))):
+                continue
+            want = "a positive number of seconds" if name in _POSITIVE else "zero or more seconds"
+            problems.append(f"--{name.replace('_', '-')} must be {want}, got {value:g}")
         return problems
