@@ -88,9 +88,9 @@ from __future__ import annotations
 
 import os
 
-from ._cron_py import CronError
+from ._cron_py import CronError, _load_zone
 
-__all__ = ["Cron", "CronError", "USING_CYTHON", "parse"]
+__all__ = ["Cron", "CronError", "USING_CYTHON", "check_timezone", "parse"]
 
 if os.environ.get("FASTJOB_PUREPYTHON", "") not in ("", "0"):
     from ._cron_py import Cron, parse
@@ -101,3 +101,9 @@ else:
     from ._cron import Cron, parse  # type: ignore[assignment]  # noqa: F401
 
     USING_CYTHON = True
+
+
+def check_timezone(name: str) -> None:
+    """Raise CronError unless ``name`` is a zone a schedule may use: the rule cron jobs follow,
+    applied to every schedule kind (a fixed-rate job's zone is shown, and may become a cron)."""
+    _load_zone(name)

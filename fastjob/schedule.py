@@ -82,6 +82,11 @@ def validate(job: Job) -> None:
     elif kind is ScheduleType.ONCE:
         if job.schedule_expr:
             parse_at(job.schedule_expr)
+    if kind is not ScheduleType.CRON:  # a cron's zone was checked with it
+        try:
+            cron.check_timezone(job.timezone)
+        except cron.CronError as exc:
+            raise ScheduleError(str(exc)) from None
     if job.misfire_policy not in _MISFIRE_POLICIES:
         raise ScheduleError(f"misfire_policy must be one of {', '.join(_MISFIRE_POLICIES)}, got {job.misfire_policy!r}")
     if job.overlap not in _OVERLAP_POLICIES:

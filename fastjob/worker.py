@@ -27,8 +27,8 @@ from typing import Any
 
 from . import schedule
 from .context import Handler
-from .models import JOB_DEFAULTS, JobSpec, Overlap, ScheduleType
-from .protocol import DEFAULT_MAX_FRAME, Connection, Message, parse_address
+from .models import JOB_DEFAULTS, JobSpec, Overlap, ScheduleType, spec_to_wire
+from .protocol import DEFAULT_MAX_FRAME, Connection, Message, encode, parse_address
 from .second_level_runner import SecondLevelRunner
 from .tasks import BackgroundTasks
 from .worker_link import LinkHooks, ServerLink, SessionOutcome, WorkerError
@@ -115,7 +115,7 @@ class Worker(OperatorQueries):
         interval: float | None = None,
         delay: float | None = None,
         cron: str | None = None,
-        at: dt.datetime | float | None = None,
+        at: dt.datetime | float | str | None = None,
         run_once: bool = _DEFAULT.run_once,
         retries: int = _DEFAULT.retry_times,
         retry_backoff: float = _DEFAULT.retry_backoff,
@@ -154,8 +154,7 @@ class Worker(OperatorQueries):
         elif cron is not None:
             kind, expr = ScheduleType.CRON, cron
         elif at is not None:
-            when = at.timestamp() if isinstance(at, dt.datetime) else float(at)
-            kind, expr = ScheduleType.ONCE, repr(when)
+            kind, expr = ScheduleType.ONCE, repr(_one_shot_time(at))
         elif run_once:
             kind, expr = ScheduleType.ONCE, ""
         else:
@@ -168,8 +167,20 @@ class Worker(OperatorQueries):
             catch_up_window=catch_up_window, max_queued=max_queued,
         )
         schedule.validate(spec)
+        self._check_sendable(spec)
         self.declared[name] = spec
         return spec
+
+    def _check_sendable(self, spec: JobSpec) -> None:
+        """A declaration the server could never take is refused here, naming the job: params msgpack
+        cannot carry, or a declaration larger than a frame."""
+        try:
+            size = len(encode("JOB_UPSERT", {"job": spec_to_wire(spec)}))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"job {spec.name!r}: params cannot be sent to the server: {exc}") from None
+        if size > self.max_frame:
+            raise ValueError(f"job {spec.name!r}: its declaration is {size} bytes encoded, more than the"
+                             f" {self.max_frame}-byte frame limit (params too large?)")
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, timeout: float | None = 30.0) -> None:
@@ -371,6 +382,16 @@ class Worker(OperatorQueries):
         """Fire job ``name`` now with ``params``; returns the instance id."""
         reply = await self.call("TRIGGER", {"name": name, "params": params})
         return int(reply["instance_id"])
+
+
+def _one_shot_time(at: dt.datetime | float | str) -> float:
+    """``at=`` as epoch seconds: a datetime (naive: local time), epoch seconds, or an ISO 8601 string
+    (naive: UTC), as the server reads it."""
+    if isinstance(at, dt.datetime):
+        return at.timestamp()
+    if isinstance(at, str):
+        return schedule.parse_at(at)
+    return float(at)
 
 
 def _overlap_of(allow_overlap: bool | None) -> str:
