@@ -198,6 +198,11 @@ class Worker(OperatorQueries):
         self._side_tasks.spawn(self._runs.watch_run_lease(), "fastjob-run-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
+        except asyncio.TimeoutError:
+            await self.stop(grace=0)
+            raise asyncio.TimeoutError(
+                f"worker {self.worker_id}: not registered with any of {', '.join(self.servers)} within {timeout}s"
+                f" (last failure: {self._link.last_failure or 'none: connected, registration unfinished'})") from None
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -245,7 +250,8 @@ class Worker(OperatorQueries):
         await self.stop()
 
     def run(self) -> None:
-        """Run until interrupted (SIGINT/SIGTERM), on uvloop when installed."""
+        """Run until interrupted (SIGINT/SIGTERM), on uvloop when installed. A refusal no retry can mend
+        (a wrong token, a job the server refuses) ends the process with a one-line message and status 1."""
         async def main() -> None:
             import signal
 
@@ -265,9 +271,13 @@ class Worker(OperatorQueries):
         try:
             import uvloop
         except ImportError:
-            asyncio.run(main())
+            run: Callable[[Any], None] = asyncio.run
         else:
-            uvloop.run(main())
+            run = uvloop.run
+        try:
+            run(main())
+        except WorkerError as exc:  # a refusal no retry can mend: say why on one line, exit non-zero
+            raise SystemExit(f"fastjob worker {self.worker_id} of app {self.app!r}: {exc}") from None
 
     def _abandoned(self) -> bool:
         """The main task was cancelled: the loop is going away, and a cancelled run must not report."""

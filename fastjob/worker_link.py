@@ -125,6 +125,7 @@ class ServerLink:
         self.ready = asyncio.Event()  # set while a session is registered
         self.stopping = False  # the worker is stopping: no new session, and no new run
         self.fatal: BaseException | None = None  # why the loop gave up for good
+        self.last_failure: str | None = None  # why the latest connection attempt failed, for start()'s error
         self.server_id: str | None = None
         self.heartbeat_interval = 2.0
         self.heartbeat_timeout = 10.0
@@ -241,8 +242,11 @@ class ServerLink:
                 log.error("worker %s: %s", config.worker_id, exc)
                 return
             except (OSError, ConnectionError, asyncio.TimeoutError, RemoteError, ProtocolError) as exc:
-                log.info("worker %s: connection to %s failed: %s", config.worker_id, address,
-                         exc or type(exc).__name__)
+                self.last_failure = f"{address}: {exc or type(exc).__name__}"
+                # the first failure of a streak is worth a warning; its repeats are not (every backoff)
+                log.log(logging.WARNING if failures == 0 else logging.INFO,
+                        "worker %s: connection to %s failed (retrying with backoff): %s", config.worker_id,
+                        address, exc or type(exc).__name__)
                 outcome = None
             if isinstance(outcome, Redirect) and hops < 5:
                 target, hops = outcome.address, hops + 1

@@ -1,0 +1,49 @@
+"""A worker off the happy path says why, once, and ends when nothing can mend it (issue 14)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastjob import Worker
+from fastjob.testing import ServerFactory
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_start_that_reaches_no_server_says_where_it_tried_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    address = f"127.0.0.1:{_closed_port()}"
+    worker = Worker(app="a", servers=[address], reconnect_min=0.05, reconnect_max=0.1)
+    caplog.set_level(logging.INFO, "fastjob.worker")
+    with pytest.raises(asyncio.TimeoutError) as timed_out:
+        await worker.start(timeout=1.0)
+    message = str(timed_out.value)
+    assert f"not registered with any of {address} within 1.0s" in message
+    assert "last failure" in message and ("refused" in message.lower() or "connect call failed" in message.lower())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "connection to" in r.getMessage()]
+    assert len(warnings) == 1, "the first failure of a streak is a warning, its repeats are not"
+
+
+async def test_run_refused_for_good_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    servers = ServerFactory(tmp_path)
+    try:
+        server = await servers.start(f"sqlite:///{tmp_path / 'fastjob.db'}", "--app-token", "billing=right")
+        script = ("from fastjob import Worker\n"
+                  f"w = Worker(app='billing', servers=['{server.address}'], token='wrong', worker_id='w1')\n"
+                  "w.run()\n")
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script], capture_output=True,
+                                       text=True, timeout=60)
+    finally:
+        await servers.close()
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastjob worker w1 of app 'billing': rejected by") and "bad_token" in last
