@@ -249,9 +249,11 @@ class Worker(OperatorQueries):
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
 
-    def run(self) -> None:
+    def run(self, grace: float = 10.0) -> None:
         """Run until interrupted (SIGINT/SIGTERM), on uvloop when installed. A refusal no retry can mend
-        (a wrong token, a job the server refuses) ends the process with a one-line message and status 1."""
+        (a wrong token, a job the server refuses) ends the process with a one-line message and status 1.
+        On a signal, running instances get ``grace`` seconds (see :meth:`stop`); a plain ``def``
+        handler still running then is abandoned, and the process does not wait for it."""
         async def main() -> None:
             import signal
 
@@ -264,7 +266,7 @@ class Worker(OperatorQueries):
             waiter = asyncio.create_task(done.wait())
             await asyncio.wait({waiter, self._main_task}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            await self.stop()
+            await self.stop(grace)
             if self._link.fatal is not None:
                 raise self._link.fatal
 

@@ -14,7 +14,6 @@ the instance to another worker. The link keeps the lease's clock (:class:`RunLin
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import inspect
 import itertools
@@ -30,6 +29,7 @@ import msgpack
 from .context import Handler, JobContext, JobLog
 from .models import Status
 from .protocol import Connection, ProtocolError
+from .threads import DaemonThreadPool
 
 log = logging.getLogger("fastjob.worker")
 
@@ -94,13 +94,12 @@ class InstanceRunner:
         # dispatches received while our run lease had lapsed: started once a PONG renews it
         self.deferred: list[tuple[Connection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
         self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def open(self, max_workers: int, thread_name_prefix: str) -> None:
-        """Create the thread pool that plain ``def`` handlers run in."""
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        """Create the thread pool that plain ``def`` handlers run in (daemon threads: see threads.py)."""
+        self._executor = DaemonThreadPool(max_workers, thread_name_prefix)
 
     def close(self) -> None:
         """Drop the thread pool without waiting: a thread cannot be stopped, its run is abandoned."""

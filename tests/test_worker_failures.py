@@ -47,3 +47,44 @@ async def test_run_refused_for_good_exits_non_zero_with_one_line(tmp_path: Path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fastjob worker w1 of app 'billing': rejected by") and "bad_token" in last
+
+
+async def test_sigterm_with_a_stuck_plain_def_handler_exits_within_the_grace(tmp_path: Path) -> None:
+    """A thread cannot be interrupted: its run is abandoned (and run again by the server), and the
+    process does not wait for it at exit."""
+    import signal
+    import time
+
+    servers = ServerFactory(tmp_path)
+    marker = tmp_path / "running"
+    script = (
+        "import threading\n"
+        "from pathlib import Path\n"
+        "from fastjob import Worker\n"
+        f"w = Worker(app='stuck', servers=[ADDRESS], worker_id='w1')\n"
+        "@w.handler('stuck')\n"
+        "def stuck(ctx):\n"
+        f"    Path({str(marker)!r}).write_text('x')\n"
+        "    threading.Event().wait()  # never returns\n"
+        "w.schedule('stuck', interval=3600)\n"
+        "w.run(grace=1.0)\n")
+    try:
+        server = await servers.start(f"sqlite:///{tmp_path / 'fastjob.db'}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script.replace("ADDRESS", repr(server.address)),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            from fastjob.testing import wait_until
+
+            await wait_until(marker.exists, 30.0, "the handler to start")
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30.0)
+            took = time.monotonic() - sent
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        await servers.close()
+    assert took <= 1.0 + 1.0, f"exited {took:.1f}s after SIGTERM with a 1s grace"
