@@ -47,3 +47,8 @@ TimerFactory = Callable[[Callable[[list[Any]], None]], Timer]
 def wall_ms(clock: Clock) -> int:
     """Now, in the integer milliseconds planned fire times are kept in."""
     return int(clock.wall() * 1000)
+
+
+def timer_time(clock: Clock, wall: float) -> float:
+    """A wall-clock instant (seconds since the epoch) on the timer's monotonic clock."""
+    return clock.monotonic() + (wall - clock.wall())

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ..clock import Clock
+from ..clock import Clock, timer_time
 from ..models import InstanceRow, JobRow, Status
 from .dispatch import Dispatcher, send_dispatch_frame
 from .fires import RECOVERING, Alarms, Finish, Inflight, OrphanExpired, Recovery, RecoveryOver, StartTurns
@@ -82,7 +82,7 @@ class FailoverRecovery:
 
         Nothing here awaits: workers that re-attach meanwhile find the recovery whole."""
         clock = self.clock
-        rec = Recovery(epoch, expected, clock.monotonic() + (until - clock.wall()))
+        rec = Recovery(epoch, expected, timer_time(clock, until))
         to_wheel: list[InstanceRow] = []
         for row, job in rows:
             if row.status in (Status.WAITING, Status.QUEUED) and row.epoch < epoch and row.planned_ms <= cutoff_ms:

@@ -42,7 +42,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..clock import SYSTEM_CLOCK, Clock, Timer, TimerFactory, wall_ms
+from ..clock import SYSTEM_CLOCK, Clock, Timer, TimerFactory, timer_time, wall_ms
 from ..models import InstanceRow, InstanceUpdate, JobRow, Status
 from ..store import NotOwnerError, Store, StoreError
 from ..tasks import BackgroundTasks
@@ -230,10 +230,6 @@ class Scheduler:
         self.wake_scan()
 
     # ---- the wheel -------------------------------------------------------------------------
-    def _timer_time_of(self, epoch_ms: int) -> float:
-        """A wall-clock instant on the timer's monotonic clock."""
-        return self.clock.monotonic() + (epoch_ms / 1000.0 - self.clock.wall())
-
     def enter_wheel(self, row: InstanceRow, epoch: int, at: float | None = None) -> None:
         """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
         assert self.timer is not None
@@ -242,7 +238,7 @@ class Scheduler:
             self.timer.cancel(previous)
         else:
             self.waiting_per_job[row.job_id] += 1
-        when = at if at is not None else self._timer_time_of(row.planned_ms)
+        when = at if at is not None else timer_time(self.clock, row.planned_ms / 1000.0)
         self.wheel_handles[row.id] = self.timer.call_at(when, FireDue(row, epoch))
 
     def _left_wheel(self, job_id: int) -> None:
