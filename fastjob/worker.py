@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import pickle
 import socket
 import ssl as ssl_module
 import uuid
@@ -27,6 +28,7 @@ from typing import Any
 
 from . import schedule
 from .context import Handler
+from .isolation import ISOLATIONS
 from .models import JOB_DEFAULTS, JobSpec, Overlap, ScheduleType, spec_to_wire
 from .protocol import DEFAULT_MAX_FRAME, Connection, Message, encode, parse_address
 from .second_level_runner import SecondLevelRunner
@@ -45,7 +47,10 @@ class Worker(OperatorQueries):
     """A FastJob worker process's client. See the README for a complete example.
 
     ``role="client"`` and the query methods (get/list jobs, instances and logs, delete, enable)
-    are deprecated: they move to the HTTP admin API's typed client (protocol.md, section 6.5)."""
+    are deprecated: they move to the HTTP admin API's typed client (protocol.md, section 6.5).
+
+    ``isolation`` is where handlers run unless they say otherwise (see :meth:`handler`): "thread"
+    (the default) or "process"."""
 
     def __init__(
         self,
@@ -62,9 +67,12 @@ class Worker(OperatorQueries):
         reconnect_max: float = 5.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         role: str = "worker",
+        isolation: str = "thread",
     ) -> None:
         if not servers:
             raise ValueError("give at least one server address host:port")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
         for address in servers:
             parse_address(address)
         self.app = app
@@ -80,6 +88,8 @@ class Worker(OperatorQueries):
         self.max_frame = max_frame
         self.role = role
         self.handlers: dict[str, Handler] = {}
+        self.isolation = isolation  # the default of handlers registered from now on
+        self.handler_isolation: dict[str, str] = {}  # name -> "thread" or "process", as registered
         self.declared: dict[str, JobSpec] = {}
         self._main_task: asyncio.Task[None] | None = None
         self._side_tasks = BackgroundTasks()
@@ -95,14 +105,23 @@ class Worker(OperatorQueries):
             lost=self.second_level.disconnected,
         ))
         self._runs = InstanceRunner(self._link, self.handlers, capacity=lambda: self.max_concurrency,
-                                    abandoned=self._abandoned)
+                                    abandoned=self._abandoned, isolation=self.handler_isolation)
 
     # ---- declaration ---------------------------------------------------------------------
-    def handler(self, name: str | None = None) -> Callable[[Handler], Handler]:
-        """Register a handler (async def, or plain def run in a thread pool) under ``name``."""
+    def handler(self, name: str | None = None, *, isolation: str | None = None) -> Callable[[Handler], Handler]:
+        """Register a handler (async def, or plain def run in a thread pool) under ``name``.
+
+        ``isolation="process"`` (None: the worker's default) runs it in a child process instead, which
+        is terminated when its run times out or is interrupted, where a thread would run on. Such a
+        handler must be a module-level function (it is pickled by reference; fastjob/isolation.py)."""
 
         def register(fn: Handler) -> Handler:
-            self.handlers[name or fn.__name__] = fn
+            key = name or fn.__name__
+            where = self.isolation if isolation is None else isolation
+            if where not in ISOLATIONS:
+                raise ValueError(f"handler {key!r}: isolation must be one of {', '.join(ISOLATIONS)}, got {where!r}")
+            self.handlers[key] = fn
+            self.handler_isolation[key] = where
             return fn
 
         return register
@@ -168,6 +187,7 @@ class Worker(OperatorQueries):
         )
         schedule.validate(spec)
         self._check_sendable(spec)
+        self._check_picklable(spec)
         self.declared[name] = spec
         return spec
 
@@ -181,6 +201,18 @@ class Worker(OperatorQueries):
         if size > self.max_frame:
             raise ValueError(f"job {spec.name!r}: its declaration is {size} bytes encoded, more than the"
                              f" {self.max_frame}-byte frame limit (params too large?)")
+
+    def _check_picklable(self, spec: JobSpec) -> None:
+        """A process-isolated handler gets its params pickled into a child process: params that cannot
+        be pickled would fail every run, so they are refused here, naming the job."""
+        if self.handler_isolation.get(spec.handler) != "process":
+            return
+        try:
+            pickle.dumps(spec.params, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ValueError(f"job {spec.name!r}: its handler {spec.handler!r} runs in a child process"
+                             f" (isolation='process') and its params cannot be pickled to get there:"
+                             f" {type(exc).__name__}: {exc}") from None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, timeout: float | None = 30.0) -> None:

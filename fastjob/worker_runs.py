@@ -21,12 +21,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import msgpack
 
 from .context import Handler, JobContext, JobLog
+from .isolation import ChildRunError, ProcessPool
 from .models import Status
 from .protocol import Connection, ProtocolError
 from .threads import DaemonThreadPool
@@ -75,14 +76,17 @@ class InstanceRunner:
         handlers: Mapping[str, Handler],
         capacity: Callable[[], int],
         abandoned: Callable[[], bool],
+        isolation: Mapping[str, str] | None = None,
     ) -> None:
         """``capacity`` is the worker's max_concurrency (read at each DISPATCH); ``abandoned`` says
         the worker's main task was cancelled (the loop is going away): a cancelled handler then
-        propagates the cancellation instead of reporting an interruption."""
+        propagates the cancellation instead of reporting an interruption. ``isolation`` maps a
+        handler's name to "thread" or "process" (read at each run; absent: thread)."""
         self._link = link
         self._handlers = handlers
         self._capacity = capacity
         self._abandoned = abandoned
+        self._isolation: Mapping[str, str] = isolation if isolation is not None else {}
         self.running: dict[int, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[int, str] = {}
         self.unsent_results: dict[int, dict[str, Any]] = {}
@@ -95,17 +99,24 @@ class InstanceRunner:
         self.deferred: list[tuple[Connection, dict[str, Any], float]] = []  # (conn, DISPATCH, since)
         self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
         self._executor: DaemonThreadPool | None = None
+        self._processes: ProcessPool | None = None  # for isolation="process" handlers (isolation.py)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def open(self, max_workers: int, thread_name_prefix: str) -> None:
-        """Create the thread pool that plain ``def`` handlers run in (daemon threads: see threads.py)."""
+        """Create the thread pool that plain ``def`` handlers run in (daemon threads: see threads.py),
+        and the pool of child processes for process-isolated ones (children start when first needed)."""
         self._executor = DaemonThreadPool(max_workers, thread_name_prefix)
+        self._processes = ProcessPool(max_workers)
 
     def close(self) -> None:
-        """Drop the thread pool without waiting: a thread cannot be stopped, its run is abandoned."""
+        """Drop the thread pool without waiting: a thread cannot be stopped, its run is abandoned.
+        Kill every child process: those can be stopped, and none may outlive the worker."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._processes is not None:
+            self._processes.close()
+            self._processes = None
 
     async def wind_down(self, grace: float) -> None:
         """Let running instances finish for ``grace`` seconds, then interrupt the rest."""
@@ -214,7 +225,8 @@ class InstanceRunner:
         ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
                          body["scheduled_at"], JobLog(self, instance_id, body["job"]))
         status, result, error = await self.run_handler(self._handlers[body["handler"]], ctx, body.get("timeout"),
-                                                       lambda: self._cancel_reasons.pop(instance_id, "cancelled"))
+                                                       lambda: self._cancel_reasons.pop(instance_id, "cancelled"),
+                                                       in_process=self._isolation.get(body["handler"]) == "process")
         self.flush_logs(instance_id)
         report = {"instance_id": instance_id, "status": status, "started_at": started_at,
                   "finished_at": time.time(), "result": result, "error": error}
@@ -230,17 +242,21 @@ class InstanceRunner:
 
     async def run_handler(
         self, fn: Handler, ctx: Any, timeout: float | None, cancel_reason: Callable[[], str],
-        check_result: bool = True,
+        check_result: bool = True, in_process: bool = False,
     ) -> tuple[str, Any, str | None]:
         """Run one handler call: (status, result, error). Only this call fails if it misbehaves.
 
         ``check_result`` verifies that the result can be shipped; second-level runs ship none.
+        ``in_process`` runs it in a child process, which a timeout or an interruption terminates
+        (a thread runs on); it is reported as a thread run would be.
         """
         try:
             is_async = self._is_async.get(fn)
             if is_async is None:
                 is_async = self._is_async[fn] = inspect.iscoroutinefunction(fn)
-            if is_async:
+            if in_process:
+                coro: Awaitable[Any] = self._process_pool().run(fn, ctx, functools.partial(_forward_log, ctx))
+            elif is_async:
                 coro = fn(ctx)
             else:
                 loop = asyncio.get_running_loop()
@@ -261,7 +277,9 @@ class InstanceRunner:
             return status.value, None, f"interrupted: {reason}"
         except Exception as exc:
             log.info("job %s (instance %s) failed: %r", getattr(ctx, "job", "?"), getattr(ctx, "instance_id", "?"), exc)
-            return Status.FAILED.value, None, f"{type(exc).__name__}: {exc}"
+            # a child's error is already "Type: message" (the handler's exception), or says how it died
+            error = str(exc) if isinstance(exc, ChildRunError) else f"{type(exc).__name__}: {exc}"
+            return Status.FAILED.value, None, error
         if not check_result:
             return Status.SUCCEEDED.value, result, None
         try:
@@ -272,6 +290,12 @@ class InstanceRunner:
         if size > limit - RESULT_HEADROOM:
             return Status.FAILED.value, None, f"result too large: {size} bytes encoded, the frame limit is {limit}"
         return Status.SUCCEEDED.value, result, None
+
+    def _process_pool(self) -> ProcessPool:
+        """The pool of child processes (made here if the runner was not opened, as for run_in_executor)."""
+        if self._processes is None:
+            self._processes = ProcessPool(max(1, self._capacity()))
+        return self._processes
 
     # ---- results and log lines ----------------------------------------------------------------
     def resend_results(self, conn: Connection) -> None:
@@ -310,3 +334,9 @@ class InstanceRunner:
         while True:
             await asyncio.sleep(0.2)
             self.flush_logs()
+
+
+def _forward_log(ctx: Any, level: str, text: str) -> None:
+    """A line a process-isolated handler logged in its child: through the parent's ``ctx.log``, so that
+    it goes where a thread-run handler's line goes (the ``fastjob.job`` logger, then the server)."""
+    ctx.log._emit(level, text)
