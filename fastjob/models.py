@@ -109,6 +109,22 @@ class Misfire(str, enum.Enum):
     SKIP = "skip"  # every missed fire is recorded skipped
 
 
+class Origin(str, enum.Enum):
+    """Who defines a job: a worker's code (declared at each registration, reconciled) or the API."""
+
+    CODE = "code"  # declared by workers (JOB_DECLARE): code owns its definition
+    API = "api"  # created through the API (JOB_UPSERT): never touched by reconciliation
+
+
+class PausedBy(str, enum.Enum):
+    """Why a job is disabled. Code owns a code-declared job's definition, operators own its paused
+    state: a re-declaration resumes only what code or reconciliation paused, never an operator's pause."""
+
+    OPERATOR = "operator"  # the API (JOB_ENABLE false, or JOB_UPSERT with enabled false)
+    CODE = "code"  # declared with enabled=False
+    UNDECLARED = "undeclared"  # no live worker of the app declared it for the reconciliation grace
+
+
 #: How an instance came about (``InstanceRow.trigger``).
 TRIGGERS = ("schedule", "catch_up", "api", "retry", "rerun")
 
@@ -169,6 +185,8 @@ class JobRow:
     is_delete: bool
     version: int  # bumped by every upsert/enable/delete, so changes can be noticed
     stats: Any = None  # second-level outcome report (dict) or None
+    origin: str = Origin.API.value  # who defines it (Origin)
+    paused_by: str | None = None  # why it is disabled (PausedBy); None while enabled
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ import pytest
 from harness import wait_until
 from private_mariadb import PrivateMariaDB
 
-from fastjob.models import InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from fastjob.models import InstanceUpdate, JobRow, JobSpec, LogLine, PausedBy, ScheduleType, Status
 from fastjob.schedule import make_planner
 from fastjob.store import FirePlan, FirePlanner, NotOwnerError, Store, StoreError, create_store
 from fastjob.store.codecs import FIRST_ATTEMPT
@@ -233,6 +233,76 @@ async def test_job_enable_finish_stats_cron_interval(store: Store) -> None:
     back = await store.upsert_job(spec("c", schedule_type=ScheduleType.CRON, schedule_expr="*/5 * * * *"),
                                   900, NOW + 13)
     assert (back.enabled, back.next_trigger_ms) == (True, 900)
+
+
+# ---- declared jobs (store/job_writes.py's rules, the same on every backend) ---------------------
+def first_at(ms: int) -> Callable[[JobSpec], int | None]:
+    return lambda _spec: ms
+
+
+async def test_declared_jobs_are_code_owned_and_an_unchanged_declaration_writes_nothing(store: Store) -> None:
+    rows = await store.declare_jobs("app", [spec("a"), spec("b", enabled=False)], first_at(1000), NOW)
+    by_name = {row.name: row for row in rows}
+    assert (by_name["a"].origin, by_name["a"].paused_by, by_name["a"].next_trigger_ms) == ("code", None, 1000)
+    assert (by_name["b"].enabled, by_name["b"].paused_by) == (False, "code")
+    assert await store.declare_jobs("app", [spec("a"), spec("b", enabled=False)], first_at(5000), NOW + 1) == []
+    assert (await store.get_job_by_name("app", "a")).version == 1
+
+
+async def test_a_declaration_never_resumes_an_operators_pause_but_resumes_its_own(store: Store) -> None:
+    await store.declare_jobs("app", [spec("op"), spec("code", enabled=False)], first_at(1000), NOW)
+    assert await store.set_job_enabled("app", "op", False, None, NOW + 1)
+    assert (await store.get_job_by_name("app", "op")).paused_by == "operator"
+    written = await store.declare_jobs("app", [spec("op"), spec("code")], first_at(7000), NOW + 2)
+    assert [row.name for row in written] == ["code"]
+    resumed = written[0]
+    assert (resumed.enabled, resumed.paused_by, resumed.next_trigger_ms) == (True, None, 7000)
+    still = await store.get_job_by_name("app", "op")
+    assert (still.enabled, still.paused_by) == (False, "operator")
+    assert await store.set_job_enabled("app", "op", True, 8000, NOW + 3)  # the operator resumes it
+    assert (await store.get_job_by_name("app", "op")).paused_by is None
+
+
+async def test_a_job_paused_as_undeclared_resumes_when_declared_again(store: Store) -> None:
+    await store.declare_jobs("app", [spec("a"), spec("b")], first_at(1000), NOW)
+    paused = await store.pause_jobs("app", ["a", "missing"], PausedBy.UNDECLARED, NOW + 1)
+    assert [(row.name, row.enabled, row.paused_by) for row in paused] == [("a", False, "undeclared")]
+    assert await store.pause_jobs("app", ["a"], PausedBy.UNDECLARED, NOW + 2) == []  # already paused
+    [back] = await store.declare_jobs("app", [spec("a"), spec("b")], first_at(9000), NOW + 3)
+    assert (back.name, back.enabled, back.paused_by, back.next_trigger_ms) == ("a", True, None, 9000)
+
+
+async def test_a_one_shot_that_fired_is_not_fired_again_by_a_redeclaration(store: Store) -> None:
+    once = spec("once", schedule_type=ScheduleType.ONCE, schedule_expr="1700000000.0")
+    run_once = spec("run_once", schedule_type=ScheduleType.ONCE, schedule_expr="", run_once=True)
+    await store.declare_jobs("app", [once, run_once], first_at(1000), NOW)
+    for name in ("once", "run_once"):  # as after its fire: enabled, no next fire
+        await store.set_job_enabled("app", name, True, None, NOW + 1)
+    await store.declare_jobs("app", [once, run_once], first_at(5000), NOW + 2)
+    assert [(await store.get_job_by_name("app", n)).next_trigger_ms for n in ("once", "run_once")] == [None, None]
+    # paused as undeclared and declared again: still nothing to fire
+    await store.pause_jobs("app", ["once", "run_once"], PausedBy.UNDECLARED, NOW + 3)
+    back = await store.declare_jobs("app", [once, run_once], first_at(6000), NOW + 4)
+    assert [(row.enabled, row.next_trigger_ms) for row in back] == [(True, None), (True, None)]
+
+
+async def test_api_jobs_stay_api_owned_until_code_declares_them(store: Store) -> None:
+    api = await store.upsert_job(spec("j"), 1000, NOW)
+    assert api.origin == "api"
+    assert (await store.upsert_job(spec("j", handler="m:other"), 1000, NOW + 1)).origin == "api"
+    [taken] = await store.declare_jobs("app", [spec("j", handler="m:other")], first_at(1000), NOW + 2)
+    assert (taken.origin, taken.version) == ("code", 3)
+    assert (await store.upsert_job(spec("j", handler="m:third"), 1000, NOW + 3)).origin == "code"
+
+
+async def test_a_large_batch_is_declared_in_one_call(store: Store) -> None:
+    specs = [spec(f"j{i:05d}") for i in range(2500)]
+    assert len(await store.declare_jobs("app", specs, first_at(1000), NOW)) == 2500
+    changed = [spec(f"j{i:05d}", timeout=5.0 if i % 1000 == 0 else None) for i in range(2500)]
+    written = await store.declare_jobs("app", changed, first_at(2000), NOW + 1)
+    assert sorted(row.name for row in written) == ["j00000", "j01000", "j02000"]
+    assert all(row.next_trigger_ms == 1000 for row in written)  # not a schedule change
+    assert len(await store.list_jobs("app")) == 2500
 
 
 async def test_concurrent_upsert_same_job(make_store) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, PausedBy, ScheduleType, Status
 
 
 class StoreError(Exception):
@@ -201,8 +201,21 @@ class Store(abc.ABC):
         ``next_trigger_ms`` replaces the stored next fire only when the schedule
         (type or expression or timezone) changed or the job is new, revived or re-enabled
         (``enabled`` going from false to true); an unchanged schedule keeps its place.
-        ``version`` is bumped when anything changed.
+        ``version`` is bumped when anything changed. An API write: a new job is API-owned, and
+        ``enabled`` false is an operator's pause (see store/job_writes.py).
         """
+
+    @abc.abstractmethod
+    async def declare_jobs(self, app: str, specs: Sequence[JobSpec], first_fire: Callable[[JobSpec], int | None],
+                           now: float) -> list[JobRow]:
+        """A worker's declarations, in one transaction: create or update each job as code-owned
+        (the rules of store/job_writes.py; ``first_fire`` gives a new or re-scheduled job its next
+        fire). Returns the rows written (new or changed); unchanged jobs are not rewritten."""
+
+    @abc.abstractmethod
+    async def pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        """Disable those of the named jobs that are enabled, recording why; their stored next fire
+        is kept (a one-shot resumed later still fires once). Returns the jobs paused, as now stored."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: int) -> JobRow | None:
@@ -223,7 +236,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
                               now: float) -> bool:
-        """Enable (with a fresh next fire) or disable a job. False if absent."""
+        """An operator enables (with a fresh next fire) or disables (paused_by operator) a job. False if absent."""
 
     @abc.abstractmethod
     async def set_next_trigger(

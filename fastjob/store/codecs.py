@@ -45,7 +45,7 @@ def loads(text: str | None) -> Any:
 JOB_COLS = (
     "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
     " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
-    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats"
+    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats, origin, paused_by"
 )
 
 # What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
@@ -95,7 +95,7 @@ def row_to_job(r: Sequence[Any]) -> JobRow:
         None if r[7] is None else load_json(r[7]), r[8], r[9], float(r[10]), r[11],
         [] if tags is None or tags == "[]" else load_json(tags), r[13], bool(r[14]), bool(r[15]),
         r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
-        None if r[25] is None else load_json(r[25]),
+        None if r[25] is None else load_json(r[25]), r[26], r[27],
     )
 
 

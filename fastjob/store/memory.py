@@ -22,14 +22,25 @@ not kept.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..models import FINAL_STATUSES, InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from ..models import (
+    FINAL_STATUSES,
+    InstanceRow,
+    InstanceUpdate,
+    JobRow,
+    JobSpec,
+    LogLine,
+    Origin,
+    PausedBy,
+    ScheduleType,
+    Status,
+)
 from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, Store, StoreError, WorkerRow
-from .codecs import FIRST_ATTEMPT, SPEC_COLS, differs, merge_updates, rank
+from .codecs import FIRST_ATTEMPT, SPEC_COLS, merge_updates, rank, spec_values
+from .job_writes import StoredJob, plan_write
 from .memory_db import (
-    SCHEDULE_COLS,
     MemoryDatabase,
     copy_app,
     copy_instance,
@@ -203,29 +214,60 @@ class MemoryStore(Store):
 
     # ---- jobs --------------------------------------------------------------------------
     async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
-        """See :meth:`Store.upsert_job`. "Changed" is judged on the stored form of each declared
-        field (``codecs.differs``, as the SQL stores judge it: 5 and 5.0 are no change)."""
         db = await self._db()
-        new = stored_spec(spec)
-        next_ms = None if next_trigger_ms is None else int(next_trigger_ms)
+        self._declare(db, spec.app, [spec], Origin.API, lambda _: next_trigger_ms, now)
         job = db.job_named(spec.app, spec.name)
-        if job is None:
-            job = db.add_job(JobRow(
-                0, spec.app, spec.name, **spec_fields(new), next_trigger_ms=next_ms, created_time=float(now),
-                updated_time=float(now), last_finished_time=None, is_delete=False, version=1))
-            return copy_job(job)
-        old = stored_spec_of(job)
-        if job.is_delete or any(differs(old[col], new[col]) for col in SPEC_COLS):
-            schedule_changed = any(old[col] != new[col] for col in SCHEDULE_COLS)
-            re_enabled = new["enabled"] and not old["enabled"]
-            if job.is_delete or schedule_changed or re_enabled:
-                job.next_trigger_ms = next_ms
-            for name, value in spec_fields(new).items():
-                setattr(job, name, value)
-            job.is_delete = False
-            job.updated_time = float(now)
-            job.version += 1
+        assert job is not None
         return copy_job(job)
+
+    async def declare_jobs(self, app: str, specs: Sequence[JobSpec], first_fire: Callable[[JobSpec], int | None],
+                           now: float) -> list[JobRow]:
+        db = await self._db()
+        return [copy_job(job) for job in self._declare(db, app, specs, Origin.CODE, first_fire, now)]
+
+    @staticmethod
+    def _declare(db: MemoryDatabase, app: str, specs: Sequence[JobSpec], origin: Origin,
+                 first_fire: Callable[[JobSpec], int | None], now: float) -> list[JobRow]:
+        """The rules of store/job_writes.py, as the SQL stores apply them ("changed" is judged on
+        the stored form of each declared field: 5 and 5.0 are no change)."""
+        for spec in specs:
+            stored_spec(spec)  # raises ValueError for a schedule type that does not exist, before any write
+        written = []
+        for spec in specs:
+            job = db.job_named(app, spec.name)
+            old = None if job is None else StoredJob(job.id, job.version, job.is_delete, job.origin, job.paused_by,
+                                                     tuple(stored_spec_of(job).values()))
+            write = plan_write(old, spec_values(spec), origin)
+            if write is None:
+                continue
+            next_ms = first_fire(spec) if write.new_next else None
+            fields = spec_fields(dict(zip(SPEC_COLS, write.values, strict=True)))
+            if job is None:
+                job = db.add_job(JobRow(
+                    0, app, spec.name, **fields, next_trigger_ms=None if next_ms is None else int(next_ms),
+                    created_time=float(now), updated_time=float(now), last_finished_time=None, is_delete=False,
+                    version=1, origin=write.origin, paused_by=write.paused_by))
+            else:
+                for name, value in fields.items():
+                    setattr(job, name, value)
+                if write.new_next:
+                    job.next_trigger_ms = None if next_ms is None else int(next_ms)
+                job.origin, job.paused_by, job.is_delete = write.origin, write.paused_by, False
+                job.updated_time = float(now)
+                job.version += 1
+            written.append(job)
+        return written
+
+    async def pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        db = await self._db()
+        paused = []
+        for name in names:
+            job = db.live_job(app, name)
+            if job is not None and job.enabled:
+                job.enabled, job.paused_by, job.updated_time = False, paused_by.value, float(now)
+                job.version += 1
+                paused.append(copy_job(job))
+        return paused
 
     async def get_job(self, job_id: int) -> JobRow | None:
         db = await self._db()
@@ -259,6 +301,7 @@ class MemoryStore(Store):
         if job is None:
             return False
         job.enabled = bool(enabled)
+        job.paused_by = None if enabled else PausedBy.OPERATOR.value
         job.next_trigger_ms = None if next_trigger_ms is None else int(next_trigger_ms)
         job.updated_time = float(now)
         job.version += 1

@@ -26,8 +26,6 @@ from .codecs import SPEC_COLS, claim_job, dumps, loads, spec_values
 _SCALARS = (str, int, float, bool)
 #: SQL columns of a job derived from others for readers of schema version 1, not in JobRow.
 _DERIVED_COLS = ("allow_overlap", "`interval`")
-#: The columns whose change is a schedule change (upsert_job then takes the new next fire).
-SCHEDULE_COLS = ("schedule_type", "schedule_expr", "timezone")
 
 
 def json_copy(value: Any) -> Any:

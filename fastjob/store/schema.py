@@ -219,13 +219,24 @@ _MYSQL_V3 = [
         KEY ix_db_sessions_server (server_id))""" + _MYSQL_TAIL,
 ]
 _SQLITE_V3: list[str] = []
+# Version 4: who defines a job and why it is paused (declared jobs are reconciled: see
+# server/reconcile.py). A job paused before version 4 keeps paused_by NULL, which counts as an
+# operator's pause: a re-declaration never resumes it.
+_SQLITE_V4 = [
+    "ALTER TABLE jobs ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'",
+    "ALTER TABLE jobs ADD COLUMN paused_by TEXT NULL",
+]
+_MYSQL_V4 = [
+    "ALTER TABLE jobs ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'api'",
+    "ALTER TABLE jobs ADD COLUMN paused_by VARCHAR(16) NULL",
+]
 
 #: MySQL error codes a migration statement may meet when another server ran it first.
 MYSQL_TOLERATED = (1060,)  # duplicate column name
 
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3],
-    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4],
+    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])

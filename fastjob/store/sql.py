@@ -7,30 +7,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, ScheduleType, Status
+from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, Origin, PausedBy, ScheduleType, Status
 from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, WorkerRow
 from .codecs import (
     INST_COLS,
     INST_INSERT_COLS,
     JOB_COLS,
-    SPEC_COLS,
     SQL_RANK,
     SQL_UNFINISHED,
-    differs,
     dumps,
     loads,
     merge_updates,
     rank,
     row_to_instance,
     row_to_job,
-    spec_values,
 )
+from .sql_declare import op_declare_jobs
 from .sql_runner import Attempts, SQLRunner
 from .sql_wal import op_claim_due
-from .statements import Op, RetryTx, Stmt, chunks, flat
+from .statements import CHUNK_ROWS, Op, Stmt, chunks, flat
 
 log = logging.getLogger("fastjob.store")
 
@@ -166,39 +164,31 @@ class SQLStore(SQLRunner):
 
     # ---- jobs --------------------------------------------------------------------------------
     async def upsert_job(self, spec: JobSpec, next_trigger_ms: int | None, now: float) -> JobRow:
-        values = spec_values(spec)
-        return await self._run("upsert_job", lambda: self._op_upsert_job(spec, values, next_trigger_ms, now), tx=True)
+        rows = await self._run("upsert_job", lambda: op_declare_jobs(
+            self.dialect, spec.app, [spec], Origin.API, lambda _: next_trigger_ms, now, read_unchanged=True), tx=True)
+        return rows[0]
 
-    def _op_upsert_job(self, spec: JobSpec, values: tuple[Any, ...], next_trigger_ms: int | None,
-                       now: float) -> Op[JobRow]:
-        cols = ", ".join(SPEC_COLS)
-        r = yield Stmt(f"SELECT id, version, is_delete, {cols} FROM jobs WHERE app = ? AND name = ?",
-                       (spec.app, spec.name))
-        if not r.rows:
-            ins_cols = ("app", "name") + SPEC_COLS + ("next_trigger_ms", "created_time", "updated_time",
-                                                        "is_delete", "version")
-            w = yield Stmt(self.dialect.insert("jobs", ins_cols, 1, ignore=True),
-                           (spec.app, spec.name) + values + (next_trigger_ms, now, now, 0, 1))
-            if w.rowcount != 1:
-                raise RetryTx()  # a concurrent upsert created it: redo as an update
-        else:
-            job_id, version, is_delete = r.rows[0][0], r.rows[0][1], bool(r.rows[0][2])
-            old = tuple(r.rows[0][3:])
-            # handler..timezone are columns 0..3 of SPEC_COLS; enabled is 12
-            schedule_changed = old[1:4] != values[1:4]
-            re_enabled = values[12] and not old[12]
-            changed = is_delete or any(differs(a, b) for a, b in zip(old, values, strict=True))
-            if changed:
-                sets = ", ".join(f"{c} = ?" for c in SPEC_COLS)
-                new_next = is_delete or schedule_changed or re_enabled
-                sql = (f"UPDATE jobs SET {sets}, is_delete = 0, updated_time = ?, version = version + 1"
-                       + (", next_trigger_ms = ?" if new_next else "") + " WHERE id = ? AND version = ?")
-                params = values + (now,) + ((next_trigger_ms,) if new_next else ()) + (job_id, version)
-                w = yield Stmt(sql, params)
-                if w.rowcount != 1:
-                    raise RetryTx()  # changed under us: re-read and compare again
-        r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name = ?", (spec.app, spec.name))
-        return row_to_job(r.rows[0])
+    async def declare_jobs(self, app: str, specs: Sequence[JobSpec], first_fire: Callable[[JobSpec], int | None],
+                           now: float) -> list[JobRow]:
+        return await self._run("declare_jobs", lambda: op_declare_jobs(
+            self.dialect, app, specs, Origin.CODE, first_fire, now), tx=True)
+
+    async def pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        return await self._run("pause_jobs", lambda: self._op_pause_jobs(app, names, paused_by, now), tx=True)
+
+    def _op_pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> Op[list[JobRow]]:
+        paused: list[JobRow] = []
+        for chunk in chunks(names, CHUNK_ROWS):
+            where = f"app = ? AND name IN ({','.join('?' * len(chunk))}) AND enabled = 1 AND is_delete = 0"
+            r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE {where}", (app, *chunk))
+            if r.rows:
+                yield Stmt(f"UPDATE jobs SET enabled = 0, paused_by = ?, updated_time = ?, version = version + 1"
+                           f" WHERE {where}", (paused_by.value, now, app, *chunk))
+            for row in r.rows:
+                job = row_to_job(row)
+                job.enabled, job.paused_by, job.updated_time, job.version = False, paused_by.value, now, job.version + 1
+                paused.append(job)
+        return paused
 
     async def get_job(self, job_id: int) -> JobRow | None:
         rows = await self._run("get_job", lambda: self._op_query(
@@ -224,8 +214,9 @@ class SQLStore(SQLRunner):
     async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
                               now: float) -> bool:
         n = await self._run("set_job_enabled", lambda: self._op_exec(
-            "UPDATE jobs SET enabled = ?, next_trigger_ms = ?, updated_time = ?, version = version + 1"
-            " WHERE app = ? AND name = ? AND is_delete = 0", (int(enabled), next_trigger_ms, now, app, name)), tx=False)
+            "UPDATE jobs SET enabled = ?, paused_by = ?, next_trigger_ms = ?, updated_time = ?, version = version + 1"
+            " WHERE app = ? AND name = ? AND is_delete = 0",
+            (int(enabled), None if enabled else PausedBy.OPERATOR.value, next_trigger_ms, now, app, name)), tx=False)
         return n > 0
 
     async def set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
