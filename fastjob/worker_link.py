@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
+import msgpack
+
 from .models import JobSpec, spec_to_wire
 from .protocol import (
     PROTOCOL_VERSION,
@@ -340,8 +342,25 @@ class ServerLink:
         }
 
     async def _register_jobs(self, conn: Connection) -> None:
-        """Upsert every declared job, many requests in flight at once (one round trip per chunk)."""
+        """Declare every job the worker's code defines: in batches of JOB_DECLARE (version 3), the
+        last one marked final so that the server knows the complete set (a job no live worker
+        declares any more is paused after a grace); one JOB_UPSERT per job to an older server."""
         specs = list(self._config.declared.values())
+        if self.version < 3 or self._config.role != "worker":  # a client's jobs are API jobs
+            await self._upsert_each(conn, specs)
+            return
+        batches = declaration_batches([spec_to_wire(spec) for spec in specs], self.frame_limit)
+        for number, batch in enumerate(batches, 1):
+            try:
+                await conn.request("JOB_DECLARE", {"jobs": batch, "final": number == len(batches)},
+                                   timeout=max(30.0, self._config.connect_timeout))
+            except RemoteError as exc:
+                if exc.code == "invalid":
+                    raise WorkerError(f"declaration refused by the server: {exc.message}") from None
+                raise
+
+    async def _upsert_each(self, conn: Connection, specs: list[JobSpec]) -> None:
+        """Protocol versions 1 and 2: one JOB_UPSERT per job, many in flight at once."""
         for start in range(0, len(specs), 256):
             chunk = specs[start:start + 256]
             replies = await asyncio.gather(
@@ -366,3 +385,23 @@ class ServerLink:
                 self.ping(conn)
         finally:
             closed.cancel()
+
+
+#: Jobs per JOB_DECLARE: one store transaction each on the server.
+DECLARE_BATCH = 1000
+
+
+def declaration_batches(jobs: list[dict[str, Any]], frame_limit: int) -> list[list[dict[str, Any]]]:
+    """The job maps in batches of at most DECLARE_BATCH that each fit half a frame (always at
+    least one batch: an empty final one tells the server that this worker declares nothing)."""
+    budget = frame_limit // 2
+    batches: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for job in jobs:
+        job_size = len(msgpack.packb(job))
+        if batches[-1] and (len(batches[-1]) >= DECLARE_BATCH or size + job_size > budget):
+            batches.append([])
+            size = 0
+        batches[-1].append(job)
+        size += job_size
+    return batches

@@ -142,6 +142,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "SL_REVOKE": {"job_id": 7, "reason": "rebalance"},
     "SL_REPORT": {"reports": [SL_REPORT_ITEM, dict(SL_REPORT_ITEM, last_error=None, last_run_at=None)]},
     "JOB_UPSERT": {"job": JOB_DEF},
+    "JOB_DECLARE": {"jobs": [JOB_DEF], "final": True},
     "JOB_DELETE": {"name": "nightly"},
     "JOB_ENABLE": {"name": "nightly", "enabled": False},
     "JOB_GET": {"name": "nightly"},

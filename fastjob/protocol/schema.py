@@ -108,6 +108,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "SL_REPORT": {"reports": "array[sl_report]"},
     # client API
     "JOB_UPSERT": {"job": "job_def"},
+    "JOB_DECLARE": {"jobs": "array[job_def]", "final": "bool"},
     "JOB_DELETE": {"name": "str"},
     "JOB_ENABLE": {"name": "str", "enabled": "bool"},
     "JOB_GET": {"name": "str"},
@@ -123,7 +124,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 #: Message types added after version 1, with the version that defines them: a peer must not
 #: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
-SINCE_VERSION: dict[str, int] = {"DRAIN": 2}
+SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

@@ -1,6 +1,7 @@
 """The client API: job definitions, triggers, instance and log queries, scoped to one app."""
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -75,6 +76,30 @@ def spec_from_wire(app: str, body: dict[str, Any]) -> JobSpec:
     spec = JobSpec(app=app, **kwargs)
     schedule.validate(spec)
     return spec
+
+
+#: Jobs one JOB_DECLARE may carry (a worker sends at most 1000; the frame bounds the bytes).
+MAX_DECLARED_PER_MESSAGE = 10_000
+
+
+def declared_specs(app: str, jobs: list[Any]) -> list[JobSpec]:
+    """A JOB_DECLARE batch checked job by job; the INVALID error names the job at fault."""
+    if len(jobs) > MAX_DECLARED_PER_MESSAGE:
+        raise ApiError(ErrorCode.INVALID, f"{len(jobs)} jobs in one JOB_DECLARE; at most {MAX_DECLARED_PER_MESSAGE}")
+    specs: list[JobSpec] = []
+    for job in jobs:
+        name = job.get("name")
+        try:
+            specs.append(spec_from_wire(app, job))
+        except ApiError as exc:
+            raise ApiError(exc.code, f"job {name!r}: {exc.message}") from None
+        except schedule.ScheduleError as exc:
+            raise ApiError(ErrorCode.INVALID, f"job {name!r}: {exc}") from None
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        twice = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+        raise ApiError(ErrorCode.INVALID, f"jobs declared twice in one batch: {', '.join(map(repr, twice[:5]))}")
+    return specs
 
 
 async def _job_or_404(server: ApiBackend, app: str, name: Any) -> JobRow:

@@ -11,6 +11,7 @@ import hmac
 import logging
 from typing import Any, Protocol
 
+from ..models import JobSpec
 from ..protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -23,7 +24,7 @@ from ..protocol import (
 from ..schedule import ScheduleError
 from ..store import NotOwnerError, StoreError
 from ..tasks import BackgroundTasks
-from .api import API_TYPES, ApiBackend, ApiError, handle_api
+from .api import API_TYPES, ApiBackend, ApiError, declared_specs, handle_api
 from .cluster import Cluster
 from .config import ServerConfig
 
@@ -48,6 +49,7 @@ class SessionHost(ApiBackend, Protocol):
     def connections(self) -> set[WorkerSession]: ...
     def hash_token(self, app: str, token: str) -> str: ...
     async def register_worker(self, app: str, hello: dict[str, Any]) -> None: ...
+    async def declare_jobs(self, app: str, specs: list[JobSpec]) -> int: ...
     def session_joined(self, session: WorkerSession, running: list[int], finished: list[int],
                        second_level: list[int]) -> None: ...
     def session_left(self, session: WorkerSession) -> None: ...
@@ -73,6 +75,9 @@ class WorkerSession(Connection):
         self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
         self.hello_finished: list[int] = []
         self._second_level: set[int] = set()  # second-level job ids handed down to it
+        self._declaring: set[str] = set()  # names its JOB_DECLARE batches carried so far
+        #: the complete set of jobs its code declares (its final batch arrived); None until then
+        self.declared: frozenset[str] | None = None
         self.established = False
         self._hello_task: asyncio.Task[None] | None = None
 
@@ -168,7 +173,7 @@ class WorkerSession(Connection):
                         msg.body.get("code"), msg.body.get("message"))
         elif kind in REPORT_TYPES:
             self._report(msg)
-        elif kind in API_TYPES:
+        elif kind in API_TYPES or kind == "JOB_DECLARE":
             if self._api_inflight >= MAX_API_INFLIGHT:
                 self.respond_error(msg, ErrorCode.BUSY,
                                    f"{MAX_API_INFLIGHT} requests already in progress on this connection; retry later")
@@ -266,9 +271,26 @@ class WorkerSession(Connection):
         finally:
             self._api_inflight -= 1
 
+    async def _declare(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch of the worker's job declarations; the one marked final completes its set."""
+        if self.role != "worker":
+            raise ApiError(ErrorCode.INVALID, "JOB_DECLARE is a worker's; a client writes jobs with JOB_UPSERT")
+        if not self.server.owns(self.app):
+            raise NotOwnerError(self.app, -1)
+        specs = declared_specs(self.app, body["jobs"])
+        changed = await self.server.declare_jobs(self.app, specs)
+        self._declaring.update(spec.name for spec in specs)
+        if body["final"]:
+            self.declared = frozenset(self._declaring)
+            self._declaring = set()
+        return {"declared": len(specs), "changed": changed}
+
     async def _answer_api(self, msg: Message) -> None:
         try:
-            reply = await handle_api(self.server, self.app, msg.type, msg.body)
+            if msg.type == "JOB_DECLARE":
+                reply = await self._declare(msg.body)
+            else:
+                reply = await handle_api(self.server, self.app, msg.type, msg.body)
         except ApiError as exc:
             self.respond_error(msg, exc.code, exc.message)
         except ScheduleError as exc:
