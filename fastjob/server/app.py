@@ -6,6 +6,7 @@ import hashlib
 import logging
 import ssl
 import time
+from collections.abc import Collection
 from typing import Any
 
 from .. import schedule
@@ -15,6 +16,7 @@ from ..store import Store, StoreError, create_store
 from ..tasks import BackgroundTasks
 from .cluster import Cluster, Origin
 from .config import ServerConfig
+from .reconcile import Reconciler
 from .scheduler import Scheduler
 from .second_level import SecondLevel
 from .session import WorkerSession
@@ -36,6 +38,7 @@ class FastJobServer:
         self.cluster: Cluster
         self.scheduler: Scheduler
         self.second_level: SecondLevel
+        self.reconciler: Reconciler
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> str:
@@ -73,8 +76,11 @@ class FastJobServer:
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
         )
+        self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
+                                     declarations=self.live_declarations, paused=self._job_changed)
         self.scheduler.start()
         await self.cluster.start()
+        self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
         return self.address
 
@@ -187,6 +193,37 @@ class FastJobServer:
         """Fixed rate/delay jobs faster than the threshold run on a worker, not through the WAL."""
         period = schedule.period_seconds(job)
         return period is not None and period < self.config.second_level_threshold and not job.run_once
+
+    async def declare_jobs(self, app: str, specs: list[JobSpec]) -> int:
+        """A worker's declarations (one store transaction); returns how many jobs changed."""
+        now_ms = schedule.now_ms()
+
+        def first_fire(spec: JobSpec) -> int | None:
+            return None if self.is_second_level(spec) else schedule.first_fire_ms(spec, now_ms)
+
+        written = await self.store.declare_jobs(app, specs, first_fire, time.time())
+        for job in written:
+            self._job_changed(job)
+        return len(written)
+
+    def live_declarations(self, app: str) -> list[Collection[str]] | None:
+        """The declared sets of the app's live workers; None if there is none, or one is still declaring."""
+        sets: list[Collection[str]] = []
+        for session in self.workers_of(app):
+            if session.role != "worker" or session.closed:
+                continue
+            if session.declared is None:
+                return None
+            sets.append(session.declared)
+        return sets or None
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconciler.interval)
+            try:
+                await self.reconciler.check(time.time())
+            except StoreError as exc:
+                log.warning("reconciling declared jobs: database unavailable: %s", exc)
 
     async def upsert_job(self, spec: JobSpec) -> JobRow:
         next_ms = None if self.is_second_level(spec) else schedule.first_fire_ms(spec, schedule.now_ms())

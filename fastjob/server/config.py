@@ -19,7 +19,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Durations that must be positive, and those that may be zero (None: the knob is unset).
 _POSITIVE = ("heartbeat_interval", "heartbeat_timeout", "run_lease", "scan_horizon", "scan_interval",
              "dispatch_wait", "handshake_timeout")
-_NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold")
+_NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold", "undeclared_grace")
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -46,7 +46,10 @@ class ServerConfig:
     scan_interval: float | None = _knob(None, "seconds between WAL scans (default: a fifth of the horizon)")
     dispatch_wait: float = _knob(30.0, "seconds a due fire waits for a worker before it is failed")
     misfire_threshold: float = _knob(5.0, "a fire later than this when claimed is a misfire")
-    second_level_threshold: float = _knob(60.0, "fixed rate/delay jobs with a shorter period run on a worker")
+    second_level_threshold: float = _knob(3.0, "fixed rate/delay jobs with a shorter period run on a worker (no"
+                                               " instance rows: a run history and counters instead); 0: none")
+    undeclared_grace: float = _knob(300.0, "a job declared in code that no live worker of its app declares for"
+                                           " this long is paused; 0: never")
     handshake_timeout: float = _knob(10.0, "seconds a new connection has to say HELLO")
     max_frame: int = _knob(DEFAULT_MAX_FRAME, f"largest frame accepted, in bytes (at least {MIN_MAX_FRAME})")
     tls_cert: str | None = _knob(None, "PEM certificate chain: serve TLS")
