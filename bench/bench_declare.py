@@ -1,0 +1,125 @@
+"""Registering a worker that declares many jobs: the bulk JOB_DECLARE against the per-job JOB_UPSERT.
+
+    python bench/bench_declare.py [--jobs 100000] [--baseline-jobs 10000] [--mysql-dsn mysql://root@127.0.0.1:3306/test]
+
+A real fastjob-server process (fresh database) and one worker in this process. Half the jobs
+are cron jobs that fire once a year (so each new one has its first fire computed, and nothing
+comes due during the run), half API-triggered. Reported, each on a fresh database:
+
+* ``declare in code``: the worker's ``schedule()`` calls (each checks its declaration);
+* ``first registration``: ``start()`` until registered, every job new (JOB_DECLARE batches);
+* ``re-registration``: a restarted worker declaring the same jobs, nothing changed;
+* baseline, in the same run: the per-job JOB_UPSERT path of protocol version 2 (what a worker
+  did before), for ``--baseline-jobs`` jobs; its rate is compared with the bulk path's.
+
+Target (issue 14): 100,000 declared jobs registered in at most 5 s here.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastjob.worker_link  # noqa: E402
+from fastjob import Worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--db", url,
+         "--log-level", "WARNING"], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert server.stdout is not None
+    line = server.stdout.readline().decode()
+    return server, line.split()[1]
+
+
+def declare(worker: Worker, jobs: int) -> float:
+    worker.handler("noop")(lambda ctx: None)
+    began = time.perf_counter()
+    for i in range(jobs):
+        if i % 2:
+            worker.schedule(f"job-{i:06d}", handler="noop", cron=f"0 {i % 60} {i % 24} 1 1 *")
+        else:
+            worker.schedule(f"job-{i:06d}", handler="noop", params={"n": i})
+    return time.perf_counter() - began
+
+
+async def register(address: str, jobs: int, app: str) -> tuple[float, float]:
+    """(seconds in schedule(), seconds in start()) for one worker declaring ``jobs`` jobs."""
+    worker = Worker(app=app, servers=[address], worker_id=f"bench-{app}")
+    in_code = declare(worker, jobs)
+    began = time.perf_counter()
+    await worker.start(timeout=600)
+    took = time.perf_counter() - began
+    await worker.stop(grace=0)
+    return in_code, took
+
+
+def fresh_url(kind: str, mysql_dsn: str | None, tmp: str, name: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp}/{name}.db"
+    assert mysql_dsn
+    from urllib.parse import urlsplit
+
+    import pymysql  # the bench's own scratch database, dropped and created again
+    parts = urlsplit(mysql_dsn)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                           password=parts.password or "")
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS bench_declare_{name}")
+        cur.execute(f"CREATE DATABASE bench_declare_{name}")
+    conn.close()
+    return mysql_dsn.rsplit("/", 1)[0] + f"/bench_declare_{name}"
+
+
+async def run(kind: str, jobs: int, baseline_jobs: int, mysql_dsn: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        server, address = start_server(fresh_url(kind, mysql_dsn, tmp, "bulk"))
+        try:
+            in_code, first = await register(address, jobs, "bulk")
+            _, again = await register(address, jobs, "bulk")
+        finally:
+            server.terminate()
+            server.wait(30)
+        server, address = start_server(fresh_url(kind, mysql_dsn, tmp, "per_job"))
+        saved = fastjob.worker_link.PROTOCOL_VERSION
+        fastjob.worker_link.PROTOCOL_VERSION = 2  # type: ignore[misc]  # a worker of before JOB_DECLARE
+        try:
+            _, baseline = await register(address, baseline_jobs, "per_job")
+        finally:
+            fastjob.worker_link.PROTOCOL_VERSION = saved  # type: ignore[misc]
+            server.terminate()
+            server.wait(30)
+    return {"in_code": in_code, "first": first, "again": again, "baseline": baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--baseline-jobs", type=int, default=10_000)
+    parser.add_argument("--mysql-dsn", default=None)
+    args = parser.parse_args()
+    kinds = ["sqlite"] + (["mysql"] if args.mysql_dsn else [])
+    for kind in kinds:
+        r = asyncio.run(run(kind, args.jobs, args.baseline_jobs, args.mysql_dsn))
+        bulk_rate, base_rate = args.jobs / r["first"], args.baseline_jobs / r["baseline"]
+        print(f"{kind}: {args.jobs} jobs: declare in code {r['in_code']:.2f}s, first registration {r['first']:.2f}s"
+              f" ({bulk_rate:,.0f} jobs/s), re-registration {r['again']:.2f}s;"
+              f" baseline JOB_UPSERT per job: {args.baseline_jobs} jobs in {r['baseline']:.2f}s"
+              f" ({base_rate:,.0f} jobs/s);"
+              f" bulk/baseline rate {bulk_rate / base_rate:.1f}x; target first registration <= 5 s:"
+              f" {'met' if r['first'] <= 5 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
