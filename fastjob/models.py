@@ -21,6 +21,10 @@ class ScheduleType(str, enum.Enum):
     API = "api"
 
 
+#: ScheduleType by value: a dict lookup where ScheduleType(value) would cost a call per job.
+SCHEDULE_TYPES: dict[str, ScheduleType] = {kind.value: kind for kind in ScheduleType}
+
+
 class Status(str, enum.Enum):
     """What became of one attempt of a fire; see :data:`STATUS_RULES` for what each means."""
 
@@ -187,6 +191,9 @@ class JobRow:
     stats: Any = None  # second-level outcome report (dict) or None
     origin: str = Origin.API.value  # who defines it (Origin)
     paused_by: str | None = None  # why it is disabled (PausedBy); None while enabled
+    #: epoch ms its current schedule took effect (declared new, schedule changed, resumed):
+    #: a second-level job's grid is anchored there, so a new runner neither repeats nor shifts it
+    anchor_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -267,12 +274,22 @@ JOB_FIELD_TYPES: dict[str, tuple[type, ...]] = {f.name: _FIELD_KINDS[str(f.type)
 JOB_DEFAULTS = JobSpec(app="", name="", handler="", schedule_type=ScheduleType.API)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per model class, for to_wire (dataclasses.fields is slow)
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def to_wire(record: Any) -> dict[str, Any]:
     """A model dataclass as a msgpack-friendly map (enums as their values)."""
     out = {}
-    for f in dataclasses.fields(record):
-        value = getattr(record, f.name)
-        out[f.name] = value.value if isinstance(value, enum.Enum) else value
+    for name in _field_names(type(record)):
+        value = getattr(record, name)
+        out[name] = value.value if isinstance(value, enum.Enum) else value
     return out
 
 

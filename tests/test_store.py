@@ -305,6 +305,43 @@ async def test_a_large_batch_is_declared_in_one_call(store: Store) -> None:
     assert len(await store.list_jobs("app")) == 2500
 
 
+async def test_rows_returned_for_new_jobs_are_the_rows_stored(store: Store) -> None:
+    declared = [spec("a", params={"n": 1, "deep": [1, {"x": None}]}, tags=["t1", "t2"], timeout=2.5),
+                spec("b", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1.5", enabled=False)]
+    rows = await store.declare_jobs("app", declared, first_at(1000), NOW)
+    assert sorted(rows, key=lambda r: r.name) == [await store.get_job_by_name("app", n) for n in ("a", "b")]
+
+
+async def test_the_anchor_moves_only_when_the_schedule_takes_effect_anew(store: Store) -> None:
+    rate = spec("r", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1")
+    [new] = await store.declare_jobs("app", [rate], first_at(1000), NOW)
+    assert new.anchor_ms == int(NOW * 1000)
+    [params_only] = await store.declare_jobs("app", [spec("r", schedule_type=ScheduleType.FIXED_RATE,
+                                                          schedule_expr="1", params=7)], first_at(1000), NOW + 1)
+    assert params_only.anchor_ms == int(NOW * 1000)  # its grid stays where it was
+    [faster] = await store.declare_jobs("app", [spec("r", schedule_type=ScheduleType.FIXED_RATE,
+                                                     schedule_expr="0.5", params=7)], first_at(1000), NOW + 2)
+    assert faster.anchor_ms == int((NOW + 2) * 1000)
+    await store.set_job_enabled("app", "r", False, None, NOW + 3)
+    assert (await store.get_job_by_name("app", "r")).anchor_ms == int((NOW + 2) * 1000)
+    await store.set_job_enabled("app", "r", True, None, NOW + 4)  # an operator's resume starts it anew
+    assert (await store.get_job_by_name("app", "r")).anchor_ms == int((NOW + 4) * 1000)
+
+
+@sql_only
+async def test_a_row_without_a_digest_is_compared_by_its_definition(store: Store) -> None:
+    await store.declare_jobs("app", [spec("a"), spec("b")], first_at(1000), NOW)
+    await store._run("raw", lambda: store._op_exec("UPDATE jobs SET spec_digest = NULL"), tx=True)  # type: ignore
+    assert await store.declare_jobs("app", [spec("a"), spec("b")], first_at(1000), NOW + 1) == []
+    assert await raw(store, "SELECT COUNT(*) FROM jobs WHERE spec_digest IS NULL") == [(0,)]  # noted now
+    await store._run("raw", lambda: store._op_exec("UPDATE jobs SET spec_digest = NULL"), tx=True)  # type: ignore
+    [changed] = await store.declare_jobs("app", [spec("a", timeout=3.0), spec("b")], first_at(1000), NOW + 2)
+    assert (changed.name, changed.timeout) == ("a", 3.0)
+    # and a stored digest that does not match what was declared is not trusted either
+    await store._run("raw", lambda: store._op_exec("UPDATE jobs SET spec_digest = 'x'"), tx=True)  # type: ignore
+    assert await store.declare_jobs("app", [spec("a", timeout=3.0), spec("b")], first_at(1000), NOW + 3) == []
+
+
 async def test_concurrent_upsert_same_job(make_store) -> None:
     stores = await asyncio.gather(*(make_store() for _ in range(4)))
     rows = await asyncio.gather(*(s.upsert_job(spec("dup", params=i), 10, NOW) for i, s in enumerate(stores)))

@@ -2,6 +2,7 @@
 that order a batch of updates, and the JSON of stored values."""
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from collections.abc import Iterable, Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 from ..models import (
     FINAL_STATUSES,
+    SCHEDULE_TYPES,
     UNFINISHED_STATUSES,
     InstanceRow,
     InstanceUpdate,
@@ -24,11 +26,15 @@ FIRST_ATTEMPT = 1
 
 
 # ---- JSON / row codecs -----------------------------------------------------------------
+#: json.dumps with these options builds a new encoder per call; one, bound, serves every row
+_encode = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def dumps(value: Any) -> str | None:
     """JSON text for a params/result/tags/stats column; None stays NULL."""
     if value is None:
         return None
-    return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
 
 
 def json_ints(rows: Sequence[Sequence[int | None]]) -> str:
@@ -45,7 +51,8 @@ def loads(text: str | None) -> Any:
 JOB_COLS = (
     "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
     " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
-    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats, origin, paused_by"
+    " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats, origin, paused_by,"
+    " anchor_ms"
 )
 
 # What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
@@ -79,7 +86,6 @@ SPEC_COLS = (
 )
 
 
-_SCHEDULE_TYPES = {t.value: t for t in ScheduleType}
 _STATUSES = {t.value: t for t in Status}
 #: json.loads, bound once (the row codecs call it per row)
 load_json = json.loads
@@ -91,11 +97,11 @@ load_json = json.loads
 def row_to_job(r: Sequence[Any]) -> JobRow:
     tags = r[12]
     return JobRow(
-        r[0], r[1], r[2], r[3], _SCHEDULE_TYPES[r[4]], r[5], r[6],
+        r[0], r[1], r[2], r[3], SCHEDULE_TYPES[r[4]], r[5], r[6],
         None if r[7] is None else load_json(r[7]), r[8], r[9], float(r[10]), r[11],
         [] if tags is None or tags == "[]" else load_json(tags), r[13], bool(r[14]), bool(r[15]),
         r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
-        None if r[25] is None else load_json(r[25]), r[26], r[27],
+        None if r[25] is None else load_json(r[25]), r[26], r[27], r[28],
     )
 
 
@@ -103,7 +109,7 @@ def claim_job(app: str, r: Sequence[Any]) -> JobRow:
     """A JobRow from a CLAIM_COLS row, for ``next_fire``: the fields not read hold the
     placeholders that Store.claim_due documents (never the job's real values)."""
     return JobRow(
-        r[0], app, "", "", _SCHEDULE_TYPES[r[1]], r[2], r[3], None, None, 0, 1.0, r[7], [],
+        r[0], app, "", "", SCHEDULE_TYPES[r[1]], r[2], r[3], None, None, 0, 1.0, r[7], [],
         "round_robin", bool(r[4]), True, "queue", float(r[8]), 0, r[5], 0.0, 0.0, None, False, r[6],
     )
 
@@ -118,15 +124,26 @@ def row_to_instance(r: Sequence[Any]) -> InstanceRow:
 
 def spec_values(spec: JobSpec) -> tuple[Any, ...]:
     """The stored form of a spec's columns, in SPEC_COLS order (comparable with a row)."""
-    st = ScheduleType(spec.schedule_type)
+    st = SCHEDULE_TYPES.get(spec.schedule_type) or ScheduleType(spec.schedule_type)  # str or member
     interval = spec.schedule_expr if st in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY) else None
     return (
         spec.handler, st.value, spec.schedule_expr or "", spec.timezone, dumps(spec.params),
         None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
-        float(spec.retry_backoff), spec.misfire_policy, dumps(list(spec.tags)) or "[]", spec.routing,
+        float(spec.retry_backoff), spec.misfire_policy, _encode(list(spec.tags)) if spec.tags else "[]", spec.routing,
         int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
         spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
     )
+
+
+#: Position of ``enabled`` in SPEC_COLS.
+ENABLED = SPEC_COLS.index("enabled")
+
+
+def spec_digest(values: tuple[Any, ...]) -> str:
+    """A digest of a job's definition (``spec_values`` but ``enabled``, which has its own rules):
+    stored with the job, so that re-declaring 100,000 unchanged jobs reads 8 columns, not 30."""
+    definition = values[:ENABLED] + values[ENABLED + 1:]
+    return hashlib.blake2b(repr(definition).encode(), digest_size=12).hexdigest()
 
 
 # Rank used to keep status updates monotonic; every final status has the top rank.

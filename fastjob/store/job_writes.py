@@ -18,18 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models import Origin, PausedBy, ScheduleType
-from .codecs import SPEC_COLS, differs
+from .codecs import ENABLED, SPEC_COLS, differs
 
-ENABLED = SPEC_COLS.index("enabled")
 #: schedule_type, schedule_expr, timezone: a change of any is a schedule change
 SCHEDULE = slice(SPEC_COLS.index("schedule_type"), SPEC_COLS.index("timezone") + 1)
-#: The columns of a stored job a declaration compares, before SPEC_COLS.
-STORED_HEAD = ("id", "version", "is_delete", "origin", "paused_by")
 
 
 @dataclass(slots=True)
 class StoredJob:
-    """What a declaration reads of a stored job: STORED_HEAD, then SPEC_COLS as ``values``."""
+    """What a declaration compares of a stored job; ``values`` in SPEC_COLS order."""
 
     id: int
     version: int
@@ -37,10 +34,6 @@ class StoredJob:
     origin: str
     paused_by: str | None
     values: tuple[Any, ...]
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> StoredJob:
-        return cls(row[0], row[1], bool(row[2]), row[3], row[4], tuple(row[len(STORED_HEAD):]))
 
 
 @dataclass(slots=True)
@@ -64,7 +57,7 @@ def plan_write(old: StoredJob | None, declared: tuple[Any, ...], origin: Origin)
     enabled, paused = _paused_state(was_enabled, old.paused_by, wants_enabled, origin)
     values = declared[:ENABLED] + (int(enabled),) + declared[ENABLED + 1:]
     new_origin = Origin.CODE.value if origin is Origin.CODE else old.origin
-    if (not any(differs(a, b) for a, b in zip(old.values, values, strict=True))
+    if ((old.values == values or not any(differs(a, b) for a, b in zip(old.values, values, strict=True)))
             and paused == old.paused_by and new_origin == old.origin):
         return None
     schedule_changed = old.values[SCHEDULE] != values[SCHEDULE]

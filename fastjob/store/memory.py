@@ -246,12 +246,13 @@ class MemoryStore(Store):
                 job = db.add_job(JobRow(
                     0, app, spec.name, **fields, next_trigger_ms=None if next_ms is None else int(next_ms),
                     created_time=float(now), updated_time=float(now), last_finished_time=None, is_delete=False,
-                    version=1, origin=write.origin, paused_by=write.paused_by))
+                    version=1, origin=write.origin, paused_by=write.paused_by, anchor_ms=int(now * 1000)))
             else:
                 for name, value in fields.items():
                     setattr(job, name, value)
                 if write.new_next:
                     job.next_trigger_ms = None if next_ms is None else int(next_ms)
+                    job.anchor_ms = int(now * 1000)
                 job.origin, job.paused_by, job.is_delete = write.origin, write.paused_by, False
                 job.updated_time = float(now)
                 job.version += 1
@@ -303,6 +304,8 @@ class MemoryStore(Store):
         job.enabled = bool(enabled)
         job.paused_by = None if enabled else PausedBy.OPERATOR.value
         job.next_trigger_ms = None if next_trigger_ms is None else int(next_trigger_ms)
+        if enabled:
+            job.anchor_ms = int(now * 1000)
         job.updated_time = float(now)
         job.version += 1
         return True

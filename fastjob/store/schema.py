@@ -221,14 +221,20 @@ _MYSQL_V3 = [
 _SQLITE_V3: list[str] = []
 # Version 4: who defines a job and why it is paused (declared jobs are reconciled: see
 # server/reconcile.py). A job paused before version 4 keeps paused_by NULL, which counts as an
-# operator's pause: a re-declaration never resumes it.
+# operator's pause: a re-declaration never resumes it. spec_digest (codecs.spec_digest) lets an
+# unchanged re-declaration skip reading the definition; NULL (older rows) means "compare it".
+# anchor_ms: when the current schedule took effect (a second-level job's grid starts there).
 _SQLITE_V4 = [
     "ALTER TABLE jobs ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'",
     "ALTER TABLE jobs ADD COLUMN paused_by TEXT NULL",
+    "ALTER TABLE jobs ADD COLUMN spec_digest TEXT NULL",
+    "ALTER TABLE jobs ADD COLUMN anchor_ms INTEGER NULL",
 ]
 _MYSQL_V4 = [
     "ALTER TABLE jobs ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'api'",
     "ALTER TABLE jobs ADD COLUMN paused_by VARCHAR(16) NULL",
+    "ALTER TABLE jobs ADD COLUMN spec_digest CHAR(24) NULL",
+    "ALTER TABLE jobs ADD COLUMN anchor_ms BIGINT NULL",
 ]
 
 #: MySQL error codes a migration statement may meet when another server ran it first.

@@ -214,9 +214,10 @@ class SQLStore(SQLRunner):
     async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
                               now: float) -> bool:
         n = await self._run("set_job_enabled", lambda: self._op_exec(
-            "UPDATE jobs SET enabled = ?, paused_by = ?, next_trigger_ms = ?, updated_time = ?, version = version + 1"
-            " WHERE app = ? AND name = ? AND is_delete = 0",
-            (int(enabled), None if enabled else PausedBy.OPERATOR.value, next_trigger_ms, now, app, name)), tx=False)
+            "UPDATE jobs SET enabled = ?, paused_by = ?, next_trigger_ms = ?, anchor_ms = COALESCE(?, anchor_ms),"
+            " updated_time = ?, version = version + 1 WHERE app = ? AND name = ? AND is_delete = 0",
+            (int(enabled), None if enabled else PausedBy.OPERATOR.value, next_trigger_ms,
+             int(now * 1000) if enabled else None, now, app, name)), tx=False)
         return n > 0
 
     async def set_next_trigger(self, server_id: str, app: str, epoch: int, job_id: int,
