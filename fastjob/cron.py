@@ -103,7 +103,14 @@ else:
     USING_CYTHON = True
 
 
+_GOOD_ZONES: set[str] = set()  # names check_timezone found good (a declaration checks 100,000 jobs)
+
+
 def check_timezone(name: str) -> None:
     """Raise CronError unless ``name`` is a zone a schedule may use: the rule cron jobs follow,
     applied to every schedule kind (a fixed-rate job's zone is shown, and may become a cron)."""
+    if isinstance(name, str) and name in _GOOD_ZONES:
+        return
     _load_zone(name)
+    if isinstance(name, str) and len(_GOOD_ZONES) < 1024:
+        _GOOD_ZONES.add(name)
