@@ -21,7 +21,7 @@ import random
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
@@ -349,15 +349,28 @@ class ServerLink:
         if self.version < 3 or self._config.role != "worker":  # a client's jobs are API jobs
             await self._upsert_each(conn, specs)
             return
-        batches = declaration_batches([spec_to_wire(spec) for spec in specs], self.frame_limit)
-        for number, batch in enumerate(batches, 1):
-            try:
-                await conn.request("JOB_DECLARE", {"jobs": batch, "final": number == len(batches)},
-                                   timeout=max(30.0, self._config.connect_timeout))
-            except RemoteError as exc:
-                if exc.code == "invalid":
-                    raise WorkerError(f"declaration refused by the server: {exc.message}") from None
-                raise
+        in_flight: set[asyncio.Future[None]] = set()
+        try:
+            for batch, final in declaration_batches(specs, self.frame_limit):
+                # the final batch, which completes the set, goes once every other one is written
+                while in_flight and (final or len(in_flight) >= DECLARE_IN_FLIGHT):
+                    await _first_done(in_flight)
+                in_flight.add(asyncio.ensure_future(self._declare(conn, batch, final)))
+                await asyncio.sleep(0)  # send it, then encode the next batch while the server works
+            while in_flight:
+                await _first_done(in_flight)
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+    async def _declare(self, conn: Connection, batch: list[dict[str, Any]], final: bool) -> None:
+        try:
+            await conn.request("JOB_DECLARE", {"jobs": batch, "final": final},
+                               timeout=max(30.0, self._config.connect_timeout))
+        except RemoteError as exc:
+            if exc.code == "invalid":
+                raise WorkerError(f"declaration refused by the server: {exc.message}") from None
+            raise
 
     async def _upsert_each(self, conn: Connection, specs: list[JobSpec]) -> None:
         """Protocol versions 1 and 2: one JOB_UPSERT per job, many in flight at once."""
@@ -389,19 +402,32 @@ class ServerLink:
 
 #: Jobs per JOB_DECLARE: one store transaction each on the server.
 DECLARE_BATCH = 1000
+#: JOB_DECLARE batches awaiting their answer at once (the server decides whether it writes them
+#: at once or in turn; it answers up to 1024 requests of a connection at once).
+DECLARE_IN_FLIGHT = 4
 
 
-def declaration_batches(jobs: list[dict[str, Any]], frame_limit: int) -> list[list[dict[str, Any]]]:
-    """The job maps in batches of at most DECLARE_BATCH that each fit half a frame (always at
-    least one batch: an empty final one tells the server that this worker declares nothing)."""
+async def _first_done(futures: set[asyncio.Future[None]]) -> None:
+    """Wait for one of ``futures``, take the finished ones out, raise the error of a failed one."""
+    done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    futures -= done
+    for future in done:
+        future.result()
+
+
+def declaration_batches(specs: list[JobSpec], frame_limit: int) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+    """The declarations as job maps, in batches of at most DECLARE_BATCH that each fit half a
+    frame, each with "is it the last"; encoded as they are taken. There is always a batch: an
+    empty final one tells the server that this worker declares nothing."""
     budget = frame_limit // 2
-    batches: list[list[dict[str, Any]]] = [[]]
+    batch: list[dict[str, Any]] = []
     size = 0
-    for job in jobs:
+    for spec in specs:
+        job = spec_to_wire(spec)
         job_size = len(msgpack.packb(job))
-        if batches[-1] and (len(batches[-1]) >= DECLARE_BATCH or size + job_size > budget):
-            batches.append([])
-            size = 0
-        batches[-1].append(job)
+        if batch and (len(batch) >= DECLARE_BATCH or size + job_size > budget):
+            yield batch, False
+            batch, size = [], 0
+        batch.append(job)
         size += job_size
-    return batches
+    yield batch, True

@@ -7,6 +7,7 @@ DISPATCH frames (workers only), reports on them, and may make API calls for its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from typing import Any, Protocol
@@ -76,6 +77,8 @@ class WorkerSession(Connection):
         self.hello_finished: list[int] = []
         self._second_level: set[int] = set()  # second-level job ids handed down to it
         self._declaring: set[str] = set()  # names its JOB_DECLARE batches carried so far
+        #: a worker sends a few batches at once; a store that runs writes in turn takes them in turn
+        self._declare_turn = asyncio.Lock()
         #: the complete set of jobs its code declares (its final batch arrived); None until then
         self.declared: frozenset[str] | None = None
         self.established = False
@@ -275,11 +278,12 @@ class WorkerSession(Connection):
         """A batch of the worker's job declarations; the one marked final completes its set."""
         if self.role != "worker":
             raise ApiError(ErrorCode.INVALID, "JOB_DECLARE is a worker's; a client writes jobs with JOB_UPSERT")
-        if not self.server.owns(self.app):
-            raise NotOwnerError(self.app, -1)
-        specs = declared_specs(self.app, body["jobs"])
-        changed = await self.server.declare_jobs(self.app, specs)
-        self._declaring.update(spec.name for spec in specs)
+        async with self._declare_turn if not self.server.store.concurrent_writes else contextlib.nullcontext():
+            if not self.server.owns(self.app):
+                raise NotOwnerError(self.app, -1)
+            specs = declared_specs(self.app, body["jobs"])
+            self._declaring.update(spec.name for spec in specs)  # before the write: the final batch may overtake it
+            changed = await self.server.declare_jobs(self.app, specs)
         if body["final"]:
             self.declared = frozenset(self._declaring)
             self._declaring = set()

@@ -105,6 +105,12 @@ class Store(abc.ABC):
     backoff inside the method up to a bound, then surface as :class:`StoreError`.
     """
 
+    #: Do concurrent write transactions overlap (a connection pool to a database server)? Not
+    #: on SQLite: its one thread runs them in turn, and Python work on the event loop meanwhile
+    #: slows that thread down (each row it steps through takes the GIL back), so large batches
+    #: of writes are better handed to it one at a time.
+    concurrent_writes = False
+
     # ---- lifecycle -------------------------------------------------------------------
     @abc.abstractmethod
     async def open(self) -> None:
@@ -236,7 +242,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_job_enabled(self, app: str, name: str, enabled: bool, next_trigger_ms: int | None,
                               now: float) -> bool:
-        """An operator enables (with a fresh next fire) or disables (paused_by operator) a job. False if absent."""
+        """An operator enables (with a fresh next fire and anchor_ms = now) or disables (paused_by operator) a job.
+        False if absent."""
 
     @abc.abstractmethod
     async def set_next_trigger(

@@ -72,6 +72,7 @@ class MySQLStore(SQLStore):
     """Store on MySQL >= 5.7 / MariaDB >= 10.3."""
 
     dialect = MYSQL
+    concurrent_writes = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 3306, user: str = "root", password: str = "",
                  db: str = "fastjob", *, pool_min: int = 1, pool_max: int = 10, connect_timeout: float = 5.0,
