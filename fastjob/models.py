@@ -244,6 +244,28 @@ class LogLine:
     message: str
 
 
+@dataclass(slots=True)
+class JobRun:
+    """One run of a second-level job, as kept in its run history (such runs have no instance
+    row). Workers send their failed runs, the runs that logged, and their latest run; the
+    server keeps a job's last :data:`RUN_HISTORY` of them (see server/second_level.py)."""
+
+    job_id: int
+    app: str
+    worker: str
+    planned_at: float  # epoch seconds
+    started_at: float
+    duration: float  # seconds
+    status: str  # a final Status value
+    error: str | None = None
+    logs: list[list[Any]] = field(default_factory=list)  # [ts, level, message] lines of this run
+    id: int = 0
+
+
+#: Runs kept per second-level job (older ones are pruned).
+RUN_HISTORY = 100
+
+
 #: The fields a job declaration must carry; every other field of :class:`JobSpec` has a default.
 JOB_REQUIRED = ("name", "handler", "schedule_type")
 

@@ -14,12 +14,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from harness import wait_until
 from private_mariadb import PrivateMariaDB
 
-from fastjob.models import InstanceUpdate, JobRow, JobSpec, LogLine, PausedBy, ScheduleType, Status
+from fastjob.models import RUN_HISTORY, InstanceUpdate, JobRow, JobRun, JobSpec, LogLine, PausedBy, ScheduleType, Status
 from fastjob.schedule import make_planner
 from fastjob.store import FirePlan, FirePlanner, NotOwnerError, Store, StoreError, create_store
 from fastjob.store.codecs import FIRST_ATTEMPT
@@ -340,6 +341,30 @@ async def test_a_row_without_a_digest_is_compared_by_its_definition(store: Store
     # and a stored digest that does not match what was declared is not trusted either
     await store._run("raw", lambda: store._op_exec("UPDATE jobs SET spec_digest = 'x'"), tx=True)  # type: ignore
     assert await store.declare_jobs("app", [spec("a", timeout=3.0), spec("b")], first_at(1000), NOW + 3) == []
+
+
+# ---- second-level run history ----------------------------------------------------------------
+def run(job_id: int, n: int, status: str = "succeeded", **kw: Any) -> JobRun:
+    return JobRun(job_id, "app", "w1", NOW + n, NOW + n + 0.01, 0.5, status, **kw)
+
+
+async def test_job_runs_are_listed_newest_first_and_pruned_to_the_history(store: Store) -> None:
+    await store.add_job_runs([run(1, 0, "failed", error="boom", logs=[[NOW, "ERROR", "boom"]]), run(2, 0)])
+    await store.add_job_runs([run(1, n) for n in range(1, RUN_HISTORY + 5)], prune=[1])
+    kept = await store.list_job_runs(1, limit=1000)
+    assert len(kept) == RUN_HISTORY
+    assert [r.planned_at for r in kept[:2]] == [NOW + RUN_HISTORY + 4, NOW + RUN_HISTORY + 3]
+    assert kept[0].id > kept[1].id > 0
+    assert [(r.status, r.worker, r.logs) for r in await store.list_job_runs(2)] == [("succeeded", "w1", [])]
+    assert await store.list_job_runs(1, limit=0) == []
+
+
+async def test_a_job_run_keeps_its_error_and_log_lines(store: Store) -> None:
+    await store.add_job_runs([run(7, 0, "timed_out", error="timed out after 1s",
+                                  logs=[[NOW, "INFO", "start"], [NOW + 1, "WARNING", "slow"]])])
+    [got] = await store.list_job_runs(7)
+    assert (got.status, got.error, got.logs, got.duration) == (
+        "timed_out", "timed out after 1s", [[NOW, "INFO", "start"], [NOW + 1, "WARNING", "slow"]], 0.5)
 
 
 async def test_concurrent_upsert_same_job(make_store) -> None:

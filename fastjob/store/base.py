@@ -16,11 +16,22 @@ raises :class:`NotOwnerError` instead.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, PausedBy, ScheduleType, Status
+from ..models import (
+    RUN_HISTORY,
+    InstanceRow,
+    InstanceUpdate,
+    JobRow,
+    JobRun,
+    JobSpec,
+    LogLine,
+    PausedBy,
+    ScheduleType,
+    Status,
+)
 
 
 class StoreError(Exception):
@@ -374,6 +385,15 @@ class Store(abc.ABC):
 
         For a caller that never heard the write's answer: its COMMIT may have landed while the
         reply was lost and every retry failed, and then nobody holds those fires."""
+
+    # ---- second-level run history ----------------------------------------------------------
+    @abc.abstractmethod
+    async def add_job_runs(self, runs: Sequence[JobRun], prune: Collection[int] = ()) -> None:
+        """Store runs of second-level jobs; of the jobs in ``prune``, keep only the last RUN_HISTORY."""
+
+    @abc.abstractmethod
+    async def list_job_runs(self, job_id: int, limit: int = RUN_HISTORY) -> list[JobRun]:
+        """A job's stored runs, newest first."""
 
     # ---- job logs ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -22,14 +22,16 @@ not kept.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from ..models import (
     FINAL_STATUSES,
+    RUN_HISTORY,
     InstanceRow,
     InstanceUpdate,
     JobRow,
+    JobRun,
     JobSpec,
     LogLine,
     Origin,
@@ -46,6 +48,7 @@ from .memory_db import (
     copy_instance,
     copy_job,
     copy_log,
+    copy_run,
     copy_server,
     copy_worker,
     json_copy,
@@ -467,6 +470,19 @@ class MemoryStore(Store):
                 and r.status is Status.WAITING]
 
     # ---- job logs ----------------------------------------------------------------------
+    async def add_job_runs(self, runs: Sequence[JobRun], prune: Collection[int] = ()) -> None:
+        db = await self._db()
+        for run in runs:
+            db.last_run_id += 1
+            db.runs.setdefault(run.job_id, []).append(copy_run(run, db.last_run_id))
+        for job_id in prune:
+            del db.runs.get(job_id, [])[:-RUN_HISTORY]
+
+    async def list_job_runs(self, job_id: int, limit: int = RUN_HISTORY) -> list[JobRun]:
+        db = await self._db()
+        kept = db.runs.get(job_id, [])
+        return [copy_run(run) for run in reversed(kept[-limit:])] if limit > 0 else []
+
     async def append_logs(self, lines: Sequence[LogLine]) -> None:
         db = await self._db()
         self._append(db, lines)

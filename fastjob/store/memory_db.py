@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import InstanceRow, JobRow, JobSpec, LogLine, ScheduleType
+from ..models import InstanceRow, JobRow, JobRun, JobSpec, LogLine, ScheduleType
 from .base import AppRow, ServerRow, WorkerRow
 from .codecs import SPEC_COLS, claim_job, dumps, loads, spec_values
 
@@ -76,6 +76,11 @@ def copy_instance(row: InstanceRow) -> InstanceRow:
     return dataclasses.replace(row, params=json_copy(row.params), result=json_copy(row.result))
 
 
+def copy_run(run: JobRun, run_id: int | None = None) -> JobRun:
+    """``run`` as stored (under ``run_id``, if given) or read back: a fresh copy."""
+    return dataclasses.replace(run, id=run.id if run_id is None else run_id, logs=json_copy(run.logs) or [])
+
+
 def copy_worker(row: WorkerRow) -> WorkerRow:
     return dataclasses.replace(row, info=json_copy(row.info))
 
@@ -106,6 +111,8 @@ class MemoryDatabase:
     instances: dict[int, InstanceRow] = field(default_factory=dict)  # by id, in id order
     fire_ids: dict[tuple[int, int, int], int] = field(default_factory=dict)  # UNIQUE (job_id, planned_ms, attempt)
     logs: dict[int, list[LogLine]] = field(default_factory=dict)  # by instance id, in the order written
+    runs: dict[int, list[JobRun]] = field(default_factory=dict)  # by job id, in the order written
+    last_run_id: int = 0
     last_job_id: int = 0
     last_instance_id: int = 0
 

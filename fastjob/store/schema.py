@@ -224,17 +224,42 @@ _SQLITE_V3: list[str] = []
 # operator's pause: a re-declaration never resumes it. spec_digest (codecs.spec_digest) lets an
 # unchanged re-declaration skip reading the definition; NULL (older rows) means "compare it".
 # anchor_ms: when the current schedule took effect (a second-level job's grid starts there).
+# job_runs: the run history of second-level jobs (models.JobRun).
 _SQLITE_V4 = [
     "ALTER TABLE jobs ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'",
     "ALTER TABLE jobs ADD COLUMN paused_by TEXT NULL",
     "ALTER TABLE jobs ADD COLUMN spec_digest TEXT NULL",
     "ALTER TABLE jobs ADD COLUMN anchor_ms INTEGER NULL",
+    """CREATE TABLE IF NOT EXISTS job_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL,
+        app TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        planned_at REAL NOT NULL,
+        started_at REAL NOT NULL,
+        duration REAL NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT NULL,
+        logs TEXT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_job_runs_job ON job_runs (job_id, id)",
 ]
 _MYSQL_V4 = [
     "ALTER TABLE jobs ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'api'",
     "ALTER TABLE jobs ADD COLUMN paused_by VARCHAR(16) NULL",
     "ALTER TABLE jobs ADD COLUMN spec_digest CHAR(24) NULL",
     "ALTER TABLE jobs ADD COLUMN anchor_ms BIGINT NULL",
+    """CREATE TABLE IF NOT EXISTS job_runs (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        job_id BIGINT NOT NULL,
+        app VARCHAR(191) NOT NULL,
+        worker VARCHAR(191) NOT NULL,
+        planned_at DOUBLE NOT NULL,
+        started_at DOUBLE NOT NULL,
+        duration DOUBLE NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        error TEXT NULL,
+        logs MEDIUMTEXT NULL,
+        KEY ix_job_runs_job (job_id, id))""" + _MYSQL_TAIL,
 ]
 
 #: MySQL error codes a migration statement may meet when another server ran it first.

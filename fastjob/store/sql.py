@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
-from ..models import InstanceRow, InstanceUpdate, JobRow, JobSpec, LogLine, Origin, PausedBy, ScheduleType, Status
+from ..models import (
+    RUN_HISTORY,
+    InstanceRow,
+    InstanceUpdate,
+    JobRow,
+    JobRun,
+    JobSpec,
+    LogLine,
+    Origin,
+    PausedBy,
+    ScheduleType,
+    Status,
+)
 from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, WorkerRow
 from .codecs import (
     INST_COLS,
@@ -27,6 +39,7 @@ from .codecs import (
 )
 from .sql_declare import op_declare_jobs
 from .sql_runner import Attempts, SQLRunner
+from .sql_runs import op_add_job_runs, op_list_job_runs
 from .sql_wal import op_claim_due
 from .statements import CHUNK_ROWS, Op, Stmt, chunks, flat
 
@@ -364,6 +377,13 @@ class SQLStore(SQLRunner):
         return [row_to_instance(r) for r in rows]
 
     # ---- job logs --------------------------------------------------------------------------
+    async def add_job_runs(self, runs: Sequence[JobRun], prune: Collection[int] = ()) -> None:
+        if runs or prune:
+            await self._run("add_job_runs", lambda: op_add_job_runs(self.dialect, runs, prune), tx=True)
+
+    async def list_job_runs(self, job_id: int, limit: int = RUN_HISTORY) -> list[JobRun]:
+        return await self._run("list_job_runs", lambda: op_list_job_runs(job_id, limit), tx=False)
+
     async def append_logs(self, lines: Sequence[LogLine]) -> None:
         rows = [(ln.instance_id, ln.ts, ln.level, ln.message) for ln in lines]
         if rows:
