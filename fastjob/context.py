@@ -5,6 +5,7 @@ Kept apart from the worker so that the per-fire path of second-level jobs needs 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,13 +51,36 @@ class JobLog(_Log):
 
 
 class LocalLog(_Log):
-    """``ctx.log`` of a second-level run: there is no instance row, so lines go to the local logger only."""
+    """``ctx.log`` where no server listens: lines go to the local logger only."""
 
     def __init__(self, job: str) -> None:
         self._job = job
 
     def _emit(self, level: str, message: str, *args: Any) -> None:
         job_log.log(logging.getLevelName(level), "[%s] " + str(message), self._job, *args)
+
+
+#: Lines of one second-level run shipped with its record, and the characters kept of each.
+RUN_LOG_LINES = 20
+RUN_LOG_CHARS = 1000
+
+
+class RunLog(_Log):
+    """``ctx.log`` of a second-level run: lines go to the local logger, and the first
+    RUN_LOG_LINES to the server with the run's record (if it is sampled); the rest are counted."""
+
+    def __init__(self, job: str) -> None:
+        self._job = job
+        self.lines: list[list[Any]] = []  # [ts, level, text]
+        self.dropped = 0
+
+    def _emit(self, level: str, message: str, *args: Any) -> None:
+        text = message % args if args else str(message)
+        job_log.log(logging.getLevelName(level), "[%s] %s", self._job, text)
+        if len(self.lines) < RUN_LOG_LINES:
+            self.lines.append([time.time(), level, text[:RUN_LOG_CHARS]])
+        else:
+            self.dropped += 1
 
 
 @dataclass

@@ -4,9 +4,15 @@ Fixed rate fires at planned + period (a late fire does not shift the grid; fires
 more than a period are skipped and counted); fixed delay fires ``period`` after the previous
 run finished. A fire never overlaps a still-running one unless the job allows it.
 
-A newly handed-down job first fires within one period, at a phase derived from its id
-(golden-ratio spacing), so that many jobs with the same period spread over it instead of
-all firing in the same millisecond, every period, forever.
+A newly handed-down job fires on the grid its server anchors (``anchor + k * period``, the
+anchor being when its schedule took effect): at once if it never ran since, else at the next
+grid point, so that a new runner after a failover neither repeats a fire nor shifts the grid
+(:func:`first_planned`). From a server that sends no anchor (protocol version 2) it first
+fires within one period, at a phase derived from its id (golden-ratio spacing).
+
+Visibility: each report carries the counts since this worker took the job (``since``; the
+server totals them over every runner) and sampled runs (every failed run and every run that
+logged, at most SAMPLED_PER_REPORT, and the latest), each with its first ``ctx.log`` lines.
 
 The lease: if the worker hears nothing from its server for ``lease`` seconds it drops every
 handed-down job, because by then the server may have handed them to another worker.
@@ -20,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .context import Handler, JobContext, LocalLog
+from .context import Handler, JobContext, RunLog
 from .models import Status
 from .timer import WheelTimer
 
@@ -29,12 +35,14 @@ log = logging.getLogger("fastjob.worker")
 REPORT_INTERVAL = 2.0  # protocol.md: every few seconds, at most once a second
 REPORTS_PER_FRAME = 200  # ~30 kB per SL_REPORT frame, far below max_frame; the loop yields between
 MAX_LATENESS_SAMPLES = 100_000
+#: Failed or logging runs sent per job per report (more are counted, not sent).
+SAMPLED_PER_REPORT = 5
 
 
 @dataclass(slots=True)
 class _Job:
     spec: dict[str, Any]
-    log: LocalLog
+    since: float = field(default_factory=time.time)  # when this worker took it: the counts start here
     next_planned: float = 0.0  # epoch seconds of the next fire
     handle: int | None = None
     running: int = 0
@@ -44,6 +52,9 @@ class _Job:
     last_error: str | None = None
     last_run_at: float | None = None
     lateness: list[float] = field(default_factory=list)  # seconds, since the last report
+    sampled: list[dict[str, Any]] = field(default_factory=list)  # failed or logging runs, since the last report
+    latest: dict[str, Any] | None = None  # the latest run's record, since the last report
+    logs_dropped: int = 0  # since the last report
 
     @property
     def period(self) -> float:
@@ -57,6 +68,22 @@ def _revoked() -> str:
 def _phase(job_id: int) -> float:
     """A fraction of the period in [0, 1), evenly spread over consecutive job ids."""
     return (job_id * 0.6180339887498949) % 1.0
+
+
+def first_planned(spec: dict[str, Any], last_run_at: float | None, now: float) -> float:
+    """When a job this worker starts to run fires first (protocol.md, SL_ASSIGN): on its grid,
+    at once (the grid point just passed) if it never ran since its anchor, else at the next."""
+    period = float(spec["period"])
+    if spec.get("anchor") is None:  # a server without anchors: spread over the first period
+        return now + _phase(spec["id"]) * period
+    anchor = float(spec["anchor"])
+    last = last_run_at if last_run_at is not None and last_run_at >= anchor else None  # since it took effect
+    if spec["schedule_type"] == "fixed_delay":
+        return now if last is None else max(now, last + period)
+    if now <= anchor:
+        return anchor
+    passed = anchor + ((now - anchor) // period) * period  # the grid point just passed
+    return passed if last is None else passed + period
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -128,19 +155,18 @@ class SecondLevelRunner:
                 return  # a re-assignment only refreshes the lease
             changed = current.spec["period"] != spec["period"] or current.spec["schedule_type"] != spec["schedule_type"]
             current.spec = spec
-            current.log = LocalLog(spec["name"])
             if changed:
                 if current.handle is not None:
                     self._timer.cancel(current.handle)
                     current.handle = None
                 # a fixed-delay run in progress arms the next fire when it ends; otherwise arm now
                 if spec["schedule_type"] == "fixed_rate" or not current.running:
-                    self._arm(current, time.time() + current.period)
+                    self._arm(current, first_planned(spec, current.last_run_at, time.time()))
             return
-        job = _Job(spec, LocalLog(spec["name"]))
+        job = _Job(spec)
         self.jobs[job_id] = job
         log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
-        self._arm(job, time.time() + _phase(job_id) * job.period)
+        self._arm(job, first_planned(spec, spec.get("last_run_at"), time.time()))
 
     def revoke(self, job_id: int, reason: str) -> None:
         job = self.jobs.pop(job_id, None)
@@ -201,7 +227,8 @@ class SecondLevelRunner:
         if len(job.lateness) < MAX_LATENESS_SAMPLES:
             job.lateness.append(max(0.0, started - planned))
         spec = job.spec
-        ctx = JobContext(0, spec["name"], spec["id"], spec.get("params"), 1, planned, job.log)
+        run_log = RunLog(spec["name"])
+        ctx = JobContext(0, spec["name"], spec["id"], spec.get("params"), 1, planned, run_log)
         status, _, error = await self.worker.run_handler(
             self.worker.handlers[spec["handler"]], ctx, spec.get("timeout"), _revoked, check_result=False)
         job.running -= 1
@@ -210,21 +237,40 @@ class SecondLevelRunner:
         if status != Status.SUCCEEDED.value:
             job.failures += 1
             job.last_error = error
+        self._record(job, {"planned_at": planned, "started_at": started, "duration": time.time() - started,
+                           "status": status, "error": error, "logs": run_log.lines}, run_log.dropped)
         if job.spec["schedule_type"] == "fixed_delay" and self.jobs.get(spec["id"]) is job and job.handle is None:
             self._arm(job, time.time() + job.period)
 
     # ---- reports ------------------------------------------------------------------------------
+    @staticmethod
+    def _record(job: _Job, run: dict[str, Any], lines_dropped: int) -> None:
+        """Keep a finished run for the next report if it is worth it (it failed or logged)."""
+        job.latest = run
+        job.logs_dropped += lines_dropped
+        if run["status"] != Status.SUCCEEDED.value or run["logs"]:
+            if len(job.sampled) < SAMPLED_PER_REPORT:
+                job.sampled.append(run)
+            else:
+                job.logs_dropped += len(run["logs"])
+
     @staticmethod
     def _report(job_id: int, job: _Job) -> dict[str, Any]:
         samples = sorted(job.lateness)
         # clear, don't replace: 10,000 fresh lists per report would reach the oldest GC
         # generation and trigger full collections (pauses of tens of ms) every few seconds
         job.lateness.clear()
+        sampled = job.sampled[:]
+        if job.latest is not None and (not sampled or sampled[-1] is not job.latest):
+            sampled.append(job.latest)
+        job.sampled.clear()
+        job.latest = None
+        dropped, job.logs_dropped = job.logs_dropped, 0
         return {
             "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,
             "last_run_at": job.last_run_at, "lateness_p50": _percentile(samples, 0.5),
             "lateness_p99": _percentile(samples, 0.99), "lateness_max": samples[-1] if samples else 0.0,
-            "skipped": job.skipped,
+            "skipped": job.skipped, "since": job.since, "sampled": sampled, "logs_dropped": dropped,
         }
 
     async def _report_loop(self) -> None:

@@ -37,6 +37,11 @@ class OperatorQueries:
         lines: list[list[Any]] = (await self.call("LOG_GET", {"instance_id": instance_id, "limit": limit}))["lines"]
         return lines
 
+    async def list_runs(self, job: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The run history of a second-level job, newest first (protocol version 3)."""
+        runs: list[dict[str, Any]] = (await self.call("RUN_LIST", {"job": job, "limit": limit}))["runs"]
+        return runs
+
     async def get_job(self, name: str) -> dict[str, Any]:
         job: dict[str, Any] = (await self.call("JOB_GET", {"name": name}))["job"]
         return job

@@ -57,6 +57,8 @@ SL_JOB = {
     "timeout": None,
     "allow_overlap": False,
     "version": 3,
+    "anchor": 1700000000.0,
+    "last_run_at": None,
 }
 SL_REPORT_ITEM = {
     "job_id": 7,
@@ -67,6 +69,10 @@ SL_REPORT_ITEM = {
     "lateness_p50": 0.001,
     "lateness_p99": 0.004,
     "lateness_max": 0.02,
+    "since": 1699999000.5,
+    "sampled": [{"planned_at": 1700000000, "started_at": 1700000000.01, "duration": 0.5, "status": "failed",
+                 "error": "boom", "logs": [[1700000000.2, "ERROR", "boom"]]}],
+    "logs_dropped": 0,
 }
 JOB_DEF = {
     "name": "nightly",
@@ -151,6 +157,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "INSTANCE_GET": {"instance_id": 9},
     "INSTANCE_LIST": {"job": "nightly", "status": ["failed", "timed_out"], "limit": 50},
     "LOG_GET": {"instance_id": 9, "limit": 100},
+    "RUN_LIST": {"job": "tick", "limit": 10},
     "RESPONSE": {"anything": [1, 2, {"goes": True}]},
     "ERROR": {"code": ErrorCode.NOT_FOUND, "message": "no such job", "fatal": False},
 }

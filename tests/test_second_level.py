@@ -103,6 +103,14 @@ async def test_kill_9_worker_hands_job_to_the_other(servers, workers, sqlite_url
     first_other = min(s for w, s in ticks if w == other)
     assert first_other - killed_at <= TIMEOUT + PERIOD, f"handover took {first_other - killed_at:.2f}s"
     assert_one_runner_at_a_time(ticks)
+    assert_one_grid(read_runs(ticks_file))
+
+
+def assert_one_grid(runs: list[tuple[str, float, float]]) -> None:
+    """Every run, whichever worker ran it, was planned on the grid the first one started."""
+    grid = runs[0][2]
+    offsets = [round((planned - grid) / PERIOD, 3) for _, _, planned in runs]
+    assert all(offset == int(offset) for offset in offsets), f"the grid moved: {offsets}"
 
 
 async def test_server_restart_keeps_the_job_running(servers, workers, sqlite_url, tmp_path):

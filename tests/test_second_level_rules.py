@@ -13,6 +13,7 @@ import pytest
 from fakes import APP, FakeSession
 
 from fastjob.models import JobSpec, ScheduleType
+from fastjob.second_level_runner import first_planned
 from fastjob.server.second_level import SecondLevel
 from fastjob.store import Store, create_store
 from fastjob.tasks import BackgroundTasks
@@ -97,3 +98,39 @@ async def test_after_a_gain_a_reporting_runner_keeps_its_job_and_nothing_else_is
     assert runner.handed == {kept} and other.handed == set(), "only what a runner reports, in the quiet period"
     await scene.clock.advance(scene.sl.lease + scene.sl.margin + 0.1)
     assert fresh in runner.handed | other.handed and kept not in other.handed
+
+
+async def test_an_app_that_never_had_an_owner_hands_its_jobs_out_at_once(scene: Scene) -> None:
+    job = await scene.job("j")
+    worker = scene.worker("w")
+    await scene.sl.app_gained(APP, fresh=True)  # no previous owner: no runner can be out there
+    assert worker.handed == {job}
+
+
+async def test_a_job_handed_again_is_marked_as_possibly_run_so_no_runner_repeats_its_fire(scene: Scene) -> None:
+    job = await scene.job("j")
+    first = scene.worker("first")
+    await scene.sl.app_gained(APP, fresh=True)
+    [(_, body)] = first.sent
+    assert body["job"]["last_run_at"] is None and body["job"]["anchor"] is not None
+    second = scene.worker("second")
+    first.last_received = scene.clock.monotonic()
+    scene.leave(first)  # gone before any report of its runs arrived
+    await scene.clock.advance(scene.sl.lease + scene.sl.margin + 0.1)
+    [(_, body)] = second.sent
+    assert body["job"]["id"] == job and body["job"]["last_run_at"] is not None
+
+
+# ---- where a newly held job fires first (second_level_runner.first_planned) -----------------------
+def test_first_planned_runs_a_new_job_at_once_on_its_grid_and_a_job_that_ran_at_the_next_point() -> None:
+    rate = {"id": 1, "schedule_type": "fixed_rate", "period": 2.0, "anchor": 100.0}
+    assert first_planned(rate, None, 103.5) == 102.0  # never ran: the grid point just passed, now
+    assert first_planned(rate, 102.1, 103.5) == 104.0  # ran: the next grid point
+    assert first_planned(rate, 99.0, 103.5) == 102.0  # ran before its schedule took effect: anew
+    assert first_planned(rate, None, 90.0) == 100.0  # declared to start later
+    delay = dict(rate, schedule_type="fixed_delay")
+    assert first_planned(delay, None, 103.5) == 103.5
+    assert first_planned(delay, 103.0, 103.5) == 105.0
+    assert first_planned(delay, 100.5, 103.5) == 103.5
+    old_server = {"id": 1, "schedule_type": "fixed_rate", "period": 2.0}  # no anchor: a phase of the period
+    assert 103.5 <= first_planned(old_server, None, 103.5) < 105.5

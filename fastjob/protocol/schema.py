@@ -34,6 +34,8 @@ STRUCTS: dict[str, Any] = {
         "timeout": "float|nil",
         "allow_overlap": "bool",
         "version": "int",
+        "anchor": "float?",
+        "last_run_at": "float?",
     },
     "sl_report": {
         "job_id": "int",
@@ -45,6 +47,17 @@ STRUCTS: dict[str, Any] = {
         "lateness_p99": "float",
         "lateness_max": "float",
         "skipped": "int?",
+        "since": "float?",
+        "sampled": "array[sl_run]?",
+        "logs_dropped": "int?",
+    },
+    "sl_run": {
+        "planned_at": "float",
+        "started_at": "float",
+        "duration": "float",
+        "status": "str",
+        "error": "str|nil",
+        "logs": "array[log_line]",
     },
     # a job declaration: the model's fields (fastjob/models.py), plus version 1's overlap boolean
     "job_def": {**job_wire_fields(), "allow_overlap": "bool?"},
@@ -118,6 +131,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "INSTANCE_GET": {"instance_id": "int"},
     "INSTANCE_LIST": {"job": "str?", "status": "array[str]?", "limit": "int?"},
     "LOG_GET": {"instance_id": "int", "limit": "int?"},
+    "RUN_LIST": {"job": "str", "limit": "int?"},
     # generic
     "RESPONSE": {},
     "ERROR": {"code": "str", "message": "str", "fatal": "bool?"},
@@ -125,7 +139,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 #: Message types added after version 1, with the version that defines them: a peer must not
 #: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
-SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3}
+SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

@@ -11,6 +11,7 @@ from .. import schedule
 from ..models import (
     JOB_FIELD_TYPES,
     JOB_REQUIRED,
+    RUN_HISTORY,
     SCHEDULE_TYPES,
     InstanceRow,
     JobRow,
@@ -200,6 +201,14 @@ async def log_get(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[st
     return {"lines": [[line.ts, line.level, line.message] for line in lines]}
 
 
+async def run_list(server: ApiBackend, app: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The run history of a second-level job (sampled: see server/sl_stats.py), newest first."""
+    job = await _job_or_404(server, app, body["job"])
+    await server.flush_statuses()  # so a caller sees the runs its worker already reported
+    limit = max(1, min(int(body.get("limit") or RUN_HISTORY), RUN_HISTORY))
+    return {"runs": [to_wire(run) for run in await server.store.list_job_runs(job.id, limit)]}
+
+
 Handler = Callable[[ApiBackend, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 API_HANDLERS: dict[str, Handler] = {
@@ -212,6 +221,7 @@ API_HANDLERS: dict[str, Handler] = {
     "INSTANCE_GET": instance_get,
     "INSTANCE_LIST": instance_list,
     "LOG_GET": log_get,
+    "RUN_LIST": run_list,
 }
 API_TYPES = frozenset(API_HANDLERS)
 

@@ -173,13 +173,15 @@ class FastJobServer:
 
     async def _app_gained(self, app: str, epoch: int, origin: Origin) -> None:
         await self.scheduler.app_gained(app, epoch, origin)
-        await self.second_level.app_gained(app)
+        await self.second_level.app_gained(app, fresh=origin.prev_owner is None)
 
     async def _app_lost(self, app: str) -> None:
+        await self.second_level.stats.flush()  # what its workers reported is kept for the next owner
         self.second_level.app_lost(app)
         await self.scheduler.app_lost(app)
 
     async def _app_drain(self, app: str) -> bool:
+        await self.second_level.stats.flush()
         return await self.scheduler.drain_app(app)
 
     def _app_undrain(self, app: str) -> None:
@@ -238,8 +240,9 @@ class FastJobServer:
         return await self.scheduler.trigger(app, job, params)
 
     async def flush_statuses(self) -> None:
-        """Write every status and log line received so far (a query then sees them)."""
+        """Write every status, log line and second-level report received so far (a query then sees them)."""
         await self.scheduler.writer.flush()
+        await self.second_level.stats.flush()
 
     async def reload_job(self, job_id: int) -> None:
         job = await self.store.get_job(job_id)

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from .. import schedule
 from ..clock import SYSTEM_CLOCK, Clock
 from ..models import JobRow, Overlap
-from ..store import Store, StoreError
+from ..store import Store
 from ..tasks import BackgroundTasks
+from .sl_stats import SecondLevelStats
 
 if TYPE_CHECKING:
     from .session import WorkerSession
@@ -51,28 +52,34 @@ class SecondLevel:
         self._is_second_level = is_second_level
         self.lease = 0.75 * heartbeat_timeout  # a worker stops its jobs after this much server silence
         self.margin = 0.1 * heartbeat_timeout  # extra wait before reassigning, for clock-rate skew and RTT
-        # the latest report of each job is written this often (a row per job): 10 s by default
-        self.stats_interval = 5 * heartbeat_interval
+        # reports are written this often (a row per job): 10 s by default
+        self.stats = SecondLevelStats(store, tasks, interval=5 * heartbeat_interval)
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, WorkerSession] = {}  # job id -> the session running it
+        #: job id -> when it was first handed down here (wall clock): from then on it may have run
+        #: without its runner's report having arrived yet, so a new runner must not run it "at once"
+        self._handed_at: dict[int, float] = {}
         self._quiet_until: dict[str, float] = {}  # app -> monotonic time before which only reports assign
         self._retry_armed: set[str] = set()  # apps with an assignment pass armed for the quiet period's end
-        self._stats: dict[int, dict[str, Any]] = {}  # latest report per job, written in batches
-        self._stats_task: asyncio.Task[None] | None = None
 
     # ---- who runs what ----------------------------------------------------------------------
     def _wire(self, job: JobRow) -> dict[str, Any]:
+        """The job as SL_ASSIGN hands it down: with the grid's anchor and its last run, so that
+        a new runner runs it at once only if it never ran, and otherwise keeps its grid."""
         return {
             "id": job.id, "name": job.name, "handler": job.handler,
             "schedule_type": job.schedule_type.value, "period": schedule.parse_period(job.schedule_expr),
             "params": job.params, "timeout": job.timeout, "allow_overlap": job.overlap == Overlap.ALLOW.value,
-            "version": job.version,
+            "version": job.version, "anchor": None if job.anchor_ms is None else job.anchor_ms / 1000.0,
+            "last_run_at": max((t for t in (self.stats.last_run_at(job), self._handed_at.get(job.id))
+                                if t is not None), default=None),
         }
 
     def _hand_to(self, session: WorkerSession, job: JobRow) -> None:
         self.runner[job.id] = session
         session.hand_down(job.id)
         session.send("SL_ASSIGN", {"job": self._wire(job), "lease": self.lease})
+        self._handed_at.setdefault(job.id, self._clock.wall())
         log.info("second-level job %s (%d) of app %s handed to worker %s", job.name, job.id, job.app, session.worker_id)
 
     def _revoke(self, job_id: int, reason: str) -> None:
@@ -113,17 +120,22 @@ class SecondLevel:
                 self._hand_to(session, job)
 
     # ---- events ------------------------------------------------------------------------------
-    async def app_gained(self, app: str) -> None:
+    async def app_gained(self, app: str, fresh: bool = False) -> None:
+        """``fresh``: the app never had an owner, so no worker can be running its jobs yet."""
         for job in await self.store.list_jobs(app):
             if self._wanted(job):
                 self.jobs[job.id] = job
-        # the previous owner's runners may still be within their lease: wait for their reports
-        self._quiet_until[app] = self._clock.monotonic() + self.lease + self.margin
+        if not fresh:  # the previous owner's runners may still be within their lease: wait for their reports
+            self._quiet_until[app] = self._clock.monotonic() + self.lease + self.margin
         self.assign_unassigned(app)
 
     def app_lost(self, app: str) -> None:
-        for job_id in [j.id for j in self.jobs.values() if j.app == app]:
+        """Drop the app's jobs (their reports were written first: see Server._app_lost)."""
+        lost = [j.id for j in self.jobs.values() if j.app == app]
+        self.stats.forget(lost)
+        for job_id in lost:
             del self.jobs[job_id]
+            self._handed_at.pop(job_id, None)
             session = self.runner.pop(job_id, None)
             if session is not None:
                 session.take_back(job_id)
@@ -176,25 +188,16 @@ class SecondLevel:
                 self._hand_to(session, job)  # new jobs, and new period/params/version, reach the runner
         elif job.id in self.jobs:
             del self.jobs[job.id]
+            self._handed_at.pop(job.id, None)
             self._revoke(job.id, "job deleted, disabled or no longer second-level")
 
     def _wanted(self, job: JobRow) -> bool:
         return job.enabled and not job.is_delete and self._is_second_level(job)
 
     def on_report(self, session: WorkerSession, body: dict[str, Any]) -> None:
-        """Keep the latest report of each job; they are written in batches, not one row per report."""
+        """Reports of the jobs this session runs (a job since handed elsewhere: not any more)."""
         for report in body["reports"]:
             job_id = report.get("job_id")
-            if self.runner.get(job_id) is session:
-                self._stats[job_id] = report
-        if self._stats and (self._stats_task is None or self._stats_task.done()):
-            self._stats_task = self.tasks.spawn(self._write_stats(), "fastjob-sl-stats")
-
-    async def _write_stats(self) -> None:
-        await asyncio.sleep(self.stats_interval)
-        stats, self._stats = self._stats, {}
-        try:
-            await self.store.set_jobs_stats(stats, self._clock.wall())
-        except StoreError as exc:
-            log.warning("%d second-level reports not stored, keeping them: %s", len(stats), exc)
-            self._stats = {**stats, **self._stats}
+            job = self.jobs.get(job_id)
+            if job is not None and self.runner.get(job.id) is session:
+                self.stats.on_report(job, session.worker_id, report)
