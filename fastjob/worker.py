@@ -173,7 +173,7 @@ class Worker(OperatorQueries):
         elif cron is not None:
             kind, expr = ScheduleType.CRON, cron
         elif at is not None:
-            kind, expr = ScheduleType.ONCE, repr(_one_shot_time(at))
+            kind, expr = ScheduleType.ONCE, repr(_one_shot_time(name, at))
         elif run_once:
             kind, expr = ScheduleType.ONCE, ""
         else:
@@ -185,7 +185,10 @@ class Worker(OperatorQueries):
             run_once=run_once, enabled=enabled, overlap=overlap or _overlap_of(allow_overlap),
             catch_up_window=catch_up_window, max_queued=max_queued,
         )
-        schedule.validate(spec)
+        try:
+            schedule.validate(spec)
+        except schedule.ScheduleError as exc:
+            raise schedule.ScheduleError(f"job {name!r}: {exc}") from None
         self._check_sendable(spec)
         self._check_picklable(spec)
         self.declared[name] = spec
@@ -428,14 +431,17 @@ class Worker(OperatorQueries):
         return int(reply["instance_id"])
 
 
-def _one_shot_time(at: dt.datetime | float | str) -> float:
+def _one_shot_time(name: str, at: dt.datetime | float | str) -> float:
     """``at=`` as epoch seconds: a datetime (naive: local time), epoch seconds, or an ISO 8601 string
-    (naive: UTC), as the server reads it."""
-    if isinstance(at, dt.datetime):
-        return at.timestamp()
-    if isinstance(at, str):
-        return schedule.parse_at(at)
-    return float(at)
+    (naive: UTC), as the server reads it; a ScheduleError naming the job otherwise."""
+    try:
+        if isinstance(at, dt.datetime):
+            return at.timestamp()
+        if isinstance(at, str):
+            return schedule.parse_at(at)
+        return float(at)
+    except (TypeError, ValueError) as exc:
+        raise schedule.ScheduleError(f"job {name!r}: at= {exc}") from None
 
 
 def _overlap_of(allow_overlap: bool | None) -> str:

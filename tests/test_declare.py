@@ -20,12 +20,12 @@ def worker() -> Worker:
 
 @pytest.mark.parametrize("kind", [{"interval": 5}, {"delay": 5}, {"at": 2_000_000_000}, {"run_once": True}, {}])
 def test_an_unknown_time_zone_is_refused_on_every_schedule_kind(worker: Worker, kind: dict) -> None:
-    with pytest.raises(ScheduleError, match="unknown timezone 'Mars/Base'"):
+    with pytest.raises(ScheduleError, match="job 'j': unknown timezone 'Mars/Base'"):
         worker.schedule("j", handler="h", timezone="Mars/Base", **kind)
 
 
 def test_a_cron_that_never_fires_is_refused(worker: Worker) -> None:
-    with pytest.raises(ScheduleError, match="never fires"):
+    with pytest.raises(ScheduleError, match="job 'j': cron expression .* never fires"):
         worker.schedule("j", handler="h", cron="0 0 30 2 *")
 
 
@@ -40,7 +40,7 @@ def test_at_accepts_an_iso_string_as_the_server_does(worker: Worker, at: object,
 
 
 def test_a_bad_at_string_names_the_field(worker: Worker) -> None:
-    with pytest.raises(ScheduleError, match="one-shot time must be epoch seconds or ISO 8601"):
+    with pytest.raises(ScheduleError, match="job 'j': at= one-shot time must be epoch seconds or ISO 8601"):
         worker.schedule("j", handler="h", at="next tuesday")
 
 
