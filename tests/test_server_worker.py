@@ -229,6 +229,18 @@ async def test_server_refuses_a_bad_job_definition(servers, sqlite_url):
         assert await client.list_jobs() == []
 
 
+async def test_a_badly_typed_declaration_is_refused_naming_the_job_and_the_session_lives_on(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *REGULAR)
+    async with make_worker(server.address) as worker:
+        good = {"name": "ok", "handler": "h", "schedule_type": "api"}
+        bad = {"name": "typo", "handler": "h", "schedule_type": "fixed_rate", "schedule_expr": 5}
+        with pytest.raises(RemoteError) as err:
+            await worker.call("JOB_DECLARE", {"jobs": [good, bad], "final": False})
+        assert err.value.code == "invalid"
+        assert err.value.message == "job 'typo': job field 'schedule_expr' has the wrong type int"
+        assert worker.connected and await worker.list_jobs() == []  # nothing of the batch was written
+
+
 async def test_tokens(servers, sqlite_url):
     server = await servers.start(sqlite_url, *REGULAR, "--app-token", "secure=s3cret")
     with pytest.raises(WorkerError, match="bad_token"):

@@ -122,7 +122,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "SL_REPORT": {"reports": "array[sl_report]"},
     # client API
     "JOB_UPSERT": {"job": "job_def"},
-    "JOB_DECLARE": {"jobs": "array[job_def]", "final": "bool"},
+    # each a job_def, checked once, by the server's job rules (server/api.py), naming the job at fault
+    "JOB_DECLARE": {"jobs": "array[map]", "final": "bool"},
     "JOB_DELETE": {"name": "str"},
     "JOB_ENABLE": {"name": "str", "enabled": "bool"},
     "JOB_GET": {"name": "str"},

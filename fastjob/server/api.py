@@ -98,7 +98,7 @@ def declared_specs(app: str, jobs: list[Any]) -> list[JobSpec]:
     if len(jobs) > MAX_DECLARED_PER_MESSAGE:
         raise ApiError(ErrorCode.INVALID, f"{len(jobs)} jobs in one JOB_DECLARE; at most {MAX_DECLARED_PER_MESSAGE}")
     specs: list[JobSpec] = []
-    for job in jobs:
+    for job in jobs:  # maps (the schema layer checked that much)
         name = job.get("name")
         try:
             specs.append(spec_from_wire(app, job))
