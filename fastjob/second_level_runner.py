@@ -4,11 +4,12 @@ Fixed rate fires at planned + period (a late fire does not shift the grid; fires
 more than a period are skipped and counted); fixed delay fires ``period`` after the previous
 run finished. A fire never overlaps a still-running one unless the job allows it.
 
-A newly handed-down job fires on the grid its server anchors (``anchor + k * period``, the
-anchor being when its schedule took effect): at once if it never ran since, else at the next
-grid point, so that a new runner after a failover neither repeats a fire nor shifts the grid
-(:func:`first_planned`). From a server that sends no anchor (protocol version 2) it first
-fires within one period, at a phase derived from its id (golden-ratio spacing).
+A newly handed-down job runs at once if it never ran since its schedule took effect (its
+``anchor``), then on a grid that starts a phase of one period after the anchor: the phase,
+derived from the job id (golden-ratio spacing), spreads many jobs of one period over it. Every
+runner computes the same grid, so a new runner after a failover neither repeats a fire nor
+shifts the grid (:func:`first_planned`). From a server that sends no anchor (protocol version
+2) a job first fires at that phase of its first period.
 
 Visibility: each report carries the counts since this worker took the job (``since``; the
 server totals them over every runner) and sampled runs (every failed run and every run that
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ SAMPLED_PER_REPORT = 5
 class _Job:
     spec: dict[str, Any]
     since: float = field(default_factory=time.time)  # when this worker took it: the counts start here
+    grid_origin: float = 0.0  # fixed rate: fires at grid_origin + k * period (see grid_origin())
     next_planned: float = 0.0  # epoch seconds of the next fire
     handle: int | None = None
     running: int = 0
@@ -70,20 +73,38 @@ def _phase(job_id: int) -> float:
     return (job_id * 0.6180339887498949) % 1.0
 
 
-def first_planned(spec: dict[str, Any], last_run_at: float | None, now: float) -> float:
-    """When a job this worker starts to run fires first (protocol.md, SL_ASSIGN): on its grid,
-    at once (the grid point just passed) if it never ran since its anchor, else at the next."""
-    period = float(spec["period"])
-    if spec.get("anchor") is None:  # a server without anchors: spread over the first period
-        return now + _phase(spec["id"]) * period
-    anchor = float(spec["anchor"])
-    last = last_run_at if last_run_at is not None and last_run_at >= anchor else None  # since it took effect
+def grid_origin(spec: dict[str, Any], now: float) -> float:
+    """Where a fixed-rate job's grid starts: a phase of one period after its anchor (after ``now``
+    from a server without anchors). The phase, derived from the job id, spreads many jobs of one
+    period over it instead of firing them all in the same instant, and every runner computes the
+    same grid from the same anchor."""
+    base = now if spec.get("anchor") is None else float(spec["anchor"])
+    return base + _phase(spec["id"]) * float(spec["period"])
+
+
+def next_on_grid(origin: float, period: float, after: float, *, strictly: bool) -> float:
+    """The first point of the grid ``origin + k * period`` (k >= 0) at or (``strictly``) after ``after``."""
+    if after < origin:
+        return origin
+    # epoch-second floats resolve to ~2e-7 s: within a thousandth of a period counts as on the grid
+    steps = (after - origin) / period
+    k = math.floor(steps + 1e-3) + 1 if strictly else math.ceil(steps - 1e-3)
+    return origin + k * period
+
+
+def first_planned(spec: dict[str, Any], last_run_at: float | None, now: float, origin: float) -> float:
+    """When a job this worker starts to run fires first (protocol.md, SL_ASSIGN): at once if it
+    never ran since its anchor (at the anchor, if that is ahead), else at its next grid point
+    (fixed delay: ``period`` after its last run). ``origin``: :func:`grid_origin`."""
+    period, anchor = float(spec["period"]), spec.get("anchor")
+    if anchor is None:  # a server without anchors: a phase into the first period
+        return origin
+    ran = last_run_at is not None and last_run_at >= float(anchor)  # since its schedule took effect
+    if not ran:
+        return max(now, float(anchor))
     if spec["schedule_type"] == "fixed_delay":
-        return now if last is None else max(now, last + period)
-    if now <= anchor:
-        return anchor
-    passed = anchor + ((now - anchor) // period) * period  # the grid point just passed
-    return passed if last is None else passed + period
+        return max(now, last_run_at + period)  # type: ignore[operator]  # ran: not None
+    return next_on_grid(origin, period, now, strictly=False)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -159,14 +180,17 @@ class SecondLevelRunner:
                 if current.handle is not None:
                     self._timer.cancel(current.handle)
                     current.handle = None
+                now = time.time()
+                current.grid_origin = grid_origin(spec, now)
                 # a fixed-delay run in progress arms the next fire when it ends; otherwise arm now
                 if spec["schedule_type"] == "fixed_rate" or not current.running:
-                    self._arm(current, first_planned(spec, current.last_run_at, time.time()))
+                    self._arm(current, first_planned(spec, current.last_run_at, now, current.grid_origin))
             return
-        job = _Job(spec)
+        now = time.time()
+        job = _Job(spec, grid_origin=grid_origin(spec, now))
         self.jobs[job_id] = job
         log.info("worker %s runs second-level job %s every %.3fs", self.worker.worker_id, spec["name"], job.period)
-        self._arm(job, first_planned(spec, spec.get("last_run_at"), time.time()))
+        self._arm(job, first_planned(spec, spec.get("last_run_at"), now, job.grid_origin))
 
     def revoke(self, job_id: int, reason: str) -> None:
         job = self.jobs.pop(job_id, None)
@@ -205,7 +229,7 @@ class SecondLevelRunner:
             planned = job.next_planned
             job.handle = None
             if job.spec["schedule_type"] == "fixed_rate":
-                nxt = planned + job.period
+                nxt = next_on_grid(job.grid_origin, job.period, planned, strictly=True)
                 if nxt <= now:  # far behind: skip whole missed periods rather than bursting
                     missed = int((now - nxt) // job.period) + 1
                     job.skipped += missed

@@ -945,8 +945,10 @@ async def test_second_level_fixed_rate_skips_and_counts_periods_missed_while_the
     # at most the one fire that was due when the worker got busy runs late; the rest are skipped
     late = [p for p in planned if busy_from < p < busy_to - period / 2]
     assert len(late) <= 1, (late, busy_from, busy_to)
-    grid = planned[0]  # epoch-second floats resolve to ~2e-7 s: compare on the grid to 1e-3 of a period
-    assert all(abs((p - grid) / period - round((p - grid) / period)) < 1e-3 for p in planned), planned
+    # the first run comes at once, the rest on the job's grid; epoch-second floats resolve to ~2e-7 s:
+    # compare on the grid to 1e-3 of a period
+    grid = planned[1]
+    assert all(abs((p - grid) / period - round((p - grid) / period)) < 1e-3 for p in planned[1:]), planned
     stats = await _sl_stats(worker, "rate", 7)  # ~9 periods of the busy second were missed
     assert stats["runs"] >= 3
 
@@ -993,8 +995,9 @@ async def test_second_level_period_change_reaches_the_runner(scene):
     worker.schedule("rate", interval=0.2)
     await worker.start()
     job_id = await _sl_job_id(worker, "rate")
-    await wait_until(lambda: len(planned) >= 3, WAIT, "three runs")
-    assert all(abs(b - a - 0.2) < 1e-5 for a, b in itertools.pairwise(planned)), planned
+    await wait_until(lambda: len(planned) >= 4, WAIT, "four runs")
+    # the first run comes at once, the rest every period on the job's grid
+    assert all(abs(b - a - 0.2) < 1e-5 for a, b in itertools.pairwise(planned[1:])), planned
     version = worker.second_level.jobs[job_id].spec["version"]
     reply = await worker.call("JOB_UPSERT", {"job": {"name": "rate", "handler": "rate",
                                                      "schedule_type": "fixed_rate", "schedule_expr": "0.5"}})
@@ -1002,7 +1005,8 @@ async def test_second_level_period_change_reaches_the_runner(scene):
     await wait_until(lambda: worker.second_level.jobs[job_id].spec["period"] == 0.5, WAIT,
                      "the new period to reach the runner")
     seen = len(planned)
-    await wait_until(lambda: len(planned) >= seen + 3, WAIT, "runs at the new period")
+    # a new schedule starts anew: one run at once, then every new period
+    await wait_until(lambda: len(planned) >= seen + 4, WAIT, "runs at the new period")
     tail = planned[-3:]
     assert all(abs(b - a - 0.5) < 1e-5 for a, b in itertools.pairwise(tail)), planned
 

@@ -13,7 +13,7 @@ import pytest
 from fakes import APP, FakeSession
 
 from fastjob.models import JobSpec, ScheduleType
-from fastjob.second_level_runner import first_planned
+from fastjob.second_level_runner import first_planned, grid_origin, next_on_grid
 from fastjob.server.second_level import SecondLevel
 from fastjob.store import Store, create_store
 from fastjob.tasks import BackgroundTasks
@@ -122,15 +122,30 @@ async def test_a_job_handed_again_is_marked_as_possibly_run_so_no_runner_repeats
 
 
 # ---- where a newly held job fires first (second_level_runner.first_planned) -----------------------
-def test_first_planned_runs_a_new_job_at_once_on_its_grid_and_a_job_that_ran_at_the_next_point() -> None:
-    rate = {"id": 1, "schedule_type": "fixed_rate", "period": 2.0, "anchor": 100.0}
-    assert first_planned(rate, None, 103.5) == 102.0  # never ran: the grid point just passed, now
-    assert first_planned(rate, 102.1, 103.5) == 104.0  # ran: the next grid point
-    assert first_planned(rate, 99.0, 103.5) == 102.0  # ran before its schedule took effect: anew
-    assert first_planned(rate, None, 90.0) == 100.0  # declared to start later
+def test_first_planned_runs_a_new_job_at_once_and_a_job_that_ran_at_its_next_grid_point() -> None:
+    rate = {"id": 5, "schedule_type": "fixed_rate", "period": 2.0, "anchor": 100.0}
+    origin = grid_origin(rate, 103.5)
+    assert 100.0 <= origin < 102.0 and origin == grid_origin(rate, 999.0)  # every runner: the same grid
+    assert first_planned(rate, None, 103.5, origin) == 103.5  # never ran: at once
+    assert first_planned(rate, 99.0, 103.5, origin) == 103.5  # ran before its schedule took effect: anew
+    assert first_planned(rate, None, 90.0, origin) == 100.0  # declared to start later
+    after = first_planned(rate, 103.0, 103.5, origin)  # ran: its next grid point
+    assert 103.5 <= after < 105.5 and (after - origin) / 2.0 == round((after - origin) / 2.0)
     delay = dict(rate, schedule_type="fixed_delay")
-    assert first_planned(delay, None, 103.5) == 103.5
-    assert first_planned(delay, 103.0, 103.5) == 105.0
-    assert first_planned(delay, 100.5, 103.5) == 103.5
-    old_server = {"id": 1, "schedule_type": "fixed_rate", "period": 2.0}  # no anchor: a phase of the period
-    assert 103.5 <= first_planned(old_server, None, 103.5) < 105.5
+    assert first_planned(delay, None, 103.5, origin) == 103.5
+    assert first_planned(delay, 103.0, 103.5, origin) == 105.0
+    assert first_planned(delay, 100.5, 103.5, origin) == 103.5
+    old_server = {"id": 5, "schedule_type": "fixed_rate", "period": 2.0}  # no anchor: a phase of the period
+    assert 103.5 <= first_planned(old_server, None, 103.5, grid_origin(old_server, 103.5)) < 105.5
+
+
+def test_next_on_grid_steps_from_a_planned_point_to_the_next_one() -> None:
+    assert next_on_grid(10.0, 0.1, 10.3, strictly=True) == pytest.approx(10.4)  # 10.3: on the grid (float error)
+    assert next_on_grid(10.0, 0.1, 10.3, strictly=False) == pytest.approx(10.3)
+    assert next_on_grid(10.0, 0.1, 10.35, strictly=False) == pytest.approx(10.4)
+    assert next_on_grid(10.0, 0.1, 9.0, strictly=True) == 10.0
+    origin = planned = 1_796_097_336.7826  # epoch seconds: float error ~2e-7 s at every step
+    for _ in range(1000):
+        step = next_on_grid(origin, 0.2, planned, strictly=True)
+        assert step - planned == pytest.approx(0.2, abs=1e-5), "a point on the grid taken for one before it"
+        planned = step
