@@ -57,6 +57,7 @@ class _Job:
     lateness: list[float] = field(default_factory=list)  # seconds, since the last report
     sampled: list[dict[str, Any]] = field(default_factory=list)  # failed or logging runs, since the last report
     latest: dict[str, Any] | None = None  # the latest run's record, since the last report
+    latest_unsent: bool = False  # the latest is a sampled-worthy run that found no room
     logs_dropped: int = 0  # since the last report
 
     @property
@@ -102,9 +103,12 @@ def first_planned(spec: dict[str, Any], last_run_at: float | None, now: float, o
     ran = last_run_at is not None and last_run_at >= float(anchor)  # since its schedule took effect
     if not ran:
         return max(now, float(anchor))
+    assert last_run_at is not None  # it ran
     if spec["schedule_type"] == "fixed_delay":
-        return max(now, last_run_at + period)  # type: ignore[operator]  # ran: not None
-    return next_on_grid(origin, period, now, strictly=False)
+        return max(now, last_run_at + period)
+    # its next grid point, and never one at or before its last run (another runner may have run it)
+    return max(next_on_grid(origin, period, now, strictly=False),
+               next_on_grid(origin, period, last_run_at, strictly=True))
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -270,13 +274,15 @@ class SecondLevelRunner:
     @staticmethod
     def _record(job: _Job, run: dict[str, Any], lines_dropped: int) -> None:
         """Keep a finished run for the next report if it is worth it (it failed or logged)."""
-        job.latest = run
+        if job.latest is not None and job.latest_unsent:  # the previous latest is not sent after all
+            job.logs_dropped += len(job.latest["logs"])
+        job.latest, job.latest_unsent = run, False
         job.logs_dropped += lines_dropped
         if run["status"] != Status.SUCCEEDED.value or run["logs"]:
             if len(job.sampled) < SAMPLED_PER_REPORT:
                 job.sampled.append(run)
             else:
-                job.logs_dropped += len(run["logs"])
+                job.latest_unsent = True  # sent only if it is still the latest at the report
 
     @staticmethod
     def _report(job_id: int, job: _Job) -> dict[str, Any]:
@@ -288,7 +294,7 @@ class SecondLevelRunner:
         if job.latest is not None and (not sampled or sampled[-1] is not job.latest):
             sampled.append(job.latest)
         job.sampled.clear()
-        job.latest = None
+        job.latest, job.latest_unsent = None, False
         dropped, job.logs_dropped = job.logs_dropped, 0
         return {
             "job_id": job_id, "runs": job.runs, "failures": job.failures, "last_error": job.last_error,

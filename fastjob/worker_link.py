@@ -411,8 +411,9 @@ async def _first_done(futures: set[asyncio.Future[None]]) -> None:
     """Wait for one of ``futures``, take the finished ones out, raise the error of a failed one."""
     done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
     futures -= done
-    for future in done:
-        future.result()
+    errors = [error for error in (f.exception() for f in done if not f.cancelled()) if error is not None]
+    if errors:
+        raise errors[0]
 
 
 def declaration_batches(specs: list[JobSpec], frame_limit: int) -> Iterator[tuple[list[dict[str, Any]], bool]]:

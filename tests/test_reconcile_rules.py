@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Collection
 
 import pytest
 
-from fastjob.models import JobRow, JobSpec, ScheduleType
+from fastjob.models import JobRow, JobSpec, Origin, ScheduleType
 from fastjob.server.reconcile import Reconciler
 from fastjob.store import Store, create_store
+from fastjob.store.codecs import ENABLED, spec_values
+from fastjob.store.job_writes import StoredJob, plan_write
 
 pytestmark = pytest.mark.rules
 APP = "billing"
@@ -118,3 +120,15 @@ async def test_declaring_it_again_resumes_it(scene: Scene) -> None:
     await scene.check(T0 + GRACE)
     [back] = await scene.store.declare_jobs(APP, [spec("kept"), spec("removed")], lambda _: 42, T0 + GRACE + 1)
     assert (back.name, back.enabled, back.paused_by, back.next_trigger_ms) == ("removed", True, None, 42)
+
+
+def test_an_operators_resume_through_the_api_plans_a_one_shot_anew_but_code_does_not() -> None:
+    declared = spec_values(JobSpec(app="a", name="once", handler="h", schedule_type=ScheduleType.ONCE,
+                                   schedule_expr="1700000000.0"))
+    paused = declared[:ENABLED] + (0,) + declared[ENABLED + 1:]
+    by_operator = StoredJob(1, 3, False, "api", "operator", paused)
+    api = plan_write(by_operator, declared, Origin.API)
+    assert api is not None and api.new_next, "JOB_UPSERT enabled=true resumes it with a fire, as JOB_ENABLE does"
+    by_code = StoredJob(1, 3, False, "code", "code", paused)
+    code = plan_write(by_code, declared, Origin.CODE)
+    assert code is not None and not code.new_next, "code re-enabling a one-shot keeps its stored fire (or none)"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from fakes import APP, Scene
 
-from fastjob.models import InstanceRow, ScheduleType, Status
+from fastjob.models import InstanceRow, JobSpec, ScheduleType, Status
 from fastjob.schedule import retry_delay
 from fastjob.server.cluster import Origin
 from fastjob.testing import wait_until
@@ -224,3 +224,31 @@ async def test_a_failover_holds_what_the_previous_owner_may_have_sent_until_its_
     await scene.advance(0.001)
     sent = [d["instance_id"] for d in returning.dispatched() + other.dispatched()]
     assert sent == [prev.id]
+
+
+async def test_a_rate_job_the_server_runs_now_gets_a_fire_and_one_a_worker_runs_now_loses_it(scene: Scene) -> None:
+    """Who runs a rate job follows --second-level-threshold: one stored without a next fire (a worker
+    ran it, before an upgrade lowered the threshold) starts at once when the app is gained."""
+    worker = scene.worker("w1")
+    spec = JobSpec(app=APP, name="was_worker_run", handler="h", **RATE)
+    job = await scene.store.upsert_job(spec, None, scene.clock.wall())  # as a worker-run job is stored
+    await _regain(scene, clean=False)
+    await scene.scan()
+    await scene.advance(0.001)
+    rows = await scene.rows(job.id)
+    assert rows[0].status is Status.DISPATCHED and rows[0].planned_ms == job.created_time * 1000  # at once
+    assert [d["instance_id"] for d in worker.dispatched()] == [rows[0].id]
+    # and the other way: a job a worker runs now is no longer fired by the server
+    scene.scheduler.follow_ups.is_second_level = lambda job: True
+    await _regain(scene, clean=True)
+    stored = await scene.store.get_job(job.id)
+    assert stored is not None and stored.next_trigger_ms is None
+
+
+async def _regain(scene: Scene, clean: bool) -> None:
+    """The app lost and gained again (from s0), as after a failover or a hand-over."""
+    await scene.scheduler.app_lost(APP)
+    epoch = await scene.store.claim_app(APP, "s1", scene.epoch)
+    assert epoch is not None
+    scene.epoch = scene.cluster.owned[APP] = epoch
+    await scene.scheduler.app_gained(APP, epoch, Origin("s0", clean, scene.clock.wall()))

@@ -131,6 +131,8 @@ def test_first_planned_runs_a_new_job_at_once_and_a_job_that_ran_at_its_next_gri
     assert first_planned(rate, None, 90.0, origin) == 100.0  # declared to start later
     after = first_planned(rate, 103.0, 103.5, origin)  # ran: its next grid point
     assert 103.5 <= after < 105.5 and (after - origin) / 2.0 == round((after - origin) / 2.0)
+    point = origin + 2 * 2.0  # a new runner just after its predecessor ran a grid point: not that one again
+    assert first_planned(rate, point + 0.0001, point + 0.0002, origin) == pytest.approx(point + 2.0)
     delay = dict(rate, schedule_type="fixed_delay")
     assert first_planned(delay, None, 103.5, origin) == 103.5
     assert first_planned(delay, 103.0, 103.5, origin) == 105.0

@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 from fakes import APP
 
+from fastjob.context import RUN_LOG_CHARS, RUN_LOG_LINES
 from fastjob.models import JobRow, JobSpec, ScheduleType
-from fastjob.server.sl_stats import NOTABLE_PER_WRITE, SUCCESS_SAMPLE_EVERY, SecondLevelStats, merge_report
+from fastjob.server.sl_stats import (
+    MAX_ERROR,
+    NOTABLE_PER_WRITE,
+    SUCCESS_SAMPLE_EVERY,
+    SecondLevelStats,
+    merge_report,
+    run_from_wire,
+)
 from fastjob.store import create_store
 from fastjob.tasks import BackgroundTasks
 
@@ -27,6 +35,18 @@ def test_totals_count_on_across_runners_and_a_repeated_report_counts_nothing_twi
     stats = merge_report(stats, report(2, since=9.0), "a")  # the first worker, restarted
     assert stats["runs"] == 13 and stats["runner"] == ["a", 9.0]
     assert merge_report(stats, report(0, since=9.0, last_run_at=None), "a")["last_run_at"] == 52.0
+    # stats stored before totals were that runner's own count: its next report is not added to them
+    assert merge_report({"runs": 40, "failures": 2}, report(41, 2), "a")["runs"] == 41
+
+
+def test_a_reported_run_no_column_could_hold_is_dropped_and_long_fields_are_cut() -> None:
+    job = JobRow(1, APP, "j", "h", ScheduleType.FIXED_RATE, "1", "UTC", None, None, 0, 1.0, "fire_once", [],
+                 "round_robin", False, True, "queue", 3600.0, 100, None, 0.0, 0.0, None, False, 1)
+    assert run_from_wire(job, "w", _run(float("nan"), "failed")) is None
+    assert run_from_wire(job, "w", _run(1.0, "exploded")) is None
+    long = run_from_wire(job, "w", _run(1.0, "failed", error="x" * 100_000, logs=[[1.0, "INFO", "y" * 5000]] * 50))
+    assert long is not None and len(long.error or "") == MAX_ERROR
+    assert len(long.logs) == RUN_LOG_LINES and len(long.logs[0][2]) == RUN_LOG_CHARS
 
 
 async def test_plain_successful_runs_are_sampled_failures_and_logging_runs_kept() -> None:

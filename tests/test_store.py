@@ -814,7 +814,7 @@ async def test_migration_from_version_1_converts_rows(store_url: str) -> None:
                   *MIGRATIONS[dialect][0],
                   "INSERT INTO jobs (app, name, handler, schedule_type, tags, allow_overlap, created_time,"
                   " updated_time) VALUES ('app', 'par', 'h', 'api', '[]', 1, 0, 0), ('app', 'ser', 'h', 'api', '[]',"
-                  " 0, 0, 0)",
+                  " 0, 0, 1700000000.25)",
                   "INSERT INTO instances (job_id, app, planned_ms, attempt, status, trigger_kind, epoch, created_at,"
                   " error) VALUES (1, 'app', 1, 1, 'misfired', 'schedule', 1, 0, 'late'),"
                   " (1, 'app', 2, 1, 'cancelled', 'schedule', 1, 0, 'skipped: an earlier instance still runs'),"
@@ -827,6 +827,7 @@ async def test_migration_from_version_1_converts_rows(store_url: str) -> None:
         jobs = {j.name: j for j in await s.list_jobs("app")}
         assert (jobs["par"].overlap, jobs["ser"].overlap) == ("allow", "queue")
         assert (jobs["par"].max_queued, jobs["par"].catch_up_window) == (100, 3600.0)
+        assert (jobs["ser"].anchor_ms, jobs["ser"].origin, jobs["ser"].paused_by) == (1700000000250, "api", None)
         rows = sorted(await s.list_instances("app", limit=10), key=lambda r: r.planned_ms)
         assert [(r.status.value, r.reruns) for r in rows] == [
             ("skipped", 0), ("skipped", 0), ("cancelled", 0), ("succeeded", 0)]

@@ -136,10 +136,27 @@ class FollowUps:
         await self.store.set_next_trigger(self.server_id, row.app, epoch, job.id, next_ms)
         self.wake_scan()
 
-    async def restart_delay_chains(self, app: str, epoch: int, unfinished: list[InstanceRow]) -> None:
-        """A fixed-delay job with no next fire and nothing in flight lost its chain in a crash: restart it."""
+    async def settle_periodic_jobs(self, app: str, epoch: int, unfinished: list[InstanceRow]) -> None:
+        """Rate and delay jobs whose next fire does not match who runs them, after a gain:
+
+        * a fixed-delay job with no next fire and nothing in flight lost its chain in a crash;
+        * a rate/delay job the server runs with no next fire and nothing in flight was run by a
+          worker before (a lower ``--second-level-threshold`` now, or an upgrade that lowered its
+          default);
+        both start at once. A job a worker runs now (a higher threshold) loses its next fire, so
+        that the server stops firing it too (fires already in the WAL still run)."""
         busy = {row.job_id for row in unfinished}
         for job in [j for j in self.jobs.values() if j.app == app]:
-            if job.next_trigger_ms is None and job.id not in busy and self.is_delay_chain(job):
-                log.info("job %s (%d): fixed-delay chain had no next fire; restarting it", job.name, job.id)
-                await self.store.set_next_trigger(self.server_id, app, epoch, job.id, wall_ms(self.clock))
+            periodic = job.schedule_type in (ScheduleType.FIXED_RATE, ScheduleType.FIXED_DELAY) and not job.run_once
+            if not periodic or not job.enabled or job.is_delete:
+                continue
+            if self.is_second_level(job):
+                if job.next_trigger_ms is not None:
+                    log.info("job %s (%d): now run by a worker (period under --second-level-threshold)",
+                             job.name, job.id)
+                    await self.store.set_next_trigger(self.server_id, app, epoch, job.id, None)
+                    job.next_trigger_ms = None
+            elif job.next_trigger_ms is None and job.id not in busy:
+                log.info("job %s (%d): run by the server and had no next fire; starting it", job.name, job.id)
+                job.next_trigger_ms = wall_ms(self.clock)
+                await self.store.set_next_trigger(self.server_id, app, epoch, job.id, job.next_trigger_ms)

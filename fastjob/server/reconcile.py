@@ -75,6 +75,10 @@ class Reconciler:
         for name in undeclared:
             since.setdefault(name, now)
         due = sorted(name for name, first in since.items() if now - first >= self.grace)
+        sets = self._declarations(app)  # again: a worker may have declared them while the jobs were read
+        if not sets:
+            return []
+        due = [name for name in due if name not in set().union(*sets)]
         if not due:
             return []
         paused = await self._store.pause_jobs(app, due, PausedBy.UNDECLARED, now)

@@ -170,7 +170,7 @@ class Scheduler:
                 with_jobs.append((row, job))
         for row in self.recovery.recover(app, epoch, expected, cutoff_ms, until, with_jobs):
             self.enter_wheel(row, epoch)
-        await self.follow_ups.restart_delay_chains(app, epoch, rows)
+        await self.follow_ups.settle_periodic_jobs(app, epoch, rows)
         suspects = len(self.recovery.apps[app].suspects) if app in self.recovery.apps else 0
         log.info("app %s: gained at epoch %d from %s (%s), recovered %d unfinished instances; %d fires it may"
                  " have sent wait for %d of its workers or %.1fs", app, epoch, origin.prev_owner,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,9 @@ class SecondLevel:
         self.runner[job.id] = session
         session.hand_down(job.id)
         session.send("SL_ASSIGN", {"job": self._wire(job), "lease": self.lease})
-        self._handed_at.setdefault(job.id, self._clock.wall())
+        anchor = -math.inf if job.anchor_ms is None else job.anchor_ms / 1000.0
+        if self._handed_at.get(job.id, -math.inf) < anchor:  # not handed out since its schedule took effect
+            self._handed_at[job.id] = self._clock.wall()
         log.info("second-level job %s (%d) of app %s handed to worker %s", job.name, job.id, job.app, session.worker_id)
 
     def _revoke(self, job_id: int, reason: str) -> None:

@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from ..models import JobRow, JobRun, Status
+from ..context import RUN_LOG_CHARS, RUN_LOG_LINES
+from ..models import FINAL_STATUSES, JobRow, JobRun, Status
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
 
 log = logging.getLogger("fastjob.second_level")
 
+_RUN_STATUSES = frozenset(status.value for status in FINAL_STATUSES)
+#: Characters of a run's error kept in its history.
+MAX_ERROR = 2000
 #: The counts a report gives since ``since``, and the stored stats hold in total.
 COUNTERS = ("runs", "failures", "skipped")
 #: A plain successful run enters the history at most this often per job (seconds of its start).
@@ -44,7 +49,9 @@ def merge_report(previous: dict[str, Any] | None, report: dict[str, Any], worker
     runner = [worker, report.get("since")]
     if previous.get("runner") == runner:
         base = previous.get("base") or {}
-    else:  # a new runner (or the first): what was counted so far is its base
+    elif "runner" not in previous:  # none yet, or stats of before totals (one runner's own counts): start at 0
+        base = {}
+    else:  # a new runner: what was counted so far is its base
         base = {name: int(previous.get(name) or 0) for name in COUNTERS}
     merged = {key: value for key, value in report.items() if key not in ("sampled", "job_id")}
     for name in COUNTERS:
@@ -56,9 +63,17 @@ def merge_report(previous: dict[str, Any] | None, report: dict[str, Any], worker
     return merged
 
 
-def run_from_wire(job: JobRow, worker: str, run: dict[str, Any]) -> JobRun:
-    return JobRun(job.id, job.app, worker, float(run["planned_at"]), float(run["started_at"]),
-                  float(run["duration"]), str(run["status"]), run.get("error"), list(run.get("logs") or []))
+def run_from_wire(job: JobRow, worker: str, run: dict[str, Any]) -> JobRun | None:
+    """A reported run as stored, bounded as a worker bounds it (context.RUN_LOG_*); None for one
+    no column can hold (an unknown status, a time that is not finite)."""
+    times = (float(run["planned_at"]), float(run["started_at"]), float(run["duration"]))
+    if run["status"] not in _RUN_STATUSES or not all(math.isfinite(t) for t in times):
+        return None
+    error = run.get("error")
+    logs = [[float(ts), str(level)[:16], str(text)[:RUN_LOG_CHARS]]
+            for ts, level, text in (run.get("logs") or [])[:RUN_LOG_LINES] if math.isfinite(float(ts))]
+    return JobRun(job.id, job.app, worker, *times, run["status"], None if error is None else str(error)[:MAX_ERROR],
+                  logs)
 
 
 class SecondLevelStats:
@@ -87,8 +102,10 @@ class SecondLevelStats:
         previous = self._totals.get(job.id, job.stats if isinstance(job.stats, dict) else None)
         self._totals[job.id] = merge_report(previous, report, worker)
         self._unwritten.add(job.id)
-        for run in report.get("sampled") or ():
-            self._sample(run_from_wire(job, worker, run))
+        for reported in report.get("sampled") or ():
+            run = run_from_wire(job, worker, reported)
+            if run is not None:
+                self._sample(run)
         if self._writer is None or self._writer.done():
             self._writer = self.tasks.spawn(self._write_later(), "fastjob-sl-stats")
 
@@ -132,9 +149,14 @@ class SecondLevelStats:
                 log.warning("%d second-level reports and %d runs not stored, keeping them: %s",
                             len(stats), len(runs), exc)
                 self._unwritten |= set(stats)
-                for run in runs:
+                newer, self._runs = self._runs, {}
+                for run in runs:  # before what arrived meanwhile: a trim keeps the latest
                     self._added[run.job_id] -= 1
                     self._runs.setdefault(run.job_id, []).append(run)
+                for job_id, pending in newer.items():
+                    kept = self._runs.setdefault(job_id, [])
+                    kept.extend(pending)
+                    del kept[:-NOTABLE_PER_WRITE]
                 return
             for job_id in prune:
                 del self._added[job_id]

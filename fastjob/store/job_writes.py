@@ -4,8 +4,9 @@ A declaration (a worker's JOB_DECLARE, an API JOB_UPSERT) is compared with the s
 becomes an insert, an update or nothing. The rules that are not plain "store what was declared":
 
 * ``next_trigger_ms`` is replaced only when the job is new or revived, its schedule changed, or
-  it goes from disabled to enabled; otherwise it keeps its place. A one-shot or run-once job is
-  never given a new fire by a re-enable of an unchanged declaration: it fired, or will.
+  it goes from disabled to enabled; otherwise it keeps its place. Code re-enabling an unchanged
+  one-shot or run-once job gives it no new fire (it fired, or its fire is still stored: a pause by
+  code or reconciliation keeps it); an operator's resume through the API plans it anew.
 * Code owns a code-declared job's definition, operators own its paused state (``PausedBy``):
   code declaring ``enabled=True`` resumes what code or reconciliation paused, never what an
   operator paused; code declaring ``enabled=False`` pauses it (an operator's pause stays one).
@@ -63,7 +64,9 @@ def plan_write(old: StoredJob | None, declared: tuple[Any, ...], origin: Origin)
     schedule_changed = old.values[SCHEDULE] != values[SCHEDULE]
     one_shot = values[SPEC_COLS.index("schedule_type")] == ScheduleType.ONCE.value or bool(
         values[SPEC_COLS.index("run_once")])
-    resumed = enabled and not was_enabled and not one_shot
+    # an operator's resume (an API write) plans anew, as JOB_ENABLE does; code re-declaring a
+    # one-shot that fired must not fire it again
+    resumed = enabled and not was_enabled and (origin is Origin.API or not one_shot)
     return JobWrite(values, new_origin, paused, new_next=schedule_changed or resumed)
 
 

@@ -223,13 +223,15 @@ _SQLITE_V3: list[str] = []
 # server/reconcile.py). A job paused before version 4 keeps paused_by NULL, which counts as an
 # operator's pause: a re-declaration never resumes it. spec_digest (codecs.spec_digest) lets an
 # unchanged re-declaration skip reading the definition; NULL (older rows) means "compare it".
-# anchor_ms: when the current schedule took effect (a second-level job's grid starts there).
+# anchor_ms: when the current schedule took effect (a second-level job's grid starts there);
+# older jobs take their last change.
 # job_runs: the run history of second-level jobs (models.JobRun).
 _SQLITE_V4 = [
     "ALTER TABLE jobs ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'",
     "ALTER TABLE jobs ADD COLUMN paused_by TEXT NULL",
     "ALTER TABLE jobs ADD COLUMN spec_digest TEXT NULL",
     "ALTER TABLE jobs ADD COLUMN anchor_ms INTEGER NULL",
+    "UPDATE jobs SET anchor_ms = CAST(updated_time * 1000 AS INTEGER) WHERE anchor_ms IS NULL",
     """CREATE TABLE IF NOT EXISTS job_runs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         job_id INTEGER NOT NULL,
@@ -248,6 +250,7 @@ _MYSQL_V4 = [
     "ALTER TABLE jobs ADD COLUMN paused_by VARCHAR(16) NULL",
     "ALTER TABLE jobs ADD COLUMN spec_digest CHAR(24) NULL",
     "ALTER TABLE jobs ADD COLUMN anchor_ms BIGINT NULL",
+    "UPDATE jobs SET anchor_ms = CAST(updated_time * 1000 AS SIGNED) WHERE anchor_ms IS NULL",
     """CREATE TABLE IF NOT EXISTS job_runs (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         job_id BIGINT NOT NULL,

@@ -72,7 +72,8 @@ def op_declare_jobs(dialect: Dialect, app: str, specs: Sequence[JobSpec], origin
         write = plan_write(old, values, origin)
         if write is None:
             if head is not None and head.digest != digests[spec.name]:  # a row of before digests: note it
-                yield Stmt("UPDATE jobs SET spec_digest = ? WHERE id = ?", (digests[spec.name], head.id))
+                yield Stmt("UPDATE jobs SET spec_digest = ? WHERE id = ? AND version = ?",
+                           (digests[spec.name], head.id, head.version))  # not if it changed since we read it
             continue
         next_ms = first_fire(spec) if write.new_next else None
         if old is None:
