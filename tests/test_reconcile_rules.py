@@ -32,7 +32,7 @@ class Scene:
         self.owned = {APP}
         self.told: list[str] = []
         self.reconciler = Reconciler(store, GRACE, owned=lambda: self.owned, declarations=lambda app: self.live,
-                                     paused=lambda job: self.told.append(job.name))
+                                     changed=lambda job: self.told.append(job.name))
 
     async def check(self, at: float) -> list[str]:
         return [job.name for job in await self.reconciler.check(at)]
@@ -120,6 +120,17 @@ async def test_declaring_it_again_resumes_it(scene: Scene) -> None:
     await scene.check(T0 + GRACE)
     [back] = await scene.store.declare_jobs(APP, [spec("kept"), spec("removed")], lambda _: 42, T0 + GRACE + 1)
     assert (back.name, back.enabled, back.paused_by, back.next_trigger_ms) == ("removed", True, None, 42)
+
+
+async def test_a_job_declared_while_its_pause_was_written_is_resumed(scene: Scene) -> None:
+    answers = iter([[{"kept"}], [{"kept"}], [{"kept"}], [{"kept", "removed"}]])
+    scene.reconciler._declarations = lambda app: next(answers)  # the last: read after the pause
+    scene.live = [{"kept"}]
+    assert await scene.check(T0) == []
+    assert await scene.check(T0 + GRACE) == ["removed"]
+    back = await scene.job("removed")
+    assert (back.enabled, back.paused_by, back.next_trigger_ms) == (True, None, 0), "resumed, its fire kept"
+    assert scene.told == ["removed", "removed"]
 
 
 def test_an_operators_resume_through_the_api_plans_a_one_shot_anew_but_code_does_not() -> None:

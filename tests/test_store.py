@@ -273,6 +273,15 @@ async def test_a_job_paused_as_undeclared_resumes_when_declared_again(store: Sto
     assert (back.name, back.enabled, back.paused_by, back.next_trigger_ms) == ("a", True, None, 9000)
 
 
+async def test_resume_jobs_resumes_only_what_was_paused_for_that_reason(store: Store) -> None:
+    await store.declare_jobs("app", [spec("a"), spec("b"), spec("c")], first_at(1000), NOW)
+    await store.pause_jobs("app", ["a", "b"], PausedBy.UNDECLARED, NOW + 1)
+    await store.set_job_enabled("app", "b", False, None, NOW + 2)  # the operator pauses it too: theirs now
+    resumed = await store.resume_jobs("app", ["a", "b", "c", "missing"], PausedBy.UNDECLARED, NOW + 3)
+    assert [(r.name, r.enabled, r.paused_by, r.next_trigger_ms) for r in resumed] == [("a", True, None, 1000)]
+    assert (await store.get_job_by_name("app", "b")).paused_by == "operator"
+
+
 async def test_a_one_shot_that_fired_is_not_fired_again_by_a_redeclaration(store: Store) -> None:
     once = spec("once", schedule_type=ScheduleType.ONCE, schedule_expr="1700000000.0")
     run_once = spec("run_once", schedule_type=ScheduleType.ONCE, schedule_expr="", run_once=True)

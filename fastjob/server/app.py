@@ -77,7 +77,7 @@ class FastJobServer:
             is_second_level=self.is_second_level,
         )
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
-                                     declarations=self.live_declarations, paused=self._job_changed)
+                                     declarations=self.live_declarations, changed=self._job_changed)
         self.scheduler.start()
         await self.cluster.start()
         self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")

@@ -34,13 +34,14 @@ class Reconciler:
     """One owner's bookkeeping of undeclared jobs; :meth:`check` is one pass over its apps."""
 
     def __init__(self, store: Store, grace: float, owned: Callable[[], Iterable[str]], declarations: Declarations,
-                 paused: Callable[[JobRow], None]) -> None:
-        """``paused`` is told of each job paused (the scheduler and second-level placement drop it)."""
+                 changed: Callable[[JobRow], None]) -> None:
+        """``changed`` is told of each job paused or resumed (the scheduler and second-level
+        placement follow it)."""
         self._store = store
         self.grace = grace
         self._owned = owned
         self._declarations = declarations
-        self._paused = paused
+        self._changed = changed
         self._undeclared_since: dict[str, dict[str, float]] = {}  # app -> job name -> first seen undeclared
 
     @property
@@ -75,15 +76,22 @@ class Reconciler:
         for name in undeclared:
             since.setdefault(name, now)
         due = sorted(name for name, first in since.items() if now - first >= self.grace)
-        sets = self._declarations(app)  # again: a worker may have declared them while the jobs were read
-        if not sets:
-            return []
-        due = [name for name in due if name not in set().union(*sets)]
-        if not due:
+        if due:  # read again: a worker may have declared them while the jobs were read
+            sets = self._declarations(app)
+            due = [name for name in due if name not in set().union(*sets)] if sets else []
+        if not due or not sets:
             return []
         paused = await self._store.pause_jobs(app, due, PausedBy.UNDECLARED, now)
         for job in paused:
             log.warning("job %r of app %r paused: none of its %d live workers has declared it for %.0fs;"
                         " declaring it again resumes it", job.name, app, len(sets), now - since.pop(job.name))
-            self._paused(job)
+            self._changed(job)
+        # a worker that declared one of them while the pause was written wrote nothing (it found it
+        # enabled and unchanged): resume it, as its declaration would have
+        sets = self._declarations(app) or []
+        declared_meanwhile = [job.name for job in paused if any(job.name in names for names in sets)]
+        if declared_meanwhile:
+            for job in await self._store.resume_jobs(app, declared_meanwhile, PausedBy.UNDECLARED, now):
+                log.warning("job %r of app %r resumed: a worker declared it while it was being paused", job.name, app)
+                self._changed(job)
         return paused

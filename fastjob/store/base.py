@@ -235,6 +235,11 @@ class Store(abc.ABC):
         is kept (a one-shot resumed later still fires once). Returns the jobs paused, as now stored."""
 
     @abc.abstractmethod
+    async def resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        """Enable those of the named jobs that are paused for ``paused_by`` (and for nothing else);
+        their stored next fire is kept. Returns the jobs resumed, as now stored."""
+
+    @abc.abstractmethod
     async def get_job(self, job_id: int) -> JobRow | None:
         """The job by id (including logically deleted ones), or None."""
 

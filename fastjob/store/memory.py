@@ -273,6 +273,17 @@ class MemoryStore(Store):
                 paused.append(copy_job(job))
         return paused
 
+    async def resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        db = await self._db()
+        resumed = []
+        for name in names:
+            job = db.live_job(app, name)
+            if job is not None and not job.enabled and job.paused_by == paused_by.value:
+                job.enabled, job.paused_by, job.updated_time = True, None, float(now)
+                job.version += 1
+                resumed.append(copy_job(job))
+        return resumed
+
     async def get_job(self, job_id: int) -> JobRow | None:
         db = await self._db()
         job = db.jobs.get(job_id)

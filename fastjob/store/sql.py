@@ -203,6 +203,21 @@ class SQLStore(SQLRunner):
                 paused.append(job)
         return paused
 
+    async def resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
+        return await self._run("resume_jobs", lambda: self._op_resume_jobs(app, names, paused_by, now), tx=True)
+
+    def _op_resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> Op[list[JobRow]]:
+        resumed: list[JobRow] = []
+        for chunk in chunks(names, CHUNK_ROWS):
+            where = f"app = ? AND name IN ({','.join('?' * len(chunk))}) AND enabled = 0 AND is_delete = 0"
+            yield Stmt(f"UPDATE jobs SET enabled = 1, paused_by = NULL, updated_time = ?, version = version + 1"
+                       f" WHERE {where} AND paused_by = ?", (now, app, *chunk, paused_by.value))
+            # read back what this transaction resumed: enabled now, and updated at this instant
+            r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name IN ({','.join('?' * len(chunk))})"
+                           " AND enabled = 1 AND updated_time = ?", (app, *chunk, now))
+            resumed.extend(row_to_job(row) for row in r.rows)
+        return resumed
+
     async def get_job(self, job_id: int) -> JobRow | None:
         rows = await self._run("get_job", lambda: self._op_query(
             f"SELECT {JOB_COLS} FROM jobs WHERE id = ?", (job_id,)), tx=False)
