@@ -263,26 +263,24 @@ class MemoryStore(Store):
         return written
 
     async def pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
-        db = await self._db()
-        paused = []
-        for name in names:
-            job = db.live_job(app, name)
-            if job is not None and job.enabled:
-                job.enabled, job.paused_by, job.updated_time = False, paused_by.value, float(now)
-                job.version += 1
-                paused.append(copy_job(job))
-        return paused
+        return self._flip(await self._db(), app, names, paused_by, now, enable=False)
 
     async def resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
-        db = await self._db()
-        resumed = []
+        return self._flip(await self._db(), app, names, paused_by, now, enable=True)
+
+    @staticmethod
+    def _flip(db: MemoryDatabase, app: str, names: Sequence[str], paused_by: PausedBy, now: float, *,
+              enable: bool) -> list[JobRow]:
+        """As the SQL stores' _op_flip_jobs: pause enabled jobs, or resume those paused for ``paused_by``."""
+        flipped = []
         for name in names:
             job = db.live_job(app, name)
-            if job is not None and not job.enabled and job.paused_by == paused_by.value:
-                job.enabled, job.paused_by, job.updated_time = True, None, float(now)
-                job.version += 1
-                resumed.append(copy_job(job))
-        return resumed
+            if job is None or job.enabled == enable or (enable and job.paused_by != paused_by.value):
+                continue
+            job.enabled, job.paused_by, job.updated_time = enable, None if enable else paused_by.value, float(now)
+            job.version += 1
+            flipped.append(copy_job(job))
+        return flipped
 
     async def get_job(self, job_id: int) -> JobRow | None:
         db = await self._db()

@@ -187,36 +187,30 @@ class SQLStore(SQLRunner):
             self.dialect, app, specs, Origin.CODE, first_fire, now), tx=True)
 
     async def pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
-        return await self._run("pause_jobs", lambda: self._op_pause_jobs(app, names, paused_by, now), tx=True)
-
-    def _op_pause_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> Op[list[JobRow]]:
-        paused: list[JobRow] = []
-        for chunk in chunks(names, CHUNK_ROWS):
-            where = f"app = ? AND name IN ({','.join('?' * len(chunk))}) AND enabled = 1 AND is_delete = 0"
-            r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE {where}", (app, *chunk))
-            if r.rows:
-                yield Stmt(f"UPDATE jobs SET enabled = 0, paused_by = ?, updated_time = ?, version = version + 1"
-                           f" WHERE {where}", (paused_by.value, now, app, *chunk))
-            for row in r.rows:
-                job = row_to_job(row)
-                job.enabled, job.paused_by, job.updated_time, job.version = False, paused_by.value, now, job.version + 1
-                paused.append(job)
-        return paused
+        return await self._run("pause_jobs", lambda: self._op_flip_jobs(app, names, paused_by, now, enable=False),
+                               tx=True)
 
     async def resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> list[JobRow]:
-        return await self._run("resume_jobs", lambda: self._op_resume_jobs(app, names, paused_by, now), tx=True)
+        return await self._run("resume_jobs", lambda: self._op_flip_jobs(app, names, paused_by, now, enable=True),
+                               tx=True)
 
-    def _op_resume_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float) -> Op[list[JobRow]]:
-        resumed: list[JobRow] = []
+    def _op_flip_jobs(self, app: str, names: Sequence[str], paused_by: PausedBy, now: float, *,
+                      enable: bool) -> Op[list[JobRow]]:
+        """Pause the named enabled jobs for ``paused_by``, or resume those paused for it; the stored
+        next fire stays. Returns the jobs changed, read back after the update (the same transaction
+        sees its own writes; a read first could list rows a concurrent change then took away)."""
+        flipped: list[JobRow] = []
+        set_sql, set_params = ("enabled = 1, paused_by = NULL", ()) if enable else ("enabled = 0, paused_by = ?",
+                                                                                   (paused_by.value,))
+        was_sql, was_params = ("enabled = 0 AND paused_by = ?", (paused_by.value,)) if enable else ("enabled = 1", ())
         for chunk in chunks(names, CHUNK_ROWS):
-            where = f"app = ? AND name IN ({','.join('?' * len(chunk))}) AND enabled = 0 AND is_delete = 0"
-            yield Stmt(f"UPDATE jobs SET enabled = 1, paused_by = NULL, updated_time = ?, version = version + 1"
-                       f" WHERE {where} AND paused_by = ?", (now, app, *chunk, paused_by.value))
-            # read back what this transaction resumed: enabled now, and updated at this instant
-            r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND name IN ({','.join('?' * len(chunk))})"
-                           " AND enabled = 1 AND updated_time = ?", (app, *chunk, now))
-            resumed.extend(row_to_job(row) for row in r.rows)
-        return resumed
+            named = f"app = ? AND name IN ({','.join('?' * len(chunk))}) AND is_delete = 0"
+            yield Stmt(f"UPDATE jobs SET {set_sql}, updated_time = ?, version = version + 1"
+                       f" WHERE {named} AND {was_sql}", (*set_params, now, app, *chunk, *was_params))
+            r = yield Stmt(f"SELECT {JOB_COLS} FROM jobs WHERE {named} AND enabled = ? AND updated_time = ?",
+                           (app, *chunk, int(enable), now))
+            flipped.extend(row_to_job(row) for row in r.rows)
+        return flipped
 
     async def get_job(self, job_id: int) -> JobRow | None:
         rows = await self._run("get_job", lambda: self._op_query(
