@@ -196,14 +196,15 @@ class FastJobServer:
         period = schedule.period_seconds(job)
         return period is not None and period < self.config.second_level_threshold and not job.run_once
 
+    def first_fire_ms(self, job: JobRow | JobSpec, now_ms: int) -> int | None:
+        """When a new, re-scheduled or resumed job fires first here; None when the server never
+        fires it (API-triggered, or run by a worker: second-level jobs have no next fire)."""
+        return None if self.is_second_level(job) else schedule.first_fire_ms(job, now_ms)
+
     async def declare_jobs(self, app: str, specs: list[JobSpec]) -> int:
         """A worker's declarations (one store transaction); returns how many jobs changed."""
         now_ms = schedule.now_ms()
-
-        def first_fire(spec: JobSpec) -> int | None:
-            return None if self.is_second_level(spec) else schedule.first_fire_ms(spec, now_ms)
-
-        written = await self.store.declare_jobs(app, specs, first_fire, time.time())
+        written = await self.store.declare_jobs(app, specs, lambda spec: self.first_fire_ms(spec, now_ms), time.time())
         for job in written:
             self._job_changed(job)
         return len(written)
@@ -228,8 +229,7 @@ class FastJobServer:
                 log.warning("reconciling declared jobs: database unavailable: %s", exc)
 
     async def upsert_job(self, spec: JobSpec) -> JobRow:
-        next_ms = None if self.is_second_level(spec) else schedule.first_fire_ms(spec, schedule.now_ms())
-        job = await self.store.upsert_job(spec, next_ms, time.time())
+        job = await self.store.upsert_job(spec, self.first_fire_ms(spec, schedule.now_ms()), time.time())
         self._job_changed(job)
         return job
 

@@ -54,7 +54,6 @@ from .memory_db import (
     json_copy,
     planner_view,
     spec_fields,
-    stored_spec,
     stored_spec_of,
 )
 
@@ -233,14 +232,14 @@ class MemoryStore(Store):
                  first_fire: Callable[[JobSpec], int | None], now: float) -> list[JobRow]:
         """The rules of store/job_writes.py, as the SQL stores apply them ("changed" is judged on
         the stored form of each declared field: 5 and 5.0 are no change)."""
-        for spec in specs:
-            stored_spec(spec)  # raises ValueError for a schedule type that does not exist, before any write
+        # raises ValueError for a schedule type that does not exist, before any write
+        declared = [(spec, spec_values(spec)) for spec in specs]
         written = []
-        for spec in specs:
+        for spec, values in declared:
             job = db.job_named(app, spec.name)
             old = None if job is None else StoredJob(job.id, job.version, job.is_delete, job.origin, job.paused_by,
                                                      tuple(stored_spec_of(job).values()))
-            write = plan_write(old, spec_values(spec), origin)
+            write = plan_write(old, values, origin)
             if write is None:
                 continue
             next_ms = first_fire(spec) if write.new_next else None
