@@ -73,12 +73,13 @@ STATUS_RULES: dict[Status, StatusRule] = {
                                    " died or lost its server for longer than its run lease; re-run up to 3 times"
                                    " (MAX_RERUNS) without using up a retry"),
     Status.KILLED: StatusRule(True, "no", False, "no",
-                              "stopped by an operator (reserved for the admin API's kill)"),
+                              "stopped while running by an operator (the admin API's kill)"),
     Status.SKIPPED: StatusRule(True, "no", False, "no",
                                "not run because its policy said so: overlap (skip, buffer_one, a full queue) or"
                                " misfire (skip, fire_once coalescing, older than the catch-up window)"),
     Status.CANCELLED: StatusRule(True, "no", False, "no",
-                                 "not run because its job was deleted or disabled before it came due"),
+                                 "not run because its job was deleted or disabled before it came due, or an"
+                                 " operator killed it before it started"),
 }
 
 FINAL_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if rule.final)
@@ -130,7 +131,7 @@ class PausedBy(str, enum.Enum):
 
 
 #: How an instance came about (``InstanceRow.trigger``).
-TRIGGERS = ("schedule", "catch_up", "api", "retry", "rerun")
+TRIGGERS = ("schedule", "catch_up", "api", "forced", "retry", "rerun")
 
 
 @dataclass(slots=True)

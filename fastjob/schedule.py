@@ -217,3 +217,21 @@ def retry_delay(job: Job, attempt: int) -> float:
     """Exponential backoff before attempt ``attempt + 1``: backoff * 2**(attempt-1), capped at 5 min."""
     # a float power (inf past the largest float, not an OverflowError like a huge int would give)
     return min(300.0, job.retry_backoff * 2.0 ** min(max(0, attempt - 1), 1023))
+
+
+def upcoming_fires(job: Job, count: int, now_ms: int, start_ms: int | None = None) -> list[int]:
+    """The job's next ``count`` planned times (ms) from ``start_ms`` (its stored next fire) or, for
+    a job not stored yet, from now. A fixed-delay job's are the earliest times (each run's length
+    moves the next one)."""
+    t = start_ms if start_ms is not None else first_fire_ms(job, now_ms)
+    kind = ScheduleType(job.schedule_type)
+    out: list[int] = []
+    while t is not None and len(out) < count:
+        out.append(t)
+        if job.run_once or kind in (ScheduleType.ONCE, ScheduleType.API):
+            break
+        if kind is ScheduleType.CRON:
+            t = cron_after(job.schedule_expr, job.timezone, t)
+        else:
+            t += max(1, int(round(parse_period(job.schedule_expr) * 1000)))
+    return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import logging
 import os
 import pickle
@@ -26,10 +27,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import schedule
+from . import jobdef
 from .context import Handler
 from .isolation import ISOLATIONS
-from .models import JOB_DEFAULTS, JobSpec, Overlap, ScheduleType, spec_to_wire
+from .models import JOB_DEFAULTS, JobSpec, spec_to_wire
 from .protocol import DEFAULT_MAX_FRAME, Connection, Message, encode, parse_address
 from .second_level_runner import SecondLevelRunner
 from .tasks import BackgroundTasks
@@ -163,32 +164,11 @@ class Worker(OperatorQueries):
         handler = handler or name
         if handler not in self.handlers:
             raise ValueError(f"job {name!r}: unknown handler {handler!r}; register it with @worker.handler first")
-        given = [k for k, v in (("interval", interval), ("delay", delay), ("cron", cron), ("at", at)) if v is not None]
-        if len(given) > 1:
-            raise ValueError(f"job {name!r}: give only one of interval, delay, cron, at (got {', '.join(given)})")
-        if interval is not None:
-            kind, expr = ScheduleType.FIXED_RATE, repr(float(interval))
-        elif delay is not None:
-            kind, expr = ScheduleType.FIXED_DELAY, repr(float(delay))
-        elif cron is not None:
-            kind, expr = ScheduleType.CRON, cron
-        elif at is not None:
-            kind, expr = ScheduleType.ONCE, repr(_one_shot_time(name, at))
-        elif run_once:
-            kind, expr = ScheduleType.ONCE, ""
-        else:
-            kind, expr = ScheduleType.API, ""
-        spec = JobSpec(
-            app=self.app, name=name, handler=handler, schedule_type=kind, schedule_expr=expr,
-            timezone=timezone, params=params, timeout=timeout, retry_times=retries,
-            retry_backoff=retry_backoff, misfire_policy=misfire, tags=list(tags), routing=routing,
-            run_once=run_once, enabled=enabled, overlap=overlap or _overlap_of(allow_overlap),
-            catch_up_window=catch_up_window, max_queued=max_queued,
-        )
-        try:
-            schedule.validate(spec)
-        except schedule.ScheduleError as exc:
-            raise schedule.ScheduleError(f"job {name!r}: {exc}") from None
+        spec = jobdef.build_spec(
+            self.app, name, handler=handler, interval=interval, delay=delay, cron=cron, at=at, run_once=run_once,
+            retries=retries, retry_backoff=retry_backoff, timeout=timeout, params=params, timezone=timezone,
+            misfire=misfire, catch_up_window=catch_up_window, tags=tags, routing=routing, overlap=overlap,
+            max_queued=max_queued, enabled=enabled, allow_overlap=allow_overlap)
         self._check_sendable(spec)
         self._check_picklable(spec)
         self.declared[name] = spec
@@ -388,7 +368,13 @@ class Worker(OperatorQueries):
         return await self._link.session(address, patience)
 
     def _hello_state(self) -> dict[str, Any]:
-        return {**self._runs.hello_state(), "second_level": self.second_level.job_ids()}
+        return {**self._runs.hello_state(), "second_level": self.second_level.job_ids(),
+                "handlers": self.handler_kinds()}
+
+    def handler_kinds(self) -> dict[str, str]:
+        """How each handler runs: "async" or "process" (an operator's kill stops it) or "thread" (it cannot)."""
+        return {name: "process" if self.handler_isolation.get(name) == "process"
+                else "async" if inspect.iscoroutinefunction(fn) else "thread" for name, fn in self.handlers.items()}
 
     def _registered(self, conn: Connection) -> None:
         """A session is registered: results kept while disconnected go out, second-level jobs resume."""
@@ -429,20 +415,3 @@ class Worker(OperatorQueries):
         """Fire job ``name`` now with ``params``; returns the instance id."""
         reply = await self.call("TRIGGER", {"name": name, "params": params})
         return int(reply["instance_id"])
-
-
-def _one_shot_time(name: str, at: dt.datetime | float | str) -> float:
-    """``at=`` as epoch seconds: a datetime (naive: local time), epoch seconds, or an ISO 8601 string
-    (naive: UTC), as the server reads it; a ScheduleError naming the job otherwise."""
-    try:
-        if isinstance(at, dt.datetime):
-            return at.timestamp()
-        if isinstance(at, str):
-            return schedule.parse_at(at)
-        return float(at)
-    except (TypeError, ValueError) as exc:
-        raise schedule.ScheduleError(f"job {name!r}: at= {exc}") from None
-
-
-def _overlap_of(allow_overlap: bool | None) -> str:
-    return str((Overlap.ALLOW if allow_overlap else Overlap.QUEUE).value)

@@ -29,7 +29,7 @@ import msgpack
 from .context import Handler, JobContext, JobLog
 from .isolation import ChildRunError, ProcessPool
 from .models import Status
-from .protocol import Connection, ProtocolError
+from .protocol import KILL_REASON, Connection, ProtocolError
 from .threads import DaemonThreadPool
 
 log = logging.getLogger("fastjob.worker")
@@ -272,6 +272,8 @@ class InstanceRunner:
                 raise
             if reason == "timeout":
                 return Status.TIMED_OUT.value, None, "cancelled: timeout"
+            if reason == KILL_REASON and self._link.version >= 4:
+                return Status.KILLED.value, None, KILL_REASON
             # cut short by its worker or server, not by the handler: version 1 calls it cancelled
             status = Status.INTERRUPTED if self._link.version >= 2 else Status.CANCELLED
             return status.value, None, f"interrupted: {reason}"

@@ -37,7 +37,7 @@ async def _frozen_in_a_transaction(dsn: str) -> tuple[MySQLStore, object]:
 
 async def test_the_survivor_ends_a_frozen_owners_sessions_and_takes_its_app(mysql_dsn):
     frozen, conn = await _frozen_in_a_transaction(mysql_dsn)
-    srv = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=mysql_dsn, heartbeat_interval=0.2,
+    srv = FastJobServer(ServerConfig(host="127.0.0.1", port=0, http_port=0, db=mysql_dsn, heartbeat_interval=0.2,
                                      heartbeat_timeout=1.0))
     await srv.start()
     try:

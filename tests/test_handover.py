@@ -21,7 +21,7 @@ from fastjob.store import create_store
 
 @pytest.fixture
 async def server(tmp_path) -> AsyncIterator[FastJobServer]:
-    srv = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=f"sqlite:///{tmp_path / 'h.db'}",
+    srv = FastJobServer(ServerConfig(host="127.0.0.1", port=0, http_port=0, db=f"sqlite:///{tmp_path / 'h.db'}",
                                      heartbeat_interval=0.2, heartbeat_timeout=1.0, second_level_threshold=0))
     await srv.start()
     try:
@@ -94,7 +94,7 @@ async def test_hellos_racing_for_a_handed_app_adopt_it_once(tmp_path) -> None:
     A second load, on top of live state, recovered a run that had just finished (its status not yet
     written) as lost, and ran it again (seen in bench_failover's join trials)."""
     db = f"sqlite:///{tmp_path / 'h.db'}"
-    config = dict(host="127.0.0.1", port=0, db=db, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    config = dict(host="127.0.0.1", port=0, http_port=0, db=db, heartbeat_interval=0.2, heartbeat_timeout=1.0)
     first, second = FastJobServer(ServerConfig(**config)), FastJobServer(ServerConfig(**config))
     await first.start()
     await second.start()

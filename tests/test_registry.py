@@ -29,7 +29,7 @@ async def _gone(server: FastJobServer) -> None:
 
 async def test_a_vanished_worker_stays_registered_for_its_run_lease_a_stopped_one_goes_at_once(tmp_path):
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=db, heartbeat_interval=0.2,
+    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, http_port=0, db=db, heartbeat_interval=0.2,
                                         heartbeat_timeout=1.0, run_lease=RUN_LEASE))
     await server.start()
     conf: dict[str, Any] = {"app": "shop", "servers": [server.address], "ledger": str(tmp_path / "l.jsonl"),

@@ -56,7 +56,7 @@ class Scene:
 
     async def server(self, **config: Any) -> FastJobServer:
         settings: dict[str, Any] = {
-            "host": "127.0.0.1", "port": 0, "db": self.db,
+            "host": "127.0.0.1", "port": 0, "http_port": 0, "db": self.db,
             "heartbeat_interval": 0.2, "heartbeat_timeout": 3.0, "handshake_timeout": 5.0,
             "scan_horizon": 1.0,
         }

@@ -166,6 +166,7 @@ async def running_server(tmp_path: Path, **config: Any) -> AsyncIterator[Bench]:
     settings: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
+        "http_port": 0,
         "db": f"sqlite:///{tmp_path / 'x.db'}",
         "heartbeat_interval": 1.0,
         "heartbeat_timeout": 5.0,
@@ -372,10 +373,10 @@ TOKENS = {"secure": "s3cret"}
         ("secure", "s3cret ", False),
         ("secure", "S3CRET", False),
         ("secure", "s3cret", True),
-        ("open", _ABSENT, True),  # an app without a token takes any HELLO
-        ("open", "whatever", True),
+        ("open", _ABSENT, True),  # an app without a worker token takes a HELLO without one (loopback server)
+        ("open", "whatever", False),  # but a token given must be valid (version 4: tokens live in one store)
     ],
-    ids=["missing", "nil", "empty", "wrong", "trailing-space", "case", "right", "open-none", "open-any"],
+    ids=["missing", "nil", "empty", "wrong", "trailing-space", "case", "right", "open-none", "open-wrong"],
 )
 def test_app_token(run: Callable[..., Any], tmp_path: Path, app: str, token: Any, accepted: bool) -> None:
     async def main() -> None:

@@ -44,7 +44,7 @@ async def test_stop_right_after_a_scan_wake_up_ends_the_scan_loop(tmp_path) -> N
     """The shape of the reported hang: the scan is woken (as by a gained app) in the same turn as
     the scheduler is told to stop. The scan loop must end; its stop is bounded (10 s) but the
     loop must not need the bound."""
-    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=f"sqlite:///{tmp_path / 's.db'}",
+    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, http_port=0, db=f"sqlite:///{tmp_path / 's.db'}",
                                         heartbeat_interval=0.2, heartbeat_timeout=1.0))
     await server.start()
     scan_task = server.scheduler.scanner._task

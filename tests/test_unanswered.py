@@ -36,7 +36,7 @@ class LostReply:
 
 
 async def test_fires_of_a_claim_whose_answer_was_lost_still_run(tmp_path):
-    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, db=f"sqlite:///{tmp_path / 'u.db'}",
+    server = FastJobServer(ServerConfig(host="127.0.0.1", port=0, http_port=0, db=f"sqlite:///{tmp_path / 'u.db'}",
                                         heartbeat_interval=0.2, heartbeat_timeout=3.0, scan_horizon=1.0,
                                         second_level_threshold=0))
     store = server.store = LostReply(server.store)  # type: ignore[assignment]

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 from .codec import HEADER, Decoder, Message, encode, parse_address
 from .connection import Connection
-from .constants import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from .constants import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_FRAME,
+    KILL_REASON,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+)
 from .errors import ErrorCode, ProtocolError, RemoteError
 from .schema import REPLY_TYPES, SCHEMAS, SINCE_VERSION, STRUCTS, negotiate_version, validate
 
 __all__ = [
+    "KILL_REASON",
     "PROTOCOL_VERSION",
     "MIN_PROTOCOL_VERSION",
     "DEFAULT_MAX_FRAME",

@@ -299,6 +299,10 @@ class Connection(asyncio.Protocol):
         """The peer's address as reported by the transport."""
         return self._peername
 
+    def silent_for(self) -> float:
+        """Seconds since the peer's last frame."""
+        return self._live_loop.time() - self.last_received
+
     # ---- idle watch (heartbeat / handshake timeouts) ------------------------------------
     def watch_idle(self, timeout: float | None, code: str = ErrorCode.HEARTBEAT_TIMEOUT) -> None:
         """Fail the connection with ``code`` if no frame arrives for ``timeout`` seconds.

@@ -5,7 +5,7 @@ defaults without pulling in the codec or the connection.
 """
 from __future__ import annotations
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """The highest protocol version this implementation speaks."""
 MIN_PROTOCOL_VERSION = 1
 """The lowest protocol version this implementation still accepts."""
@@ -13,3 +13,5 @@ DEFAULT_MAX_FRAME = 1 << 20
 """Default limit of one frame's payload, in bytes (1 MiB)."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server waits for HELLO before closing with ``handshake_timeout``."""
+KILL_REASON = "killed by an operator"
+"""CANCEL's reason when an operator kills a run: a version-4 worker reports the run ``killed``."""

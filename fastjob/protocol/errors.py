@@ -26,6 +26,7 @@ class ErrorCode:
     SHUTTING_DOWN = "shutting_down"
     SLOW_CONSUMER = "slow_consumer"
     BUSY = "busy"
+    FORBIDDEN = "forbidden"  # version 4: the session's token may not make this call
 
 
 class ProtocolError(Exception):

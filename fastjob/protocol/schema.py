@@ -78,6 +78,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "second_level": "array[int]?",
         "host": "str?",
         "pid": "int?",
+        "handlers": "map?",
     },
     "WELCOME": {
         "version": "int",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import ssl
 import time
@@ -10,12 +9,15 @@ from collections.abc import Collection
 from typing import Any
 
 from .. import schedule
-from ..models import InstanceRow, JobRow, JobSpec
+from ..models import InstanceRow, JobRow, JobSpec, Status
 from ..protocol import ErrorCode
 from ..store import Store, StoreError, create_store
 from ..tasks import BackgroundTasks
+from .audit import AuditLog
+from .auth import TokenAuthority
 from .cluster import Cluster, Origin
 from .config import ServerConfig
+from .http import AdminHttp, Owner
 from .reconcile import Reconciler
 from .scheduler import Scheduler
 from .second_level import SecondLevel
@@ -30,6 +32,9 @@ class FastJobServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store: Store = create_store(config.db)
+        self.auth = TokenAuthority(self.store)
+        self.audit = AuditLog(self.store)
+        self.http: AdminHttp | None = None
         self.connections: set[WorkerSession] = set()
         self.sessions: dict[str, list[WorkerSession]] = {}  # app -> established sessions
         self._listener: asyncio.base_events.Server | None = None
@@ -52,7 +57,7 @@ class FastJobServer:
         server_id = cfg.server_id or self.address
         for app, token in cfg.app_tokens.items():
             await self.store.ensure_app(app)
-            await self.store.set_app_token(app, self.hash_token(app, token))
+            await self.auth.ensure_app_token(app, token)
         self.cluster = Cluster(self.store, server_id, self.address, cfg.heartbeat_interval,
                                cfg.heartbeat_timeout, self._app_gained, self._app_lost, self._app_drain,
                                self._app_undrain, self._fire_rates)
@@ -79,8 +84,14 @@ class FastJobServer:
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
         self.scheduler.start()
+        if cfg.http_port >= 0:
+            self.http = AdminHttp(self)
+            bound = await self.http.start(cfg.effective_http_host, cfg.http_port)
+            self.cluster.http_address = cfg.http_advertise or bound
+            await self._first_admin_token()
         await self.cluster.start()
         self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")
+        self.tasks.spawn(self.audit.run(), "fastjob-audit")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
         return self.address
 
@@ -91,11 +102,14 @@ class FastJobServer:
         redirected to the new owner while their instances keep running."""
         if self._listener is not None:
             self._listener.close()
+        if self.http is not None:
+            await self.http.stop()
         await self.cluster.stop()
         for session in list(self.connections):
             session.fail(ErrorCode.SHUTTING_DOWN, "the server is stopping; reconnect to another server")
         await self.tasks.close()
         await self.scheduler.stop()
+        await self.audit.flush()
         if self._listener is not None:
             await asyncio.wait({asyncio.ensure_future(self._listener.wait_closed())}, timeout=5)
         await self.store.close()
@@ -236,8 +250,8 @@ class FastJobServer:
     def owns(self, app: str) -> bool:
         return app in self.cluster.owned
 
-    async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
-        return await self.scheduler.trigger(app, job, params)
+    async def trigger(self, app: str, job: JobRow, params: Any, force: bool = False) -> InstanceRow:
+        return await self.scheduler.trigger(app, job, params, force)
 
     async def flush_statuses(self) -> None:
         """Write every status, log line and second-level report received so far (a query then sees them)."""
@@ -253,7 +267,57 @@ class FastJobServer:
         self.scheduler.job_changed(job)
         self.second_level.job_changed(job)
 
-    @staticmethod
-    def hash_token(app: str, token: str) -> str:
-        """Tokens are stored as a salted SHA-256: high-entropy secrets need no slow KDF."""
-        return hashlib.sha256(f"fastjob-token:{app}:{token}".encode()).hexdigest()
+    async def _first_admin_token(self) -> None:
+        """On a first start (no token that can use the API), create an admin token and show it once."""
+        if await self.auth.any_usable():
+            return
+        token, row = await self.auth.create("admin (first start)", "admin")
+        log.warning("no API token existed: created admin token %s; it is shown once, on the line below"
+                    " (fastjob-server token create makes more)", row.id)
+        print(f"FASTJOB_ADMIN_TOKEN {token}", flush=True)
+
+    # ---- what the admin API needs (http/backend.py: AdminBackend) ------------------------------
+    @property
+    def server_id(self) -> str:
+        return self.cluster.server_id
+
+    def owned_apps(self) -> dict[str, int]:
+        return dict(self.cluster.owned)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.cluster.lease_valid():
+            return False, "this server's lease is not valid (database heartbeat late)"
+        return True, ""
+
+    async def owner_of(self, app: str, claim: bool) -> Owner | None:
+        """Where actions on ``app`` are applied; with ``claim``, an app with no live owner is claimed
+        first (as a worker's HELLO would), so that jobs can be defined before any worker connects."""
+        if len(app) > 128 or not app:
+            raise StoreError(f"bad app name {app[:40]!r}")
+        for _ in range(3):
+            if app in self.cluster.owned:
+                return Owner(True)
+            row = await self.store.get_app(app)
+            live = await self.cluster.live_servers()
+            if row is not None and row.owner in live:
+                owner = live[row.owner]
+                if owner.id == self.server_id:
+                    await self.cluster.route(app)  # assigned to us, not loaded yet
+                    continue
+                return Owner(False, owner.http_address, owner.id)
+            if not claim:
+                return None
+            await self.cluster.route(app)
+        raise StoreError(f"app {app}: ownership did not settle")
+
+    def kill(self, row: InstanceRow, job: JobRow | None) -> Status:
+        return self.scheduler.interventions.kill(row, job)
+
+    async def retry(self, row: InstanceRow, job: JobRow, force: bool, params: Any) -> InstanceRow:
+        return await self.scheduler.interventions.retry(row, job, force, params)
+
+    def overlap_refusal(self, job: JobRow) -> str | None:
+        return self.scheduler.interventions.overlap_refusal(job)
+
+    def second_level_jobs_of(self, session: WorkerSession) -> list[int]:
+        return session.second_level_jobs()

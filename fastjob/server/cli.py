@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                " other servers (before maintenance); --undo lets it take apps again. SIGTERM also hands apps"
                " over before the server exits.")
     for knob in dataclasses.fields(ServerConfig):
-        if knob.name == "app_tokens":
+        if knob.type == "bool":
+            p.add_argument("--" + knob.name.replace("_", "-"), action="store_true",
+                           default=_env(knob.name, "") in ("1", "true", "yes"),
+                           help=f"{knob.metadata['help']} (FASTJOB_{knob.name.upper()}=1)")
+        elif knob.name == "app_tokens":
             p.add_argument("--app-token", action="append", default=[], metavar="APP=TOKEN",
                            help=knob.metadata["help"] + " (default: none)")
         else:
@@ -85,6 +89,8 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then stop cleanly (release apps, flush writes)."""
     server = FastJobServer(config)
     address = await server.start()
+    if server.http is not None:
+        print(f"FASTJOB_HTTP {server.http.address}", flush=True)
     print(f"FASTJOB_READY {address}", flush=True)  # test harnesses wait for this line
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..store import AppRow, ServerRow, Store, StoreError
+from ..store import AppRow, OwnershipChange, ServerRow, Store, StoreError
 
 log = logging.getLogger("fastjob.cluster")
 
@@ -87,6 +87,7 @@ class Cluster:
         self.clock = clock  # monotonic: leases and judging; wall: heartbeats stored for peers
         self.server_id = server_id
         self.address = address
+        self.http_address = ""  # of our admin API, set before start(): peers forward requests there
         self.interval = heartbeat_interval
         self.timeout = heartbeat_timeout
         self.owned: dict[str, int] = {}  # app -> epoch we hold it at
@@ -132,7 +133,7 @@ class Cluster:
     async def start(self) -> None:
         mine = [s for s in await self.store.list_servers() if s.id == self.server_id]
         self._previous_heartbeat = mine[0].heartbeat_at if mine else None
-        await self.store.register_server(self.server_id, self.address, self.clock.wall())
+        await self.store.register_server(self.server_id, self.address, self.clock.wall(), self.http_address)
         self._started_at = self.clock.monotonic()
         self._renewed(self._started_at)
         self._db_up_since = self.clock.monotonic()
@@ -189,7 +190,7 @@ class Cluster:
         self._update_rates()
         try:
             if not await self.store.heartbeat_server(self.server_id, now, self.load()):
-                await self.store.register_server(self.server_id, self.address, now)
+                await self.store.register_server(self.server_id, self.address, now, self.http_address)
         except StoreError:
             self._db_up_since = None
             raise
@@ -308,6 +309,7 @@ class Cluster:
             return False
         self._orphan_seen.pop(row.name, None)
         log.info("app %s: claimed for %s at epoch %d (was %s)", row.name, owner, epoch, row.owner)
+        await self._record(row.name, row.owner, owner, epoch, self._claim_reason(row, owner, servers))
         if owner == self.server_id:
             self.owned[row.name] = epoch
             self._ever_owned.add(row.name)
@@ -320,6 +322,22 @@ class Cluster:
                 await self._on_lost(row.name)
                 raise
         return True
+
+    def _claim_reason(self, row: AppRow, owner: str, servers: dict[str, ServerRow]) -> str:
+        if row.owner is None:
+            return "claimed" if owner == self.server_id else f"assigned by {self.server_id}"
+        if row.owner == owner:
+            return "adopted" if row.prev_owner != owner else "restarted"
+        return f"takeover: {row.owner} {'silent' if row.owner in servers else 'gone'}"
+
+    async def _record(self, app: str, from_server: str | None, to_server: str | None, epoch: int,
+                      reason: str) -> None:
+        """Write the ownership history (GET /api/v1/cluster/history); a failure costs only the entry."""
+        try:
+            await self.store.add_ownership_change(
+                OwnershipChange(app, from_server, to_server, epoch, reason, self.clock.wall()))
+        except StoreError as exc:
+            log.warning("app %s: ownership change not recorded: %s", app, exc)
 
     async def _fence(self, dead: str, row: ServerRow | None) -> None:
         """End a dead owner's database sessions before taking its apps: if it froze inside a
@@ -413,6 +431,7 @@ class Cluster:
             return False
         self.owned.pop(app, None)
         log.info("app %s: handed over by %s to %s (%s)", app, self.server_id, to or "nobody (released)", why)
+        await self._record(app, self.server_id, to, epoch + 1, f"{'handed over' if to else 'released'}: {why}")
         await self._on_lost(app)
         return True
 

@@ -6,6 +6,7 @@ inconsistent, and the CLI refuses to start on it.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _POSITIVE = ("heartbeat_interval", "heartbeat_timeout", "run_lease", "scan_horizon", "scan_interval",
              "dispatch_wait", "handshake_timeout")
 _NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold", "undeclared_grace")
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` reachable only from this machine?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -54,8 +65,23 @@ class ServerConfig:
     max_frame: int = _knob(DEFAULT_MAX_FRAME, f"largest frame accepted, in bytes (at least {MIN_MAX_FRAME})")
     tls_cert: str | None = _knob(None, "PEM certificate chain: serve TLS")
     tls_key: str | None = _knob(None, "the certificate's PEM private key")
+    http_port: int = _knob(7701, "port of the HTTP admin API; 0 picks a free one; -1 serves none")
+    http_host: str | None = _knob(None, "address the HTTP admin API binds (default: --host)")
+    http_advertise: str | None = _knob(None, "host:port other servers forward admin requests to (default: the"
+                                             " bound one)")
+    insecure: bool = _knob(False, "let workers of a server bound to a non-loopback address connect without a"
+                                  " token")
     app_tokens: dict[str, str] = field(default_factory=dict, metadata={
         "help": "require TOKEN from workers of APP (repeatable; FASTJOB_APP_TOKENS=a=x,b=y)"})
+
+    @property
+    def tokens_required(self) -> bool:
+        """Must every wire peer present a token? On a non-loopback address, unless --insecure."""
+        return not self.insecure and not is_loopback(self.host)
+
+    @property
+    def effective_http_host(self) -> str:
+        return self.http_host or self.host
 
     @property
     def effective_run_lease(self) -> float:
@@ -87,6 +113,8 @@ class ServerConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0-65535, got {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            problems.append(f"--http-port must be in 0-65535 (or -1: none), got {self.http_port}")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in _POSITIVE + _NOT_NEGATIVE:

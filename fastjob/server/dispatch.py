@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Status
-from ..protocol import ProtocolError
+from ..protocol import KILL_REASON, ProtocolError
 from ..store import Store
 from ..tasks import BackgroundTasks
 from .fires import MAX_TEXT, Alarms, Finish, Inflight, Pending, PendingExpired, RunOverdue
@@ -181,6 +181,10 @@ class Dispatcher:
                                  f"fastjob-late-result-{instance_id}")
             return
         self.forget(flight)
+        if flight.kill_requested and status is not Status.SUCCEEDED:
+            status, error = Status.KILLED, "killed by an operator" + (f" ({error})" if error else "")
+        elif status is Status.KILLED:  # a kill nobody asked for here (an earlier owner's): run it again
+            status = Status.INTERRUPTED
         self.finish(flight.instance, status, result=body.get("result"), error=error,
                     worker=session.worker_id, started_at=body.get("started_at"),
                     finished_at=body["finished_at"], job=flight.job)
@@ -209,6 +213,12 @@ class Dispatcher:
         self.forget(flight)
         self.finish(flight.instance, Status.TIMED_OUT, job=flight.job,
                     error=f"no result within the {flight.job.timeout}s timeout")
+
+    def kill(self, flight: Inflight) -> None:
+        """An operator stops a run: the worker cancels its handler, and its RESULT is recorded killed."""
+        assert flight.session is not None
+        flight.kill_requested = True
+        flight.session.send("CANCEL", {"instance_id": flight.instance.id, "reason": KILL_REASON})
 
     def forget(self, flight: Inflight) -> None:
         """The instance is no longer in flight (it ended, or it is to be sent elsewhere)."""

@@ -32,6 +32,7 @@ class Inflight:
     refused_by: set[str] = field(default_factory=set)
     overdue_handle: int | None = None
     orphan_handle: int | None = None  # armed while no session holds it (awaiting re-attach)
+    kill_requested: bool = False  # an operator killed it: its run ends as killed, not interrupted
 
 
 @dataclass(slots=True)

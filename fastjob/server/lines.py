@@ -24,7 +24,9 @@ _ALLOW, _SKIP, _BUFFER_ONE, _QUEUE = (Overlap.ALLOW.value, Overlap.SKIP.value, O
 
 #: Fires of these triggers are never skipped by an overlap policy: an operator asked for them
 #: (api) or they continue a fire that already had its turn (retry, rerun). They still wait.
-NEVER_SKIPPED = frozenset({"api", "retry", "rerun"})
+NEVER_SKIPPED = frozenset({"api", "forced", "retry", "rerun"})
+#: An operator's trigger or retry with ``force``: it runs at once, whatever the overlap policy.
+FORCED = "forced"
 
 
 class Verdict(enum.Enum):
@@ -68,7 +70,7 @@ class JobLines:
             return Verdict.RUN, ""
         if line is None:
             line = self._lines[job.id] = _Line()
-        if job.overlap == _ALLOW or not (line.holders or line.waiting):
+        if job.overlap == _ALLOW or row.trigger == FORCED or not (line.holders or line.waiting):
             line.holders.add(row.id)
             return Verdict.RUN, ""
         skippable = row.trigger not in NEVER_SKIPPED
@@ -82,6 +84,36 @@ class JobLines:
             line.scheduled_waiting += 1
         heapq.heappush(line.waiting, Turn(row.planned_ms, row.attempt, row.id, row, epoch))
         return Verdict.WAIT, ""
+
+    def refusal(self, job: JobRow) -> str | None:
+        """Why the job's overlap policy would skip a fire due now, or None: an operator's trigger
+        or retry (without force) is refused for that reason rather than queued against it."""
+        line = self._lines.get(job.id)
+        if line is None or job.overlap == _ALLOW or not (line.holders or line.waiting):
+            return None
+        if job.overlap == _SKIP:
+            return "overlap skip: an earlier instance of the job still runs (force runs it anyway)"
+        if job.overlap == _BUFFER_ONE and line.waiting:
+            return "overlap buffer_one: a fire already waits behind the running one (force runs it anyway)"
+        if job.overlap == _QUEUE and len(line.waiting) >= job.max_queued:
+            return f"overlap queue: {job.max_queued} fires already wait (max_queued; force runs it anyway)"
+        return None
+
+    def remove(self, job_id: int, instance_id: int) -> Turn | None:
+        """Take a waiting fire out of its line (an operator cancelled it); None if it does not wait there."""
+        line = self._lines.get(job_id)
+        if line is None:
+            return None
+        for index, turn in enumerate(line.waiting):
+            if turn.instance_id == instance_id:
+                line.waiting.pop(index)
+                heapq.heapify(line.waiting)
+                if turn.row.trigger not in NEVER_SKIPPED:
+                    line.scheduled_waiting -= 1
+                if not line.holders and not line.waiting:
+                    del self._lines[job_id]
+                return turn
+        return None
 
     def push(self, row: InstanceRow, epoch: int) -> None:
         """Queue a recovered fire in planned order without a verdict: it was admitted once already

@@ -50,7 +50,8 @@ from ..timer import WheelTimer
 from .dispatch import Dispatcher
 from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
 from .follow_ups import FollowUps, follow_up
-from .lines import JobLines, Turn, Verdict
+from .interventions import Interventions
+from .lines import FORCED, JobLines, Turn, Verdict
 from .recovery import FailoverRecovery, recovery_window
 from .scan import Scanner
 from .writer import StatusWriter
@@ -125,6 +126,11 @@ class Scheduler:
             known=lambda instance_id: instance_id in self.wheel_handles or instance_id in self.dispatcher.inflight,
             draining=self.draining, tasks=self.tasks, clock=clock, scan_horizon=scan_horizon,
             scan_interval=scan_interval, misfire_threshold=misfire_threshold)
+        self.interventions = Interventions(
+            store=store, server_id=cluster.server_id, epoch_of=lambda app: cluster.owned.get(app),
+            dispatcher=self.dispatcher, lines=self.lines, wheel_handles=self.wheel_handles,
+            left_wheel=self._left_wheel, cancel_timer=self.cancel, enter_wheel=self.enter_wheel, jobs=self.jobs,
+            finish=self.finish, clock=clock)
         self._revalidating = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -382,8 +388,9 @@ class Scheduler:
         if row.trigger != "api" and self.follow_ups.is_delay_chain(current) and not self._links_in_motion(current):
             self.follow_ups.continue_chain(row, job, finished_at)
 
-    async def trigger(self, app: str, job: JobRow, params: Any) -> InstanceRow:
-        """An API call fires the job now (WAL first, then the wheel)."""
+    async def trigger(self, app: str, job: JobRow, params: Any, force: bool = False) -> InstanceRow:
+        """An API call fires the job now (WAL first, then the wheel); ``force`` runs it whatever
+        its overlap policy says."""
         epoch = self.cluster.owned.get(app)
         if epoch is None or app in self.draining:
             raise NotOwnerError(app, -1)
@@ -392,7 +399,8 @@ class Scheduler:
             created_at = self.clock.wall()
             try:
                 row = await self.store.insert_instance(
-                    self.cluster.server_id, app, epoch, job.id, planned + bump, 1, "api", params, created_at)
+                    self.cluster.server_id, app, epoch, job.id, planned + bump, 1, FORCED if force else "api", params,
+                    created_at)
             except StoreError:
                 self.scanner.unanswered(app, epoch, created_at)
                 raise

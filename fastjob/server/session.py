@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import time
 from typing import Any, Protocol
 
 from ..models import JobSpec
@@ -26,12 +26,25 @@ from ..schedule import ScheduleError
 from ..store import NotOwnerError, StoreError
 from ..tasks import BackgroundTasks
 from .api import API_TYPES, ApiBackend, ApiError, declared_specs, handle_api
+from .audit import AuditLog
+from .auth import OPEN_ACCESS, Permission, Principal, TokenAuthority
 from .cluster import Cluster
 from .config import ServerConfig
 
 log = logging.getLogger("fastjob.session")
 
 REPORT_TYPES = frozenset({"ACK", "START", "LOG", "RESULT", "SL_REPORT"})
+#: What each mutating wire call needs of the session's token (the rest only read).
+WIRE_PERMISSIONS = {
+    "JOB_UPSERT": Permission.MANAGE,
+    "JOB_DELETE": Permission.MANAGE,
+    "JOB_ENABLE": Permission.OPERATE,
+    "TRIGGER": Permission.TRIGGER,
+    "JOB_DECLARE": Permission.DECLARE,
+}
+#: Their names in the audit log (the HTTP routes' names for the same acts).
+WIRE_ACTIONS = {"JOB_UPSERT": "job.put", "JOB_DELETE": "job.delete", "JOB_ENABLE": "job.enable",
+                "TRIGGER": "job.trigger", "JOB_DECLARE": "job.declare"}
 # API requests one connection may have in progress; more are answered `busy` at once, so one
 # client flooding requests cannot pile up unbounded work (the worker pipelines 256 at a time).
 MAX_API_INFLIGHT = 1024
@@ -48,7 +61,10 @@ class SessionHost(ApiBackend, Protocol):
     def tasks(self) -> BackgroundTasks: ...
     @property
     def connections(self) -> set[WorkerSession]: ...
-    def hash_token(self, app: str, token: str) -> str: ...
+    @property
+    def auth(self) -> TokenAuthority: ...
+    @property
+    def audit(self) -> AuditLog: ...
     async def register_worker(self, app: str, hello: dict[str, Any]) -> None: ...
     async def declare_jobs(self, app: str, specs: list[JobSpec]) -> int: ...
     def session_joined(self, session: WorkerSession, running: list[int], finished: list[int],
@@ -71,6 +87,10 @@ class WorkerSession(Connection):
         self.draining = False  # the worker is stopping (DRAIN): it takes nothing new
         self.tags: frozenset[str] = frozenset()
         self.capacity = 0
+        #: how each of its handlers runs (HELLO, version 4): "async", "process" or "thread"
+        self.handler_kinds: dict[str, str] = {}
+        self.connected_at = 0.0  # wall clock, at WELCOME
+        self.principal: Principal = OPEN_ACCESS
         self._running: set[int] = set()  # instance ids dispatched to it and not finished
         self._api_inflight = 0  # API requests being answered
         self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
@@ -126,6 +146,9 @@ class WorkerSession(Connection):
     @property
     def second_level_count(self) -> int:
         return len(self._second_level)
+
+    def second_level_jobs(self) -> list[int]:
+        return sorted(self._second_level)
 
     def supersede(self) -> None:
         """A newer session of the same worker replaced this one: forget it now, close it."""
@@ -207,12 +230,11 @@ class WorkerSession(Connection):
             if role not in ("worker", "client"):
                 self._reject(msg, ErrorCode.INVALID, f"role must be 'worker' or 'client', got {body.get('role')!r}")
                 return
-            row = await self.server.store.ensure_app(app)
-            if row.token_hash is not None:
-                given = self.server.hash_token(app, body.get("token") or "")
-                if not hmac.compare_digest(given, row.token_hash):
-                    self._reject(msg, ErrorCode.BAD_TOKEN, f"wrong or missing token for app {app!r}")
-                    return
+            await self.server.store.ensure_app(app)
+            principal = await self._authenticate(app, role, body.get("token"))
+            if principal is None:
+                self._reject(msg, ErrorCode.BAD_TOKEN, f"wrong or missing token for app {app!r}")
+                return
             route = await self.server.cluster.route(app)
             if route.own and role == "worker":
                 # before WELCOME, so before any DISPATCH: a successor after a crash knows every
@@ -236,9 +258,13 @@ class WorkerSession(Connection):
         self.app = app
         self.worker_id = body["worker_id"]
         self.role = role
+        self.principal = principal
         self.version = version
         self.tags = frozenset(body.get("tags") or ())
         self.capacity = int(body.get("capacity") or 0)
+        kinds = body.get("handlers") or {}
+        self.handler_kinds = {str(name)[:255]: str(kind)[:16] for name, kind in list(kinds.items())[:10_000]}
+        self.connected_at = time.time()
         self.established = True
         cfg = self.server.config
         self.watch_idle(cfg.heartbeat_timeout)  # a worker that sends nothing for this long is dead or frozen
@@ -254,6 +280,18 @@ class WorkerSession(Connection):
         self.hello_running = list(body.get("running") or ())
         self.hello_finished = list(body.get("finished") or ())
         self.server.session_joined(self, self.hello_running, self.hello_finished, list(body.get("second_level") or ()))
+
+    async def _authenticate(self, app: str, role: str, token: str | None) -> Principal | None:
+        """Who the peer is: its token's principal, or open access where no token is required
+        (a loopback server, an app with no worker token of its own); None: refuse it."""
+        auth = self.server.auth
+        if token:
+            principal = await auth.verify(token, app)
+            needed = Permission.DECLARE if role == "worker" else Permission.READ
+            return principal if principal is not None and principal.may(needed, app) else None
+        if self.server.config.tokens_required or await auth.app_requires_token(app):
+            return None
+        return OPEN_ACCESS
 
     def _reject(self, msg: Message, code: str, reason: str) -> None:
         log.warning("HELLO from %s rejected: %s (%s)", self.peername, code, reason)
@@ -290,21 +328,43 @@ class WorkerSession(Connection):
         return {"declared": len(specs), "changed": changed}
 
     async def _answer_api(self, msg: Message) -> None:
+        permission = WIRE_PERMISSIONS.get(msg.type, Permission.READ)
+        if not self.principal.may(permission, self.app):
+            self.respond_error(msg, ErrorCode.FORBIDDEN,
+                               f"a {self.principal.role} token may not make {msg.type} calls for app {self.app!r}")
+            return
+        outcome = "ok"
         try:
             if msg.type == "JOB_DECLARE":
                 reply = await self._declare(msg.body)
             else:
                 reply = await handle_api(self.server, self.app, msg.type, msg.body)
         except ApiError as exc:
+            outcome = exc.code
             self.respond_error(msg, exc.code, exc.message)
         except ScheduleError as exc:
+            outcome = ErrorCode.INVALID
             self.respond_error(msg, ErrorCode.INVALID, str(exc))
         except NotOwnerError:
+            outcome = ErrorCode.NOT_OWNER
             self.respond_error(msg, ErrorCode.NOT_OWNER, f"this server no longer owns app {self.app!r}; reconnect")
         except StoreError as exc:
+            outcome = ErrorCode.UNAVAILABLE
             self.respond_error(msg, ErrorCode.UNAVAILABLE, f"database unavailable: {exc}")
         except Exception as exc:  # a bug must fail this call only
+            outcome = ErrorCode.INTERNAL
             log.exception("API %s for app %s failed", msg.type, self.app)
             self.respond_error(msg, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         else:
             self.respond(msg, reply)
+        finally:
+            if permission is not Permission.READ:
+                self._audit(msg, outcome)
+
+    def _audit(self, msg: Message, outcome: str) -> None:
+        body = msg.body
+        target = body.get("name") or (body.get("job") or {}).get("name") if msg.type != "JOB_DECLARE" else None
+        if msg.type == "JOB_DECLARE":
+            target = f"{len(body.get('jobs') or ())} jobs" + (" (final)" if body.get("final") else "")
+        self.server.audit.record(self.principal.name, WIRE_ACTIONS.get(msg.type, msg.type), self.app,
+                                 str(target or ""), outcome, via="wire")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from .base import (
     AppRow,
+    AuditEntry,
     FirePlan,
     FirePlanner,
     NotOwnerError,
+    OwnershipChange,
     ServerRow,
     Store,
     StoreError,
+    TokenRow,
     WorkerRow,
 )
 
@@ -42,6 +45,6 @@ def create_store(url: str = DEFAULT_URL) -> Store:
 
 
 __all__ = [
-    "AppRow", "DEFAULT_URL", "FirePlan", "FirePlanner", "NotOwnerError", "ServerRow", "Store", "StoreError",
-    "WorkerRow", "create_store",
+    "AppRow", "AuditEntry", "DEFAULT_URL", "FirePlan", "FirePlanner", "NotOwnerError", "OwnershipChange",
+    "ServerRow", "Store", "StoreError", "TokenRow", "WorkerRow", "create_store",
 ]

@@ -55,6 +55,7 @@ class ServerRow:
     heartbeat_at: float
     load_score: float = 0.0  # the weight of the apps it owns (see Cluster.load), for balancing
     drain: bool = False  # an operator asked it to hand its apps to others
+    http_address: str = ""  # host:port of its admin API ("" if it serves none), for forwarding
 
 
 @dataclass(slots=True)
@@ -83,6 +84,53 @@ class WorkerRow:
     server: str
     connected_at: float
     info: Any = None  # tags, capacity, host, pid, address: for display
+
+
+@dataclass(slots=True)
+class TokenRow:
+    """An API (or worker) token as stored: its secret only as a salted hash (see server/auth.py)."""
+
+    id: str  # the token's public part: ``fj_<id>_<secret>``; the key it is found by
+    name: str  # who holds it, for the audit log
+    role: str  # viewer, operator, admin or worker
+    apps: list[str] | None  # the apps it may act on; None: every app
+    salt: str
+    secret_hash: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    """One mutating call, over HTTP or the wire: who did what to which app, and how it ended."""
+
+    ts: float
+    actor: str  # the token's name, or "anonymous"
+    action: str  # e.g. "job.create", "instance.kill", "token.revoke"
+    app: str | None
+    target: str  # the job name, instance id or token id acted on
+    outcome: str  # "ok", or the error code
+    detail: str | None = None
+    via: str = "http"  # http or wire
+    id: int = 0
+
+
+@dataclass(slots=True)
+class OwnershipChange:
+    """An app changing hands, as the server that moved it recorded it."""
+
+    app: str
+    from_server: str | None
+    to_server: str | None
+    epoch: int
+    reason: str  # claimed, takeover, handed over, released, lost, adopted
+    ts: float
+    id: int = 0
+
+
+#: How long a trigger's Idempotency-Key keeps its answer.
+IDEMPOTENCY_TTL = 24 * 3600.0
 
 
 # Given a job and the planned time (ms) of its previous fire, the next planned time in ms,
@@ -136,7 +184,7 @@ class Store(abc.ABC):
 
     # ---- cluster membership ------------------------------------------------------------
     @abc.abstractmethod
-    async def register_server(self, server_id: str, address: str, now: float) -> None:
+    async def register_server(self, server_id: str, address: str, now: float, http_address: str = "") -> None:
         """Insert or refresh this server's row (address, started_at, heartbeat_at = now)."""
 
     @abc.abstractmethod
@@ -408,3 +456,78 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
         """An instance's log lines in the order written."""
+
+    # ---- the admin API's reads of instances --------------------------------------------------
+    @abc.abstractmethod
+    async def query_instances(
+        self,
+        app: str,
+        *,
+        job_id: int | None = None,
+        statuses: Sequence[Status] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        after: tuple[int, int] | None = None,
+        limit: int = 100,
+    ) -> list[InstanceRow]:
+        """A page of an app's instances, latest planned first (planned_ms DESC, id DESC): those
+        planned in [since_ms, until_ms), and, with ``after`` = (planned_ms, id) of the last row of
+        the previous page, only those that come after it (a cursor that stays stable as rows arrive)."""
+
+    @abc.abstractmethod
+    async def instance_counts(self, app: str, since_ms: int, until_ms: int,
+                              bucket_ms: int) -> list[tuple[int, str, int]]:
+        """(bucket start ms, status, count) of the app's instances planned in [since_ms, until_ms),
+        bucketed by planned time from ``since_ms`` in steps of ``bucket_ms``."""
+
+    @abc.abstractmethod
+    async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
+        """Seconds from planned to started of at most ``limit`` of the latest started instances
+        planned in [since_ms, until_ms)."""
+
+    # ---- API tokens --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_token(self, token: TokenRow) -> None:
+        """Store a new token (its id is fresh)."""
+
+    @abc.abstractmethod
+    async def get_token(self, token_id: str) -> TokenRow | None:
+        """The token with that id, revoked or not, or None."""
+
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[TokenRow]:
+        """Every token, revoked ones too, oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        """Mark the token revoked; False if there is no such token or it was revoked already."""
+
+    # ---- audit log and ownership history -----------------------------------------------------
+    @abc.abstractmethod
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append audit entries in one statement."""
+
+    @abc.abstractmethod
+    async def list_audit(self, *, app: str | None = None, before_id: int | None = None,
+                         limit: int = 100) -> list[AuditEntry]:
+        """Audit entries (of one app, if given), newest first, older than ``before_id`` if given."""
+
+    @abc.abstractmethod
+    async def add_ownership_change(self, change: OwnershipChange) -> None:
+        """Record an app changing hands."""
+
+    @abc.abstractmethod
+    async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
+                                     limit: int = 100) -> list[OwnershipChange]:
+        """Ownership changes (of one app, if given), newest first, older than ``before_id`` if given."""
+
+    # ---- idempotent triggers -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def reserve_idempotency_key(self, app: str, key: str, now: float) -> tuple[bool, int | None]:
+        """Reserve ``key`` for a trigger of ``app``: (True, None) if this call took it; otherwise
+        (False, the instance it triggered), the instance None while the first call still runs.
+        Keys older than IDEMPOTENCY_TTL are free again."""
+
+    @abc.abstractmethod
+    async def settle_idempotency_key(self, app: str, key: str, instance_id: int | None) -> None:
+        """The reserved trigger ended: remember its instance, or (None: it failed) free the key."""

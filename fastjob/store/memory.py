@@ -22,8 +22,9 @@ not kept.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..models import (
     FINAL_STATUSES,
@@ -39,7 +40,19 @@ from ..models import (
     ScheduleType,
     Status,
 )
-from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, Store, StoreError, WorkerRow
+from .base import (
+    IDEMPOTENCY_TTL,
+    AppRow,
+    AuditEntry,
+    FirePlanner,
+    NotOwnerError,
+    OwnershipChange,
+    ServerRow,
+    Store,
+    StoreError,
+    TokenRow,
+    WorkerRow,
+)
 from .codecs import FIRST_ATTEMPT, SPEC_COLS, merge_updates, rank, spec_values
 from .job_writes import StoredJob, plan_write
 from .memory_db import (
@@ -102,14 +115,15 @@ class MemoryStore(Store):
         self._open = False
 
     # ---- cluster membership ------------------------------------------------------------
-    async def register_server(self, server_id: str, address: str, now: float) -> None:
+    async def register_server(self, server_id: str, address: str, now: float, http_address: str = "") -> None:
         """Insert or refresh the row; a refresh keeps its load and drain request (as SQL's upsert does)."""
         db = await self._db()
         row = db.servers.get(server_id)
         if row is None:
-            db.servers[server_id] = ServerRow(server_id, address, float(now), float(now))
+            db.servers[server_id] = ServerRow(server_id, address, float(now), float(now), http_address=http_address)
         else:
             row.address, row.started_at, row.heartbeat_at = address, float(now), float(now)
+            row.http_address = http_address
 
     async def heartbeat_server(self, server_id: str, now: float, load: float = 0.0) -> bool:
         db = await self._db()
@@ -503,6 +517,108 @@ class MemoryStore(Store):
     async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
         db = await self._db()
         return [copy_log(line) for line in db.logs.get(instance_id, [])[:max(limit, 0)]]
+
+    # ---- the admin API ---------------------------------------------------------------------
+    async def query_instances(self, app: str, *, job_id: int | None = None, statuses: Sequence[Status] | None = None,
+                              since_ms: int | None = None, until_ms: int | None = None,
+                              after: tuple[int, int] | None = None, limit: int = 100) -> list[InstanceRow]:
+        """(planned_ms, id) descending, as the SQL stores' index gives them."""
+        db = await self._db()
+        wanted = None if statuses is None else {Status(s) for s in statuses}
+        rows = [r for r in db.instances.values() if r.app == app and (job_id is None or r.job_id == job_id)
+                and (wanted is None or r.status in wanted) and (since_ms is None or r.planned_ms >= since_ms)
+                and (until_ms is None or r.planned_ms < until_ms)
+                and (after is None or (r.planned_ms, r.id) < after)]
+        rows.sort(key=lambda r: (r.planned_ms, r.id), reverse=True)
+        return [copy_instance(r) for r in rows[:max(limit, 0)]]
+
+    async def instance_counts(self, app: str, since_ms: int, until_ms: int,
+                              bucket_ms: int) -> list[tuple[int, str, int]]:
+        db = await self._db()
+        counts: dict[tuple[int, str], int] = {}
+        for r in db.instances.values():
+            if r.app == app and since_ms <= r.planned_ms < until_ms:
+                key = (r.planned_ms - (r.planned_ms - since_ms) % bucket_ms, r.status.value)
+                counts[key] = counts.get(key, 0) + 1
+        return [(bucket, status, n) for (bucket, status), n in sorted(counts.items())]
+
+    async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
+        db = await self._db()
+        rows = sorted((r for r in db.instances.values() if r.app == app and since_ms <= r.planned_ms < until_ms
+                       and r.started_at is not None), key=lambda r: r.planned_ms, reverse=True)
+        return [float(r.started_at) - r.planned_ms / 1000.0 for r in rows[:max(limit, 0)] if r.started_at is not None]
+
+    async def add_token(self, token: TokenRow) -> None:
+        db = await self._db()
+        if token.id in db.tokens:
+            raise StoreError(f"token id {token.id!r} exists")
+        db.tokens[token.id] = dataclasses.replace(token, apps=None if token.apps is None else list(token.apps))
+
+    async def get_token(self, token_id: str) -> TokenRow | None:
+        db = await self._db()
+        token = db.tokens.get(token_id)
+        return None if token is None else dataclasses.replace(token)
+
+    async def list_tokens(self) -> list[TokenRow]:
+        db = await self._db()
+        return [dataclasses.replace(t) for t in sorted(db.tokens.values(), key=lambda t: (t.created_at, t.id))]
+
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        db = await self._db()
+        token = db.tokens.get(token_id)
+        if token is None or token.revoked_at is not None:
+            return False
+        token.revoked_at = float(now)
+        return True
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        db = await self._db()
+        for entry in entries:
+            db.audit.append(dataclasses.replace(entry, id=len(db.audit) + 1))
+
+    async def list_audit(self, *, app: str | None = None, before_id: int | None = None,
+                         limit: int = 100) -> list[AuditEntry]:
+        db = await self._db()
+        return _newest_first(db.audit, app, before_id, limit)
+
+    async def add_ownership_change(self, change: OwnershipChange) -> None:
+        db = await self._db()
+        db.history.append(dataclasses.replace(change, id=len(db.history) + 1))
+
+    async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
+                                     limit: int = 100) -> list[OwnershipChange]:
+        db = await self._db()
+        return _newest_first(db.history, app, before_id, limit)
+
+    async def reserve_idempotency_key(self, app: str, key: str, now: float) -> tuple[bool, int | None]:
+        db = await self._db()
+        held = db.idempotency.get((app, key))
+        if held is not None and held[1] >= now - IDEMPOTENCY_TTL:
+            return False, held[0]
+        db.idempotency[(app, key)] = (None, float(now))
+        return True, None
+
+    async def settle_idempotency_key(self, app: str, key: str, instance_id: int | None) -> None:
+        db = await self._db()
+        held = db.idempotency.get((app, key))
+        if instance_id is None:
+            db.idempotency.pop((app, key), None)
+        elif held is not None:
+            db.idempotency[(app, key)] = (instance_id, held[1])
+
+
+_Logged = TypeVar("_Logged", AuditEntry, OwnershipChange)
+
+
+def _newest_first(table: list[_Logged], app: str | None, before_id: int | None, limit: int) -> list[_Logged]:
+    """A page of an append-only table (ids are positions + 1), newest first, of one app if given."""
+    out: list[_Logged] = []
+    for entry in reversed(table[:None if before_id is None else max(before_id - 1, 0)]):
+        if len(out) >= limit:
+            break
+        if app is None or entry.app == app:
+            out.append(dataclasses.replace(entry))
+    return out
 
 
 __all__ = ["MemoryStore", "drop_database"]

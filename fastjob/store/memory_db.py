@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import InstanceRow, JobRow, JobRun, JobSpec, LogLine, ScheduleType
-from .base import AppRow, ServerRow, WorkerRow
+from .base import AppRow, AuditEntry, OwnershipChange, ServerRow, TokenRow, WorkerRow
 from .codecs import SPEC_COLS, claim_job, dumps, loads, spec_values
 
 #: Values a JSON column gives back as they went in (and that nobody can mutate).
@@ -112,6 +112,10 @@ class MemoryDatabase:
     fire_ids: dict[tuple[int, int, int], int] = field(default_factory=dict)  # UNIQUE (job_id, planned_ms, attempt)
     logs: dict[int, list[LogLine]] = field(default_factory=dict)  # by instance id, in the order written
     runs: dict[int, list[JobRun]] = field(default_factory=dict)  # by job id, in the order written
+    tokens: dict[str, TokenRow] = field(default_factory=dict)  # by token id
+    audit: list[AuditEntry] = field(default_factory=list)  # id = position + 1
+    history: list[OwnershipChange] = field(default_factory=list)  # id = position + 1
+    idempotency: dict[tuple[str, str], tuple[int | None, float]] = field(default_factory=dict)  # (instance, at)
     last_run_id: int = 0
     last_job_id: int = 0
     last_instance_id: int = 0

@@ -214,10 +214,10 @@ class MySQLStore(SQLStore):
                           " (SELECT id FROM information_schema.PROCESSLIST)", (server_id,))
 
     # ---- sessions of servers ------------------------------------------------------------------
-    async def register_server(self, server_id: str, address: str, now: float) -> None:
+    async def register_server(self, server_id: str, address: str, now: float, http_address: str = "") -> None:
         """Also: from now on this store's connections are ``server_id``'s (one server per store)."""
         self._session_owner = server_id
-        await super().register_server(server_id, address, now)
+        await super().register_server(server_id, address, now, http_address)
 
     async def remove_server(self, server_id: str) -> None:
         await super().remove_server(server_id)

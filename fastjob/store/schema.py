@@ -265,12 +265,97 @@ _MYSQL_V4 = [
         KEY ix_job_runs_job (job_id, id))""" + _MYSQL_TAIL,
 ]
 
+# Version 5: the admin API's tables. Tokens (stored as salted hashes, see server/auth.py), the
+# audit log, the history of ownership changes, trigger idempotency keys, each server's HTTP
+# address (requests are forwarded to an app's owner there), and an index by planned time for
+# the instance lists, cursors and stats.
+_SQLITE_V5 = [
+    "ALTER TABLE servers ADD COLUMN http_address TEXT NOT NULL DEFAULT ''",
+    """CREATE TABLE IF NOT EXISTS api_tokens (
+        id TEXT NOT NULL PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        apps TEXT NULL,
+        salt TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NULL,
+        revoked_at REAL NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        app TEXT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NULL,
+        via TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_audit_app ON audit_log (app, id)",
+    """CREATE TABLE IF NOT EXISTS app_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        from_server TEXT NULL,
+        to_server TEXT NULL,
+        epoch INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        ts REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_app_history_app ON app_history (app, id)",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        app TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        instance_id INTEGER NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (app, idem_key))""",
+    "CREATE INDEX IF NOT EXISTS ix_instances_app_planned ON instances (app, planned_ms)",
+]
+_MYSQL_V5 = [
+    "ALTER TABLE servers ADD COLUMN http_address VARCHAR(255) NOT NULL DEFAULT ''",
+    """CREATE TABLE IF NOT EXISTS api_tokens (
+        id VARCHAR(64) NOT NULL PRIMARY KEY,
+        name VARCHAR(191) NOT NULL,
+        role VARCHAR(16) NOT NULL,
+        apps TEXT NULL,
+        salt VARCHAR(64) NOT NULL,
+        secret_hash VARCHAR(128) NOT NULL,
+        created_at DOUBLE NOT NULL,
+        expires_at DOUBLE NULL,
+        revoked_at DOUBLE NULL)""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        ts DOUBLE NOT NULL,
+        actor VARCHAR(191) NOT NULL,
+        action VARCHAR(64) NOT NULL,
+        app VARCHAR(191) NULL,
+        target VARCHAR(255) NOT NULL,
+        outcome VARCHAR(64) NOT NULL,
+        detail TEXT NULL,
+        via VARCHAR(8) NOT NULL,
+        KEY ix_audit_app (app, id))""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS app_history (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        app VARCHAR(191) NOT NULL,
+        from_server VARCHAR(191) NULL,
+        to_server VARCHAR(191) NULL,
+        epoch BIGINT NOT NULL,
+        reason VARCHAR(255) NOT NULL,
+        ts DOUBLE NOT NULL,
+        KEY ix_app_history_app (app, id))""" + _MYSQL_TAIL,
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        app VARCHAR(191) NOT NULL,
+        idem_key VARCHAR(191) NOT NULL,
+        instance_id BIGINT NULL,
+        created_at DOUBLE NOT NULL,
+        PRIMARY KEY (app, idem_key))""" + _MYSQL_TAIL,
+    "CREATE INDEX ix_instances_app_planned ON instances (app, planned_ms)",
+]
+
 #: MySQL error codes a migration statement may meet when another server ran it first.
-MYSQL_TOLERATED = (1060,)  # duplicate column name
+MYSQL_TOLERATED = (1060, 1061)  # duplicate column name, duplicate key name
 
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4],
-    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4, _SQLITE_V5],
+    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4, _MYSQL_V5],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])

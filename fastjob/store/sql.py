@@ -5,6 +5,7 @@ hot path, is :mod:`.sql_wal`. The backends (:mod:`.sqlite`, :mod:`.mysql`) drive
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -23,7 +24,7 @@ from ..models import (
     ScheduleType,
     Status,
 )
-from .base import AppRow, FirePlanner, NotOwnerError, ServerRow, WorkerRow
+from .base import AppRow, AuditEntry, FirePlanner, NotOwnerError, OwnershipChange, ServerRow, TokenRow, WorkerRow
 from .codecs import (
     INST_COLS,
     INST_INSERT_COLS,
@@ -36,6 +37,23 @@ from .codecs import (
     rank,
     row_to_instance,
     row_to_job,
+)
+from .sql_admin import (
+    AUDIT_COLS,
+    HISTORY_COLS,
+    TOKEN_COLS,
+    TOKEN_SELECT,
+    instance_page_query,
+    newest_first,
+    op_add_audit,
+    op_instance_counts,
+    op_lateness_sample,
+    op_reserve_key,
+    op_settle_key,
+    row_to_audit,
+    row_to_change,
+    row_to_token,
+    token_values,
 )
 from .sql_declare import op_declare_jobs
 from .sql_runner import Attempts, SQLRunner
@@ -51,10 +69,11 @@ class SQLStore(SQLRunner):
     """Implements the whole :class:`Store` contract on top of :meth:`_attempt`."""
 
     # ---- cluster membership --------------------------------------------------------------
-    async def register_server(self, server_id: str, address: str, now: float) -> None:
-        sql = self.dialect.upsert("servers", ("id", "address", "started_at", "heartbeat_at"), "id",
-                                  ("address", "started_at", "heartbeat_at"))
-        await self._run("register_server", lambda: self._op_exec(sql, (server_id, address, now, now)), tx=False)
+    async def register_server(self, server_id: str, address: str, now: float, http_address: str = "") -> None:
+        sql = self.dialect.upsert("servers", ("id", "address", "started_at", "heartbeat_at", "http_address"), "id",
+                                  ("address", "started_at", "heartbeat_at", "http_address"))
+        await self._run("register_server", lambda: self._op_exec(sql, (server_id, address, now, now, http_address)),
+                        tx=False)
 
     async def heartbeat_server(self, server_id: str, now: float, load: float = 0.0) -> bool:
         n = await self._run("heartbeat_server", lambda: self._op_exec(
@@ -68,8 +87,9 @@ class SQLStore(SQLRunner):
 
     async def list_servers(self) -> list[ServerRow]:
         rows = await self._run("list_servers", lambda: self._op_query(
-            "SELECT id, address, started_at, heartbeat_at, load_score, drain FROM servers ORDER BY id"), tx=False)
-        return [ServerRow(r[0], r[1], float(r[2]), float(r[3]), float(r[4]), bool(r[5])) for r in rows]
+            "SELECT id, address, started_at, heartbeat_at, load_score, drain, http_address FROM servers ORDER BY id"),
+            tx=False)
+        return [ServerRow(r[0], r[1], float(r[2]), float(r[3]), float(r[4]), bool(r[5]), r[6]) for r in rows]
 
     async def remove_server(self, server_id: str) -> None:
         await self._run("remove_server", lambda: self._op_exec(
@@ -408,3 +428,70 @@ class SQLStore(SQLRunner):
             "SELECT instance_id, ts, level, message FROM job_logs WHERE instance_id = ? ORDER BY id LIMIT ?",
             (instance_id, limit)), tx=False)
         return [LogLine(int(r[0]), float(r[1]), r[2], r[3]) for r in rows]
+
+    # ---- the admin API ---------------------------------------------------------------------
+    async def query_instances(self, app: str, *, job_id: int | None = None, statuses: Sequence[Status] | None = None,
+                              since_ms: int | None = None, until_ms: int | None = None,
+                              after: tuple[int, int] | None = None, limit: int = 100) -> list[InstanceRow]:
+        if statuses is not None and not statuses:
+            return []
+        sql, params = instance_page_query(app, job_id, statuses, since_ms, until_ms, after, limit, self.dialect)
+        rows = await self._run("query_instances", lambda: self._op_query(sql, params), tx=False)
+        return [row_to_instance(r) for r in rows]
+
+    async def instance_counts(self, app: str, since_ms: int, until_ms: int,
+                              bucket_ms: int) -> list[tuple[int, str, int]]:
+        return await self._run("instance_counts", lambda: op_instance_counts(app, since_ms, until_ms, bucket_ms),
+                               tx=False)
+
+    async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
+        return await self._run("lateness_sample", lambda: op_lateness_sample(app, since_ms, until_ms, limit),
+                               tx=False)
+
+    async def add_token(self, token: TokenRow) -> None:
+        sql = self.dialect.insert("api_tokens", TOKEN_COLS, 1)
+        await self._run("add_token", lambda: self._op_exec(sql, token_values(token)), tx=False)
+
+    async def get_token(self, token_id: str) -> TokenRow | None:
+        rows = await self._run("get_token", lambda: self._op_query(TOKEN_SELECT + " WHERE id = ?", (token_id,)),
+                               tx=False)
+        return row_to_token(rows[0]) if rows else None
+
+    async def list_tokens(self) -> list[TokenRow]:
+        rows = await self._run("list_tokens", lambda: self._op_query(TOKEN_SELECT + " ORDER BY created_at, id"),
+                               tx=False)
+        return [row_to_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        n = await self._run("revoke_token", lambda: self._op_exec(
+            "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id)), tx=False)
+        return n > 0
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        for part in chunks(entries):
+            await self._run("add_audit", functools.partial(op_add_audit, self.dialect, part), tx=False)
+
+    async def list_audit(self, *, app: str | None = None, before_id: int | None = None,
+                         limit: int = 100) -> list[AuditEntry]:
+        sql, params = newest_first("audit_log", AUDIT_COLS, app, before_id, limit)
+        rows = await self._run("list_audit", lambda: self._op_query(sql, params), tx=False)
+        return [row_to_audit(r) for r in rows]
+
+    async def add_ownership_change(self, change: OwnershipChange) -> None:
+        c = change
+        sql = self.dialect.insert("app_history", HISTORY_COLS, 1)
+        await self._run("add_ownership_change", lambda: self._op_exec(
+            sql, (c.app, c.from_server, c.to_server, c.epoch, c.reason, c.ts)), tx=False)
+
+    async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
+                                     limit: int = 100) -> list[OwnershipChange]:
+        sql, params = newest_first("app_history", HISTORY_COLS, app, before_id, limit)
+        rows = await self._run("list_ownership_changes", lambda: self._op_query(sql, params), tx=False)
+        return [row_to_change(r) for r in rows]
+
+    async def reserve_idempotency_key(self, app: str, key: str, now: float) -> tuple[bool, int | None]:
+        return await self._run("reserve_idempotency_key", lambda: op_reserve_key(self.dialect, app, key, now),
+                               tx=True)
+
+    async def settle_idempotency_key(self, app: str, key: str, instance_id: int | None) -> None:
+        await self._run("settle_idempotency_key", lambda: op_settle_key(app, key, instance_id), tx=False)

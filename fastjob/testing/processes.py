@@ -41,12 +41,14 @@ class ServerProcess:
         self.port = port
         self.proc: asyncio.subprocess.Process | None = None
         self.address = ""
+        self.http_address = ""  # of its admin API
+        self.admin_token: str | None = None  # printed on the first start of a database
 
     async def start(self, timeout: float = 30.0) -> str:
         log_file = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", str(self.port), "--http-port", "0",
             "--db", self.db, "--log-level", "DEBUG", *self.args,
             stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env)
         log_file.close()
@@ -56,7 +58,11 @@ class ServerProcess:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
                 if not line:
                     raise RuntimeError(f"server exited before it was ready; see {self.log_path}:\n{self.log_tail()}")
-                if line.startswith(b"FASTJOB_READY "):
+                if line.startswith(b"FASTJOB_ADMIN_TOKEN "):
+                    self.admin_token = line.split()[1].decode()
+                elif line.startswith(b"FASTJOB_HTTP "):
+                    self.http_address = line.split()[1].decode()
+                elif line.startswith(b"FASTJOB_READY "):
                     self.address = line.split()[1].decode()
                     self.port = int(self.address.rsplit(":", 1)[1])
                     return self.address

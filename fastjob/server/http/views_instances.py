@@ -1,0 +1,265 @@
+"""Instances: pages of them, one with all its attempts, its log (and a live tail), kill, retry,
+and an app's stats. Every read comes from the database, so any server answers it."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ... import schedule
+from ...models import FINAL_STATUSES, InstanceRow, JobRow, Status, to_wire
+from ..auth import Permission
+from ..interventions import InterventionError
+from .backend import MAX_LIMIT, Call
+from .encode import dumps
+from .errors import HttpError
+
+#: Answers of the same list query within this many seconds are shared (they are at most this old).
+LIST_TTL = 1.0
+MAX_CACHED = 256
+#: How often a live log tail looks for new lines, and how long it may last.
+TAIL_POLL = 0.25
+TAIL_MAX_SECONDS = 3600.0
+#: How long a kill waits for the worker's report before answering 202 (still stopping).
+KILL_WAIT = 5.0
+#: Stats windows (?window=) and the longest one.
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW = 31 * 86400
+STATS_BUCKETS = 60
+LATENESS_SAMPLE = 10_000
+
+
+def instance_json(row: InstanceRow, job_name: str | None = None) -> dict[str, Any]:
+    out = to_wire(row)
+    out["planned_at"] = row.planned_ms / 1000.0
+    out["lateness"] = None if row.started_at is None else round(row.started_at - row.planned_ms / 1000.0, 6)
+    out["duration"] = (None if row.started_at is None or row.finished_at is None
+                       else round(row.finished_at - row.started_at, 6))
+    if job_name is not None:
+        out["job"] = job_name
+    return out
+
+
+def _cursor(row: InstanceRow) -> str:
+    return base64.urlsafe_b64encode(f"{row.planned_ms}:{row.id}".encode()).decode()
+
+
+def _parse_cursor(raw: str) -> tuple[int, int]:
+    try:
+        planned, _, ident = base64.urlsafe_b64decode(raw.encode()).decode().partition(":")
+        return int(planned), int(ident)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HttpError("invalid", "bad cursor: pass back the next_cursor of the previous page") from None
+
+
+class PageCache:
+    """List answers by query, for LIST_TTL: a client polling ten times a second costs one read a second."""
+
+    def __init__(self) -> None:
+        self._pages: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        hit = self._pages.get(key)
+        if hit is None or time.monotonic() - hit[0] > LIST_TTL:
+            return None
+        return hit[1]
+
+    def put(self, key: str, page: dict[str, Any]) -> None:
+        if len(self._pages) >= MAX_CACHED:
+            now = time.monotonic()
+            self._pages = {k: v for k, v in self._pages.items() if now - v[0] <= LIST_TTL}
+            if len(self._pages) >= MAX_CACHED:
+                self._pages.clear()
+        self._pages[key] = (time.monotonic(), page)
+
+
+PAGE_CACHE = web.AppKey("page_cache", PageCache)
+
+
+async def _instance_or_404(call: Call) -> InstanceRow:
+    raw = call.request.match_info["id"]
+    try:
+        instance_id = int(raw)
+    except ValueError:
+        raise HttpError("invalid", f"instance id must be an integer, got {raw[:40]!r}") from None
+    row = await call.backend.store.get_instance(instance_id)
+    if row is None or not call.principal.sees(row.app):
+        raise HttpError("not_found", f"no instance {instance_id}")
+    return row
+
+
+async def app_of_instance(call: Call) -> str:
+    """The app an instance route acts on (for forwarding to its owner)."""
+    return (await _instance_or_404(call)).app
+
+
+# ---- reads --------------------------------------------------------------------------------------------
+async def list_instances(call: Call) -> dict[str, Any]:
+    call.require(Permission.READ, call.app)
+    key = f"{call.app}?{call.request.query_string}"
+    cache = call.request.app[PAGE_CACHE]
+    page = cache.get(key)
+    if page is not None:
+        return page
+    store = call.backend.store
+    job_id = None
+    names: dict[int, str] = {}
+    job_name = call.request.query.get("job")
+    if job_name:
+        job = await store.get_job_by_name(call.app, job_name)
+        if job is None:
+            raise HttpError("not_found", f"no job {job_name!r} in app {call.app!r}")
+        job_id, names = job.id, {job.id: job.name}
+    raw_cursor = call.request.query.get("cursor")
+    limit = call.query_int("limit", 100, 1, MAX_LIMIT) or 100
+    rows = await store.query_instances(
+        call.app, job_id=job_id, statuses=call.query_statuses(), since_ms=call.query_time_ms("since"),
+        until_ms=call.query_time_ms("until"), after=_parse_cursor(raw_cursor) if raw_cursor else None,
+        limit=limit + 1)
+    if not names:
+        names = {job.id: job.name for job in await store.list_jobs(call.app)}
+    more = len(rows) > limit
+    rows = rows[:limit]
+    page = {"instances": [instance_json(row, names.get(row.job_id)) for row in rows],
+            "next_cursor": _cursor(rows[-1]) if more else None}
+    cache.put(key, page)
+    return page
+
+
+async def get_instance(call: Call) -> dict[str, Any]:
+    """One instance with every attempt of its fire."""
+    row = await _instance_or_404(call)
+    call.require(Permission.READ, row.app)
+    store = call.backend.store
+    job = await store.get_job(row.job_id)
+    attempts = await store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
+                                           until_ms=row.planned_ms + 1, limit=MAX_LIMIT)
+    name = job.name if job is not None else None
+    return {"instance": instance_json(row, name),
+            "attempts": [instance_json(a, name) for a in sorted(attempts, key=lambda a: a.attempt)]}
+
+
+async def get_logs(call: Call) -> web.StreamResponse | dict[str, Any]:
+    """The instance's log lines; ``?follow=1``: server-sent events, each new line as it is
+    written, until the instance ends (then an ``end`` event with its status)."""
+    row = await _instance_or_404(call)
+    call.require(Permission.READ, row.app)
+    if call.query_flag("follow"):
+        return await _tail(call, row)
+    if call.backend.owned_apps().get(row.app) is not None:
+        await call.backend.flush_statuses()
+    limit = call.query_int("limit", 1000, 1, 100_000) or 1000
+    lines = await call.backend.store.get_logs(row.id, limit)
+    return {"lines": [{"ts": ln.ts, "level": ln.level, "message": ln.message} for ln in lines]}
+
+
+async def _tail(call: Call, row: InstanceRow) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(call.request)
+    store = call.backend.store
+    sent = 0
+    deadline = time.monotonic() + TAIL_MAX_SECONDS
+    last_write = time.monotonic()
+    while time.monotonic() < deadline:
+        current = await store.get_instance(row.id)
+        ended = current is None or current.status in FINAL_STATUSES
+        lines = await store.get_logs(row.id, sent + 10_000)
+        for line in lines[sent:]:
+            payload = dumps({"ts": line.ts, "level": line.level, "message": line.message})
+            await response.write(f"event: line\ndata: {payload}\n\n".encode())
+            last_write = time.monotonic()
+        sent = len(lines)
+        if ended:
+            status = current.status.value if current is not None else "gone"
+            await response.write(f"event: end\ndata: {dumps({'status': status})}\n\n".encode())
+            break
+        if time.monotonic() - last_write > 15:
+            await response.write(b": keep-alive\n\n")
+            last_write = time.monotonic()
+        await asyncio.sleep(TAIL_POLL)
+    await response.write_eof()
+    return response
+
+
+async def app_stats(call: Call) -> dict[str, Any]:
+    """Fires by outcome per time bucket over ``?window=`` (e.g. 15m, 1h, 7d; default 1h), and
+    lateness percentiles (planned to started), from the instance table."""
+    call.require(Permission.READ, call.app)
+    window = _window_seconds(call.request.query.get("window") or "1h")
+    bucket_s = max(1, window // STATS_BUCKETS)
+    now_ms = schedule.now_ms()
+    until_ms = now_ms - now_ms % (bucket_s * 1000) + bucket_s * 1000  # the current bucket included
+    since_ms = until_ms - bucket_s * 1000 * STATS_BUCKETS
+    store = call.backend.store
+    counts = await store.instance_counts(call.app, since_ms, until_ms, bucket_s * 1000)
+    series: dict[int, dict[str, int]] = {}
+    totals: dict[str, int] = {}
+    for start, status, n in counts:
+        series.setdefault(start, {})[status] = n
+        totals[status] = totals.get(status, 0) + n
+    lateness = sorted(await store.lateness_sample(call.app, since_ms, until_ms, LATENESS_SAMPLE))
+    return {
+        "window": window, "bucket": bucket_s, "since": since_ms / 1000.0, "until": until_ms / 1000.0,
+        "series": [{"t": start / 1000.0, **series[start]} for start in sorted(series)],
+        "totals": totals,
+        "lateness": {"count": len(lateness), **{f"p{q}": _quantile(lateness, q / 100) for q in (50, 90, 99)},
+                     "max": lateness[-1] if lateness else None},
+    }
+
+
+def _window_seconds(raw: str) -> int:
+    unit = _UNITS.get(raw[-1:])
+    try:
+        seconds = int(float(raw[:-1]) * unit) if unit else int(raw)
+    except ValueError:
+        seconds = -1
+    if not 60 <= seconds <= MAX_WINDOW:
+        raise HttpError("invalid", f"window must be 1m to 31d (like 15m, 1h, 7d), got {raw[:20]!r}")
+    return seconds
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 6)
+
+
+# ---- interventions (applied by the app's owner) ------------------------------------------------------
+async def kill_instance(call: Call) -> dict[str, Any]:
+    row = await _instance_or_404(call)
+    call.require(Permission.OPERATE, row.app)
+    job = await call.backend.store.get_job(row.job_id)
+    try:
+        outcome = call.backend.kill(row, job)
+    except InterventionError as exc:
+        raise HttpError(exc.code, exc.message) from None
+    if outcome is Status.CANCELLED:
+        await call.backend.flush_statuses()
+        return {"instance_id": row.id, "status": Status.CANCELLED.value}
+    deadline = time.monotonic() + KILL_WAIT
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        await call.backend.flush_statuses()
+        current = await call.backend.store.get_instance(row.id)
+        if current is not None and current.status in FINAL_STATUSES:
+            return {"instance_id": row.id, "status": current.status.value}
+    return {"instance_id": row.id, "status": "killing"}
+
+
+async def retry_instance(call: Call) -> dict[str, Any]:
+    row = await _instance_or_404(call)
+    call.require(Permission.OPERATE, row.app)
+    body = await call.body()
+    job: JobRow | None = await call.backend.store.get_job(row.job_id)
+    if job is None or job.is_delete:
+        raise HttpError("conflict", f"instance {row.id}: its job was deleted")
+    try:
+        new = await call.backend.retry(row, job, bool(body.get("force")), body.get("params"))
+    except InterventionError as exc:
+        raise HttpError(exc.code, exc.message) from None
+    return {"instance_id": new.id, "attempt": new.attempt}

@@ -1,0 +1,124 @@
+"""The admin API's tables on SQL: instance pages and stats, tokens, the audit log, the
+ownership history and trigger idempotency keys (the Store methods of the same names)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ..models import Status
+from .base import IDEMPOTENCY_TTL, AuditEntry, OwnershipChange, TokenRow
+from .codecs import INST_COLS
+from .dialect import Dialect
+from .statements import Op, Stmt, flat
+
+TOKEN_COLS = ("id", "name", "role", "apps", "salt", "secret_hash", "created_at", "expires_at", "revoked_at")
+AUDIT_COLS = ("ts", "actor", "action", "app", "target", "outcome", "detail", "via")
+HISTORY_COLS = ("app", "from_server", "to_server", "epoch", "reason", "ts")
+
+
+# ---- instances -------------------------------------------------------------------------------
+def instance_page_query(app: str, job_id: int | None, statuses: Sequence[Status] | None, since_ms: int | None,
+                        until_ms: int | None, after: tuple[int, int] | None, limit: int,
+                        dialect: Dialect) -> tuple[str, list[Any]]:
+    """The SELECT of Store.query_instances: newest planned first, keyset-paginated."""
+    sql = f"SELECT {INST_COLS} FROM instances WHERE app = ?"
+    params: list[Any] = [app]
+    if job_id is not None:
+        sql += " AND job_id = ?"
+        params.append(job_id)
+    if statuses:
+        sql += " AND status IN " + dialect.in_list(len(statuses))
+        params.extend(Status(s).value for s in statuses)
+    if since_ms is not None:
+        sql += " AND planned_ms >= ?"
+        params.append(since_ms)
+    if until_ms is not None:
+        sql += " AND planned_ms < ?"
+        params.append(until_ms)
+    if after is not None:
+        sql += " AND (planned_ms < ? OR (planned_ms = ? AND id < ?))"
+        params.extend((after[0], after[0], after[1]))
+    sql += " ORDER BY planned_ms DESC, id DESC LIMIT ?"
+    params.append(max(limit, 0))
+    return sql, params
+
+
+def op_instance_counts(app: str, since_ms: int, until_ms: int, bucket_ms: int) -> Op[list[tuple[int, str, int]]]:
+    # the bucket's start, spelled with % (both backends have it for integers, neither agrees on division)
+    bucket = "planned_ms - ((planned_ms - ?) % ?)"
+    r = yield Stmt(f"SELECT {bucket} AS b, status, COUNT(*) FROM instances WHERE app = ? AND planned_ms >= ?"
+                   f" AND planned_ms < ? GROUP BY b, status ORDER BY b", (since_ms, bucket_ms, app, since_ms, until_ms))
+    return [(int(b), str(status), int(n)) for b, status, n in r.rows]
+
+
+def op_lateness_sample(app: str, since_ms: int, until_ms: int, limit: int) -> Op[list[float]]:
+    r = yield Stmt("SELECT started_at - planned_ms / 1000.0 FROM instances WHERE app = ? AND planned_ms >= ?"
+                   " AND planned_ms < ? AND started_at IS NOT NULL ORDER BY planned_ms DESC LIMIT ?",
+                   (app, since_ms, until_ms, max(limit, 0)))
+    return [float(row[0]) for row in r.rows]
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+def token_values(token: TokenRow) -> tuple[Any, ...]:
+    apps = None if token.apps is None else json.dumps(token.apps)
+    return (token.id, token.name, token.role, apps, token.salt, token.secret_hash, token.created_at,
+            token.expires_at, token.revoked_at)
+
+
+def row_to_token(r: Sequence[Any]) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], None if r[3] is None else list(json.loads(r[3])), r[4], r[5], float(r[6]),
+                    None if r[7] is None else float(r[7]), None if r[8] is None else float(r[8]))
+
+
+TOKEN_SELECT = f"SELECT {', '.join(TOKEN_COLS)} FROM api_tokens"
+
+
+# ---- audit log and ownership history -----------------------------------------------------------
+def op_add_audit(dialect: Dialect, entries: Sequence[AuditEntry]) -> Op[None]:
+    rows = [(e.ts, e.actor, e.action, e.app, e.target, e.outcome, e.detail, e.via) for e in entries]
+    yield Stmt(dialect.insert("audit_log", AUDIT_COLS, len(rows)), flat(rows))
+
+
+def newest_first(table: str, cols: Sequence[str], app: str | None, before_id: int | None,
+                 limit: int) -> tuple[str, list[Any]]:
+    """A page of an append-only table, newest first, of one app if given."""
+    sql = f"SELECT {', '.join(cols)}, id FROM {table} WHERE 1 = 1"
+    params: list[Any] = []
+    if app is not None:
+        sql += " AND app = ?"
+        params.append(app)
+    if before_id is not None:
+        sql += " AND id < ?"
+        params.append(before_id)
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(max(limit, 0))
+    return sql, params
+
+
+def row_to_audit(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(float(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], int(r[8]))
+
+
+def row_to_change(r: Sequence[Any]) -> OwnershipChange:
+    return OwnershipChange(r[0], r[1], r[2], int(r[3]), r[4], float(r[5]), int(r[6]))
+
+
+# ---- idempotency keys ------------------------------------------------------------------------
+def op_reserve_key(dialect: Dialect, app: str, key: str, now: float) -> Op[tuple[bool, int | None]]:
+    yield Stmt("DELETE FROM idempotency_keys WHERE app = ? AND idem_key = ? AND created_at < ?",
+               (app, key, now - IDEMPOTENCY_TTL))
+    r = yield Stmt(dialect.insert("idempotency_keys", ("app", "idem_key", "created_at"), 1, ignore=True),
+                   (app, key, now))
+    if r.rowcount == 1:
+        return True, None
+    found = yield Stmt("SELECT instance_id FROM idempotency_keys WHERE app = ? AND idem_key = ?", (app, key))
+    return False, (None if not found.rows or found.rows[0][0] is None else int(found.rows[0][0]))
+
+
+def op_settle_key(app: str, key: str, instance_id: int | None) -> Op[None]:
+    if instance_id is None:
+        yield Stmt("DELETE FROM idempotency_keys WHERE app = ? AND idem_key = ?", (app, key))
+    else:
+        yield Stmt("UPDATE idempotency_keys SET instance_id = ? WHERE app = ? AND idem_key = ?",
+                   (instance_id, app, key))
