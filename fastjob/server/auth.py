@@ -127,7 +127,7 @@ class TokenAuthority:
         name = f"app-token:{app}"
         for row in await self.store.list_tokens():
             if row.name == name and row.id != token_id and row.revoked_at is None:
-                await self.store.revoke_token(row.id, time.time())
+                await self.revoke(row.id)
         existing = await self.store.get_token(token_id)
         if existing is None or existing.revoked_at is not None:
             if existing is not None:  # revoked earlier: a new id for the same secret is not possible; say so

@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..store import DEFAULT_URL, StoreError, create_store
 from .app import FastJobServer
+from .auth import ROLES, TokenAuthority
 from .config import ServerConfig
 
 log = logging.getLogger("fastjob.server")
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastjob-server", description="Run a FastJob scheduling server.",
         epilog="fastjob-server drain SERVER_ID --db URL [--undo]: ask a running server to hand its apps to the"
                " other servers (before maintenance); --undo lets it take apps again. SIGTERM also hands apps"
-               " over before the server exits.")
+               " over before the server exits. fastjob-server token create|list|revoke --db URL: manage tokens.")
     for knob in dataclasses.fields(ServerConfig):
         if knob.type == "bool":
             p.add_argument("--" + knob.name.replace("_", "-"), action="store_true",
@@ -132,10 +134,61 @@ def drain_main(argv: Sequence[str]) -> None:
     print(f"server {args.server_id}: drain {'cleared' if args.undo else 'requested'}")
 
 
+def build_token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastjob-server token", description="Manage API and worker tokens in the"
+                                " cluster's database (the API's /api/v1/tokens does the same).")
+    p.add_argument("--db", default=_env("db", DEFAULT_URL), help="the cluster's database URL")
+    sub = p.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create a token; it is printed alone on the last line, once")
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--app", action="append", default=None, help="an app it may act on (repeatable;"
+                                                                       " default: every app)")
+    create.add_argument("--name", default=None, help="who holds it, for the audit log (default: the role)")
+    create.add_argument("--expires-in", type=float, default=None, metavar="SECONDS")
+    sub.add_parser("list", help="every token, without secrets")
+    revoke = sub.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id")
+    return p
+
+
+async def _token_command(args: argparse.Namespace) -> None:
+    store = create_store(args.db)
+    await store.open()
+    try:
+        auth = TokenAuthority(store)
+        if args.command == "create":
+            expires = None if args.expires_in is None else time.time() + args.expires_in
+            token, row = await auth.create(args.name or args.role, args.role, args.app, expires)
+            print(f"created {row.role} token {row.id} for {', '.join(row.apps) if row.apps else 'every app'}")
+            print(token)
+        elif args.command == "list":
+            for row in await store.list_tokens():
+                state = "revoked" if row.revoked_at else "expired" if row.expires_at and row.expires_at < time.time() \
+                    else "active"
+                print(f"{row.id}  {row.role:<8}  {state:<7}  {','.join(row.apps) if row.apps else '*':<20}  {row.name}")
+        elif not await auth.revoke(args.token_id):
+            raise SystemExit(f"no active token {args.token_id!r}")
+        else:
+            print(f"token {args.token_id} revoked")
+    finally:
+        await store.close()
+
+
+def token_main(argv: Sequence[str]) -> None:
+    args = build_token_parser().parse_args(argv)
+    try:
+        asyncio.run(_token_command(args))
+    except (ValueError, StoreError) as exc:
+        _refuse(f"--db: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["drain"]:
         drain_main(argv[1:])
+        return
+    if argv[:1] == ["token"]:
+        token_main(argv[1:])
         return
     try:
         config = parse_config(argv)

@@ -366,5 +366,6 @@ class WorkerSession(Connection):
         target = body.get("name") or (body.get("job") or {}).get("name") if msg.type != "JOB_DECLARE" else None
         if msg.type == "JOB_DECLARE":
             target = f"{len(body.get('jobs') or ())} jobs" + (" (final)" if body.get("final") else "")
-        self.server.audit.record(self.principal.name, WIRE_ACTIONS.get(msg.type, msg.type), self.app,
-                                 str(target or ""), outcome, via="wire")
+        actor = self.principal.name if self.principal.token_id else f"{self.role} {self.worker_id}"
+        self.server.audit.record(actor, WIRE_ACTIONS.get(msg.type, msg.type), self.app, str(target or ""), outcome,
+                                 via="wire")

@@ -68,6 +68,11 @@ class Dialect:
         raise NotImplementedError
 
     @staticmethod
+    def remainder(a: str, b: str) -> str:
+        """``a`` modulo ``b`` for integers (MySQL's driver takes ``%`` for a placeholder)."""
+        return f"MOD({a}, {b})"
+
+    @staticmethod
     def in_list(n: int) -> str:
         return "(" + ",".join("?" * n) + ")"
 
@@ -83,6 +88,10 @@ class Dialect:
 class SQLiteDialect(Dialect):
     name = "sqlite"
     transactional_ddl = True
+
+    @staticmethod
+    def remainder(a: str, b: str) -> str:
+        return f"(({a}) % ({b}))"  # SQLite has MOD() only when built with its math functions
 
     def _ignore(self, sql: str) -> str:
         return sql + " ON CONFLICT DO NOTHING"

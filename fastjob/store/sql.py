@@ -441,7 +441,7 @@ class SQLStore(SQLRunner):
 
     async def instance_counts(self, app: str, since_ms: int, until_ms: int,
                               bucket_ms: int) -> list[tuple[int, str, int]]:
-        return await self._run("instance_counts", lambda: op_instance_counts(app, since_ms, until_ms, bucket_ms),
+        return await self._run("instance_counts", lambda: op_instance_counts(self.dialect, app, since_ms, until_ms, bucket_ms),
                                tx=False)
 
     async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:

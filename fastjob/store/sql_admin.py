@@ -44,9 +44,10 @@ def instance_page_query(app: str, job_id: int | None, statuses: Sequence[Status]
     return sql, params
 
 
-def op_instance_counts(app: str, since_ms: int, until_ms: int, bucket_ms: int) -> Op[list[tuple[int, str, int]]]:
-    # the bucket's start, spelled with % (both backends have it for integers, neither agrees on division)
-    bucket = "planned_ms - ((planned_ms - ?) % ?)"
+def op_instance_counts(dialect: Dialect, app: str, since_ms: int, until_ms: int,
+                       bucket_ms: int) -> Op[list[tuple[int, str, int]]]:
+    # the bucket's start, by a remainder (the backends agree on no integer division)
+    bucket = "planned_ms - " + dialect.remainder("planned_ms - ?", "?")
     r = yield Stmt(f"SELECT {bucket} AS b, status, COUNT(*) FROM instances WHERE app = ? AND planned_ms >= ?"
                    f" AND planned_ms < ? GROUP BY b, status ORDER BY b", (since_ms, bucket_ms, app, since_ms, until_ms))
     return [(int(b), str(status), int(n)) for b, status, n in r.rows]

@@ -45,8 +45,8 @@ class AdminHttp:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server
-        bound = server.sockets[0].getsockname()[1] if isinstance(server, asyncio.base_events.Server) else port
+        sockets = getattr(site._server, "sockets", None) or ()  # asyncio's or uvloop's Server
+        bound = sockets[0].getsockname()[1] if sockets else port
         self.address = f"{host}:{bound}"
         return self.address
 
