@@ -19,7 +19,8 @@ INTERVAL, TIMEOUT = 0.2, 2.0
 
 
 def config(db: str) -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, http_port=0, db=db, heartbeat_interval=INTERVAL, heartbeat_timeout=TIMEOUT)
+    return ServerConfig(host="127.0.0.1", port=0, http_port=0, db=db, heartbeat_interval=INTERVAL,
+                        heartbeat_timeout=TIMEOUT)
 
 
 async def crash(server: FastJobServer) -> None:

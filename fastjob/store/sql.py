@@ -430,9 +430,9 @@ class SQLStore(SQLRunner):
         return [LogLine(int(r[0]), float(r[1]), r[2], r[3]) for r in rows]
 
     # ---- the admin API ---------------------------------------------------------------------
-    async def query_instances(self, app: str, *, job_id: int | None = None, statuses: Sequence[Status] | None = None,
-                              since_ms: int | None = None, until_ms: int | None = None,
-                              after: tuple[int, int] | None = None, limit: int = 100) -> list[InstanceRow]:
+    async def query_instances(self, app: str, *, job_id: int | None = None,
+                              statuses: Sequence[Status] | None = None, since_ms: int | None = None,
+                              until_ms: int | None = None, after: tuple[int, int] | None = None, limit: int = 100) -> list[InstanceRow]:
         if statuses is not None and not statuses:
             return []
         sql, params = instance_page_query(app, job_id, statuses, since_ms, until_ms, after, limit, self.dialect)
@@ -441,8 +441,8 @@ class SQLStore(SQLRunner):
 
     async def instance_counts(self, app: str, since_ms: int, until_ms: int,
                               bucket_ms: int) -> list[tuple[int, str, int]]:
-        return await self._run("instance_counts", lambda: op_instance_counts(self.dialect, app, since_ms, until_ms, bucket_ms),
-                               tx=False)
+        return await self._run(
+            "instance_counts", lambda: op_instance_counts(self.dialect, app, since_ms, until_ms, bucket_ms), tx=False)
 
     async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
         return await self._run("lateness_sample", lambda: op_lateness_sample(app, since_ms, until_ms, limit),
