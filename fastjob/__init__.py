@@ -2,6 +2,7 @@
 
 The public API is the embeddable worker; the server runs as ``fastjob-server``.
 """
+from .client import ApiError, Client
 from .context import JobContext
 from .protocol import ProtocolError, RemoteError
 from .schedule import ScheduleError
@@ -9,4 +10,7 @@ from .worker import Worker, WorkerError
 
 __version__ = "0.1.0"
 
-__all__ = ["JobContext", "ProtocolError", "RemoteError", "ScheduleError", "Worker", "WorkerError", "__version__"]
+__all__ = [
+    "ApiError", "Client", "JobContext", "ProtocolError", "RemoteError", "ScheduleError", "Worker", "WorkerError",
+    "__version__",
+]

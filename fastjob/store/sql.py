@@ -432,7 +432,8 @@ class SQLStore(SQLRunner):
     # ---- the admin API ---------------------------------------------------------------------
     async def query_instances(self, app: str, *, job_id: int | None = None,
                               statuses: Sequence[Status] | None = None, since_ms: int | None = None,
-                              until_ms: int | None = None, after: tuple[int, int] | None = None, limit: int = 100) -> list[InstanceRow]:
+                              until_ms: int | None = None, after: tuple[int, int] | None = None,
+                              limit: int = 100) -> list[InstanceRow]:
         if statuses is not None and not statuses:
             return []
         sql, params = instance_page_query(app, job_id, statuses, since_ms, until_ms, after, limit, self.dialect)
