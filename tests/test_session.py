@@ -622,3 +622,45 @@ def test_api_requests_beyond_max_inflight_are_answered_busy(
             assert {m.type for m in answered} == {"RESPONSE"}
 
     run(main())
+
+
+def test_a_worker_token_declares_and_triggers_but_deletes_nothing(run: Callable[..., Any], tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_server(tmp_path, app_tokens=TOKENS) as bench:
+            worker = await bench.established(app="secure", token="s3cret")
+            job = {"name": "j", "handler": "h", "schedule_type": "api"}
+            declared = await worker.request("JOB_DECLARE", {"jobs": [job], "final": True}, rid=2)
+            assert declared.type == "RESPONSE", declared
+            for rid, (kind, body) in enumerate([("JOB_DELETE", {"name": "j"}), ("JOB_UPSERT", {"job": job}),
+                                                ("JOB_ENABLE", {"name": "j", "enabled": False})], start=4):
+                refused = await worker.request(kind, body, rid=rid)
+                assert refused.type == "ERROR" and refused.body["code"] == ErrorCode.FORBIDDEN, refused
+            assert (await worker.request("JOB_GET", {"name": "j"}, rid=9)).body["job"]["enabled"] is True
+            as_client = await bench.established(app="secure", token="s3cret", role="client", worker_id="wc")
+            assert (await as_client.request("TRIGGER", {"name": "j"}, rid=2)).type == "RESPONSE"
+            viewer, _ = await bench.server.auth.create("v", "viewer", ["secure"])
+            client = await bench.established(app="secure", token=viewer, role="client", worker_id="c")
+            refused = await client.request("TRIGGER", {"name": "j"}, rid=2)
+            assert refused.body["code"] == ErrorCode.FORBIDDEN
+            peer = await bench.connect()  # a viewer token is no worker's
+            peer.send("HELLO", hello_body(app="secure", token=viewer, worker_id="w9"), rid=3)
+            assert_rejected(await peer.recv_until_eof(), 3, ErrorCode.BAD_TOKEN)
+            await bench.server.audit.flush()
+            entries = await bench.server.store.list_audit(app="secure")
+            assert ("job.delete", "forbidden") not in {(e.action, e.outcome) for e in entries}  # refused before
+            assert {(e.action, e.outcome, e.via) for e in entries} >= {("job.trigger", "ok", "wire")}
+
+    run(main())
+
+
+def test_a_server_on_a_public_address_requires_a_token_for_every_app(run: Callable[..., Any], tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_server(tmp_path) as bench:
+            bench.server.config.host = "192.0.2.1"  # as if bound there (the test binds loopback only)
+            peer = await bench.connect()
+            peer.send("HELLO", hello_body(app="open"), rid=1)
+            assert_rejected(await peer.recv_until_eof(), 1, ErrorCode.BAD_TOKEN)
+            bench.server.config.insecure = True
+            await bench.established(app="open")
+
+    run(main())
