@@ -431,3 +431,22 @@ async def _lines(stream: aiohttp.ClientResponse) -> Any:
         if not raw:
             return
         yield raw.decode().rstrip("\n")
+
+
+async def test_mistakes_claim_nothing_and_are_not_server_errors(servers, sqlite_url):
+    server = await start(servers, sqlite_url)
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, server, server.admin_token)
+        for method, path in [("POST", "/api/v1/apps/typo/jobs/x/pause"), ("POST", "/api/v1/apps/typo/jobs/x/trigger"),
+                             ("DELETE", "/api/v1/apps/typo/jobs/x"), ("PATCH", "/api/v1/apps/typo/jobs/x")]:
+            await api.error(method, path, {}, status=404, code="not_found")
+        assert (await api.ok("GET", "/api/v1/cluster"))["apps"] == []  # no app was claimed for them
+        await api.error("POST", "/api/v1/apps/" + "a" * 129 + "/jobs", {"name": "x"})
+        await api.error("GET", "/api/v1/instances/" + "9" * 30, code="invalid")
+        await api.error("POST", "/api/v1/instances/-1/kill", code="invalid")
+        await api.error("POST", "/api/v1/tokens", data=b'{"name": "n", "role": "viewer", "expires_in": NaN}',
+                        headers={"Content-Type": "application/json"})
+        await api.ok("POST", "/api/v1/apps/billing/jobs", {"name": "made"}, status=201)
+        audit = await api.ok("GET", "/api/v1/audit")
+        assert ("job.create", "made") in {(e["action"], e["target"]) for e in audit["entries"]}
+    assert "Traceback" not in server.log_tail(400)

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         if knob.type == "bool":
             p.add_argument("--" + knob.name.replace("_", "-"), action="store_true",
                            default=_env(knob.name, "") in ("1", "true", "yes"),
-                           help=f"{knob.metadata['help']} (FASTJOB_{knob.name.upper()}=1)")
+                           help=f"{knob.metadata['help']} (default: off; FASTJOB_{knob.name.upper()}=1)")
         elif knob.name == "app_tokens":
             p.add_argument("--app-token", action="append", default=[], metavar="APP=TOKEN",
                            help=knob.metadata["help"] + " (default: none)")

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: The largest page a list answers.
 MAX_LIMIT = 1000
+#: The longest app name (as the wire's HELLO allows).
+MAX_APP = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +69,15 @@ class Call:
     backend: AdminBackend
     principal: Principal
     forwarded: bool  # a peer forwarded it to us as the app's owner
+    target: str = ""  # what it acted on, for the audit log, when the URL does not name it
 
     @property
     def app(self) -> str:
         return self.request.match_info.get("app", "")
+
+    def check_app(self) -> None:
+        if "app" in self.request.match_info and not 0 < len(self.app) <= MAX_APP:
+            raise HttpError("invalid", f"an app name is 1 to {MAX_APP} characters")
 
     def require(self, permission: Permission, app: str | None) -> None:
         if not self.principal.may(permission, app):

@@ -30,6 +30,8 @@ class Route:
     placement: str = "any"
     #: the app of a route without {app} in its path (instances): read from the request
     app_of: Callable[[Call], Awaitable[str]] | None = None
+    #: checked before the request is placed at the owner (a 404 for an unknown job claims no app)
+    precheck: Callable[[Call], Awaitable[None]] | None = None
     action: str = ""  # its name in the audit log (mutating routes)
     query: tuple[str, ...] = ()
     body: str | None = None  # the OpenAPI schema of its JSON body
@@ -60,16 +62,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", APP + "/jobs/{name}", jobs.get_job, "A job (with ?next=N: its next N fire times).",
           query=("next",)),
     Route("PATCH", APP + "/jobs/{name}", jobs.patch_job, "Change some of a job's fields.",
-          permission=Permission.MANAGE, placement="owner", action="job.change", body="JobPatch"),
+          permission=Permission.MANAGE, placement="owner", precheck=jobs.job_exists, action="job.change",
+          body="JobPatch"),
     Route("DELETE", APP + "/jobs/{name}", jobs.delete_job, "Delete a job.", permission=Permission.MANAGE,
-          placement="owner", action="job.delete"),
+          placement="owner", precheck=jobs.job_exists, action="job.delete"),
     Route("POST", APP + "/jobs/{name}/trigger", jobs.trigger_job,
           "Fire the job now (Idempotency-Key header: a repeated request fires once).",
-          permission=Permission.TRIGGER, placement="owner", action="job.trigger", body="Trigger"),
+          permission=Permission.TRIGGER, placement="owner", precheck=jobs.job_exists, action="job.trigger",
+          body="Trigger"),
     Route("POST", APP + "/jobs/{name}/pause", jobs.pause_job, "Pause the job.", permission=Permission.OPERATE,
-          placement="owner", action="job.pause"),
+          placement="owner", precheck=jobs.job_exists, action="job.pause"),
     Route("POST", APP + "/jobs/{name}/resume", jobs.resume_job, "Resume the job.", permission=Permission.OPERATE,
-          placement="owner", action="job.resume"),
+          placement="owner", precheck=jobs.job_exists, action="job.resume"),
     Route("GET", APP + "/jobs/{name}/runs", jobs.list_runs, "Run history of a worker-run (second-level) job.",
           query=("limit",)),
     Route("GET", APP + "/instances", instances.list_instances,

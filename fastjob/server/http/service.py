@@ -96,11 +96,14 @@ def _handler(route: Route, backend: AdminBackend, service: AdminHttp) -> Any:
         call = Call(request, backend, principal, forwarded=request.headers.get(FORWARDED) == "1")
         app = call.app
         try:
+            call.check_app()
             if route.placement != "any":
                 if route.app_of is not None:
                     app = await route.app_of(call)
                 assert route.permission is not None
                 call.require(route.permission, app)  # before a claim or a forward
+                if route.precheck is not None:
+                    await route.precheck(call)
                 owner = await backend.owner_of(app, claim=route.placement == "owner")
                 if owner is not None and not owner.here:
                     if call.forwarded:
@@ -149,7 +152,7 @@ def _audit(route: Route, call: Call, app: str, outcome: str, detail: str | None)
     if not route.action:
         return
     match = call.request.match_info
-    target = match.get("name") or match.get("id") or ""
+    target = match.get("name") or match.get("id") or call.target
     call.backend.audit.record(call.principal.name, route.action, app or None, target, outcome, detail)
 
 

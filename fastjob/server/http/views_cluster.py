@@ -122,8 +122,9 @@ async def create_token(call: Call) -> dict[str, Any]:
     if apps is not None and (not isinstance(apps, list) or not apps or not all(isinstance(a, str) for a in apps)):
         raise HttpError("invalid", "apps must be a non-empty list of app names, or absent (every app)")
     expires_in = body.get("expires_in")
-    if expires_in is not None and (type(expires_in) not in (int, float) or expires_in <= 0):
+    if expires_in is not None and (type(expires_in) not in (int, float) or not 0 < expires_in < 1e10):
         raise HttpError("invalid", "expires_in must be a positive number of seconds")
+    call.target = name
     token, row = await call.backend.auth.create(name, role, apps,
                                                 None if expires_in is None else time.time() + expires_in)
     return {"token": token, **_token_json(row)}

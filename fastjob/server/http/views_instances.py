@@ -24,7 +24,7 @@ MAX_CACHED = 256
 #: How often a live log tail looks for new lines, and how long it may last.
 TAIL_POLL = 0.25
 TAIL_MAX_SECONDS = 3600.0
-#: How long a kill waits for the worker's report before answering 202 (still stopping).
+#: How long a kill waits for the worker's report before answering with status "killing" (still stopping).
 KILL_WAIT = 5.0
 #: Stats windows (?window=) and the longest one.
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -85,7 +85,9 @@ async def _instance_or_404(call: Call) -> InstanceRow:
     try:
         instance_id = int(raw)
     except ValueError:
-        raise HttpError("invalid", f"instance id must be an integer, got {raw[:40]!r}") from None
+        instance_id = 0
+    if not 0 < instance_id < 2**63:
+        raise HttpError("invalid", f"an instance id is a positive 64-bit integer, got {raw[:40]!r}")
     row = await call.backend.store.get_instance(instance_id)
     if row is None or not call.principal.sees(row.app):
         raise HttpError("not_found", f"no instance {instance_id}")

@@ -35,6 +35,11 @@ def job_json(job: JobRow) -> dict[str, Any]:
     return out
 
 
+async def job_exists(call: Call) -> None:
+    """Before an action is placed at the app's owner: an unknown job is a 404 here, and claims no app."""
+    await job_or_404(call)
+
+
 async def job_or_404(call: Call, name: str | None = None) -> JobRow:
     name = name if name is not None else call.request.match_info["name"]
     job = await call.backend.store.get_job_by_name(call.app, name)
@@ -115,6 +120,7 @@ async def list_runs(call: Call) -> dict[str, Any]:
 async def create_job(call: Call) -> dict[str, Any]:
     call.require(Permission.MANAGE, call.app)
     spec = spec_or_400(call.app, await call.body())
+    call.target = spec.name
     if await call.backend.store.get_job_by_name(call.app, spec.name) is not None:
         raise HttpError("conflict", f"job {spec.name!r} exists in app {call.app!r}; PATCH it to change it")
     return {"job": job_json(await call.backend.upsert_job(spec))}
