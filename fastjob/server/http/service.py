@@ -58,6 +58,8 @@ class AdminHttp:
 
     async def forward(self, request: web.Request, owner: Owner) -> web.Response:
         """Send the request to the app's owner and answer with its answer."""
+        if not owner.http_address:
+            raise HttpError("unavailable", f"the app's owner {owner.server_id} serves no admin API (--http-port -1)")
         if self._client is None:
             self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT))
         host, port = parse_address(owner.http_address)
