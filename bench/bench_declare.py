@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--db", url,
+        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--http-port", "-1", "--db", url,
          "--log-level", "WARNING"], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert server.stdout is not None
     line = server.stdout.readline().decode()

@@ -77,7 +77,7 @@ async def measure_fastjob(url: str, jobs: int, lead: float) -> tuple[list[float]
     due = int(due * 1000) / 1000
     repo = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(
-        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--db", url,
+        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--http-port", "-1", "--db", url,
          "--log-level", "WARNING", "--scan-horizon", "5", "--second-level-threshold", "0"],
         stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(repo)))
     try:

@@ -98,7 +98,7 @@ def start_server(db_path: str) -> tuple[subprocess.Popen[bytes], str]:
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0", "--http-port", "-1",
          "--db", f"sqlite:///{db_path}", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None

@@ -132,7 +132,7 @@ def run_fastjob(jobs: int, backend: str, mysql_dsn: str, warmup: float, window: 
     try:
         with open(tmp / "server.log", "wb") as log:
             server = subprocess.Popen([sys.executable, "-m", "fastjob.server", "--host", "127.0.0.1", "--port", "0",
-                                       "--db", db, "--log-level", "WARNING", *server_args],
+                                       "--http-port", "-1", "--db", db, "--log-level", "WARNING", *server_args],
                                       stdout=subprocess.PIPE, stderr=log, env=env)
         procs.append(server)
         address = _read_line(server, b"FASTJOB_READY ", 60).split()[1].decode()

@@ -90,3 +90,12 @@ async def test_idempotency_keys_reserve_once_and_expire(db):
     await db.settle_idempotency_key("other", "k", None)  # the trigger failed: the key is free again
     assert await db.reserve_idempotency_key("other", "k", NOW) == (True, None)
     assert await db.reserve_idempotency_key("app", "k", NOW + IDEMPOTENCY_TTL + 10) == (True, None)
+
+
+async def test_job_names_of_a_page(db):
+    await owned(db)
+    a = await db.upsert_job(spec("a"), None, NOW)
+    b = await db.upsert_job(spec("b"), None, NOW)
+    other = await db.upsert_job(spec("c", app="other"), None, NOW)
+    assert await db.job_names("app", [a.id, b.id, other.id, 999]) == {a.id: "a", b.id: "b"}
+    assert await db.job_names("app", []) == {}

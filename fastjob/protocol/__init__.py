@@ -14,7 +14,7 @@ Everything public is re-exported here: import it from ``fastjob.protocol``.
 from __future__ import annotations
 
 from .codec import HEADER, Decoder, Message, encode, parse_address
-from .connection import Connection
+from .connection import TRAFFIC, Connection
 from .constants import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_FRAME,
@@ -26,6 +26,7 @@ from .errors import ErrorCode, ProtocolError, RemoteError
 from .schema import REPLY_TYPES, SCHEMAS, SINCE_VERSION, STRUCTS, negotiate_version, validate
 
 __all__ = [
+    "TRAFFIC",
     "KILL_REASON",
     "PROTOCOL_VERSION",
     "MIN_PROTOCOL_VERSION",

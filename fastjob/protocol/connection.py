@@ -17,6 +17,9 @@ from .schema import REPLY_TYPES
 log = logging.getLogger("fastjob.protocol")  # the logger's name from before the split
 
 _RID_LIMIT = 1 << 32
+#: Frames in, bytes in, frames out, bytes out, over every connection of this process (the
+#: metrics read it; a list of ints costs a frame two additions and no lock).
+TRAFFIC = [0, 0, 0, 0]
 _DRAIN_FLUSH_THRESHOLD = 64 * 1024
 
 
@@ -94,8 +97,10 @@ class Connection(asyncio.Protocol):
             log.warning("protocol error from %s: %s", self._peername, exc)
             self.fail(exc.code, exc.message)
             return
+        TRAFFIC[1] += len(data)
         if not msgs:
             return
+        TRAFFIC[0] += len(msgs)
         self.last_received = self._live_loop.time()
         pending = self._pending
         for msg in msgs:
@@ -181,6 +186,8 @@ class Connection(asyncio.Protocol):
         out = self._out
         out += _pack_header(size)
         out += payload
+        TRAFFIC[2] += 1
+        TRAFFIC[3] += size + 4
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

@@ -475,6 +475,11 @@ class Store(abc.ABC):
         the previous page, only those that come after it (a cursor that stays stable as rows arrive)."""
 
     @abc.abstractmethod
+    async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:
+        """The names of these jobs of the app (deleted ones too), by id: a page of instances names its
+        jobs without reading every job of the app."""
+
+    @abc.abstractmethod
     async def instance_counts(self, app: str, since_ms: int, until_ms: int,
                               bucket_ms: int) -> list[tuple[int, str, int]]:
         """(bucket start ms, status, count) of the app's instances planned in [since_ms, until_ms),

@@ -532,6 +532,11 @@ class MemoryStore(Store):
         rows.sort(key=lambda r: (r.planned_ms, r.id), reverse=True)
         return [copy_instance(r) for r in rows[:max(limit, 0)]]
 
+    async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:
+        db = await self._db()
+        return {job_id: db.jobs[job_id].name for job_id in set(job_ids)
+                if job_id in db.jobs and db.jobs[job_id].app == app}
+
     async def instance_counts(self, app: str, since_ms: int, until_ms: int,
                               bucket_ms: int) -> list[tuple[int, str, int]]:
         db = await self._db()

@@ -440,6 +440,15 @@ class SQLStore(SQLRunner):
         rows = await self._run("query_instances", lambda: self._op_query(sql, params), tx=False)
         return [row_to_instance(r) for r in rows]
 
+    async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:
+        ids = sorted(set(job_ids))
+        names: dict[int, str] = {}
+        for part in chunks(ids):
+            sql = "SELECT id, name FROM jobs WHERE app = ? AND id IN " + self.dialect.in_list(len(part))
+            rows = await self._run("job_names", functools.partial(self._op_query, sql, (app, *part)), tx=False)
+            names.update((int(r[0]), r[1]) for r in rows)
+        return names
+
     async def instance_counts(self, app: str, since_ms: int, until_ms: int,
                               bucket_ms: int) -> list[tuple[int, str, int]]:
         return await self._run(
