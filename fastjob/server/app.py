@@ -8,6 +8,8 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
 from .. import schedule
 from ..models import InstanceRow, JobRow, JobSpec, Status
 from ..protocol import ErrorCode
@@ -18,6 +20,7 @@ from .auth import TokenAuthority
 from .cluster import Cluster, Origin
 from .config import ServerConfig
 from .http import AdminHttp, Owner
+from .metrics import Gauges, Metrics, ServerCollector
 from .reconcile import Reconciler
 from .scheduler import Scheduler
 from .second_level import SecondLevel
@@ -32,6 +35,10 @@ class FastJobServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store: Store = create_store(config.db)
+        self.metrics = Metrics()
+        self.store.observer = self.metrics.store_op
+        self._registry: CollectorRegistry | None = None
+        self._unfinished: tuple[float, list[tuple[str, str, int]]] = (0.0, [])
         self.auth = TokenAuthority(self.store)
         self.audit = AuditLog(self.store)
         self.http: AdminHttp | None = None
@@ -60,7 +67,7 @@ class FastJobServer:
             await self.auth.ensure_app_token(app, token)
         self.cluster = Cluster(self.store, server_id, self.address, cfg.heartbeat_interval,
                                cfg.heartbeat_timeout, self._app_gained, self._app_lost, self._app_drain,
-                               self._app_undrain, self._fire_rates)
+                               self._app_undrain, self._fire_rates, changes=self.metrics.ownership_changes)
         self.scheduler = Scheduler(
             self.store, self.cluster,
             scan_horizon=cfg.scan_horizon,
@@ -72,6 +79,7 @@ class FastJobServer:
             status_flush_interval=cfg.status_flush_interval,
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
+            metrics=self.metrics,
         )
         self.second_level = SecondLevel(
             self.store, self.tasks,
@@ -80,6 +88,7 @@ class FastJobServer:
             owns=self.cluster.owns,
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
+            metrics=self.metrics,
         )
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
@@ -319,3 +328,21 @@ class FastJobServer:
 
     def second_level_jobs_of(self, session: WorkerSession) -> list[int]:
         return session.second_level_jobs()
+
+    async def metrics_text(self) -> bytes:
+        """This server's /metrics (the unfinished-instance counts are read at most every 5 s)."""
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(ServerCollector(self.metrics, Gauges(
+                wheel_pending=lambda: len(self.scheduler.wheel_handles),
+                workers=lambda: {app: sum(1 for s in peers if s.role == "worker" and s.established)
+                                 for app, peers in self.sessions.items()},
+                owned_apps=lambda: len(self.cluster.owned),
+                writer_queue=self.scheduler.writer.queued,
+                instances=lambda: self._unfinished[1])))
+            self._registry.register(ProcessCollector(registry=None))
+        if time.monotonic() - self._unfinished[0] > 5.0:
+            counts = [(app, status, n) for app in sorted(self.cluster.owned)
+                      for status, n in (await self.store.count_unfinished(app)).items()]
+            self._unfinished = (time.monotonic(), counts)
+        return bytes(generate_latest(self._registry))

@@ -23,6 +23,7 @@ everything, and sets the new owner in one compare-and-set, so no third server ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -82,8 +83,11 @@ class Cluster:
         on_undrain: AppUndrain,
         fire_rates: Callable[[], dict[str, float]],
         clock: Clock = SYSTEM_CLOCK,
+        changes: collections.Counter[str] | None = None,
     ) -> None:
         self.store = store
+        #: ownership changes this server made, by kind (claimed, takeover, handed over, ...): metrics
+        self.changes: collections.Counter[str] = changes if changes is not None else collections.Counter()
         self.clock = clock  # monotonic: leases and judging; wall: heartbeats stored for peers
         self.server_id = server_id
         self.address = address
@@ -333,6 +337,7 @@ class Cluster:
     async def _record(self, app: str, from_server: str | None, to_server: str | None, epoch: int,
                       reason: str) -> None:
         """Write the ownership history (GET /api/v1/cluster/history); a failure costs only the entry."""
+        self.changes[reason.split(":")[0].split(" by ")[0]] += 1  # the kind, not who or why
         try:
             await self.store.add_ownership_change(
                 OwnershipChange(app, from_server, to_server, epoch, reason, self.clock.wall()))

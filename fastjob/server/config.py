@@ -71,6 +71,7 @@ class ServerConfig:
                                              " bound one)")
     insecure: bool = _knob(False, "let workers of a server bound to a non-loopback address connect without a"
                                   " token")
+    metrics_public: bool = _knob(False, "serve /metrics without a token to every client (default: loopback only)")
     app_tokens: dict[str, str] = field(default_factory=dict, metadata={
         "help": "require TOKEN from workers of APP (repeatable; FASTJOB_APP_TOKENS=a=x,b=y)"})
 

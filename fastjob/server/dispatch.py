@@ -20,6 +20,7 @@ from ..protocol import KILL_REASON, ProtocolError
 from ..store import Store
 from ..tasks import BackgroundTasks
 from .fires import MAX_TEXT, Alarms, Finish, Inflight, Pending, PendingExpired, RunOverdue
+from .metrics import Metrics
 from .writer import StatusWriter
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Dispatcher:
         dispatch_wait: float,
         heartbeat_timeout: float,
         clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -59,6 +61,7 @@ class Dispatcher:
         self.dispatch_wait = dispatch_wait
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self._rr: dict[str, int] = {}
@@ -80,7 +83,7 @@ class Dispatcher:
         except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
             self.finish(row, Status.FAILED, error=f"could not dispatch: {exc.message}", job=job)
             return
-        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by)
+        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by, sent_at=self.clock.wall())
         self.inflight[row.id] = flight
         self._dispatched[row.app] += 1
         session.runs(row.id)
@@ -159,8 +162,19 @@ class Dispatcher:
         flight = self.flight_of(session, body["instance_id"])
         if flight is None:
             return
+        self._started(flight, body["started_at"])
         self.writer.update(InstanceUpdate(
             flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
+
+    def _started(self, flight: Inflight, started_at: float) -> None:
+        """Lateness and dispatch-to-start, once per run (from START, or from a RESULT that came alone)."""
+        if flight.started:
+            return
+        flight.started = True
+        app = flight.instance.app
+        self.metrics.lateness.observe(app, max(0.0, started_at - flight.instance.planned_ms / 1000.0))
+        if flight.sent_at is not None:
+            self.metrics.dispatch_to_start.observe(app, max(0.0, started_at - flight.sent_at))
 
     def on_logs(self, session: WorkerSession, body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]
@@ -181,6 +195,10 @@ class Dispatcher:
                                  f"fastjob-late-result-{instance_id}")
             return
         self.forget(flight)
+        started_at = body.get("started_at")
+        if started_at is not None:
+            self._started(flight, started_at)
+            self.metrics.run_duration.observe(flight.instance.app, max(0.0, body["finished_at"] - started_at))
         if flight.kill_requested and status is not Status.SUCCEEDED:
             status, error = Status.KILLED, "killed by an operator" + (f" ({error})" if error else "")
         elif status is Status.KILLED:  # a kill nobody asked for here (an earlier owner's): run it again

@@ -33,6 +33,8 @@ class Inflight:
     overdue_handle: int | None = None
     orphan_handle: int | None = None  # armed while no session holds it (awaiting re-attach)
     kill_requested: bool = False  # an operator killed it: its run ends as killed, not interrupted
+    sent_at: float | None = None  # wall clock of the DISPATCH (None: recovered after a failover)
+    started: bool = False  # its start was counted (metrics)
 
 
 @dataclass(slots=True)

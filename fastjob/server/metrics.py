@@ -73,8 +73,9 @@ class Metrics:
         self.ownership_changes: collections.Counter[str] = collections.Counter()  # by kind
         self.store_seconds = Histograms(DURATION_BUCKETS)  # by operation
         self.store_errors: collections.Counter[str] = collections.Counter()  # by operation
-        self.sl_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (app, outcome)
-        self.sl_lateness = Histograms(LATENESS_BUCKETS)  # by app: the worker's own lateness reports
+        self.sl_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (app, runs/failures/skipped)
+        #: job id -> (app, lateness p50, p99) of its latest report (labels: the app, never the job)
+        self.sl_lateness: dict[int, tuple[str, float, float]] = {}
 
     def store_op(self, what: str, seconds: float, ok: bool) -> None:
         """The store's observer: every operation's time, and its failures."""
@@ -131,8 +132,14 @@ class ServerCollector(Collector):
                        {("in",): float(frames_in), ("out",): float(frames_out)})
         yield _counter("fastjob_protocol_bytes", "Wire protocol bytes, by direction.", ["direction"],
                        {("in",): float(bytes_in), ("out",): float(bytes_out)})
-        yield _counter("fastjob_second_level_runs", "Runs of worker-run jobs, from the workers' reports.",
-                       ["app", "outcome"], {key: float(n) for key, n in m.sl_runs.items()})
+        yield _counter("fastjob_second_level_runs", "Runs, failures and skips of worker-run jobs, from the workers'"
+                       " reports.", ["app", "kind"], {key: float(n) for key, n in m.sl_runs.items()})
+        worst: dict[tuple[str, ...], float] = {}
+        for app, p50, p99 in m.sl_lateness.values():
+            for quantile, value in (("0.5", p50), ("0.99", p99)):
+                worst[(app, quantile)] = max(value, worst.get((app, quantile), 0.0))
+        yield _gauge("fastjob_second_level_lateness_seconds", "The worst lateness quantile any worker-run job of"
+                     " the app reported last.", ["app", "quantile"], worst)
 
 
 def _counter(name: str, doc: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Metric:

@@ -52,6 +52,7 @@ from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntr
 from .follow_ups import FollowUps, follow_up
 from .interventions import Interventions
 from .lines import FORCED, JobLines, Turn, Verdict
+from .metrics import Metrics
 from .recovery import FailoverRecovery, recovery_window
 from .scan import Scanner
 from .writer import StatusWriter
@@ -89,10 +90,12 @@ class Scheduler:
         status_flush_interval: float = 0.02,
         clock: Clock = SYSTEM_CLOCK,
         timer_factory: TimerFactory = WheelTimer,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.cluster = cluster
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self.timer_factory = timer_factory
         self.heartbeat_timeout = heartbeat_timeout
         self.run_lease = run_lease
@@ -112,7 +115,7 @@ class Scheduler:
         self.dispatcher = Dispatcher(
             store=store, writer=self.writer, alarms=self, finish=self.finish, workers_of=workers_of,
             jobs=self.jobs, tasks=self.tasks, dispatch_wait=dispatch_wait, heartbeat_timeout=heartbeat_timeout,
-            clock=clock)
+            clock=clock, metrics=self.metrics)
         self.recovery = FailoverRecovery(
             dispatcher=self.dispatcher, lines=self.lines, jobs=self.jobs, alarms=self, finish=self.finish,
             start_turns=self.start_turns, owns=cluster.owns, run_lease=run_lease, lease_margin=self.lease_margin,
@@ -365,6 +368,7 @@ class Scheduler:
     ) -> None:
         """Record a final status, then start what follows it: a retry, a re-run, or the next in line."""
         finished_at = finished_at or self.clock.wall()
+        self.metrics.fires[(row.app, status.value)] += 1
         if status is not Status.SUCCEEDED and error:
             log.info("instance %d (job %d, app %s, attempt %d): %s: %s",
                      row.id, row.job_id, row.app, row.attempt, status.value, error)

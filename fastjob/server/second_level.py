@@ -24,6 +24,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..models import JobRow, Overlap
 from ..store import Store
 from ..tasks import BackgroundTasks
+from .metrics import Metrics
 from .sl_stats import SecondLevelStats
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class SecondLevel:
                  heartbeat_timeout: float, owns: Callable[[str], bool],
                  workers_of: Callable[[str], list[WorkerSession]],
                  is_second_level: Callable[[JobRow], bool], clock: Clock = SYSTEM_CLOCK,
-                 call_at: CallAt | None = None) -> None:
+                 call_at: CallAt | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self._clock = clock  # monotonic; sessions' last_received is on the same clock (asyncio's loop.time())
         self._call_at: CallAt = call_at or (lambda when, fn: asyncio.get_running_loop().call_at(when, fn))
@@ -54,7 +55,7 @@ class SecondLevel:
         self.lease = 0.75 * heartbeat_timeout  # a worker stops its jobs after this much server silence
         self.margin = 0.1 * heartbeat_timeout  # extra wait before reassigning, for clock-rate skew and RTT
         # reports are written this often (a row per job): 10 s by default
-        self.stats = SecondLevelStats(store, tasks, interval=5 * heartbeat_interval)
+        self.stats = SecondLevelStats(store, tasks, interval=5 * heartbeat_interval, metrics=metrics)
         self.jobs: dict[int, JobRow] = {}  # second-level jobs of owned apps
         self.runner: dict[int, WorkerSession] = {}  # job id -> the session running it
         #: job id -> when it was first handed down here (wall clock): from then on it may have run

@@ -26,6 +26,7 @@ from ..context import RUN_LOG_CHARS, RUN_LOG_LINES
 from ..models import FINAL_STATUSES, JobRow, JobRun, Status
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
+from .metrics import Metrics
 
 log = logging.getLogger("fastjob.second_level")
 
@@ -80,8 +81,9 @@ class SecondLevelStats:
     """Totals and sampled runs of the second-level jobs of the apps this server owns, written
     every ``interval`` seconds (a row per job, not one per report)."""
 
-    def __init__(self, store: Store, tasks: BackgroundTasks, interval: float) -> None:
+    def __init__(self, store: Store, tasks: BackgroundTasks, interval: float, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.tasks = tasks
         self.interval = interval
         self._totals: dict[int, dict[str, Any]] = {}  # job id -> stats as stored (and to be stored)
@@ -100,7 +102,8 @@ class SecondLevelStats:
 
     def on_report(self, job: JobRow, worker: str, report: dict[str, Any]) -> None:
         previous = self._totals.get(job.id, job.stats if isinstance(job.stats, dict) else None)
-        self._totals[job.id] = merge_report(previous, report, worker)
+        merged = self._totals[job.id] = merge_report(previous, report, worker)
+        self._count(job, previous or {}, merged, report)
         self._unwritten.add(job.id)
         for reported in report.get("sampled") or ():
             run = run_from_wire(job, worker, reported)
@@ -108,6 +111,14 @@ class SecondLevelStats:
                 self._sample(run)
         if self._writer is None or self._writer.done():
             self._writer = self.tasks.spawn(self._write_later(), "fastjob-sl-stats")
+
+    def _count(self, job: JobRow, before: dict[str, Any], after: dict[str, Any], report: dict[str, Any]) -> None:
+        """The metrics: runs, failures and skips this report added, and its lateness figures."""
+        for name in COUNTERS:
+            added = int(after.get(name) or 0) - int(before.get(name) or 0)
+            if added > 0:
+                self.metrics.sl_runs[(job.app, name)] += added
+        self.metrics.sl_lateness[job.id] = (job.app, float(report["lateness_p50"]), float(report["lateness_p99"]))
 
     def _sample(self, run: JobRun) -> None:
         if run.status == Status.SUCCEEDED.value and not run.logs:

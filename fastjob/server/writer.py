@@ -44,6 +44,10 @@ class StatusWriter:
             self._finished[job_id] = finished_at
         self._wake.set()
 
+    def queued(self) -> int:
+        """Status changes and log lines waiting for the next write (a gauge)."""
+        return len(self._updates) + len(self._logs)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fastjob-status-writer")
 

@@ -169,6 +169,8 @@ class Store(abc.ABC):
     #: slows that thread down (each row it steps through takes the GIL back), so large batches
     #: of writes are better handed to it one at a time.
     concurrent_writes = False
+    #: Called after each operation with (its name, seconds, succeeded): the server's metrics.
+    observer: Callable[[str, float, bool], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
     @abc.abstractmethod
@@ -473,6 +475,10 @@ class Store(abc.ABC):
         """A page of an app's instances, latest planned first (planned_ms DESC, id DESC): those
         planned in [since_ms, until_ms), and, with ``after`` = (planned_ms, id) of the last row of
         the previous page, only those that come after it (a cursor that stays stable as rows arrive)."""
+
+    @abc.abstractmethod
+    async def count_unfinished(self, app: str) -> dict[str, int]:
+        """How many of the app's instances are in each unfinished status (a gauge of /metrics)."""
 
     @abc.abstractmethod
     async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:

@@ -532,6 +532,14 @@ class MemoryStore(Store):
         rows.sort(key=lambda r: (r.planned_ms, r.id), reverse=True)
         return [copy_instance(r) for r in rows[:max(limit, 0)]]
 
+    async def count_unfinished(self, app: str) -> dict[str, int]:
+        db = await self._db()
+        counts: dict[str, int] = {}
+        for row in db.instances.values():
+            if row.app == app and row.status not in FINAL_STATUSES:
+                counts[row.status.value] = counts.get(row.status.value, 0) + 1
+        return counts
+
     async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:
         db = await self._db()
         return {job_id: db.jobs[job_id].name for job_id in set(job_ids)

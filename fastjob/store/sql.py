@@ -440,6 +440,12 @@ class SQLStore(SQLRunner):
         rows = await self._run("query_instances", lambda: self._op_query(sql, params), tx=False)
         return [row_to_instance(r) for r in rows]
 
+    async def count_unfinished(self, app: str) -> dict[str, int]:
+        rows = await self._run("count_unfinished", lambda: self._op_query(
+            f"SELECT status, COUNT(*) FROM instances WHERE app = ? AND status IN {SQL_UNFINISHED} GROUP BY status",
+            (app,)), tx=False)
+        return {str(status): int(n) for status, n in rows}
+
     async def job_names(self, app: str, job_ids: Collection[int]) -> dict[int, str]:
         ids = sorted(set(job_ids))
         names: dict[int, str] = {}

@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,17 @@ class SQLRunner(Store):
                 delay = min(delay * 2, self.retry_max)
 
     async def _run(self, what: str, factory: Callable[[], Op[T]], *, tx: bool) -> T:
-        return await self._retrying(what, lambda: self._attempt(factory, tx))
+        observer = self.observer
+        if observer is None:
+            return await self._retrying(what, lambda: self._attempt(factory, tx))
+        started = time.perf_counter()
+        try:
+            result = await self._retrying(what, lambda: self._attempt(factory, tx))
+        except StoreError:
+            observer(what, time.perf_counter() - started, False)
+            raise
+        observer(what, time.perf_counter() - started, True)
+        return result
 
     # ---- migrations --------------------------------------------------------------------
     async def _migrate(self) -> None:

@@ -37,6 +37,8 @@ class Route:
     body: str | None = None  # the OpenAPI schema of its JSON body
     success: int = 200
     streams: bool = False  # may answer server-sent events
+    #: served without a token to loopback clients (and to all with --metrics-public)
+    open_on_loopback: bool = False
 
 
 APP = "/api/v1/apps/{app}"
@@ -45,6 +47,8 @@ _PAGE = ("cursor", "limit")
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", cluster.healthz, "The process is up.", permission=None),
     Route("GET", "/readyz", cluster.readyz, "The store answers and this server's lease is valid.", permission=None),
+    Route("GET", "/metrics", cluster.metrics, "Prometheus metrics (no token needed from loopback).",
+          open_on_loopback=True),
     Route("GET", "/api/v1/openapi.json", cluster.healthz, "This document.", permission=None),  # view replaced
     Route("GET", "/api/v1/cluster", cluster.cluster, "Servers and the apps each owns."),
     Route("GET", "/api/v1/cluster/history", cluster.cluster_history, "Ownership changes, newest first.",

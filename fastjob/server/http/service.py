@@ -12,6 +12,7 @@ from aiohttp import web
 from ...protocol import parse_address
 from ...store import NotOwnerError, StoreError
 from ..auth import Principal
+from ..config import is_loopback
 from .backend import AdminBackend, Call, Owner
 from .encode import json_response
 from .errors import STATUS, HttpError
@@ -94,7 +95,11 @@ def build_app(backend: AdminBackend, service: AdminHttp) -> web.Application:
 
 def _handler(route: Route, backend: AdminBackend, service: AdminHttp) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
-        principal = await _authenticate(request, backend) if route.permission is not None else _NOBODY
+        if route.permission is None or (route.open_on_loopback and (
+                backend.config.metrics_public or is_loopback(request.remote or ""))):
+            principal = _NOBODY
+        else:
+            principal = await _authenticate(request, backend)
         call = Call(request, backend, principal, forwarded=request.headers.get(FORWARDED) == "1")
         app = call.app
         try:

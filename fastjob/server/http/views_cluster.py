@@ -4,6 +4,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from ...store import StoreError
 from ..auth import ROLES, Permission
 from .backend import MAX_LIMIT, Call
@@ -24,6 +27,12 @@ async def readyz(call: Call) -> dict[str, Any]:
     if not ready:
         raise HttpError("unavailable", why)
     return {"status": "ready", "server_id": call.backend.server_id}
+
+
+async def metrics(call: Call) -> web.Response:
+    """This server's metrics in Prometheus' text format."""
+    body = await call.backend.metrics_text()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def cluster(call: Call) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""/metrics against a real server and worker: it parses with prometheus_client's parser and its
+counters move as fires happen."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from harness import FAST_CLUSTER_ARGS, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastjob import Worker
+from fastjob.server.metrics import Histogram, Metrics
+
+pytestmark = pytest.mark.slow
+
+
+async def scrape(session: aiohttp.ClientSession, http_address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with session.get(f"http://{http_address}/metrics") as answer:  # loopback: no token needed
+        assert answer.status == 200 and answer.content_type == "text/plain"
+        text = await answer.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, family.name  # every metric says what it is
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_parse_and_count_fires(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, "--second-level-threshold", "0")
+    worker = Worker(app="billing", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("ok")
+    async def ok(ctx: Any) -> None:
+        await asyncio.sleep(0.01)
+
+    @worker.handler("bad")
+    async def bad(ctx: Any) -> None:
+        raise RuntimeError("no")
+
+    worker.schedule("ok")
+    worker.schedule("bad")
+    async with aiohttp.ClientSession() as session, worker:
+        before = await scrape(session, server.http_address)
+        assert before[("fastjob_owned_apps", ())] == 1
+        assert before[("fastjob_connected_workers", (("app", "billing"),))] == 1
+        ids = [await worker.trigger("ok") for _ in range(3)] + [await worker.trigger("bad")]
+
+        async def counted() -> Any:
+            now = await scrape(session, server.http_address)
+            done = now.get(("fastjob_fires_total", (("app", "billing"), ("outcome", "succeeded"))), 0)
+            return now if done >= 3 else None
+
+        after = await wait_until(counted, 10, "3 succeeded fires counted")
+        assert after[("fastjob_fires_total", (("app", "billing"), ("outcome", "failed")))] == 1
+        assert after[("fastjob_fire_lateness_seconds_count", (("app", "billing"),))] == len(ids)
+        assert after[("fastjob_run_duration_seconds_count", (("app", "billing"),))] == len(ids)
+        assert after[("fastjob_protocol_frames_total", (("direction", "in"),))] > before[
+            ("fastjob_protocol_frames_total", (("direction", "in"),))]
+        assert after[("fastjob_ownership_changes_total", (("kind", "claimed"),))] == 1
+        assert after[("fastjob_store_operation_seconds_count", (("operation", "claim_due"),))] > 0
+        assert not any(name == "fastjob_fires_total" and dict(labels).get("job") for name, labels in after)
+
+
+def test_histogram_buckets_are_cumulative():
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.5, 0.5, 5.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("0.1", 1.0), ("1.0", 3.0), ("+Inf", 4.0)]
+    assert histogram.total == pytest.approx(6.05)
+    assert Metrics().fires == {}
