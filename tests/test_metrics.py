@@ -16,7 +16,10 @@ from fastjob.server.metrics import Histogram, Metrics
 pytestmark = pytest.mark.slow
 
 
-async def scrape(session: aiohttp.ClientSession, http_address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(session: aiohttp.ClientSession, http_address: str) -> Samples:
     async with session.get(f"http://{http_address}/metrics") as answer:  # loopback: no token needed
         assert answer.status == 200 and answer.content_type == "text/plain"
         text = await answer.text()
