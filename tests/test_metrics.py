@@ -3,6 +3,7 @@ counters move as fires happen."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -74,3 +75,23 @@ def test_histogram_buckets_are_cumulative():
     assert histogram.buckets() == [("0.1", 1.0), ("1.0", 3.0), ("+Inf", 4.0)]
     assert histogram.total == pytest.approx(6.05)
     assert Metrics().fires == {}
+
+
+async def test_json_logs_parse_line_by_line(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, "--log-format", "json")
+    worker = Worker(app="billing", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("bad")
+    async def bad(ctx: Any) -> None:
+        raise RuntimeError("no")
+
+    worker.schedule("bad")
+    async with worker:
+        instance = await worker.trigger("bad")
+        await wait_until(lambda: f'"instance": {instance}' in server.log_tail(400), 10, "the failure logged")
+    lines = [json.loads(line) for line in server.log_tail(400).splitlines() if line.strip()]
+    assert all({"ts", "level", "logger", "message", "server"} <= set(line) for line in lines)
+    failed = [line for line in lines if line.get("instance") == instance]
+    assert failed and failed[0]["app"] == "billing" and failed[0]["server"] == server.address
+    connected = [line for line in lines if line.get("worker") == worker.worker_id]
+    assert connected and connected[0]["app"] == "billing"

@@ -153,7 +153,8 @@ class FastJobServer:
         peers = self.sessions.get(session.app, [])
         if session in peers:
             peers.remove(session)
-        log.info("%s %s of app %s disconnected", session.role, session.worker_id, session.app)
+        log.info("%s %s of app %s disconnected", session.role, session.worker_id, session.app,
+                 extra={"app": session.app, "worker": session.worker_id})
         if session.role == "worker":
             # Stopped cleanly (DRAIN, nothing left running), it runs nothing of ours; gone any other
             # way, it may run on until its run lease is out, and a successor must know it existed.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..store import DEFAULT_URL, StoreError, create_store
+from . import logfmt
 from .app import FastJobServer
 from .auth import ROLES, TokenAuthority
 from .config import ServerConfig
@@ -87,10 +88,12 @@ def _refuse(message: str) -> None:
     raise SystemExit(2)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, formatter: logging.Formatter | None = None) -> None:
     """Run until SIGTERM/SIGINT, then stop cleanly (release apps, flush writes)."""
     server = FastJobServer(config)
     address = await server.start()
+    if isinstance(formatter, logfmt.JsonFormatter):
+        formatter.server = server.server_id
     if server.http is not None:
         print(f"FASTJOB_HTTP {server.http.address}", flush=True)
     print(f"FASTJOB_READY {address}", flush=True)  # test harnesses wait for this line
@@ -196,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(refused.code, str):
             _refuse(refused.code)
         raise
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = logfmt.configure(config.log_level, config.log_format, config.server_id or config.advertise or "")
     try:
         import uvloop
     except ImportError:
@@ -205,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         run = uvloop.run
     try:
-        run(serve(config))
+        run(serve(config, formatter))
     except StoreError as exc:  # the database could not be opened: the store said why, and retried first
         _refuse(f"--db: {exc}")
 

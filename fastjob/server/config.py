@@ -13,6 +13,7 @@ from typing import Any
 
 from ..protocol import DEFAULT_MAX_FRAME
 from ..store import DEFAULT_URL, create_store
+from .logfmt import LOG_FORMATS
 
 #: The smallest frame limit a server accepts: a worker's HELLO alone may need several KiB.
 MIN_MAX_FRAME = 65536
@@ -47,6 +48,7 @@ class ServerConfig:
     advertise: str | None = _knob(None, "host:port other servers redirect workers to (default: the bound one)")
     server_id: str | None = _knob(None, "stable id (default: the advertised address)")
     log_level: str = _knob("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _knob("text", "text, or json: one JSON object per line with server, app, job and instance")
     heartbeat_interval: float = _knob(2.0, "seconds between heartbeats (server to database, worker to server)")
     heartbeat_timeout: float = _knob(10.0, "a server or worker silent this long is dead; also the owner's lease")
     run_lease: float | None = _knob(None, "a worker that hears no owning server this long stops its running"
@@ -116,6 +118,8 @@ class ServerConfig:
             problems.append(f"--port must be in 0-65535, got {self.port}")
         if not -1 <= self.http_port <= 65535:
             problems.append(f"--http-port must be in 0-65535 (or -1: none), got {self.http_port}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in _POSITIVE + _NOT_NEGATIVE:

@@ -371,7 +371,8 @@ class Scheduler:
         self.metrics.fires[(row.app, status.value)] += 1
         if status is not Status.SUCCEEDED and error:
             log.info("instance %d (job %d, app %s, attempt %d): %s: %s",
-                     row.id, row.job_id, row.app, row.attempt, status.value, error)
+                     row.id, row.job_id, row.app, row.attempt, status.value, error,
+                     extra={"app": row.app, "job": row.job_id, "instance": row.id})
         self.writer.update(InstanceUpdate(row.id, status, worker=worker, started_at=started_at,
                                           finished_at=finished_at, result=result, error=error))
         job = job or self.jobs.get(row.job_id)

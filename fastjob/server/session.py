@@ -276,7 +276,8 @@ class WorkerSession(Connection):
             "max_frame": cfg.max_frame,
             "run_lease": cfg.effective_run_lease,
         }, type="WELCOME")
-        log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername)
+        log.info("%s %s of app %s connected from %s", self.role, self.worker_id, app, self.peername,
+                 extra={"app": app, "worker": self.worker_id})
         self.hello_running = list(body.get("running") or ())
         self.hello_finished = list(body.get("finished") or ())
         self.server.session_joined(self, self.hello_running, self.hello_finished, list(body.get("second_level") or ()))
