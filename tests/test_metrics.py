@@ -11,7 +11,7 @@ import pytest
 from harness import FAST_CLUSTER_ARGS, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastjob import Worker
+from fastjob import RemoteError, Worker
 from fastjob.server.metrics import Histogram, Metrics
 
 pytestmark = pytest.mark.slow
@@ -95,3 +95,49 @@ async def test_json_logs_parse_line_by_line(servers, sqlite_url):
     assert failed and failed[0]["app"] == "billing" and failed[0]["server"] == server.address
     connected = [line for line in lines if line.get("worker") == worker.worker_id]
     assert connected and connected[0]["app"] == "billing"
+
+
+async def test_retention_prunes_old_instances_and_keeps_new_ones(servers, db_url):
+    server = await servers.start(db_url, *FAST_CLUSTER_ARGS, "--retain-instances", "3s", "--retain-logs", "3s")
+    worker = Worker(app="billing", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("ok")
+    async def ok(ctx: Any) -> None:
+        ctx.log.info("ran")
+
+    worker.schedule("ok")
+    async with worker:
+        old = [await worker.trigger("ok") for _ in range(3)]
+        await wait_until(lambda: _all_final(worker, old), 10, "the old fires final")
+        await asyncio.sleep(1.5)
+        new = await worker.trigger("ok")
+
+        async def pruned() -> bool:
+            ids = {row["id"] for row in await worker.list_instances(job="ok", limit=100)}
+            return not ids & set(old)
+
+        await wait_until(pruned, 10, "the old instances pruned")
+        rows = await worker.list_instances(job="ok", limit=100)
+        assert [row["id"] for row in rows] == [new]  # 1.5 s younger: still kept
+        with pytest.raises(RemoteError, match="not_found"):  # gone with its log lines (test_store_admin.py)
+            await worker.get_logs(old[0])
+
+
+async def _all_final(worker: Worker, ids: list[int]) -> bool:
+    rows = {row["id"]: row for row in await worker.list_instances(job="ok", limit=100)}
+    return all(rows.get(i, {}).get("status") == "succeeded" for i in ids)
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("2m", 120), ("12h", 43200), ("7d", 604800), ("0", 0),
+                                           ("1.5", 1.5)])
+def test_durations(text, seconds):
+    from fastjob.server.config import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7x", "-1d", "nan", "d"])
+def test_bad_durations_are_refused(text):
+    from fastjob.server.config import ServerConfig
+
+    assert any("retain-instances" in problem for problem in ServerConfig(retain_instances=text).check())

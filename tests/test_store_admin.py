@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from test_store import NOW, make_store, owned, spec, store, store_url  # noqa: F401 (fixtures)
 
-from fastjob.models import InstanceUpdate, Status
+from fastjob.models import InstanceUpdate, LogLine, Status
 from fastjob.server.auth import new_token_row
 from fastjob.store import AuditEntry, OwnershipChange, Store
 from fastjob.store.base import IDEMPOTENCY_TTL
@@ -99,3 +99,23 @@ async def test_job_names_of_a_page(db):
     other = await db.upsert_job(spec("c", app="other"), None, NOW)
     assert await db.job_names("app", [a.id, b.id, other.id, 999]) == {a.id: "a", b.id: "b"}
     assert await db.job_names("app", []) == {}
+
+
+async def test_retention_prunes_old_finished_rows_and_keeps_the_rest(db):
+    ids = await _fires(db, [1000, 2000, 3000, 4000])
+    await db.update_instances([InstanceUpdate(i, Status.SUCCEEDED, started_at=1.0, finished_at=2.0) for i in ids[:3]])
+    await db.append_logs([LogLine(i, NOW + n, "INFO", f"line {n}") for n, i in enumerate(ids)])
+    assert await db.prune_instances("app", 3500, limit=2) == 2  # the oldest first, a batch at a time
+    assert await db.prune_instances("app", 3500, limit=2) == 1
+    assert await db.prune_instances("app", 3500, limit=2) == 0
+    left = await db.query_instances("app")
+    assert [r.id for r in left] == [ids[3]]  # unfinished: never pruned, however old
+    assert await db.get_logs(ids[0]) == [] and len(await db.get_logs(ids[3])) == 1
+    assert await db.prune_older("job_logs", NOW + 10, 100) == 1  # the survivor's line is old too
+    await db.add_audit([AuditEntry(NOW - 100, "a", "x", None, "t", "ok"), AuditEntry(NOW, "a", "y", None, "t", "ok")])
+    assert await db.prune_older("audit_log", NOW - 50, 100) == 1
+    assert [e.action for e in await db.list_audit()] == ["y"]
+    await db.add_ownership_change(OwnershipChange("a", None, "s1", 1, "claimed", NOW - 100))
+    assert await db.prune_older("app_history", NOW - 50, 100) == 1
+    await db.reserve_idempotency_key("app", "k", NOW - 100)
+    assert await db.prune_older("idempotency_keys", NOW - 50, 100) == 1

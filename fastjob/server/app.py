@@ -22,6 +22,7 @@ from .config import ServerConfig
 from .http import AdminHttp, Owner
 from .metrics import Gauges, Metrics, ServerCollector
 from .reconcile import Reconciler
+from .retention import Retention
 from .scheduler import Scheduler
 from .second_level import SecondLevel
 from .session import WorkerSession
@@ -101,6 +102,8 @@ class FastJobServer:
         await self.cluster.start()
         self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")
         self.tasks.spawn(self.audit.run(), "fastjob-audit")
+        self.retention = Retention(self.store, cfg.retention, owned=lambda: sorted(self.cluster.owned))
+        self.tasks.spawn(self.retention.run(), "fastjob-retention")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
         return self.address
 

@@ -57,24 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
         elif knob.name == "app_tokens":
             p.add_argument("--app-token", action="append", default=[], metavar="APP=TOKEN",
                            help=knob.metadata["help"] + " (default: none)")
+        elif knob.name == "retain_app":
+            p.add_argument("--retain-app", action="append", default=[], metavar="APP=DURATION",
+                           help=knob.metadata["help"] + " (default: none)")
         else:
             _add_knob(p, knob)
     return p
 
 
-def _app_tokens(pairs: list[str]) -> dict[str, str]:
-    tokens = {}
-    for pair in pairs + [pair for pair in os.environ.get("FASTJOB_APP_TOKENS", "").split(",") if pair]:
-        app, sep, token = pair.partition("=")
-        if not sep or not app or not token:
-            raise SystemExit(f"--app-token wants APP=TOKEN, got {pair!r}")
-        tokens[app] = token
-    return tokens
+def _app_pairs(flag: str, pairs: list[str], variable: str, value_name: str) -> dict[str, str]:
+    """APP=VALUE pairs of a repeatable flag and of its comma-separated variable."""
+    values = {}
+    for pair in pairs + [pair for pair in os.environ.get(variable, "").split(",") if pair]:
+        app, sep, value = pair.partition("=")
+        if not sep or not app or not value:
+            raise SystemExit(f"--{flag} wants APP={value_name}, got {pair!r}")
+        values[app] = value
+    return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     args = vars(build_parser().parse_args(argv))
-    args["app_tokens"] = _app_tokens(args.pop("app_token"))
+    args["app_tokens"] = _app_pairs("app-token", args.pop("app_token"), "FASTJOB_APP_TOKENS", "TOKEN")
+    args["retain_app"] = _app_pairs("retain-app", args.pop("retain_app"), "FASTJOB_RETAIN_APP", "DURATION")
     config = ServerConfig(**args)
     problems = config.check()
     if problems:

@@ -14,6 +14,7 @@ from typing import Any
 from ..protocol import DEFAULT_MAX_FRAME
 from ..store import DEFAULT_URL, create_store
 from .logfmt import LOG_FORMATS
+from .retention import RetentionPolicy
 
 #: The smallest frame limit a server accepts: a worker's HELLO alone may need several KiB.
 MIN_MAX_FRAME = 65536
@@ -22,6 +23,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _POSITIVE = ("heartbeat_interval", "heartbeat_timeout", "run_lease", "scan_horizon", "scan_interval",
              "dispatch_wait", "handshake_timeout")
 _NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold", "undeclared_grace")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``30s``, ``2m``, ``12h``, ``7d`` or a plain number of seconds; 0 means never."""
+    raw = text.strip()
+    unit = _UNITS.get(raw[-1:].lower(), 0)
+    try:
+        seconds = float(raw[:-1]) * unit if unit else float(raw)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration like 30s, 2m, 12h or 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r} is not a duration like 30s, 2m, 12h or 7d")
+    return seconds
 
 
 def is_loopback(host: str) -> bool:
@@ -73,9 +90,21 @@ class ServerConfig:
                                              " bound one)")
     insecure: bool = _knob(False, "let workers of a server bound to a non-loopback address connect without a"
                                   " token")
+    retain_instances: str = _knob("7d", "finished instances older than this are pruned (like 2m, 12h, 7d; 0: never)")
+    retain_logs: str = _knob("3d", "log lines older than this are pruned (0: never)")
+    retain_audit: str = _knob("90d", "audit log and ownership history entries older than this are pruned (0: never)")
     metrics_public: bool = _knob(False, "serve /metrics without a token to every client (default: loopback only)")
     app_tokens: dict[str, str] = field(default_factory=dict, metadata={
         "help": "require TOKEN from workers of APP (repeatable; FASTJOB_APP_TOKENS=a=x,b=y)"})
+    retain_app: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "keep APP's finished instances this long instead of --retain-instances (repeatable;"
+                " FASTJOB_RETAIN_APP=a=1d,b=30d)"})
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(parse_duration(self.retain_instances), parse_duration(self.retain_logs),
+                               parse_duration(self.retain_audit),
+                               {app: parse_duration(keep) for app, keep in self.retain_app.items()})
 
     @property
     def tokens_required(self) -> bool:
@@ -118,6 +147,13 @@ class ServerConfig:
             problems.append(f"--port must be in 0-65535, got {self.port}")
         if not -1 <= self.http_port <= 65535:
             problems.append(f"--http-port must be in 0-65535 (or -1: none), got {self.http_port}")
+        for flag, value in [("retain-instances", self.retain_instances), ("retain-logs", self.retain_logs),
+                            ("retain-audit", self.retain_audit),
+                            *((f"retain-app {app}", keep) for app, keep in self.retain_app.items())]:
+            try:
+                parse_duration(value)
+            except ValueError as exc:
+                problems.append(f"--{flag}: {exc}")
         if self.log_format not in LOG_FORMATS:
             problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:

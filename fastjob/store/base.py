@@ -129,6 +129,9 @@ class OwnershipChange:
     id: int = 0
 
 
+#: The append-only tables ``prune_older`` prunes, with their time column.
+PRUNABLE = {"job_logs": "ts", "audit_log": "ts", "app_history": "ts", "idempotency_keys": "created_at"}
+
 #: How long a trigger's Idempotency-Key keeps its answer.
 IDEMPOTENCY_TTL = 24 * 3600.0
 
@@ -531,6 +534,17 @@ class Store(abc.ABC):
     async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
                                      limit: int = 100) -> list[OwnershipChange]:
         """Ownership changes (of one app, if given), newest first, older than ``before_id`` if given."""
+
+    # ---- retention ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` of the app's finished instances planned before ``before_ms``
+        (oldest first), with their log lines, in one short transaction; return how many."""
+
+    @abc.abstractmethod
+    async def prune_older(self, table: str, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest rows of an append-only table (one of
+        PRUNABLE) written before ``before`` (epoch seconds); return how many."""
 
     # ---- idempotent triggers -----------------------------------------------------------------
     @abc.abstractmethod

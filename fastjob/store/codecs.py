@@ -155,6 +155,7 @@ assert set(_RANK) == UNFINISHED_STATUSES
 #: SQL: the rank of the stored status of an unfinished instance, and the unfinished statuses
 SQL_RANK = "(CASE instances.status " + " ".join(f"WHEN '{s.value}' THEN {r}" for s, r in _RANK.items()) + " END)"
 SQL_UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in _RANK) + ")"
+SQL_FINAL = "(" + ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES, key=lambda s: s.value)) + ")"
 
 
 def rank(status: Status) -> int:

@@ -587,7 +587,8 @@ class MemoryStore(Store):
     async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
         db = await self._db()
         for entry in entries:
-            db.audit.append(dataclasses.replace(entry, id=len(db.audit) + 1))
+            db.last_audit_id += 1
+            db.audit.append(dataclasses.replace(entry, id=db.last_audit_id))
 
     async def list_audit(self, *, app: str | None = None, before_id: int | None = None,
                          limit: int = 100) -> list[AuditEntry]:
@@ -596,12 +597,44 @@ class MemoryStore(Store):
 
     async def add_ownership_change(self, change: OwnershipChange) -> None:
         db = await self._db()
-        db.history.append(dataclasses.replace(change, id=len(db.history) + 1))
+        db.last_history_id += 1
+        db.history.append(dataclasses.replace(change, id=db.last_history_id))
 
     async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
                                      limit: int = 100) -> list[OwnershipChange]:
         db = await self._db()
         return _newest_first(db.history, app, before_id, limit)
+
+    async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
+        db = await self._db()
+        old = sorted((r for r in db.instances.values() if r.app == app and r.planned_ms < before_ms
+                      and r.status in FINAL_STATUSES), key=lambda r: (r.planned_ms, r.id))[:max(limit, 0)]
+        for row in old:
+            del db.instances[row.id]
+            db.fire_ids.pop((row.job_id, row.planned_ms, row.attempt), None)
+            db.logs.pop(row.id, None)
+        return len(old)
+
+    async def prune_older(self, table: str, before: float, limit: int) -> int:
+        db = await self._db()
+        if table == "job_logs":
+            pruned = 0
+            for instance_id, lines in db.logs.items():
+                old = [line for line in lines if line.ts < before][:max(limit - pruned, 0)]
+                if old:
+                    db.logs[instance_id] = [line for line in lines if not any(line is o for o in old)]
+                    pruned += len(old)
+            return pruned
+        if table == "idempotency_keys":
+            expired = [key for key, (_, at) in db.idempotency.items() if at < before]
+            for key in expired:
+                del db.idempotency[key]
+            return len(expired)
+        rows: list[Any] = db.audit if table == "audit_log" else db.history
+        old_ids = {r.id for r in rows if r.ts < before}
+        old_ids = set(sorted(old_ids)[:max(limit, 0)])
+        rows[:] = [r for r in rows if r.id not in old_ids]
+        return len(old_ids)
 
     async def reserve_idempotency_key(self, app: str, key: str, now: float) -> tuple[bool, int | None]:
         db = await self._db()
@@ -624,12 +657,12 @@ _Logged = TypeVar("_Logged", AuditEntry, OwnershipChange)
 
 
 def _newest_first(table: list[_Logged], app: str | None, before_id: int | None, limit: int) -> list[_Logged]:
-    """A page of an append-only table (ids are positions + 1), newest first, of one app if given."""
+    """A page of an append-only table (in id order), newest first, of one app if given."""
     out: list[_Logged] = []
-    for entry in reversed(table[:None if before_id is None else max(before_id - 1, 0)]):
+    for entry in reversed(table):
         if len(out) >= limit:
             break
-        if app is None or entry.app == app:
+        if (before_id is None or entry.id < before_id) and (app is None or entry.app == app):
             out.append(dataclasses.replace(entry))
     return out
 

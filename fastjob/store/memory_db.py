@@ -113,8 +113,10 @@ class MemoryDatabase:
     logs: dict[int, list[LogLine]] = field(default_factory=dict)  # by instance id, in the order written
     runs: dict[int, list[JobRun]] = field(default_factory=dict)  # by job id, in the order written
     tokens: dict[str, TokenRow] = field(default_factory=dict)  # by token id
-    audit: list[AuditEntry] = field(default_factory=list)  # id = position + 1
-    history: list[OwnershipChange] = field(default_factory=list)  # id = position + 1
+    audit: list[AuditEntry] = field(default_factory=list)  # in id order
+    history: list[OwnershipChange] = field(default_factory=list)  # in id order
+    last_audit_id: int = 0
+    last_history_id: int = 0
     idempotency: dict[tuple[str, str], tuple[int | None, float]] = field(default_factory=dict)  # (instance, at)
     last_run_id: int = 0
     last_job_id: int = 0

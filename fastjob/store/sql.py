@@ -48,6 +48,8 @@ from .sql_admin import (
     op_add_audit,
     op_instance_counts,
     op_lateness_sample,
+    op_prune_instances,
+    op_prune_older,
     op_reserve_key,
     op_settle_key,
     row_to_audit,
@@ -504,6 +506,13 @@ class SQLStore(SQLRunner):
         sql, params = newest_first("app_history", HISTORY_COLS, app, before_id, limit)
         rows = await self._run("list_ownership_changes", lambda: self._op_query(sql, params), tx=False)
         return [row_to_change(r) for r in rows]
+
+    async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
+        return await self._run("prune_instances", lambda: op_prune_instances(self.dialect, app, before_ms, limit),
+                               tx=True)
+
+    async def prune_older(self, table: str, before: float, limit: int) -> int:
+        return await self._run(f"prune_{table}", lambda: op_prune_older(self.dialect, table, before, limit), tx=True)
 
     async def reserve_idempotency_key(self, app: str, key: str, now: float) -> tuple[bool, int | None]:
         return await self._run("reserve_idempotency_key", lambda: op_reserve_key(self.dialect, app, key, now),

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..models import Status
-from .base import IDEMPOTENCY_TTL, AuditEntry, OwnershipChange, TokenRow
-from .codecs import INST_COLS
+from .base import IDEMPOTENCY_TTL, PRUNABLE, AuditEntry, OwnershipChange, TokenRow
+from .codecs import INST_COLS, SQL_FINAL
 from .dialect import Dialect
-from .statements import Op, Stmt, flat
+from .statements import Op, Stmt, chunks, flat
 
 TOKEN_COLS = ("id", "name", "role", "apps", "salt", "secret_hash", "created_at", "expires_at", "revoked_at")
 AUDIT_COLS = ("ts", "actor", "action", "app", "target", "outcome", "detail", "via")
@@ -123,3 +123,28 @@ def op_settle_key(app: str, key: str, instance_id: int | None) -> Op[None]:
     else:
         yield Stmt("UPDATE idempotency_keys SET instance_id = ? WHERE app = ? AND idem_key = ?",
                    (instance_id, app, key))
+
+
+# ---- retention -------------------------------------------------------------------------------
+def op_prune_instances(dialect: Dialect, app: str, before_ms: int, limit: int) -> Op[int]:
+    found = yield Stmt(f"SELECT id FROM instances WHERE app = ? AND planned_ms < ? AND status IN {SQL_FINAL}"
+                       " ORDER BY planned_ms LIMIT ?", (app, before_ms, limit))
+    ids = [int(r[0]) for r in found.rows]
+    if not ids:
+        return 0
+    for part in chunks(ids):
+        yield Stmt("DELETE FROM job_logs WHERE instance_id IN " + dialect.in_list(len(part)), part)
+        yield Stmt("DELETE FROM instances WHERE id IN " + dialect.in_list(len(part)), part)
+    return len(ids)
+
+
+def op_prune_older(dialect: Dialect, table: str, before: float, limit: int) -> Op[int]:
+    column = PRUNABLE[table]  # the table and its column come from this fixed map, never from a caller's text
+    if table == "idempotency_keys":  # no id: keyed by (app, key)
+        r = yield Stmt(f"DELETE FROM {table} WHERE {column} < ?", (before,))
+        return r.rowcount
+    found = yield Stmt(f"SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?", (before, limit))
+    ids = [int(r[0]) for r in found.rows]
+    for part in chunks(ids):
+        yield Stmt(f"DELETE FROM {table} WHERE id IN " + dialect.in_list(len(part)), part)
+    return len(ids)
