@@ -22,8 +22,8 @@ def say(message: str) -> None:
     print(json.dumps({"level": "info", "msg": message, "time": now}), flush=True)
 
 
-def build(server: str) -> Worker:
-    worker = Worker(app="seed", servers=[server])
+def build(servers: str) -> Worker:
+    worker = Worker(app="seed", servers=servers.split(","))
 
     @worker.handler("task1")
     async def task1(ctx):
@@ -47,11 +47,12 @@ def build(server: str) -> Worker:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default="127.0.0.1:7700")
-    parser.add_argument("--seconds", type=float, default=45.0, help="how long to run before stopping")
+    parser.add_argument("--server", default="127.0.0.1:7700", help="host:port of a server (several: comma-separated)")
+    parser.add_argument("--seconds", type=float, default=45.0, help="how long to run before stopping (0: until"
+                                                                    " stopped)")
     args = parser.parse_args()
     async with build(args.server):
-        await asyncio.sleep(args.seconds)
+        await asyncio.sleep(args.seconds or float("inf"))
 
 
 if __name__ == "__main__":
