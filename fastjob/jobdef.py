@@ -38,6 +38,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "overlap": (str, type(None)),
     "max_queued": (int,),
     "enabled": (bool,),
+    "alarm": (dict, type(None)),
 }
 #: Longest job name (the stores' key column).
 MAX_NAME = 190
@@ -65,6 +66,7 @@ def build_spec(
     overlap: str | None = None,
     max_queued: int = _DEFAULT.max_queued,
     enabled: bool = _DEFAULT.enabled,
+    alarm: dict[str, Any] | None = None,
     allow_overlap: bool | None = None,
 ) -> JobSpec:
     """The JobSpec of a job definition, checked (ScheduleError naming the job if it is bad)."""
@@ -91,7 +93,7 @@ def build_spec(
         timezone=timezone, params=params, timeout=None if timeout is None else float(timeout), retry_times=retries,
         retry_backoff=float(retry_backoff), misfire_policy=misfire, tags=[str(tag) for tag in tags], routing=routing,
         run_once=run_once, enabled=enabled, overlap=overlap or _overlap_of(allow_overlap),
-        catch_up_window=float(catch_up_window), max_queued=max_queued,
+        catch_up_window=float(catch_up_window), max_queued=max_queued, alarm=alarm,
     )
     try:
         schedule.validate(spec)
@@ -139,7 +141,7 @@ def job_fields(job: JobSpec | JobRow) -> dict[str, Any]:
     out.update(run_once=job.run_once, retries=job.retry_times, retry_backoff=job.retry_backoff, timeout=job.timeout,
                params=job.params, timezone=job.timezone, misfire=job.misfire_policy,
                catch_up_window=job.catch_up_window, tags=list(job.tags), routing=job.routing, overlap=job.overlap,
-               max_queued=job.max_queued, enabled=job.enabled)
+               max_queued=job.max_queued, enabled=job.enabled, alarm=job.alarm)
     return out
 
 

@@ -130,6 +130,42 @@ class PausedBy(str, enum.Enum):
     UNDECLARED = "undeclared"  # no live worker of the app declared it for the reconciliation grace
 
 
+#: Instance events a job's alarm may be raised for (``JobSpec.alarm["on"]``); the server adds
+#: cluster events (an app with no live owner, a takeover) of its own.
+ALARM_EVENTS = ("failed", "timed_out", "skipped", "no_worker", "late", "dead_man")
+#: A job's alarm settings, each key with what it holds (all optional):
+ALARM_SETTINGS = {
+    "on": "the events that alarm (default: failed, timed_out, no_worker)",
+    "silence": "seconds after an alarm in which the same event of the job does not alarm again",
+    "threshold": "[N, M]: alarm only at the Nth such event within M seconds",
+    "late_after": "seconds of lateness (planned to started) that raise a late alarm",
+    "dead_man": "seconds without a success that raise a dead_man alarm",
+}
+DEFAULT_ALARM_EVENTS = ("failed", "timed_out", "no_worker")
+
+
+def check_alarm(settings: Any) -> None:
+    """Refuse alarm settings that are not ALARM_SETTINGS (ValueError naming what is wrong)."""
+    if settings is None:
+        return
+    if not isinstance(settings, dict):
+        raise ValueError("alarm must be a map of settings")
+    unknown = sorted(set(settings) - set(ALARM_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown alarm setting {unknown[0]!r}; known: {', '.join(ALARM_SETTINGS)}")
+    events = settings.get("on", DEFAULT_ALARM_EVENTS)
+    if not isinstance(events, (list, tuple)) or not set(events) <= set(ALARM_EVENTS):
+        raise ValueError(f"alarm 'on' must list events of: {', '.join(ALARM_EVENTS)}")
+    for key in ("silence", "late_after", "dead_man"):
+        value = settings.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < 1e9):
+            raise ValueError(f"alarm {key!r} must be a positive number of seconds")
+    threshold = settings.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (list, tuple)) and len(threshold) == 2
+                                      and all(type(v) in (int, float) and 0 < v < 1e9 for v in threshold)):
+        raise ValueError("alarm 'threshold' must be [N events, within M seconds]")
+
+
 #: How an instance came about (``InstanceRow.trigger``).
 TRIGGERS = ("schedule", "catch_up", "api", "forced", "retry", "rerun")
 
@@ -160,6 +196,7 @@ class JobSpec:
     overlap: str = Overlap.QUEUE.value
     catch_up_window: float = 3600.0  # misfire fire_all: how far back missed fires still run (seconds)
     max_queued: int = 100  # overlap queue: fires that may wait behind a running one; more are skipped
+    alarm: dict[str, Any] | None = None  # alarm settings (ALARM_SETTINGS); None: the server's defaults
 
 
 @dataclass(slots=True)
@@ -195,6 +232,7 @@ class JobRow:
     #: epoch ms its current schedule took effect (declared new, schedule changed, resumed):
     #: a second-level job's grid is anchored there, so a new runner neither repeats nor shifts it
     anchor_ms: int | None = None
+    alarm: dict[str, Any] | None = None  # alarm settings, as declared (JobSpec.alarm)
 
 
 @dataclass(slots=True)
@@ -280,6 +318,7 @@ _FIELD_KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
     "Any": ("any", (object,)),
     "float | None": ("float|nil", (int, float, type(None))),
     "list[str]": ("array[str]", (list, tuple)),
+    "dict[str, Any] | None": ("map|nil", (dict, type(None))),
     "ScheduleType": ("str", (str,)),
 }
 #: What a user declares of a job, as opposed to the app it belongs to (given by the connection).

@@ -10,9 +10,10 @@ import datetime as dt
 import logging
 import math
 import time
+from typing import Any
 
 from . import cron
-from .models import JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType
+from .models import JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType, check_alarm
 from .store.base import FirePlan, FirePlanner, NextFire
 
 Job = JobRow | JobSpec
@@ -33,6 +34,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+#: The largest period, timeout, catch-up window or backoff (ten years): larger ones are mistakes,
+#: and their milliseconds would overflow the stores' 64-bit columns.
+MAX_SECONDS = 10 * 365 * 86400.0
+#: The latest one-shot time (epoch seconds, the year 2286).
+MAX_AT = 1e10
+#: The most retries, and the longest overlap queue, a job may ask for.
+MAX_RETRIES = 1000
+MAX_QUEUED = 1_000_000
+
+
 def _cron_fields(expr: str) -> int:
     return len(expr.split())
 
@@ -43,8 +54,8 @@ def parse_period(expr: str) -> float:
         period = float(expr)
     except (TypeError, ValueError):
         raise ScheduleError(f"period must be a number of seconds, got {expr!r}") from None
-    if not math.isfinite(period) or period <= 0:
-        raise ScheduleError(f"period must be a positive number of seconds, got {expr!r}")
+    if not math.isfinite(period) or not 0 < period <= MAX_SECONDS:
+        raise ScheduleError(f"period must be a positive number of seconds, at most ten years, got {expr!r}")
     return period
 
 
@@ -55,8 +66,8 @@ def parse_at(expr: str) -> float:
     except (TypeError, ValueError):
         pass
     else:
-        if not math.isfinite(when):
-            raise ScheduleError(f"one-shot time must be a finite number of epoch seconds, got {expr!r}")
+        if not math.isfinite(when) or not 0 <= when <= MAX_AT:
+            raise ScheduleError(f"one-shot time must be epoch seconds from 1970 to 2286, got {expr!r}")
         return when
     try:
         moment = dt.datetime.fromisoformat(expr)
@@ -64,7 +75,10 @@ def parse_at(expr: str) -> float:
         raise ScheduleError(f"one-shot time must be epoch seconds or ISO 8601, got {expr!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
+    when = moment.timestamp()
+    if not 0 <= when <= MAX_AT:
+        raise ScheduleError(f"one-shot time must be from 1970 to 2286, got {expr!r}")
+    return when
 
 
 def validate(job: Job) -> None:
@@ -87,21 +101,37 @@ def validate(job: Job) -> None:
             cron.check_timezone(job.timezone)
         except cron.CronError as exc:
             raise ScheduleError(str(exc)) from None
+    _validate_policies(job)
+
+
+
+def _finite_seconds(name: str, value: Any, zero_ok: bool = False) -> None:
+    if not (type(value) in (int, float) and math.isfinite(value) and (0 <= value if zero_ok else 0 < value)
+            and value <= MAX_SECONDS):
+        raise ScheduleError(f"{name} must be {'zero or more' if zero_ok else 'a positive number of'} seconds,"
+                            f" at most ten years, got {value!r}")
+
+
+def _validate_policies(job: Job) -> None:
+    """The job's policies and numbers (its schedule was checked by :func:`validate`)."""
     if job.misfire_policy not in _MISFIRE_POLICIES:
         raise ScheduleError(f"misfire_policy must be one of {', '.join(_MISFIRE_POLICIES)}, got {job.misfire_policy!r}")
     if job.overlap not in _OVERLAP_POLICIES:
         raise ScheduleError(f"overlap must be one of {', '.join(_OVERLAP_POLICIES)}, got {job.overlap!r}")
-    if not (isinstance(job.catch_up_window, (int, float)) and math.isfinite(job.catch_up_window)
-            and job.catch_up_window > 0):
-        raise ScheduleError(f"catch_up_window must be a positive number of seconds, got {job.catch_up_window!r}")
-    if not isinstance(job.max_queued, int) or isinstance(job.max_queued, bool) or job.max_queued < 0:
-        raise ScheduleError(f"max_queued must be a whole number >= 0, got {job.max_queued!r}")
+    _finite_seconds("catch_up_window", job.catch_up_window)
+    if not isinstance(job.max_queued, int) or isinstance(job.max_queued, bool) or not 0 <= job.max_queued <= MAX_QUEUED:
+        raise ScheduleError(f"max_queued must be a whole number from 0 to {MAX_QUEUED}, got {job.max_queued!r}")
     if job.routing not in _ROUTINGS:
         raise ScheduleError(f"routing must be one of {', '.join(_ROUTINGS)}, got {job.routing!r}")
-    if job.retry_times < 0 or job.retry_backoff < 0:
-        raise ScheduleError("retry_times and retry_backoff must not be negative")
-    if job.timeout is not None and not (job.timeout > 0):
-        raise ScheduleError(f"timeout must be positive, got {job.timeout!r}")
+    if not 0 <= job.retry_times <= MAX_RETRIES:
+        raise ScheduleError(f"retries (retry_times) must be from 0 to {MAX_RETRIES}, got {job.retry_times!r}")
+    _finite_seconds("retry_backoff", job.retry_backoff, zero_ok=True)
+    if job.timeout is not None:
+        _finite_seconds("timeout", job.timeout)
+    try:
+        check_alarm(job.alarm)
+    except ValueError as exc:
+        raise ScheduleError(str(exc)) from None
 
 
 def cron_after(expr: str, timezone: str, after_ms: int) -> int:

@@ -149,6 +149,7 @@ class Worker(OperatorQueries):
         overlap: str | None = None,
         max_queued: int = _DEFAULT.max_queued,
         enabled: bool = _DEFAULT.enabled,
+        alarm: dict[str, Any] | None = None,
         allow_overlap: bool | None = None,
     ) -> JobSpec:
         """Declare a job in code; it is created or updated on the server at registration.
@@ -158,8 +159,9 @@ class Worker(OperatorQueries):
         ``overlap`` (queue, buffer_one, skip, allow; default queue) says what a fire does when
         the previous one still runs; ``misfire`` (fire_once, fire_all, skip) what happens to
         fires missed while no server ran the app. ``allow_overlap`` is the old boolean
-        (True: allow, False: queue). Raises ValueError at once for an unknown handler or a bad
-        schedule.
+        (True: allow, False: queue). ``alarm`` says which of the job's events alarm the server's
+        webhooks (models.ALARM_SETTINGS). Raises ValueError at once for an unknown handler or a
+        bad schedule.
         """
         handler = handler or name
         if handler not in self.handlers:
@@ -168,7 +170,7 @@ class Worker(OperatorQueries):
             self.app, name, handler=handler, interval=interval, delay=delay, cron=cron, at=at, run_once=run_once,
             retries=retries, retry_backoff=retry_backoff, timeout=timeout, params=params, timezone=timezone,
             misfire=misfire, catch_up_window=catch_up_window, tags=tags, routing=routing, overlap=overlap,
-            max_queued=max_queued, enabled=enabled, allow_overlap=allow_overlap)
+            max_queued=max_queued, enabled=enabled, alarm=alarm, allow_overlap=allow_overlap)
         self._check_sendable(spec)
         self._check_picklable(spec)
         self.declared[name] = spec

@@ -74,6 +74,18 @@ def test_job_json_is_worker_schedule_keywords_both_ways():
     ({"name": "x" * 191}, "1 to 190"),
     ({"name": "j", "timezone": "Mars/Base"}, "zone"),
     ([], "JSON object"),
+    ({"name": "j", "interval": 1e308}, "ten years"),  # its milliseconds would overflow the claim
+    ({"name": "j", "delay": float("inf")}, "period"),
+    ({"name": "j", "timeout": float("inf")}, "timeout"),
+    ({"name": "j", "retry_backoff": float("nan")}, "retry_backoff"),
+    ({"name": "j", "at": 1e17}, "one-shot"),
+    ({"name": "j", "retries": 2**63}, "retries"),
+    ({"name": "j", "max_queued": 2**63}, "max_queued"),
+    ({"name": "j", "catch_up_window": 0}, "catch_up_window"),
+    ({"name": "j", "alarm": {"on": ["failed", "bogus"]}}, "alarm 'on'"),
+    ({"name": "j", "alarm": {"silence": -1}}, "silence"),
+    ({"name": "j", "alarm": {"threshold": [3]}}, "threshold"),
+    ({"name": "j", "alarm": {"nope": 1}}, "unknown alarm setting"),
 ])
 def test_bad_job_json_is_refused_with_one_line(body, message):
     with pytest.raises(ScheduleError) as refused:

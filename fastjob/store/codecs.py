@@ -54,7 +54,7 @@ JOB_COLS = (
     "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
     " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
     " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats, origin, paused_by,"
-    " anchor_ms"
+    " anchor_ms, alarm"
 )
 
 # What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
@@ -84,7 +84,7 @@ SHARED_COLS = ("app", "attempt", "status", "trigger_kind", "params", "server", "
 SPEC_COLS = (
     "handler", "schedule_type", "schedule_expr", "timezone", "params", "timeout", "retry_times",
     "retry_backoff", "misfire_policy", "tags", "routing", "run_once", "enabled", "allow_overlap",
-    "`interval`", "overlap", "catch_up_window", "max_queued",
+    "`interval`", "overlap", "catch_up_window", "max_queued", "alarm",
 )
 
 
@@ -103,7 +103,7 @@ def row_to_job(r: Sequence[Any]) -> JobRow:
         None if r[7] is None else load_json(r[7]), r[8], r[9], float(r[10]), r[11],
         [] if tags is None or tags == "[]" else load_json(tags), r[13], bool(r[14]), bool(r[15]),
         r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
-        None if r[25] is None else load_json(r[25]), r[26], r[27], r[28],
+        None if r[25] is None else load_json(r[25]), r[26], r[27], r[28], None if r[29] is None else load_json(r[29]),
     )
 
 
@@ -133,7 +133,7 @@ def spec_values(spec: JobSpec) -> tuple[Any, ...]:
         None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
         float(spec.retry_backoff), spec.misfire_policy, _encode(list(spec.tags)) if spec.tags else "[]", spec.routing,
         int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
-        spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
+        spec.overlap, float(spec.catch_up_window), int(spec.max_queued), dumps(spec.alarm),
     )
 
 

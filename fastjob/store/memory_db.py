@@ -53,6 +53,7 @@ def spec_fields(stored: dict[str, Any]) -> dict[str, Any]:
     out = {col: value for col, value in stored.items() if col not in _DERIVED_COLS}
     out["schedule_type"] = ScheduleType(out["schedule_type"])
     out["params"] = loads(out["params"])
+    out["alarm"] = loads(out["alarm"])
     out["tags"] = loads(out["tags"])
     out["run_once"] = bool(out["run_once"])
     out["enabled"] = bool(out["enabled"])

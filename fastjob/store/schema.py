@@ -350,12 +350,52 @@ _MYSQL_V5 = [
     "CREATE INDEX ix_instances_app_planned ON instances (app, planned_ms)",
 ]
 
+# Version 6: alarms. A job's alarm settings, and the outbox: an alarm is written with the status
+# that raised it (same transaction), one row per webhook, and delivered from there at least once
+# (exactly once unless a sender dies between delivering and recording it): server/alarms.py.
+_SQLITE_V6 = [
+    "ALTER TABLE jobs ADD COLUMN alarm TEXT NULL",
+    """CREATE TABLE IF NOT EXISTS alarm_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL,
+        webhook TEXT NOT NULL,
+        app TEXT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        claimed_by TEXT NULL,
+        claimed_until REAL NULL,
+        delivered_at REAL NULL,
+        last_error TEXT NULL,
+        UNIQUE (event_id, webhook))""",
+    "CREATE INDEX IF NOT EXISTS ix_alarm_outbox_due ON alarm_outbox (delivered_at, next_attempt_at)",
+]
+_MYSQL_V6 = [
+    "ALTER TABLE jobs ADD COLUMN alarm TEXT NULL",
+    """CREATE TABLE IF NOT EXISTS alarm_outbox (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        event_id VARCHAR(191) NOT NULL,
+        webhook VARCHAR(64) NOT NULL,
+        app VARCHAR(191) NULL,
+        payload MEDIUMTEXT NOT NULL,
+        created_at DOUBLE NOT NULL,
+        next_attempt_at DOUBLE NOT NULL,
+        attempts INT NOT NULL DEFAULT 0,
+        claimed_by VARCHAR(191) NULL,
+        claimed_until DOUBLE NULL,
+        delivered_at DOUBLE NULL,
+        last_error TEXT NULL,
+        UNIQUE KEY uq_alarm_outbox_event (event_id, webhook),
+        KEY ix_alarm_outbox_due (delivered_at, next_attempt_at))""" + _MYSQL_TAIL,
+]
+
 #: MySQL error codes a migration statement may meet when another server ran it first.
 MYSQL_TOLERATED = (1060, 1061)  # duplicate column name, duplicate key name
 
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4, _SQLITE_V5],
-    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4, _MYSQL_V5],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4, _SQLITE_V5, _SQLITE_V6],
+    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4, _MYSQL_V5, _MYSQL_V6],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])
