@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import time
@@ -383,8 +384,16 @@ async def test_trigger_obeys_overlap_unless_forced(servers, sqlite_url):
         assert "overlap skip" in reason
         forced = await api.ok("POST", "/api/v1/apps/billing/jobs/long/trigger", {"force": True})
         await wait_until(lambda: len(started) == 2, 10, "the forced run, alongside the first")
+        # a repeated request with the first's key gets the first's answer, not the policy's refusal
+        key = {"Idempotency-Key": "once"}
+        keyed = await api.ok("POST", "/api/v1/apps/billing/jobs/long/trigger", {"force": True}, headers=key)
+        again = await api.ok("POST", "/api/v1/apps/billing/jobs/long/trigger", {}, headers=key)
+        assert again == {"instance_id": keyed["instance_id"], "replayed": True}
+        await api.ok("POST", "/api/v1/apps/billing/jobs/long/pause")
+        paused_run = await api.ok("POST", "/api/v1/apps/billing/jobs/long/trigger", {"force": True})
+        await wait_until(lambda: len(started) == 4, 10, "forced runs of a paused job")
         release.set()
-        for fired in (first, forced):
+        for fired in (first, forced, keyed, paused_run):
             assert (await final_status(api, fired["instance_id"]))["instance"]["status"] == "succeeded"
 
 
@@ -444,6 +453,13 @@ async def test_mistakes_claim_nothing_and_are_not_server_errors(servers, sqlite_
         await api.error("POST", "/api/v1/apps/" + "a" * 129 + "/jobs", {"name": "x"})
         await api.error("GET", "/api/v1/instances/" + "9" * 30, code="invalid")
         await api.error("POST", "/api/v1/instances/-1/kill", code="invalid")
+        await api.error("GET", "/api/v1/apps/billing/stats?window=infd", code="invalid")
+        huge = base64.urlsafe_b64encode(f"{2**70}:1".encode()).decode()
+        await api.error("GET", f"/api/v1/apps/billing/instances?cursor={huge}", code="invalid")
+        await api.error("POST", "/api/v1/apps/billing/jobs/preview", data=b"[" * 100_000 + b"]" * 100_000,
+                        headers={"Content-Type": "application/json"})
+        await api.error("POST", "/api/v1/apps/billing/jobs", data=b'{"name": "n", "timeout": Infinity}',
+                        headers={"Content-Type": "application/json"})
         await api.error("POST", "/api/v1/tokens", data=b'{"name": "n", "role": "viewer", "expires_in": NaN}',
                         headers={"Content-Type": "application/json"})
         await api.ok("POST", "/api/v1/apps/billing/jobs", {"name": "made"}, status=201)

@@ -119,3 +119,16 @@ async def test_retention_prunes_old_finished_rows_and_keeps_the_rest(db):
     assert await db.prune_older("app_history", NOW - 50, 100) == 1
     await db.reserve_idempotency_key("app", "k", NOW - 100)
     assert await db.prune_older("idempotency_keys", NOW - 50, 100) == 1
+
+
+async def test_query_jobs_pages_and_filters_in_the_store(db):
+    await owned(db)
+    for name, tags, enabled in [("a_x", ["red"], True), ("b%", ["blue"], False), ("c_x", ["red", "blue"], True)]:
+        await db.upsert_job(spec(name, tags=tags, enabled=enabled), None, NOW)
+    await db.upsert_job(spec("zz", app="other"), None, NOW)
+    assert [j.name for j in await db.query_jobs("app", limit=2)] == ["a_x", "b%"]
+    assert [j.name for j in await db.query_jobs("app", after="b%")] == ["c_x"]
+    assert [j.name for j in await db.query_jobs("app", name_contains="_x")] == ["a_x", "c_x"]
+    assert [j.name for j in await db.query_jobs("app", name_contains="%")] == ["b%"]  # a literal, not a pattern
+    assert [j.name for j in await db.query_jobs("app", tag="blue")] == ["b%", "c_x"]
+    assert [j.name for j in await db.query_jobs("app", enabled=False)] == ["b%"]

@@ -16,7 +16,7 @@ from ..protocol import ErrorCode
 from ..store import Store, StoreError, create_store
 from ..tasks import BackgroundTasks
 from .audit import AuditLog
-from .auth import TokenAuthority
+from .auth import VERIFY_CACHE_SECONDS, TokenAuthority
 from .cluster import Cluster, Origin
 from .config import ServerConfig
 from .http import AdminHttp, Owner
@@ -102,6 +102,7 @@ class FastJobServer:
         await self.cluster.start()
         self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")
         self.tasks.spawn(self.audit.run(), "fastjob-audit")
+        self.tasks.spawn(self._token_watch(), "fastjob-token-watch")
         self.retention = Retention(self.store, cfg.retention, owned=lambda: sorted(self.cluster.owned))
         self.tasks.spawn(self.retention.run(), "fastjob-retention")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
@@ -279,6 +280,21 @@ class FastJobServer:
     def _job_changed(self, job: JobRow) -> None:
         self.scheduler.job_changed(job)
         self.second_level.job_changed(job)
+
+    async def _token_watch(self) -> None:
+        """Close the sessions of tokens revoked or expired since their HELLO (checked every few seconds)."""
+        while True:
+            await asyncio.sleep(VERIFY_CACHE_SECONDS)
+            for session in list(self.connections):
+                token_id = session.principal.token_id
+                try:
+                    valid = token_id is None or await self.auth.still_valid(token_id)
+                except StoreError:
+                    break  # the database is away: check again next time
+                if not valid:
+                    log.warning("%s %s of app %s: its token %s was revoked or expired; closing", session.role,
+                                session.worker_id, session.app, token_id)
+                    session.fail(ErrorCode.BAD_TOKEN, "the session's token was revoked or expired")
 
     async def _first_admin_token(self) -> None:
         """On a first start (no token that can use the API), create an admin token and show it once."""

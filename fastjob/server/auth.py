@@ -3,8 +3,8 @@
 A token is ``fj_<id>_<secret>``. The id is its public key in the ``api_tokens`` table; the secret
 is stored only as SHA-256 over a random per-token salt and the secret, and compared in constant
 time. The secrets are 256 random bits, so a fast hash is enough: nobody guesses one offline.
-Tokens given by ``--app-token APP=TOKEN`` keep whatever form the operator chose; their id is
-derived from the app and the token.
+Tokens given by ``--app-token APP=TOKEN`` keep whatever form the operator chose: they get a random
+id and are found by their app's name (nothing derived from the secret is ever shown).
 
 Roles: ``viewer`` reads, ``operator`` also triggers, pauses, kills and retries, ``admin`` also
 manages jobs, tokens and servers; ``worker`` declares its app's jobs, triggers and reports.
@@ -79,9 +79,9 @@ def hash_secret(salt: str, secret: str) -> str:
     return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
 
 
-def app_token_id(app: str, token: str) -> str:
-    """The id of a token given by ``--app-token`` (its form is the operator's)."""
-    return "app-" + hashlib.sha256(f"{app}\0{token}".encode()).hexdigest()[:20]
+def app_token_name(app: str) -> str:
+    """The name of the token ``--app-token`` gives an app (its form is the operator's, so it is found by this)."""
+    return f"app-token:{app}"
 
 
 def split_token(token: str) -> tuple[str, str] | None:
@@ -123,33 +123,40 @@ class TokenAuthority:
 
     async def ensure_app_token(self, app: str, token: str) -> None:
         """``--app-token APP=TOKEN``: a worker token of that app; an earlier one given for the app is revoked."""
-        token_id = app_token_id(app, token)
-        name = f"app-token:{app}"
-        for row in await self.store.list_tokens():
-            if row.name == name and row.id != token_id and row.revoked_at is None:
-                await self.revoke(row.id)
-        existing = await self.store.get_token(token_id)
-        if existing is None or existing.revoked_at is not None:
-            if existing is not None:  # revoked earlier: a new id for the same secret is not possible; say so
-                raise ValueError(f"--app-token for app {app!r} names a revoked token; choose another")
-            _, row = new_token_row(name, "worker", [app], None, token_id=token_id, secret=token)
-            await self.store.add_token(row)
+        name = app_token_name(app)
+        current = [row for row in await self.store.list_tokens() if row.name == name and row.revoked_at is None]
+        if any(hmac.compare_digest(hash_secret(row.salt, token), row.secret_hash) for row in current):
+            return
+        for row in current:
+            await self.revoke(row.id)
+        _, row = new_token_row(name, "worker", [app], None, secret=token)
+        await self.store.add_token(row)
+        self._all = None
 
     async def revoke(self, token_id: str) -> bool:
         self._verified.pop(token_id, None)
+        self._all = None
         return await self.store.revoke_token(token_id, time.time())
+
+    async def still_valid(self, token_id: str) -> bool:
+        """Is this token neither revoked nor expired (as of at most VERIFY_CACHE_SECONDS ago)?"""
+        row = await self._row(token_id)
+        return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > time.time())
 
     async def verify(self, token: str, app: str | None = None) -> Principal | None:
         """The principal of a valid token (not revoked, not expired), or None. ``app`` lets a
         token given by --app-token (any form) be found."""
         parts = split_token(token)
         if parts is not None:
-            token_id, secret = parts
-        elif app is not None:
-            token_id, secret = app_token_id(app, token), token
+            row = await self._row(parts[0])
+            secret = parts[1]
+        elif app is not None:  # an --app-token: compared with each of its app's (one, as a rule)
+            name = app_token_name(app)
+            matches = [r for r in await self._tokens() if r.name == name
+                       and hmac.compare_digest(hash_secret(r.salt, token), r.secret_hash)]
+            row, secret = (matches[0] if matches else None), token
         else:
             return None
-        row = await self._row(token_id)
         if row is None or not hmac.compare_digest(hash_secret(row.salt, secret), row.secret_hash):
             return None
         now = time.time()

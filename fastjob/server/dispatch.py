@@ -147,6 +147,11 @@ class Dispatcher:
         flight = self.flight_of(session, body["instance_id"])
         if flight is None or body["accepted"]:
             return
+        if flight.kill_requested:  # killed before its worker took it: it never starts anywhere
+            self.forget(flight)
+            self.finish(flight.instance, Status.CANCELLED, job=flight.job,
+                        error="cancelled by an operator before it started")
+            return
         reason = body.get("reason") or "refused"
         log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
         self.forget(flight)
@@ -201,8 +206,8 @@ class Dispatcher:
             self.metrics.run_duration.observe(flight.instance.app, max(0.0, body["finished_at"] - started_at))
         if flight.kill_requested and status is not Status.SUCCEEDED:
             status, error = Status.KILLED, "killed by an operator" + (f" ({error})" if error else "")
-        elif status is Status.KILLED:  # a kill nobody asked for here (an earlier owner's): run it again
-            status = Status.INTERRUPTED
+        # a worker reports killed only for an operator's CANCEL (an earlier owner's, after a failover,
+        # counts as much as ours): the kill stands
         self.finish(flight.instance, status, result=body.get("result"), error=error,
                     worker=session.worker_id, started_at=body.get("started_at"),
                     finished_at=body["finished_at"], job=flight.job)

@@ -14,12 +14,14 @@ from typing import Any
 
 from ..clock import Clock
 from ..models import FINAL_STATUSES, InstanceRow, JobRow, Status
-from ..store import NotOwnerError, Store
+from ..store import NotOwnerError, Store, StoreError
 from .dispatch import Dispatcher
 from .fires import Finish
 from .lines import FORCED, JobLines
 
 CANCELLED_BY_OPERATOR = "cancelled by an operator before it started"
+#: How a handler must run (HELLO ``handlers``) for a kill to stop it.
+KILLABLE = frozenset({"async", "process"})
 
 
 class InterventionError(Exception):
@@ -44,6 +46,7 @@ class Interventions:
         left_wheel: Callable[[int], None],
         cancel_timer: Callable[[int | None], None],
         enter_wheel: Callable[[InstanceRow, int, float | None], None],
+        unanswered: Callable[[str, int, float], None],
         jobs: dict[int, JobRow],
         finish: Finish,
         clock: Clock,
@@ -57,6 +60,7 @@ class Interventions:
         self.left_wheel = left_wheel
         self.cancel_timer = cancel_timer
         self.enter_wheel = enter_wheel
+        self.unanswered = unanswered
         self.jobs = jobs
         self.finish = finish
         self.clock = clock
@@ -73,11 +77,12 @@ class Interventions:
                 raise InterventionError("conflict", f"instance {row.id}: its worker is reconnecting; try again"
                                                     " in a few seconds")
             kind = flight.session.handler_kinds.get(flight.job.handler)
-            if kind == "thread":
-                raise InterventionError("conflict", f"instance {row.id} runs handler {flight.job.handler!r} on a"
-                                                    " plain thread, which cannot be stopped; isolate it in a process"
-                                                    " (@worker.handler(isolation='process')) or make it async to"
-                                                    " kill it")
+            if kind not in KILLABLE or flight.session.version < 4:
+                how = ("on a plain thread, which cannot be stopped" if kind == "thread" else
+                       "on a worker that does not say how its handlers run (protocol version < 4)")
+                raise InterventionError("conflict", f"instance {row.id} runs handler {flight.job.handler!r} {how};"
+                                                    " isolate it in a process (@worker.handler(isolation='process'))"
+                                                    " or make it async to kill it")
             self.dispatcher.kill(flight)
             return Status.KILLED
         handle = self.wheel_handles.pop(row.id, None)
@@ -121,9 +126,14 @@ class Interventions:
             if refusal is not None:
                 raise InterventionError("conflict", refusal)
         attempt = max(a.attempt for a in attempts) + 1 if attempts else row.attempt + 1
-        new = await self.store.insert_instance(
-            self.server_id, row.app, epoch, job.id, row.planned_ms, attempt, FORCED if force else "api",
-            params if params is not None else row.params, self.clock.wall())
+        created_at = self.clock.wall()
+        try:
+            new = await self.store.insert_instance(
+                self.server_id, row.app, epoch, job.id, row.planned_ms, attempt, FORCED if force else "api",
+                params if params is not None else row.params, created_at)
+        except StoreError:
+            self.unanswered(row.app, epoch, created_at)  # it may have been written: the scanner finds it
+            raise
         if new is None:
             raise InterventionError("conflict", f"attempt {attempt} of this fire was written meanwhile")
         self.jobs[job.id] = job

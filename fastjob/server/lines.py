@@ -27,6 +27,9 @@ _ALLOW, _SKIP, _BUFFER_ONE, _QUEUE = (Overlap.ALLOW.value, Overlap.SKIP.value, O
 NEVER_SKIPPED = frozenset({"api", "forced", "retry", "rerun"})
 #: An operator's trigger or retry with ``force``: it runs at once, whatever the overlap policy.
 FORCED = "forced"
+#: Fires an operator asked for: they run even while their job is paused, and do not move a
+#: fixed-delay job's chain.
+OPERATOR_TRIGGERS = frozenset({"api", FORCED})
 
 
 class Verdict(enum.Enum):

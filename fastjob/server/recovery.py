@@ -193,8 +193,12 @@ class FailoverRecovery:
         self._orphan_resolved(flight, f"worker {flight.worker_id} lost: it did not come back within its run lease")
 
     def _orphan_resolved(self, flight: Inflight, why: str) -> None:
-        """Nobody runs this instance any more: it ends interrupted, and runs again."""
+        """Nobody runs this instance any more: it ends interrupted, and runs again (killed, if an
+        operator killed it meanwhile: a kill is never undone by a re-run)."""
         self.alarms.cancel(flight.orphan_handle)
         flight.orphan_handle = None
         self.dispatcher.forget(flight)
-        self.finish(flight.instance, Status.INTERRUPTED, job=flight.job, error=why)
+        if flight.kill_requested:
+            self.finish(flight.instance, Status.KILLED, job=flight.job, error=f"killed by an operator; {why}")
+        else:
+            self.finish(flight.instance, Status.INTERRUPTED, job=flight.job, error=why)

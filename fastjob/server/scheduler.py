@@ -51,7 +51,7 @@ from .dispatch import Dispatcher
 from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
 from .follow_ups import FollowUps, follow_up
 from .interventions import Interventions
-from .lines import FORCED, JobLines, Turn, Verdict
+from .lines import FORCED, OPERATOR_TRIGGERS, JobLines, Turn, Verdict
 from .metrics import Metrics
 from .recovery import FailoverRecovery, recovery_window
 from .scan import Scanner
@@ -132,8 +132,8 @@ class Scheduler:
         self.interventions = Interventions(
             store=store, server_id=cluster.server_id, epoch_of=lambda app: cluster.owned.get(app),
             dispatcher=self.dispatcher, lines=self.lines, wheel_handles=self.wheel_handles,
-            left_wheel=self._left_wheel, cancel_timer=self.cancel, enter_wheel=self.enter_wheel, jobs=self.jobs,
-            finish=self.finish, clock=clock)
+            left_wheel=self._left_wheel, cancel_timer=self.cancel, enter_wheel=self.enter_wheel,
+            unanswered=self.scanner.unanswered, jobs=self.jobs, finish=self.finish, clock=clock)
         self._revalidating = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -282,8 +282,9 @@ class Scheduler:
 
     def _due(self, item: TimerEntry) -> None:
         if isinstance(item, FireDue):  # by far the most frequent
-            if self.wheel_handles.pop(item.row.id, None) is not None:
-                self._left_wheel(item.row.job_id)
+            if self.wheel_handles.pop(item.row.id, None) is None:
+                return  # taken out of the wheel after it came due (an operator cancelled it in a burst)
+            self._left_wheel(item.row.job_id)
             self.fire(item.row, item.epoch)
         elif isinstance(item, RunOverdue):
             self.dispatcher.overdue(item.instance_id)
@@ -309,7 +310,7 @@ class Scheduler:
             self._revalidate_lease()
             return
         job = self.jobs.get(row.job_id)
-        if job is None or job.is_delete or (not job.enabled and row.trigger != "api"):
+        if job is None or job.is_delete or (not job.enabled and row.trigger not in OPERATOR_TRIGGERS):
             self.finish(row, Status.CANCELLED, error="job deleted or disabled before its fire")
             return
         verdict, reason = self.lines.admit(job, row, epoch)
@@ -390,7 +391,8 @@ class Scheduler:
         current = self.jobs.get(job.id, job)
         # one chain per fixed-delay job: a finish continues it only when no other link is in motion
         # (a re-enable or an API run may have started one), so parallel links merge into one
-        if row.trigger != "api" and self.follow_ups.is_delay_chain(current) and not self._links_in_motion(current):
+        if (row.trigger not in OPERATOR_TRIGGERS and self.follow_ups.is_delay_chain(current)
+                and not self._links_in_motion(current)):
             self.follow_ups.continue_chain(row, job, finished_at)
 
     async def trigger(self, app: str, job: JobRow, params: Any, force: bool = False) -> InstanceRow:

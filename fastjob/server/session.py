@@ -286,10 +286,16 @@ class WorkerSession(Connection):
         """Who the peer is: its token's principal, or open access where no token is required
         (a loopback server, an app with no worker token of its own); None: refuse it."""
         auth = self.server.auth
+        client = str(self.peername[0]) if isinstance(self.peername, tuple) else str(self.peername)
+        if auth.throttled(client):  # too many wrong tokens from this address lately (as over HTTP)
+            return None
         if token:
             principal = await auth.verify(token, app)
             needed = Permission.DECLARE if role == "worker" else Permission.READ
-            return principal if principal is not None and principal.may(needed, app) else None
+            if principal is not None and principal.may(needed, app):
+                return principal
+            auth.failed(client)
+            return None
         if self.server.config.tokens_required or await auth.app_requires_token(app):
             return None
         return OPEN_ACCESS

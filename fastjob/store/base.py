@@ -459,8 +459,9 @@ class Store(abc.ABC):
         """Store log lines shipped by workers, in one batched statement."""
 
     @abc.abstractmethod
-    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
-        """An instance's log lines in the order written."""
+    async def get_logs(self, instance_id: int, limit: int = 1000, offset: int = 0) -> list[LogLine]:
+        """An instance's log lines in the order written, from the ``offset``-th (a live tail reads
+        only what is new)."""
 
     # ---- the admin API's reads of instances --------------------------------------------------
     @abc.abstractmethod
@@ -480,6 +481,12 @@ class Store(abc.ABC):
         the previous page, only those that come after it (a cursor that stays stable as rows arrive)."""
 
     @abc.abstractmethod
+    async def query_jobs(self, app: str, *, after: str = "", limit: int = 100, name_contains: str = "",
+                         tag: str = "", enabled: bool | None = None) -> list[JobRow]:
+        """A page of the app's live jobs by name, after ``after``: those whose name contains
+        ``name_contains``, that carry ``tag``, and are enabled or not as asked."""
+
+    @abc.abstractmethod
     async def count_unfinished(self, app: str) -> dict[str, int]:
         """How many of the app's instances are in each unfinished status (a gauge of /metrics)."""
 
@@ -496,7 +503,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
-        """Seconds from planned to started of at most ``limit`` of the latest started instances
+        """Seconds from planned to started of at most ``limit`` of the latest started first attempts
         planned in [since_ms, until_ms)."""
 
     # ---- API tokens --------------------------------------------------------------------------

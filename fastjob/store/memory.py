@@ -514,9 +514,10 @@ class MemoryStore(Store):
         for line in lines:
             db.logs.setdefault(int(line.instance_id), []).append(copy_log(line))
 
-    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
+    async def get_logs(self, instance_id: int, limit: int = 1000, offset: int = 0) -> list[LogLine]:
         db = await self._db()
-        return [copy_log(line) for line in db.logs.get(instance_id, [])[:max(limit, 0)]]
+        start = max(offset, 0)
+        return [copy_log(line) for line in db.logs.get(instance_id, [])[start:start + max(limit, 0)]]
 
     # ---- the admin API ---------------------------------------------------------------------
     async def query_instances(self, app: str, *, job_id: int | None = None, statuses: Sequence[Status] | None = None,
@@ -531,6 +532,14 @@ class MemoryStore(Store):
                 and (after is None or (r.planned_ms, r.id) < after)]
         rows.sort(key=lambda r: (r.planned_ms, r.id), reverse=True)
         return [copy_instance(r) for r in rows[:max(limit, 0)]]
+
+    async def query_jobs(self, app: str, *, after: str = "", limit: int = 100, name_contains: str = "",
+                         tag: str = "", enabled: bool | None = None) -> list[JobRow]:
+        db = await self._db()
+        jobs = sorted((j for j in db.jobs.values() if j.app == app and not j.is_delete and j.name > after
+                       and name_contains in j.name and (not tag or tag in j.tags)
+                       and (enabled is None or j.enabled == enabled)), key=lambda j: j.name)
+        return [copy_job(j) for j in jobs[:max(limit, 0)]]
 
     async def count_unfinished(self, app: str) -> dict[str, int]:
         db = await self._db()
@@ -558,7 +567,7 @@ class MemoryStore(Store):
     async def lateness_sample(self, app: str, since_ms: int, until_ms: int, limit: int) -> list[float]:
         db = await self._db()
         rows = sorted((r for r in db.instances.values() if r.app == app and since_ms <= r.planned_ms < until_ms
-                       and r.started_at is not None), key=lambda r: r.planned_ms, reverse=True)
+                       and r.started_at is not None and r.attempt == 1), key=lambda r: r.planned_ms, reverse=True)
         return [float(r.started_at) - r.planned_ms / 1000.0 for r in rows[:max(limit, 0)] if r.started_at is not None]
 
     async def add_token(self, token: TokenRow) -> None:

@@ -66,6 +66,11 @@ from .statements import CHUNK_ROWS, Op, Stmt, chunks, flat
 log = logging.getLogger("fastjob.store")
 
 
+def like_escape(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (escape character ``!``)."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
 # ---- the shared store ----------------------------------------------------------------------
 class SQLStore(SQLRunner):
     """Implements the whole :class:`Store` contract on top of :meth:`_attempt`."""
@@ -425,10 +430,10 @@ class SQLStore(SQLRunner):
             yield Stmt(self.dialect.insert("job_logs", ("instance_id", "ts", "level", "message"), len(part)),
                        flat(part))
 
-    async def get_logs(self, instance_id: int, limit: int = 1000) -> list[LogLine]:
+    async def get_logs(self, instance_id: int, limit: int = 1000, offset: int = 0) -> list[LogLine]:
         rows = await self._run("get_logs", lambda: self._op_query(
-            "SELECT instance_id, ts, level, message FROM job_logs WHERE instance_id = ? ORDER BY id LIMIT ?",
-            (instance_id, limit)), tx=False)
+            "SELECT instance_id, ts, level, message FROM job_logs WHERE instance_id = ? ORDER BY id LIMIT ? OFFSET ?",
+            (instance_id, limit, max(offset, 0))), tx=False)
         return [LogLine(int(r[0]), float(r[1]), r[2], r[3]) for r in rows]
 
     # ---- the admin API ---------------------------------------------------------------------
@@ -441,6 +446,24 @@ class SQLStore(SQLRunner):
         sql, params = instance_page_query(app, job_id, statuses, since_ms, until_ms, after, limit, self.dialect)
         rows = await self._run("query_instances", lambda: self._op_query(sql, params), tx=False)
         return [row_to_instance(r) for r in rows]
+
+    async def query_jobs(self, app: str, *, after: str = "", limit: int = 100, name_contains: str = "",
+                         tag: str = "", enabled: bool | None = None) -> list[JobRow]:
+        sql = f"SELECT {JOB_COLS} FROM jobs WHERE app = ? AND is_delete = 0 AND name > ?"
+        params: list[Any] = [app, after]
+        if name_contains:
+            sql += " AND name LIKE ? ESCAPE '!'"
+            params.append("%" + like_escape(name_contains) + "%")
+        if tag:  # tags are stored as a JSON array of strings: the quoted tag is in its text
+            sql += " AND tags LIKE ? ESCAPE '!'"
+            params.append("%" + like_escape(dumps(tag) or "") + "%")
+        if enabled is not None:
+            sql += " AND enabled = ?"
+            params.append(int(enabled))
+        sql += " ORDER BY name LIMIT ?"
+        params.append(max(limit, 0))
+        rows = await self._run("query_jobs", lambda: self._op_query(sql, params), tx=False)
+        return [job for job in map(row_to_job, rows) if not tag or tag in job.tags]
 
     async def count_unfinished(self, app: str) -> dict[str, int]:
         rows = await self._run("count_unfinished", lambda: self._op_query(

@@ -54,8 +54,9 @@ def op_instance_counts(dialect: Dialect, app: str, since_ms: int, until_ms: int,
 
 
 def op_lateness_sample(app: str, since_ms: int, until_ms: int, limit: int) -> Op[list[float]]:
+    # first attempts only: a retry's "lateness" would count its backoff and the attempts before it
     r = yield Stmt("SELECT started_at - planned_ms / 1000.0 FROM instances WHERE app = ? AND planned_ms >= ?"
-                   " AND planned_ms < ? AND started_at IS NOT NULL ORDER BY planned_ms DESC LIMIT ?",
+                   " AND planned_ms < ? AND started_at IS NOT NULL AND attempt = 1 ORDER BY planned_ms DESC LIMIT ?",
                    (app, since_ms, until_ms, max(limit, 0)))
     return [float(row[0]) for row in r.rows]
 

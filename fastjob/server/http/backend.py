@@ -1,6 +1,7 @@
 """What the admin API needs of its server, and the per-request context its views get."""
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 MAX_LIMIT = 1000
 #: The longest app name (as the wire's HELLO allows).
 MAX_APP = 128
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +142,9 @@ class Call:
         if not self.request.can_read_body:
             return {}
         try:
-            value = await self.request.json()
-        except ValueError as exc:
-            raise HttpError("invalid", f"the body is not JSON: {exc}") from None
+            value = json.loads(await self.request.text(), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise HttpError("invalid", f"the body is not JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
             raise HttpError("invalid", "the body must be a JSON object")
         return value

@@ -20,6 +20,7 @@ _QUERY_DOCS = {
     "next": "how many next fire times to list",
     "window": "like 15m, 1h, 7d",
     "follow": "1: a live tail as server-sent events",
+    "offset": "lines to skip (the next page)",
     "name": "a part of the job name",
     "tag": "a tag the job carries",
     "enabled": "true or false",

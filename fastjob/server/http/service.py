@@ -18,7 +18,7 @@ from .encode import json_response
 from .errors import STATUS, HttpError
 from .openapi import build_document
 from .routes import ROUTES, Route
-from .views_instances import PAGE_CACHE, PageCache
+from .views_instances import PAGE_CACHE, TAILS, PageCache
 
 log = logging.getLogger("fastjob.http")
 
@@ -81,6 +81,7 @@ class AdminHttp:
 def build_app(backend: AdminBackend, service: AdminHttp) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
     app[PAGE_CACHE] = PageCache()
+    app[TAILS] = [0]
     document = build_document()
 
     async def openapi(call: Call) -> dict[str, Any]:
@@ -179,6 +180,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await json_response(HttpError(code, message).body(), status=exc.status)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
-    except Exception as exc:  # a bug fails this request only
+    except Exception:  # a bug fails this request only; its detail stays in the log
         log.exception("%s %s failed", request.method, request.path)
-        return await json_response(HttpError("internal", f"{type(exc).__name__}: {exc}").body(), status=500)
+        return await json_response(HttpError("internal", "internal error; the server's log says more").body(),
+                                   status=500)

@@ -1,6 +1,7 @@
 """Health, the cluster, workers, server drain, tokens and the audit log."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ from ..auth import ROLES, Permission
 from .backend import MAX_LIMIT, Call
 from .errors import HttpError
 
+log = logging.getLogger("fastjob.http")
+
 
 async def healthz(call: Call) -> dict[str, Any]:
     return {"status": "ok", "server_id": call.backend.server_id}
@@ -22,7 +25,8 @@ async def readyz(call: Call) -> dict[str, Any]:
     try:
         await call.backend.store.list_servers()
     except StoreError as exc:
-        raise HttpError("unavailable", f"the database does not answer: {exc}") from None
+        log.warning("readyz: the database does not answer: %s", exc)
+        raise HttpError("unavailable", "the database does not answer") from None
     ready, why = call.backend.ready()
     if not ready:
         raise HttpError("unavailable", why)

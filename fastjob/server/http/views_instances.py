@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import time
 from typing import Any
 
@@ -21,9 +22,17 @@ from .errors import HttpError
 #: Answers of the same list query within this many seconds are shared (they are at most this old).
 LIST_TTL = 1.0
 MAX_CACHED = 256
+MAX_CACHED_BYTES = 64 << 20
+#: The parameters of the instance list (its cache key).
+LIST_PARAMS = ("job", "status", "since", "until", "cursor", "limit")
 #: How often a live log tail looks for new lines, and how long it may last.
 TAIL_POLL = 0.25
 TAIL_MAX_SECONDS = 3600.0
+TAIL_BATCH = 1000
+#: Live tails one server serves at once (each polls the database): more get 429.
+MAX_TAILS = 64
+#: The most log lines one read returns (page with ?offset=).
+MAX_LOG_LINES = 10_000
 #: How long a kill waits for the worker's report before answering with status "killing" (still stopping).
 KILL_WAIT = 5.0
 #: Stats windows (?window=) and the longest one.
@@ -51,9 +60,12 @@ def _cursor(row: InstanceRow) -> str:
 def _parse_cursor(raw: str) -> tuple[int, int]:
     try:
         planned, _, ident = base64.urlsafe_b64decode(raw.encode()).decode().partition(":")
-        return int(planned), int(ident)
+        cursor = int(planned), int(ident)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise HttpError("invalid", "bad cursor: pass back the next_cursor of the previous page") from None
+        cursor = (-1, -1)
+    if not all(0 <= part < 2**63 for part in cursor):
+        raise HttpError("invalid", "bad cursor: pass back the next_cursor of the previous page")
+    return cursor
 
 
 class PageCache:
@@ -62,6 +74,7 @@ class PageCache:
 
     def __init__(self) -> None:
         self._pages: dict[str, tuple[float, bytes]] = {}
+        self._bytes = 0
 
     def get(self, key: str) -> bytes | None:
         hit = self._pages.get(key)
@@ -70,15 +83,20 @@ class PageCache:
         return hit[1]
 
     def put(self, key: str, page: bytes) -> None:
-        if len(self._pages) >= MAX_CACHED:
+        if len(self._pages) >= MAX_CACHED or self._bytes + len(page) > MAX_CACHED_BYTES:
             now = time.monotonic()
             self._pages = {k: v for k, v in self._pages.items() if now - v[0] <= LIST_TTL}
-            if len(self._pages) >= MAX_CACHED:
+            self._bytes = sum(len(v[1]) for v in self._pages.values())
+            if len(self._pages) >= MAX_CACHED or self._bytes + len(page) > MAX_CACHED_BYTES:
                 self._pages.clear()
+                self._bytes = 0
+        old = self._pages.get(key)
+        self._bytes += len(page) - (len(old[1]) if old else 0)
         self._pages[key] = (time.monotonic(), page)
 
 
 PAGE_CACHE = web.AppKey("page_cache", PageCache)
+TAILS = web.AppKey("tails", list)  # [live tails open now]
 
 
 async def _instance_or_404(call: Call) -> InstanceRow:
@@ -103,7 +121,8 @@ async def app_of_instance(call: Call) -> str:
 # ---- reads --------------------------------------------------------------------------------------------
 async def list_instances(call: Call) -> web.Response:
     call.require(Permission.READ, call.app)
-    key = f"{call.app}?{call.request.query_string}"
+    query = call.request.query
+    key = "\0".join([call.app, *(query.get(name, "") for name in LIST_PARAMS)])  # junk parameters share it
     cache = call.request.app[PAGE_CACHE]
     cached = cache.get(key)
     if cached is not None:
@@ -155,11 +174,19 @@ async def get_logs(call: Call) -> web.StreamResponse | dict[str, Any]:
     row = await _instance_or_404(call)
     call.require(Permission.READ, row.app)
     if call.query_flag("follow"):
-        return await _tail(call, row)
+        tails = call.request.app[TAILS]
+        if tails[0] >= MAX_TAILS:
+            raise HttpError("rate_limited", f"{MAX_TAILS} live tails are open on this server; try again later")
+        tails[0] += 1
+        try:
+            return await _tail(call, row)
+        finally:
+            tails[0] -= 1
     if call.backend.owned_apps().get(row.app) is not None:
         await call.backend.flush_statuses()
-    limit = call.query_int("limit", 1000, 1, 100_000) or 1000
-    lines = await call.backend.store.get_logs(row.id, limit)
+    limit = call.query_int("limit", 1000, 1, MAX_LOG_LINES) or 1000
+    offset = call.query_int("offset", 0, 0, 2**31) or 0
+    lines = await call.backend.store.get_logs(row.id, limit, offset)
     return {"lines": [{"ts": ln.ts, "level": ln.level, "message": ln.message} for ln in lines]}
 
 
@@ -174,12 +201,14 @@ async def _tail(call: Call, row: InstanceRow) -> web.StreamResponse:
     while time.monotonic() < deadline:
         current = await store.get_instance(row.id)
         ended = current is None or current.status in FINAL_STATUSES
-        lines = await store.get_logs(row.id, sent + 10_000)
-        for line in lines[sent:]:
+        lines = await store.get_logs(row.id, TAIL_BATCH, offset=sent)  # only what is new
+        for line in lines:
             payload = dumps({"ts": line.ts, "level": line.level, "message": line.message})
             await response.write(f"event: line\ndata: {payload}\n\n".encode())
             last_write = time.monotonic()
-        sent = len(lines)
+        sent += len(lines)
+        if len(lines) == TAIL_BATCH:
+            continue  # more is waiting: read on before sleeping
         if ended:
             status = current.status.value if current is not None else "gone"
             await response.write(f"event: end\ndata: {dumps({'status': status})}\n\n".encode())
@@ -221,7 +250,8 @@ async def app_stats(call: Call) -> dict[str, Any]:
 def _window_seconds(raw: str) -> int:
     unit = _UNITS.get(raw[-1:])
     try:
-        seconds = int(float(raw[:-1]) * unit) if unit else int(raw)
+        value = float(raw[:-1]) * unit if unit else float(raw)
+        seconds = int(value) if math.isfinite(value) else -1
     except ValueError:
         seconds = -1
     if not 60 <= seconds <= MAX_WINDOW:

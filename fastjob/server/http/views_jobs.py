@@ -12,7 +12,6 @@ from typing import Any
 
 from ... import jobdef, schedule
 from ...models import JobRow, Origin
-from ...store import StoreError
 from ..auth import Permission
 from .backend import MAX_LIMIT, Call
 from .errors import HttpError
@@ -73,14 +72,11 @@ async def list_jobs(call: Call) -> dict[str, Any]:
     """Jobs by name, filtered by ?name= (a part of it), ?tag=, ?enabled=; paginated by name."""
     call.require(Permission.READ, call.app)
     limit = call.query_int("limit", 100, 1, MAX_LIMIT) or 100
-    after = call.request.query.get("cursor") or ""
-    part = call.request.query.get("name") or ""
-    tag = call.request.query.get("tag") or ""
-    enabled = call.request.query.get("enabled")
-    jobs = [job for job in await call.backend.store.list_jobs(call.app)
-            if job.name > after and part in job.name and (not tag or tag in job.tags)
-            and (enabled is None or job.enabled == (enabled.lower() in ("1", "true", "yes")))]
-    jobs.sort(key=lambda job: job.name)
+    query = call.request.query
+    enabled = query.get("enabled")
+    jobs = await call.backend.store.query_jobs(
+        call.app, after=query.get("cursor") or "", limit=limit + 1, name_contains=query.get("name") or "",
+        tag=query.get("tag") or "", enabled=None if enabled is None else enabled.lower() in ("1", "true", "yes"))
     page = jobs[:limit]
     cursor = page[-1].name if len(jobs) > limit else None
     return {"jobs": [job_json(job) for job in page], "next_cursor": cursor}
@@ -172,30 +168,33 @@ async def trigger_job(call: Call) -> dict[str, Any]:
     call.require(Permission.TRIGGER, call.app)
     body = await call.body()
     job = await job_or_404(call)
+    header = call.request.headers.get("Idempotency-Key")
+    if header is None:
+        return {"instance_id": await _trigger(call, job, body)}
+    if not 0 < len(header) <= MAX_KEY:
+        raise HttpError("invalid", f"Idempotency-Key must be 1 to {MAX_KEY} characters")
+    key = f"{job.name}\0{header}"  # keys are per job
+    store = call.backend.store
+    took, instance_id = await store.reserve_idempotency_key(call.app, key, time.time())
+    if not took:  # before any other check: a repeated request gets the first one's answer
+        if instance_id is None:
+            raise HttpError("conflict", "a trigger with this Idempotency-Key is in progress, or its outcome is"
+                                        " unknown (the database failed); it will not fire twice")
+        return {"instance_id": instance_id, "replayed": True}
+    try:
+        instance_id = await _trigger(call, job, body)
+    except HttpError:
+        await store.settle_idempotency_key(call.app, key, None)  # refused: nothing fired, the key is free
+        raise
+    # a StoreError leaves the key reserved: the trigger may have been written (the scanner then fires it)
+    await store.settle_idempotency_key(call.app, key, instance_id)
+    return {"instance_id": instance_id}
+
+
+async def _trigger(call: Call, job: JobRow, body: dict[str, Any]) -> int:
     force = bool(body.get("force"))
     if not force:
         refusal = call.backend.overlap_refusal(job)
         if refusal is not None:
             raise HttpError("conflict", refusal)
-    key = call.request.headers.get("Idempotency-Key")
-    if key is None:
-        row = await call.backend.trigger(call.app, job, body.get("params"), force)
-        return {"instance_id": row.id}
-    if not 0 < len(key) <= MAX_KEY:
-        raise HttpError("invalid", f"Idempotency-Key must be 1 to {MAX_KEY} characters")
-    store = call.backend.store
-    took, instance_id = await store.reserve_idempotency_key(call.app, key, time.time())
-    if not took:
-        if instance_id is None:
-            raise HttpError("conflict", "a trigger with this Idempotency-Key is still in progress; retry")
-        return {"instance_id": instance_id, "replayed": True}
-    try:
-        row = await call.backend.trigger(call.app, job, body.get("params"), force)
-    except BaseException:
-        try:
-            await store.settle_idempotency_key(call.app, key, None)
-        except StoreError:
-            pass  # the key stays reserved until it expires; a retry then answers 409
-        raise
-    await store.settle_idempotency_key(call.app, key, row.id)
-    return {"instance_id": row.id}
+    return (await call.backend.trigger(call.app, job, body.get("params"), force)).id
