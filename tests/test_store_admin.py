@@ -7,6 +7,7 @@ from test_store import NOW, make_store, owned, spec, store, store_url  # noqa: F
 from fastjob.models import InstanceUpdate, LogLine, Status
 from fastjob.server.auth import new_token_row
 from fastjob.store import AuditEntry, OwnershipChange, Store
+from fastjob.store.base import AlarmRow
 from fastjob.store.base import IDEMPOTENCY_TTL
 
 pytestmark = pytest.mark.asyncio
@@ -132,3 +133,25 @@ async def test_query_jobs_pages_and_filters_in_the_store(db):
     assert [j.name for j in await db.query_jobs("app", name_contains="%")] == ["b%"]  # a literal, not a pattern
     assert [j.name for j in await db.query_jobs("app", tag="blue")] == ["b%", "c_x"]
     assert [j.name for j in await db.query_jobs("app", enabled=False)] == ["b%"]
+
+
+async def test_the_alarm_outbox_hands_each_alarm_to_one_sender(db):
+    ids = await _fires(db, [1000])
+    first = AlarmRow("failed:1:1", "w1", "app", {"event": "failed"}, NOW)
+    # written with the status that raised it, in one transaction
+    await db.write_statuses([InstanceUpdate(ids[0], Status.FAILED, finished_at=NOW)], [], {}, [first])
+    await db.add_alarms([first, AlarmRow("takeover:app:2", "w1", None, {"event": "takeover"}, NOW)])  # a repeat
+    cluster = await db.claim_alarms("s2", [], NOW, 30, 10)  # a cluster alarm: any server
+    assert [a.event_id for a in cluster] == ["takeover:app:2"]
+    await db.finish_alarm(cluster[0].id, NOW, True, 0, None)
+    mine = await db.claim_alarms("s1", ["app"], NOW, 30, 10)
+    assert [a.event_id for a in mine] == ["failed:1:1"] and mine[0].payload == {"event": "failed"}
+    assert await db.claim_alarms("s2", ["app"], NOW + 1, 30, 10) == []  # claimed for 30 s
+    await db.finish_alarm(mine[0].id, NOW + 1, False, NOW + 5, "HTTP 500")
+    assert await db.claim_alarms("s1", ["app"], NOW + 2, 30, 10) == []  # not due again yet
+    again = await db.claim_alarms("s1", ["app"], NOW + 6, 30, 10)
+    assert [a.attempts for a in again] == [1]
+    await db.finish_alarm(again[0].id, NOW + 6, True, 0, None)
+    assert await db.claim_alarms("s1", ["app"], NOW + 100, 30, 10) == []  # delivered: never again
+    assert await db.prune_older("alarm_outbox", NOW + 7, 100) == 1
+    assert await db.claim_alarms("s1", ["other"], NOW + 100, 30, 10) == []

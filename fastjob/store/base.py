@@ -129,8 +129,24 @@ class OwnershipChange:
     id: int = 0
 
 
-#: The append-only tables ``prune_older`` prunes, with their time column.
-PRUNABLE = {"job_logs": "ts", "audit_log": "ts", "app_history": "ts", "idempotency_keys": "created_at"}
+#: The append-only tables ``prune_older`` prunes, with their time column (the outbox: only
+#: rows delivered or given up on).
+PRUNABLE = {"job_logs": "ts", "audit_log": "ts", "app_history": "ts", "idempotency_keys": "created_at",
+            "alarm_outbox": "delivered_at"}
+
+
+@dataclass(slots=True)
+class AlarmRow:
+    """One alarm for one webhook, in the outbox until delivered (server/alarms.py)."""
+
+    event_id: str  # stable: a receiver drops repeats by it
+    webhook: str  # the webhook's id
+    app: str | None  # the app whose owner sends it; None: a cluster alarm, sent by any server
+    payload: Any  # the event, as JSON
+    created_at: float
+    next_attempt_at: float = 0.0
+    attempts: int = 0
+    id: int = 0
 
 #: How long a trigger's Idempotency-Key keeps its answer.
 IDEMPOTENCY_TTL = 24 * 3600.0
@@ -397,16 +413,20 @@ class Store(abc.ABC):
         """
 
     async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
-                             finished: dict[int, float]) -> None:
+                             finished: dict[int, float], alarms: Sequence[AlarmRow] = ()) -> None:
         """What the status writer gathered in one flush: instance updates, log lines, and each job's
-        latest finish (``last_finished_time``, never moved back). Backends do it in one transaction
-        with a few multi-row statements, whatever the fire rate."""
+        latest finish (``last_finished_time``, never moved back), and the alarms those statuses
+        raised (into the outbox: the same transaction, so no alarm is lost or raised for a status
+        that was not written). Backends do it in one transaction with a few multi-row statements,
+        whatever the fire rate."""
         if updates:
             await self.update_instances(updates)
         if lines:
             await self.append_logs(lines)
         if finished:
             await self.mark_jobs_finished(finished)
+        if alarms:
+            await self.add_alarms(alarms)
 
     @abc.abstractmethod
     async def update_instances(self, updates: Iterable[InstanceUpdate]) -> int:
@@ -541,6 +561,23 @@ class Store(abc.ABC):
     async def list_ownership_changes(self, *, app: str | None = None, before_id: int | None = None,
                                      limit: int = 100) -> list[OwnershipChange]:
         """Ownership changes (of one app, if given), newest first, older than ``before_id`` if given."""
+
+    # ---- the alarm outbox --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_alarms(self, alarms: Sequence[AlarmRow]) -> None:
+        """Put alarms in the outbox; one already there (same event and webhook) is left as it is."""
+
+    @abc.abstractmethod
+    async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
+                           limit: int) -> list[AlarmRow]:
+        """Claim for ``lease`` seconds up to ``limit`` due, undelivered alarms of these apps and the
+        cluster's (app None): a compare-and-set per row, so of two servers one gets each."""
+
+    @abc.abstractmethod
+    async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
+                           error: str | None) -> None:
+        """Record a delivery (delivered_at = now), or a failed attempt (due again at ``next_attempt_at``;
+        ``delivered`` with an error: given up)."""
 
     # ---- retention ---------------------------------------------------------------------------
     @abc.abstractmethod

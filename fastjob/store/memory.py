@@ -42,6 +42,7 @@ from ..models import (
 )
 from .base import (
     IDEMPOTENCY_TTL,
+    AlarmRow,
     AppRow,
     AuditEntry,
     FirePlanner,
@@ -57,6 +58,7 @@ from .codecs import FIRST_ATTEMPT, SPEC_COLS, merge_updates, rank, spec_values
 from .job_writes import StoredJob, plan_write
 from .memory_db import (
     MemoryDatabase,
+    OutboxEntry,
     copy_app,
     copy_instance,
     copy_job,
@@ -421,11 +423,12 @@ class MemoryStore(Store):
         return copy_instance(row)
 
     async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
-                             finished: dict[int, float]) -> None:
+                             finished: dict[int, float], alarms: Sequence[AlarmRow] = ()) -> None:
         """See :meth:`Store.write_statuses`: all of it in one step."""
         db = await self._db()
         self._update(db, updates)
         self._append(db, lines)
+        self._add_alarms(db, alarms)
         for job_id, finished_at in finished.items():
             job = db.jobs.get(job_id)
             if job is not None and (job.last_finished_time is None or job.last_finished_time < finished_at):
@@ -614,6 +617,48 @@ class MemoryStore(Store):
         db = await self._db()
         return _newest_first(db.history, app, before_id, limit)
 
+    async def add_alarms(self, alarms: Sequence[AlarmRow]) -> None:
+        self._add_alarms(await self._db(), alarms)
+
+    @staticmethod
+    def _add_alarms(db: MemoryDatabase, alarms: Sequence[AlarmRow]) -> None:
+        for alarm in alarms:
+            key = (alarm.event_id, alarm.webhook)
+            if key not in db.outbox_keys:
+                db.last_alarm_id += 1
+                db.outbox_keys[key] = db.last_alarm_id
+                db.outbox[db.last_alarm_id] = OutboxEntry(dataclasses.replace(
+                    alarm, id=db.last_alarm_id, payload=json_copy(alarm.payload),
+                    next_attempt_at=alarm.next_attempt_at or alarm.created_at))
+
+    async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
+                           limit: int) -> list[AlarmRow]:
+        db = await self._db()
+        won: list[AlarmRow] = []
+        for entry in db.outbox.values():
+            if len(won) >= limit:
+                break
+            row = entry.row
+            if (entry.delivered_at is None and row.next_attempt_at <= now and entry.claimed_until < now
+                    and (row.app is None or row.app in apps)):
+                entry.claimed_until = now + lease
+                won.append(dataclasses.replace(row, payload=json_copy(row.payload)))
+        return won
+
+    async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
+                           error: str | None) -> None:
+        db = await self._db()
+        entry = db.outbox.get(alarm_id)
+        if entry is None:
+            return
+        entry.claimed_until = 0.0
+        entry.last_error = error
+        if delivered:
+            entry.delivered_at = now
+        else:
+            entry.row.attempts += 1
+            entry.row.next_attempt_at = next_attempt_at
+
     async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
         db = await self._db()
         old = sorted((r for r in db.instances.values() if r.app == app and r.planned_ms < before_ms
@@ -639,6 +684,12 @@ class MemoryStore(Store):
             for key in expired:
                 del db.idempotency[key]
             return len(expired)
+        if table == "alarm_outbox":
+            done = sorted(i for i, e in db.outbox.items() if e.delivered_at is not None and e.delivered_at < before)
+            for alarm_id in done[:max(limit, 0)]:
+                entry = db.outbox.pop(alarm_id)
+                db.outbox_keys.pop((entry.row.event_id, entry.row.webhook), None)
+            return min(len(done), max(limit, 0))
         rows: list[Any] = db.audit if table == "audit_log" else db.history
         old_ids = {r.id for r in rows if r.ts < before}
         old_ids = set(sorted(old_ids)[:max(limit, 0)])

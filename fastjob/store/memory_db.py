@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import InstanceRow, JobRow, JobRun, JobSpec, LogLine, ScheduleType
-from .base import AppRow, AuditEntry, OwnershipChange, ServerRow, TokenRow, WorkerRow
+from .base import AlarmRow, AppRow, AuditEntry, OwnershipChange, ServerRow, TokenRow, WorkerRow
 from .codecs import SPEC_COLS, claim_job, dumps, loads, spec_values
 
 #: Values a JSON column gives back as they went in (and that nobody can mutate).
@@ -98,6 +98,16 @@ def copy_server(row: ServerRow) -> ServerRow:
     return dataclasses.replace(row)
 
 
+@dataclass(slots=True)
+class OutboxEntry:
+    """An alarm in the outbox, with what the SQL table keeps beside it."""
+
+    row: AlarmRow
+    claimed_until: float = 0.0
+    delivered_at: float | None = None
+    last_error: str | None = None
+
+
 # ---- the tables ----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class MemoryDatabase:
@@ -118,6 +128,9 @@ class MemoryDatabase:
     history: list[OwnershipChange] = field(default_factory=list)  # in id order
     last_audit_id: int = 0
     last_history_id: int = 0
+    outbox: dict[int, OutboxEntry] = field(default_factory=dict)  # by id
+    outbox_keys: dict[tuple[str, str], int] = field(default_factory=dict)  # UNIQUE (event_id, webhook)
+    last_alarm_id: int = 0
     idempotency: dict[tuple[str, str], tuple[int | None, float]] = field(default_factory=dict)  # (instance, at)
     last_run_id: int = 0
     last_job_id: int = 0

@@ -24,7 +24,17 @@ from ..models import (
     ScheduleType,
     Status,
 )
-from .base import AppRow, AuditEntry, FirePlanner, NotOwnerError, OwnershipChange, ServerRow, TokenRow, WorkerRow
+from .base import (
+    AlarmRow,
+    AppRow,
+    AuditEntry,
+    FirePlanner,
+    NotOwnerError,
+    OwnershipChange,
+    ServerRow,
+    TokenRow,
+    WorkerRow,
+)
 from .codecs import (
     INST_COLS,
     INST_INSERT_COLS,
@@ -45,7 +55,10 @@ from .sql_admin import (
     TOKEN_SELECT,
     instance_page_query,
     newest_first,
+    op_add_alarms,
     op_add_audit,
+    op_claim_alarms,
+    op_finish_alarm,
     op_instance_counts,
     op_lateness_sample,
     op_prune_instances,
@@ -343,13 +356,14 @@ class SQLStore(SQLRunner):
         return await self._run("update_instances", lambda: self._op_update_instances(rows), tx=True)
 
     async def write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
-                             finished: dict[int, float]) -> None:
+                             finished: dict[int, float], alarms: Sequence[AlarmRow] = ()) -> None:
         """See :meth:`Store.write_statuses`: one transaction, a few multi-row statements."""
-        if updates or lines or finished:
-            await self._run("write_statuses", lambda: self._op_write_statuses(updates, lines, finished), tx=True)
+        if updates or lines or finished or alarms:
+            await self._run("write_statuses", lambda: self._op_write_statuses(updates, lines, finished, alarms),
+                            tx=True)
 
     def _op_write_statuses(self, updates: Sequence[InstanceUpdate], lines: Sequence[LogLine],
-                           finished: dict[int, float]) -> Op[None]:
+                           finished: dict[int, float], alarms: Sequence[AlarmRow]) -> Op[None]:
         # the rows are built here, in the op: on SQLite that is the store's thread, not the event loop
         rows = self._update_rows(updates)
         log_rows = [(ln.instance_id, ln.ts, ln.level, ln.message) for ln in lines]
@@ -362,6 +376,8 @@ class SQLStore(SQLRunner):
             yield Stmt(self.dialect.update_join("jobs", ("id", "ft"), len(part), (("last_finished_time", "u.ft"),),
                                                 "jobs.last_finished_time IS NULL OR jobs.last_finished_time < u.ft"),
                        flat(part))
+        if alarms:
+            yield from op_add_alarms(self.dialect, alarms)
 
     @staticmethod
     def _update_rows(updates: Iterable[InstanceUpdate]) -> list[tuple[Any, ...]]:
@@ -529,6 +545,21 @@ class SQLStore(SQLRunner):
         sql, params = newest_first("app_history", HISTORY_COLS, app, before_id, limit)
         rows = await self._run("list_ownership_changes", lambda: self._op_query(sql, params), tx=False)
         return [row_to_change(r) for r in rows]
+
+    async def add_alarms(self, alarms: Sequence[AlarmRow]) -> None:
+        if alarms:
+            await self._run("add_alarms", lambda: op_add_alarms(self.dialect, alarms), tx=True)
+
+    async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
+                           limit: int) -> list[AlarmRow]:
+        owned = frozenset(apps)
+        return await self._run("claim_alarms", lambda: op_claim_alarms(self.dialect, server_id, owned, now, lease,
+                                                                        limit), tx=True)
+
+    async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
+                           error: str | None) -> None:
+        await self._run("finish_alarm", lambda: op_finish_alarm(alarm_id, now, delivered, next_attempt_at, error),
+                        tx=False)
 
     async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
         return await self._run("prune_instances", lambda: op_prune_instances(self.dialect, app, before_ms, limit),

@@ -3,12 +3,12 @@ ownership history and trigger idempotency keys (the Store methods of the same na
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from ..models import Status
-from .base import IDEMPOTENCY_TTL, PRUNABLE, AuditEntry, OwnershipChange, TokenRow
-from .codecs import INST_COLS, SQL_FINAL
+from .base import IDEMPOTENCY_TTL, PRUNABLE, AlarmRow, AuditEntry, OwnershipChange, TokenRow
+from .codecs import INST_COLS, SQL_FINAL, dumps, loads
 from .dialect import Dialect
 from .statements import Op, Stmt, chunks, flat
 
@@ -149,3 +149,44 @@ def op_prune_older(dialect: Dialect, table: str, before: float, limit: int) -> O
     for part in chunks(ids):
         yield Stmt(f"DELETE FROM {table} WHERE id IN " + dialect.in_list(len(part)), part)
     return len(ids)
+
+
+# ---- the alarm outbox ------------------------------------------------------------------------
+ALARM_COLS = ("event_id", "webhook", "app", "payload", "created_at", "next_attempt_at", "attempts")
+
+
+def op_add_alarms(dialect: Dialect, alarms: Sequence[AlarmRow]) -> Op[None]:
+    rows = [(a.event_id, a.webhook, a.app, dumps(a.payload), a.created_at, a.next_attempt_at or a.created_at, 0)
+            for a in alarms]
+    for part in chunks(rows, 500):
+        yield Stmt(dialect.insert("alarm_outbox", ALARM_COLS, len(part), ignore=True), flat(part))
+
+
+def op_claim_alarms(dialect: Dialect, server_id: str, apps: Collection[str], now: float, lease: float,
+                    limit: int) -> Op[list[AlarmRow]]:
+    listed = sorted(apps) if len(apps) <= 500 else []  # more: filtered below, not in the statement
+    where = f"(app IN {dialect.in_list(len(listed))} OR app IS NULL)" if listed else (
+        "app IS NULL" if not apps else "1 = 1")
+    found = yield Stmt(f"SELECT id, {', '.join(ALARM_COLS)} FROM alarm_outbox WHERE delivered_at IS NULL"
+                       f" AND next_attempt_at <= ? AND (claimed_until IS NULL OR claimed_until < ?)"
+                       f" AND {where} ORDER BY id LIMIT ?", (now, now, *listed, limit))
+    won: list[AlarmRow] = []
+    for r in found.rows:
+        if r[3] is not None and r[3] not in apps:
+            continue
+        claimed = yield Stmt("UPDATE alarm_outbox SET claimed_by = ?, claimed_until = ? WHERE id = ?"
+                             " AND delivered_at IS NULL AND (claimed_until IS NULL OR claimed_until < ?)",
+                             (server_id, now + lease, r[0], now))
+        if claimed.rowcount == 1:
+            won.append(AlarmRow(r[1], r[2], r[3], loads(r[4]), float(r[5]), float(r[6]), int(r[7]), int(r[0])))
+    return won
+
+
+def op_finish_alarm(alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
+                    error: str | None) -> Op[None]:
+    if delivered:
+        yield Stmt("UPDATE alarm_outbox SET delivered_at = ?, claimed_until = NULL, last_error = ? WHERE id = ?",
+                   (now, error, alarm_id))
+    else:
+        yield Stmt("UPDATE alarm_outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = NULL,"
+                   " last_error = ? WHERE id = ?", (next_attempt_at, error, alarm_id))
