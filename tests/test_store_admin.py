@@ -7,8 +7,7 @@ from test_store import NOW, make_store, owned, spec, store, store_url  # noqa: F
 from fastjob.models import InstanceUpdate, LogLine, Status
 from fastjob.server.auth import new_token_row
 from fastjob.store import AuditEntry, OwnershipChange, Store
-from fastjob.store.base import AlarmRow
-from fastjob.store.base import IDEMPOTENCY_TTL
+from fastjob.store.base import IDEMPOTENCY_TTL, AlarmRow
 
 pytestmark = pytest.mark.asyncio
 

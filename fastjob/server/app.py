@@ -15,6 +15,7 @@ from ..models import InstanceRow, JobRow, JobSpec, Status
 from ..protocol import ErrorCode
 from ..store import Store, StoreError, create_store
 from ..tasks import BackgroundTasks
+from .alarms import AlarmRules, AlarmSender, Webhook
 from .audit import AuditLog
 from .auth import VERIFY_CACHE_SECONDS, TokenAuthority
 from .cluster import Cluster, Origin
@@ -28,6 +29,9 @@ from .second_level import SecondLevel
 from .session import WorkerSession
 
 log = logging.getLogger("fastjob.server")
+
+#: Seconds between two dead-man checks.
+DEAD_MAN_CHECK = 5.0
 
 
 class FastJobServer:
@@ -66,6 +70,8 @@ class FastJobServer:
         for app, token in cfg.app_tokens.items():
             await self.store.ensure_app(app)
             await self.auth.ensure_app_token(app, token)
+        webhooks = [Webhook.parse(hook) for hook in cfg.alarm_webhooks]
+        self.alarm_rules = AlarmRules(webhooks, server_id, self._instance_link)
         self.cluster = Cluster(self.store, server_id, self.address, cfg.heartbeat_interval,
                                cfg.heartbeat_timeout, self._app_gained, self._app_lost, self._app_drain,
                                self._app_undrain, self._fire_rates, changes=self.metrics.ownership_changes)
@@ -81,6 +87,7 @@ class FastJobServer:
             workers_of=self.workers_of,
             is_second_level=self.is_second_level,
             metrics=self.metrics,
+            alarm_rules=self.alarm_rules,
         )
         self.second_level = SecondLevel(
             self.store, self.tasks,
@@ -93,6 +100,7 @@ class FastJobServer:
         )
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
+        self.cluster.alarm = self._cluster_alarm
         self.scheduler.start()
         if cfg.http_port >= 0:
             self.http = AdminHttp(self)
@@ -103,6 +111,10 @@ class FastJobServer:
         self.tasks.spawn(self._reconcile_loop(), "fastjob-reconcile")
         self.tasks.spawn(self.audit.run(), "fastjob-audit")
         self.tasks.spawn(self._token_watch(), "fastjob-token-watch")
+        if webhooks:
+            self.alarm_sender = AlarmSender(self.store, server_id, webhooks, owned=lambda: sorted(self.cluster.owned))
+            self.tasks.spawn(self.alarm_sender.run(), "fastjob-alarms")
+            self.tasks.spawn(self._dead_man_loop(), "fastjob-dead-man")
         self.retention = Retention(self.store, cfg.retention, owned=lambda: sorted(self.cluster.owned))
         self.tasks.spawn(self.retention.run(), "fastjob-retention")
         log.info("server %s listening on %s (store %s)", server_id, self.address, cfg.db.split("@")[-1])
@@ -280,6 +292,28 @@ class FastJobServer:
     def _job_changed(self, job: JobRow) -> None:
         self.scheduler.job_changed(job)
         self.second_level.job_changed(job)
+
+    def _instance_link(self, instance_id: int) -> str:
+        http = self.cluster.http_address if self.http is not None else ""
+        return f"http://{http}/api/v1/instances/{instance_id}" if http else ""
+
+    def _cluster_alarm(self, event: str, app: str, key: str, text: str) -> None:
+        rows = self.alarm_rules.cluster_event(event, app, key, text)
+        if rows:
+            self.tasks.spawn(self.store.add_alarms(rows), f"fastjob-alarm-{event}")
+
+    async def _dead_man_loop(self) -> None:
+        """Every few seconds: jobs of our apps with a dead-man alarm and no success within it."""
+        gained: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(DEAD_MAN_CHECK)
+            now = time.time()
+            owned = self.cluster.owned
+            for app in owned:
+                gained.setdefault(app, now)  # a job's clock starts when we got its app, at the latest
+            jobs = [job for job in self.scheduler.jobs.values() if job.app in owned]
+            rows = self.alarm_rules.dead_men(jobs, since=lambda job: max(job.updated_time, gained[job.app]))
+            self.scheduler.writer.alarms(rows)
 
     async def _token_watch(self) -> None:
         """Close the sessions of tokens revoked or expired since their HELLO (checked every few seconds)."""

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif knob.name == "app_tokens":
             p.add_argument("--app-token", action="append", default=[], metavar="APP=TOKEN",
                            help=knob.metadata["help"] + " (default: none)")
+        elif knob.name == "alarm_webhooks":
+            p.add_argument("--alarm-webhook", action="append", default=[], metavar="[FORMAT=]URL",
+                           help=knob.metadata["help"] + " (default: none)")
         elif knob.name == "retain_app":
             p.add_argument("--retain-app", action="append", default=[], metavar="APP=DURATION",
                            help=knob.metadata["help"] + " (default: none)")
@@ -79,6 +82,8 @@ def _app_pairs(flag: str, pairs: list[str], variable: str, value_name: str) -> d
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     args = vars(build_parser().parse_args(argv))
     args["app_tokens"] = _app_pairs("app-token", args.pop("app_token"), "FASTJOB_APP_TOKENS", "TOKEN")
+    args["alarm_webhooks"] = args.pop("alarm_webhook") + [
+        url for url in os.environ.get("FASTJOB_ALARM_WEBHOOKS", "").split(",") if url]
     args["retain_app"] = _app_pairs("retain-app", args.pop("retain_app"), "FASTJOB_RETAIN_APP", "DURATION")
     config = ServerConfig(**args)
     problems = config.check()

@@ -92,6 +92,8 @@ class Cluster:
         self.server_id = server_id
         self.address = address
         self.http_address = ""  # of our admin API, set before start(): peers forward requests there
+        #: (event, app, a key every server agrees on, text): a cluster alarm (takeover, no_owner)
+        self.alarm: Callable[[str, str, str, str], None] = lambda event, app, key, text: None
         self.interval = heartbeat_interval
         self.timeout = heartbeat_timeout
         self.owned: dict[str, int] = {}  # app -> epoch we hold it at
@@ -257,9 +259,15 @@ class Cluster:
                         continue
                     first_seen = self._orphan_seen.setdefault(row.name, self.clock.monotonic())
                     preferred = self._least_loaded(load, live) == self.server_id
-                    if preferred or self.clock.monotonic() - first_seen > 2 * self.timeout:
-                        if await self._claim(row, servers):
+                    orphaned_for = self.clock.monotonic() - first_seen
+                    claimed = False
+                    if preferred or orphaned_for > 2 * self.timeout:
+                        claimed = await self._claim(row, servers)
+                        if claimed:
                             load[self.server_id] = load.get(self.server_id, 0) + 1
+                    if not claimed and orphaned_for > 2 * self.timeout:
+                        self.alarm("no_owner", row.name, str(row.epoch),
+                                   f"app {row.name} has had no live owner for {orphaned_for:.0f}s")
                 else:
                     self._orphan_seen.pop(row.name, None)
             self.synced.set()
@@ -337,7 +345,10 @@ class Cluster:
     async def _record(self, app: str, from_server: str | None, to_server: str | None, epoch: int,
                       reason: str) -> None:
         """Write the ownership history (GET /api/v1/cluster/history); a failure costs only the entry."""
-        self.changes[reason.split(":")[0].split(" by ")[0]] += 1  # the kind, not who or why
+        kind = reason.split(":")[0].split(" by ")[0]  # the kind, not who or why
+        self.changes[kind] += 1
+        if kind == "takeover":
+            self.alarm("takeover", app, str(epoch), f"{to_server} took app {app} over from {from_server} ({reason})")
         try:
             await self.store.add_ownership_change(
                 OwnershipChange(app, from_server, to_server, epoch, reason, self.clock.wall()))

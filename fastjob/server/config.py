@@ -13,6 +13,7 @@ from typing import Any
 
 from ..protocol import DEFAULT_MAX_FRAME
 from ..store import DEFAULT_URL, create_store
+from .alarms import Webhook
 from .logfmt import LOG_FORMATS
 from .retention import RetentionPolicy
 
@@ -96,6 +97,9 @@ class ServerConfig:
     metrics_public: bool = _knob(False, "serve /metrics without a token to every client (default: loopback only)")
     app_tokens: dict[str, str] = field(default_factory=dict, metadata={
         "help": "require TOKEN from workers of APP (repeatable; FASTJOB_APP_TOKENS=a=x,b=y)"})
+    alarm_webhooks: list[str] = field(default_factory=list, metadata={
+        "help": "post alarms to URL (repeatable; slack=URL for a Slack-style incoming webhook;"
+                " FASTJOB_ALARM_WEBHOOKS=url1,url2)"})
     retain_app: dict[str, str] = field(default_factory=dict, metadata={
         "help": "keep APP's finished instances this long instead of --retain-instances (repeatable;"
                 " FASTJOB_RETAIN_APP=a=1d,b=30d)"})
@@ -154,6 +158,11 @@ class ServerConfig:
                 parse_duration(value)
             except ValueError as exc:
                 problems.append(f"--{flag}: {exc}")
+        for hook in self.alarm_webhooks:
+            try:
+                Webhook.parse(hook)
+            except ValueError as exc:
+                problems.append(str(exc))
         if self.log_format not in LOG_FORMATS:
             problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:

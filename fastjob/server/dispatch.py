@@ -19,6 +19,7 @@ from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Stat
 from ..protocol import KILL_REASON, ProtocolError
 from ..store import Store
 from ..tasks import BackgroundTasks
+from .alarms import AlarmRules
 from .fires import MAX_TEXT, Alarms, Finish, Inflight, Pending, PendingExpired, RunOverdue
 from .metrics import Metrics
 from .writer import StatusWriter
@@ -50,6 +51,7 @@ class Dispatcher:
         heartbeat_timeout: float,
         clock: Clock,
         metrics: Metrics | None = None,
+        alarm_rules: AlarmRules | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -62,6 +64,7 @@ class Dispatcher:
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self.alarm_rules = alarm_rules
         self.inflight: dict[int, Inflight] = {}
         self.pending: dict[str, list[Pending]] = {}
         self._rr: dict[str, int] = {}
@@ -133,7 +136,7 @@ class Dispatcher:
         if entry in queue:
             queue.remove(entry)
             self.finish(entry.instance, Status.FAILED, job=entry.job,
-                        error=f"{entry.reason} within {self.dispatch_wait:.0f}s")
+                        error=f"{entry.reason} within {self.dispatch_wait:.0f}s", alarm_event="no_worker")
 
     # ---- worker reports --------------------------------------------------------------------
     def flight_of(self, session: WorkerSession, instance_id: int) -> Inflight | None:
@@ -177,7 +180,12 @@ class Dispatcher:
             return
         flight.started = True
         app = flight.instance.app
-        self.metrics.lateness.observe(app, max(0.0, started_at - flight.instance.planned_ms / 1000.0))
+        lateness = max(0.0, started_at - flight.instance.planned_ms / 1000.0)
+        self.metrics.lateness.observe(app, lateness)
+        late_after = (flight.job.alarm or {}).get("late_after")
+        if late_after is not None and lateness > late_after and self.alarm_rules is not None:
+            self.writer.alarms(self.alarm_rules.instance_event(
+                "late", flight.job, flight.instance, f"started {lateness:.3f}s after its planned time", "running"))
         if flight.sent_at is not None:
             self.metrics.dispatch_to_start.observe(app, max(0.0, started_at - flight.sent_at))
 

@@ -119,7 +119,7 @@ class Finish(Protocol):
 
     def __call__(self, row: InstanceRow, status: Status, *, result: Any = None, error: str | None = None,
                  worker: str | None = None, started_at: float | None = None, finished_at: float | None = None,
-                 job: JobRow | None = None) -> None: ...
+                 job: JobRow | None = None, alarm_event: str | None = None) -> None: ...
 
 
 #: Hand a line's next fire (if any) its turn: Scheduler.start_turns.

@@ -68,7 +68,7 @@ class Retention:
                 cutoff_ms = int((now - keep) * 1000)
                 pruned += await self._batches(functools.partial(self.store.prune_instances, app, cutoff_ms, BATCH))
         shared = {"job_logs": self.policy.logs, "audit_log": self.policy.audit, "app_history": self.policy.audit,
-                  "idempotency_keys": IDEMPOTENCY_TTL}
+                  "alarm_outbox": self.policy.audit, "idempotency_keys": IDEMPOTENCY_TTL}
         for table, keep in shared.items():
             if keep > 0:
                 pruned += await self._batches(functools.partial(self.store.prune_older, table, now - keep, BATCH))

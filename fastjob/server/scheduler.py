@@ -47,6 +47,7 @@ from ..models import InstanceRow, InstanceUpdate, JobRow, Status
 from ..store import NotOwnerError, Store, StoreError
 from ..tasks import BackgroundTasks
 from ..timer import WheelTimer
+from .alarms import AlarmRules
 from .dispatch import Dispatcher
 from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
 from .follow_ups import FollowUps, follow_up
@@ -91,11 +92,13 @@ class Scheduler:
         clock: Clock = SYSTEM_CLOCK,
         timer_factory: TimerFactory = WheelTimer,
         metrics: Metrics | None = None,
+        alarm_rules: AlarmRules | None = None,
     ) -> None:
         self.store = store
         self.cluster = cluster
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self.alarm_rules = alarm_rules or AlarmRules([], cluster.server_id, str)
         self.timer_factory = timer_factory
         self.heartbeat_timeout = heartbeat_timeout
         self.run_lease = run_lease
@@ -115,7 +118,7 @@ class Scheduler:
         self.dispatcher = Dispatcher(
             store=store, writer=self.writer, alarms=self, finish=self.finish, workers_of=workers_of,
             jobs=self.jobs, tasks=self.tasks, dispatch_wait=dispatch_wait, heartbeat_timeout=heartbeat_timeout,
-            clock=clock, metrics=self.metrics)
+            clock=clock, metrics=self.metrics, alarm_rules=self.alarm_rules)
         self.recovery = FailoverRecovery(
             dispatcher=self.dispatcher, lines=self.lines, jobs=self.jobs, alarms=self, finish=self.finish,
             start_turns=self.start_turns, owns=cluster.owns, run_lease=run_lease, lease_margin=self.lease_margin,
@@ -366,8 +369,10 @@ class Scheduler:
         started_at: float | None = None,
         finished_at: float | None = None,
         job: JobRow | None = None,
+        alarm_event: str | None = None,
     ) -> None:
-        """Record a final status, then start what follows it: a retry, a re-run, or the next in line."""
+        """Record a final status, then start what follows it: a retry, a re-run, or the next in line.
+        ``alarm_event`` names the alarm a failure raises when it is not the status's own (no_worker)."""
         finished_at = finished_at or self.clock.wall()
         self.metrics.fires[(row.app, status.value)] += 1
         if status is not Status.SUCCEEDED and error:
@@ -378,6 +383,7 @@ class Scheduler:
                                           finished_at=finished_at, result=result, error=error))
         job = job or self.jobs.get(row.job_id)
         follow = follow_up(row, status, job)
+        self._alarm(row, status, job, error, follow is None, alarm_event)
         if follow is not None and job is not None:
             # the retry or re-run keeps the fire's turn: nothing behind it starts meanwhile
             key = ("follow", row.id)
@@ -394,6 +400,22 @@ class Scheduler:
         if (row.trigger not in OPERATOR_TRIGGERS and self.follow_ups.is_delay_chain(current)
                 and not self._links_in_motion(current)):
             self.follow_ups.continue_chain(row, job, finished_at)
+
+    def _alarm(self, row: InstanceRow, status: Status, job: JobRow | None, error: str | None, last: bool,
+               event: str | None) -> None:
+        """The alarm a final status raises (with the status, in one write): a failure after all retries,
+        a skip; a success resets the job's dead-man clock."""
+        if status is Status.SUCCEEDED:
+            if job is not None:
+                self.alarm_rules.last_success[job.id] = self.clock.wall()
+            return
+        if status in (Status.FAILED, Status.TIMED_OUT) and last:
+            event = event or status.value
+        elif status is Status.SKIPPED:
+            event = "skipped"
+        else:
+            return
+        self.writer.alarms(self.alarm_rules.instance_event(event, job, row, error, status.value))
 
     async def trigger(self, app: str, job: JobRow, params: Any, force: bool = False) -> InstanceRow:
         """An API call fires the job now (WAL first, then the wheel); ``force`` runs it whatever

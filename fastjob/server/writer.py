@@ -10,6 +10,7 @@ import logging
 
 from ..models import InstanceUpdate, LogLine
 from ..store import Store, StoreError
+from ..store.base import AlarmRow
 
 log = logging.getLogger("fastjob.scheduler")
 
@@ -28,6 +29,7 @@ class StatusWriter:
         self._updates: list[InstanceUpdate] = []
         self._logs: list[LogLine] = []
         self._finished: dict[int, float] = {}  # job id -> latest finish, for last_finished_time
+        self._alarms: list[AlarmRow] = []  # raised by the statuses queued with them: written together
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -38,6 +40,12 @@ class StatusWriter:
     def logs(self, lines: list[LogLine]) -> None:
         self._logs.extend(lines)
         self._wake.set()
+
+    def alarms(self, rows: list[AlarmRow]) -> None:
+        """Alarms for the outbox, written in the same transaction as the statuses queued so far."""
+        if rows:
+            self._alarms.extend(rows)
+            self._wake.set()
 
     def job_finished(self, job_id: int, finished_at: float) -> None:
         if finished_at > self._finished.get(job_id, 0.0):
@@ -73,15 +81,17 @@ class StatusWriter:
         updates, self._updates = self._updates, []
         lines, self._logs = self._logs, []
         finished, self._finished = self._finished, {}
+        alarms, self._alarms = self._alarms, []
         try:
-            if updates or lines or finished:
-                await self.store.write_statuses(updates, lines, finished)  # one transaction
+            if updates or lines or finished or alarms:
+                await self.store.write_statuses(updates, lines, finished, alarms)  # one transaction
             return True
         except StoreError as exc:
             log.warning("status write of %d updates, %d log lines failed, will retry: %s",
                         len(updates), len(lines), exc)
             self._updates[:0] = updates
             self._logs[:0] = lines
+            self._alarms[:0] = alarms
             for job_id, finished_at in finished.items():
                 self.job_finished(job_id, finished_at)
             return False
