@@ -69,6 +69,7 @@ class Worker(OperatorQueries):
         max_frame: int = DEFAULT_MAX_FRAME,
         role: str = "worker",
         isolation: str = "thread",
+        metrics_port: int | None = None,
     ) -> None:
         if not servers:
             raise ValueError("give at least one server address host:port")
@@ -90,6 +91,8 @@ class Worker(OperatorQueries):
         self.role = role
         self.handlers: dict[str, Handler] = {}
         self.isolation = isolation  # the default of handlers registered from now on
+        self.metrics_port = metrics_port  # serve /metrics there (0: a free port; None: not at all)
+        self._metrics_server: Any = None
         self.handler_isolation: dict[str, str] = {}  # name -> "thread" or "process", as registered
         self.declared: dict[str, JobSpec] = {}
         self._main_task: asyncio.Task[None] | None = None
@@ -212,6 +215,8 @@ class Worker(OperatorQueries):
         self._runs.open(max(1, self.max_concurrency), f"fastjob-{self.app}")
         self._main_task = asyncio.create_task(self._link.run(self._session), name=f"fastjob-worker-{self.app}")
         self._side_tasks.spawn(self._runs.flush_logs_loop(), "fastjob-log-flush")
+        if self.metrics_port is not None and self._metrics_server is None:
+            self._serve_metrics(self.metrics_port)
         self._side_tasks.spawn(self._runs.watch_run_lease(), "fastjob-run-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
@@ -258,6 +263,17 @@ class Worker(OperatorQueries):
         await self._side_tasks.close()
         self._runs.close()
         self._link.ready.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    def _serve_metrics(self, port: int) -> None:
+        from .worker_metrics import WorkerCollector, serve_metrics
+
+        collector = WorkerCollector(self.app, self._runs.outcomes, lambda: len(self._runs.running),
+                                    lambda: len(self.second_level.job_ids()))
+        self._metrics_server, self.metrics_port = serve_metrics(collector, port)
 
     async def __aenter__(self) -> Worker:
         await self.start()

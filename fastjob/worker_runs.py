@@ -14,6 +14,7 @@ the instance to another worker. The link keeps the lease's clock (:class:`RunLin
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import itertools
@@ -89,6 +90,7 @@ class InstanceRunner:
         self._isolation: Mapping[str, str] = isolation if isolation is not None else {}
         self.running: dict[int, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[int, str] = {}
+        self.outcomes: collections.Counter[str] = collections.Counter()  # runs by final status (worker metrics)
         self.unsent_results: dict[int, dict[str, Any]] = {}
         # a server that restarted before recording a dispatch fires the row again: answer it
         # with the result we already have instead of running the instance a second time
@@ -228,6 +230,7 @@ class InstanceRunner:
                                                        lambda: self._cancel_reasons.pop(instance_id, "cancelled"),
                                                        in_process=self._isolation.get(body["handler"]) == "process")
         self.flush_logs(instance_id)
+        self.outcomes[status] += 1
         report = {"instance_id": instance_id, "status": status, "started_at": started_at,
                   "finished_at": time.time(), "result": result, "error": error}
         self.running.pop(instance_id, None)

@@ -141,3 +141,25 @@ def test_bad_durations_are_refused(text):
     from fastjob.server.config import ServerConfig
 
     assert any("retain-instances" in problem for problem in ServerConfig(retain_instances=text).check())
+
+
+async def test_a_worker_serves_its_own_metrics_when_asked(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    worker = Worker(app="billing", servers=[server.address], reconnect_max=0.5, metrics_port=0)
+
+    @worker.handler("ok")
+    async def ok(ctx: Any) -> None:
+        pass
+
+    worker.schedule("ok")
+    async with aiohttp.ClientSession() as session, worker:
+        instance = await worker.trigger("ok")
+        await wait_until(lambda: worker._runs.outcomes["succeeded"] == 1, 10, f"instance {instance} ran")
+        async with session.get(f"http://127.0.0.1:{worker.metrics_port}/metrics") as answer:
+            families = {f.name: f for f in text_string_to_metric_families(await answer.text())}
+        runs = {tuple(s.labels.values()): s.value for s in families["fastjob_worker_runs"].samples
+                if s.name.endswith("_total")}
+        assert runs == {("billing", "succeeded"): 1.0}
+    with pytest.raises(aiohttp.ClientError):  # stopped with the worker
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{worker.metrics_port}/"):
+            pass
