@@ -57,9 +57,8 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_e2e
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_e2e import fresh_mysql_database, percentile, seed_jobs
+from bench_e2e import BurstWorker, fresh_mysql_database, percentile, seed_jobs
 
-from fastjob import Worker
 from fastjob.models import JobSpec, ScheduleType
 from fastjob.store import create_store
 from fastjob.testing import ServerProcess
@@ -310,20 +309,8 @@ async def measure(url: str, tmp: str, jobs: int, rows: int, lead: float | None, 
             raise SystemExit("the server printed no FASTJOB_ADMIN_TOKEN: is the database fresh?")
         assert server.proc is not None
         pid = server.proc.pid
-        lateness: list[float] = []
-        done = asyncio.Event()
-        last_start = 0.0
-        worker = Worker(app=APP, servers=[address], max_concurrency=jobs + 1)
-
-        @worker.handler("noop")
-        async def noop(ctx: Any) -> None:
-            nonlocal last_start
-            last_start = time.time()
-            lateness.append(last_start - ctx.scheduled_at)
-            if len(lateness) == jobs:
-                done.set()
-
-        async with worker:
+        burst = BurstWorker(address, APP, jobs)
+        async with burst.worker:
             if time.time() > due:
                 raise SystemExit("the jobs came due before the worker registered: raise --lead")
             if polling:
@@ -333,9 +320,9 @@ async def measure(url: str, tmp: str, jobs: int, rows: int, lead: float | None, 
                 await client.start()
             await asyncio.sleep(max(0.0, due - time.time()))
             cpu_at_due = cpu_seconds(pid)
-            await asyncio.wait_for(done.wait(), due - time.time() + 120)
+            await asyncio.wait_for(burst.done.wait(), due - time.time() + 120)
             cpu_dispatch = cpu_seconds(pid) - cpu_at_due
-            dispatch_span = last_start - due
+            dispatch_span = burst.last_start - due
             while await asyncio.to_thread(count_succeeded, url, due_ms) < jobs:
                 if time.time() - due > 300:
                     raise SystemExit("instances did not all become final")
@@ -347,7 +334,7 @@ async def measure(url: str, tmp: str, jobs: int, rows: int, lead: float | None, 
             api = await client.stop() if client is not None else None
             client = None
         return {"polling": polling, "rate": jobs / dispatch_span, "span": dispatch_span, "final_after": final_after,
-                "lateness": sorted(lateness), "api": api, "due": due, "cpu_dispatch": cpu_dispatch,
+                "lateness": sorted(burst.lateness), "api": api, "due": due, "cpu_dispatch": cpu_dispatch,
                 "tail_cpu": tail_cpu}
     finally:
         if client is not None:

@@ -71,6 +71,24 @@ async def count_final(url: str) -> int:
         await store.close()
 
 
+class BurstWorker:
+    """One worker whose no-op handler notes each start's lateness; ``done`` is set at the last of ``jobs``."""
+
+    def __init__(self, address: str, app: str, jobs: int) -> None:
+        self.jobs = jobs
+        self.lateness: list[float] = []
+        self.done = asyncio.Event()
+        self.last_start = 0.0
+        self.worker = Worker(app=app, servers=[address], max_concurrency=jobs + 1)
+        self.worker.handler("noop")(self._noop)
+
+    async def _noop(self, ctx: Any) -> None:
+        self.last_start = time.time()
+        self.lateness.append(self.last_start - ctx.scheduled_at)
+        if len(self.lateness) == self.jobs:
+            self.done.set()
+
+
 async def measure_fastjob(url: str, jobs: int, lead: float) -> tuple[list[float], float, float]:
     due = time.time() + lead
     await seed_jobs(url, jobs, int(due * 1000))
@@ -84,24 +102,13 @@ async def measure_fastjob(url: str, jobs: int, lead: float) -> tuple[list[float]
         assert server.stdout is not None
         line = await asyncio.to_thread(server.stdout.readline)
         address = line.decode().split()[1]
-        lateness: list[float] = []
-        done = asyncio.Event()
-        last_start = 0.0
-        worker = Worker(app="bench-e2e", servers=[address], max_concurrency=jobs + 1)
-
-        @worker.handler("noop")
-        async def noop(ctx: Any) -> None:
-            nonlocal last_start
-            last_start = time.time()
-            lateness.append(last_start - ctx.scheduled_at)
-            if len(lateness) == jobs:
-                done.set()
-
-        async with worker:
+        burst = BurstWorker(address, "bench-e2e", jobs)
+        async with burst.worker:
             if time.time() > due:
                 raise SystemExit("the jobs came due before the worker registered: raise --lead")
-            await asyncio.wait_for(done.wait(), lead + 120)
-            dispatch_span = last_start - due
+            await asyncio.wait_for(burst.done.wait(), lead + 120)
+            dispatch_span = burst.last_start - due
+            lateness = burst.lateness
             while await count_final(url) < jobs:
                 if time.time() - due > lead + 300:
                     raise SystemExit("instances did not all become final")
