@@ -155,9 +155,9 @@ class CountingStore(SQLiteStore):
 
     refused = 0
 
-    async def write_statuses(self, updates: Any, lines: Any, finished: Any) -> None:
+    async def write_statuses(self, updates: Any, lines: Any, finished: Any, alarms: Any = ()) -> None:
         try:
-            await super().write_statuses(updates, lines, finished)
+            await super().write_statuses(updates, lines, finished, alarms)
         except StoreError:
             self.refused += 1
             raise

@@ -118,7 +118,8 @@ class SecondLevelStats:
             added = int(after.get(name) or 0) - int(before.get(name) or 0)
             if added > 0:
                 self.metrics.sl_runs[(job.app, name)] += added
-        self.metrics.sl_lateness[job.id] = (job.app, float(report["lateness_p50"]), float(report["lateness_p99"]))
+        self.metrics.sl_lateness[job.id] = (job.app, float(report.get("lateness_p50") or 0.0),
+                                            float(report.get("lateness_p99") or 0.0))
 
     def _sample(self, run: JobRun) -> None:
         if run.status == Status.SUCCEEDED.value and not run.logs:
