@@ -587,8 +587,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def prune_older(self, table: str, before: float, limit: int) -> int:
-        """Delete at most ``limit`` of the oldest rows of an append-only table (one of
-        PRUNABLE) written before ``before`` (epoch seconds); return how many."""
+        """Of the ``limit`` oldest rows of an append-only table (one of PRUNABLE), delete those
+        written before ``before`` (epoch seconds); return how many."""
 
     # ---- idempotent triggers -----------------------------------------------------------------
     @abc.abstractmethod

@@ -671,7 +671,7 @@ class MemoryStore(Store):
 
     async def prune_older(self, table: str, before: float, limit: int) -> int:
         db = await self._db()
-        if table == "job_logs":
+        if table == "job_logs":  # lines keep no id here: the old ones of each instance, up to the limit
             pruned = 0
             for instance_id, lines in db.logs.items():
                 old = [line for line in lines if line.ts < before][:max(limit - pruned, 0)]
@@ -685,14 +685,14 @@ class MemoryStore(Store):
                 del db.idempotency[key]
             return len(expired)
         if table == "alarm_outbox":
-            done = sorted(i for i, e in db.outbox.items() if e.delivered_at is not None and e.delivered_at < before)
-            for alarm_id in done[:max(limit, 0)]:
+            oldest = sorted(db.outbox)[:max(limit, 0)]
+            done = [i for i in oldest if (at := db.outbox[i].delivered_at) is not None and at < before]
+            for alarm_id in done:
                 entry = db.outbox.pop(alarm_id)
                 db.outbox_keys.pop((entry.row.event_id, entry.row.webhook), None)
-            return min(len(done), max(limit, 0))
+            return len(done)
         rows: list[Any] = db.audit if table == "audit_log" else db.history
-        old_ids = {r.id for r in rows if r.ts < before}
-        old_ids = set(sorted(old_ids)[:max(limit, 0)])
+        old_ids = {r.id for r in rows[:max(limit, 0)] if r.ts < before}  # of the oldest, as SQL reads them
         rows[:] = [r for r in rows if r.id not in old_ids]
         return len(old_ids)
 

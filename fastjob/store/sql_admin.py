@@ -144,8 +144,10 @@ def op_prune_older(dialect: Dialect, table: str, before: float, limit: int) -> O
     if table == "idempotency_keys":  # no id: keyed by (app, key)
         r = yield Stmt(f"DELETE FROM {table} WHERE {column} < ?", (before,))
         return r.rowcount
-    found = yield Stmt(f"SELECT id FROM {table} WHERE {column} < ? ORDER BY id LIMIT ?", (before, limit))
-    ids = [int(r[0]) for r in found.rows]
+    # the oldest rows by id (the primary key: a bounded read, where "WHERE ts < ?" would scan the
+    # whole table whenever nothing is old); ids follow time, so old rows come first
+    found = yield Stmt(f"SELECT id, {column} FROM {table} ORDER BY id LIMIT ?", (limit,))
+    ids = [int(r[0]) for r in found.rows if r[1] is not None and float(r[1]) < before]
     for part in chunks(ids):
         yield Stmt(f"DELETE FROM {table} WHERE id IN " + dialect.in_list(len(part)), part)
     return len(ids)
