@@ -102,7 +102,7 @@ async def test_job_names_of_a_page(db):
 
 
 async def test_retention_prunes_old_finished_rows_and_keeps_the_rest(db):
-    ids = await _fires(db, [1000, 2000, 3000, 4000])
+    ids = await _fires(db, [1000, 2000, 3000, 500])  # the last: the oldest, and unfinished
     await db.update_instances([InstanceUpdate(i, Status.SUCCEEDED, started_at=1.0, finished_at=2.0) for i in ids[:3]])
     await db.append_logs([LogLine(i, NOW + n, "INFO", f"line {n}") for n, i in enumerate(ids)])
     assert await db.prune_instances("app", 3500, limit=2) == 2  # the oldest first, a batch at a time
