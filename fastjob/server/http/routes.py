@@ -50,6 +50,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", cluster.metrics, "Prometheus metrics (no token needed from loopback).",
           open_on_loopback=True),
     Route("GET", "/api/v1/openapi.json", cluster.healthz, "This document.", permission=None),  # view replaced
+    Route("GET", "/api/v1/whoami", cluster.whoami, "The token's holder, role, apps and permissions."),
     Route("GET", "/api/v1/cluster", cluster.cluster, "Servers and the apps each owns."),
     Route("GET", "/api/v1/cluster/history", cluster.cluster_history, "Ownership changes, newest first.",
           query=("app", *_PAGE)),

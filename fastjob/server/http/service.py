@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -87,11 +88,30 @@ def build_app(backend: AdminBackend, service: AdminHttp) -> web.Application:
     async def openapi(call: Call) -> dict[str, Any]:
         return document
 
+    _console(app)
     for route in ROUTES:
         if route.path == "/api/v1/openapi.json":
             route = Route(route.method, route.path, openapi, route.summary, permission=None)
         app.router.add_route(route.method, route.path, _handler(route, backend, service))
     return app
+
+
+#: The console's static files (plain JS on this API only), shipped in the package.
+CONSOLE = Path(__file__).resolve().parent.parent / "console"
+#: The console loads nothing from elsewhere, and runs no inline script.
+CONSOLE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+                  " frame-ancestors 'none'")
+
+
+def _console(app: web.Application) -> None:
+    """The web console: its page at / and its files under /console/ (outside the API's route table)."""
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(CONSOLE / "index.html", headers={
+            "Content-Security-Policy": CONSOLE_POLICY, "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache"})
+
+    app.router.add_get("/", index)
+    app.router.add_static("/console/", CONSOLE, name="console")
 
 
 def _handler(route: Route, backend: AdminBackend, service: AdminHttp) -> Any:

@@ -9,11 +9,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...store import StoreError
-from ..auth import ROLES, Permission
+from ..auth import GRANTS, ROLES, Permission
 from .backend import MAX_LIMIT, Call
 from .errors import HttpError
 
 log = logging.getLogger("fastjob.http")
+
+
+async def whoami(call: Call) -> dict[str, Any]:
+    """The token's holder, role and apps (the console shows only what they allow)."""
+    who = call.principal
+    return {"name": who.name, "role": who.role, "apps": None if who.apps is None else sorted(who.apps),
+            "permissions": sorted(p.value for p in GRANTS[who.role])}
 
 
 async def healthz(call: Call) -> dict[str, Any]:
