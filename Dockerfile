@@ -22,6 +22,7 @@ RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels \
     && python -c "import fastjob.timewheel as t, sys; sys.exit(0 if t.USING_CYTHON else 'no compiled wheel')"
 COPY examples /home/fastjob/examples
+RUN mkdir -p /home/fastjob/data && chown 10001 /home/fastjob/data
 USER 10001
 WORKDIR /home/fastjob
 VOLUME ["/home/fastjob/data"]

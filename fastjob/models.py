@@ -138,8 +138,8 @@ ALARM_SETTINGS = {
     "on": "the events that alarm (default: failed, timed_out, no_worker)",
     "silence": "seconds after an alarm in which the same event of the job does not alarm again",
     "threshold": "[N, M]: alarm only at the Nth such event within M seconds",
-    "late_after": "seconds of lateness (planned to started) that raise a late alarm",
-    "dead_man": "seconds without a success that raise a dead_man alarm",
+    "late_after": "seconds of lateness (planned to started) that raise a late alarm (implies 'late')",
+    "dead_man": "seconds without a success that raise a dead_man alarm (implies 'dead_man'; not thresholded)",
 }
 DEFAULT_ALARM_EVENTS = ("failed", "timed_out", "no_worker")
 
@@ -154,7 +154,8 @@ def check_alarm(settings: Any) -> None:
     if unknown:
         raise ValueError(f"unknown alarm setting {unknown[0]!r}; known: {', '.join(ALARM_SETTINGS)}")
     events = settings.get("on", DEFAULT_ALARM_EVENTS)
-    if not isinstance(events, (list, tuple)) or not set(events) <= set(ALARM_EVENTS):
+    if (not isinstance(events, (list, tuple)) or not all(isinstance(e, str) for e in events)
+            or not set(events) <= set(ALARM_EVENTS)):
         raise ValueError(f"alarm 'on' must list events of: {', '.join(ALARM_EVENTS)}")
     for key in ("silence", "late_after", "dead_man"):
         value = settings.get(key)
@@ -162,8 +163,9 @@ def check_alarm(settings: Any) -> None:
             raise ValueError(f"alarm {key!r} must be a positive number of seconds")
     threshold = settings.get("threshold")
     if threshold is not None and not (isinstance(threshold, (list, tuple)) and len(threshold) == 2
-                                      and all(type(v) in (int, float) and 0 < v < 1e9 for v in threshold)):
-        raise ValueError("alarm 'threshold' must be [N events, within M seconds]")
+                                      and type(threshold[0]) is int and 0 < threshold[0] < 1e6
+                                      and type(threshold[1]) in (int, float) and 0 < threshold[1] < 1e9):
+        raise ValueError("alarm 'threshold' must be [N events (a whole number), within M seconds]")
 
 
 #: How an instance came about (``InstanceRow.trigger``).

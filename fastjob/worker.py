@@ -211,12 +211,12 @@ class Worker(OperatorQueries):
         """
         if self._main_task is not None:
             raise RuntimeError("worker already started")
+        if self.metrics_port is not None and self._metrics_server is None:
+            self._serve_metrics(self.metrics_port)  # first: a port in use fails start() before anything runs
         self._link.begin()
         self._runs.open(max(1, self.max_concurrency), f"fastjob-{self.app}")
         self._main_task = asyncio.create_task(self._link.run(self._session), name=f"fastjob-worker-{self.app}")
         self._side_tasks.spawn(self._runs.flush_logs_loop(), "fastjob-log-flush")
-        if self.metrics_port is not None and self._metrics_server is None:
-            self._serve_metrics(self.metrics_port)
         self._side_tasks.spawn(self._runs.watch_run_lease(), "fastjob-run-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)

@@ -25,7 +25,7 @@ class WorkerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         runs = CounterMetricFamily("fastjob_worker_runs", "Instances this worker ran, by outcome.",
                                    labels=["app", "outcome"])
-        for outcome, n in self.outcomes.items():
+        for outcome, n in list(self.outcomes.items()):  # a copy: the worker's loop adds outcomes meanwhile
             runs.add_metric([self.app, outcome], float(n))
         yield runs
         yield GaugeMetricFamily("fastjob_worker_running", "Instances running on this worker now.",

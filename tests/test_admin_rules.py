@@ -88,6 +88,8 @@ def test_job_json_is_worker_schedule_keywords_both_ways():
     ({"name": "j", "alarm": {"silence": -1}}, "silence"),
     ({"name": "j", "alarm": {"threshold": [3]}}, "threshold"),
     ({"name": "j", "alarm": {"nope": 1}}, "unknown alarm setting"),
+    ({"name": "j", "alarm": {"on": [["failed"]]}}, "alarm 'on'"),  # not a 500: a list is no event
+    ({"name": "j", "alarm": {"threshold": [2.5, 60]}}, "whole number"),
 ])
 def test_bad_job_json_is_refused_with_one_line(body, message):
     with pytest.raises(ScheduleError) as refused:

@@ -170,3 +170,16 @@ def test_webhook_forms_and_the_slack_body():
     body = FORMATTERS["slack"]({"event": "failed", "app": "a", "job": "j", "instance": 7, "attempt": 2,
                                 "error": "boom", "link": "http://s/i/7"})
     assert set(body) == {"text"} and "failed" in body["text"] and "boom" in body["text"]
+
+
+def test_late_after_and_dead_man_imply_their_events_and_dead_man_ignores_the_threshold():
+    clock = Clock()
+    rules = AlarmRules([Webhook("http://x/a")], "s1", str, clock)
+    late = _job({"late_after": 1})
+    assert rules.instance_event("late", late, _row(1), "late", "running") != []
+    watched = _job({"dead_man": 60, "threshold": [3, 3600]}, job_id=2)
+    clock.now += 61
+    assert len(rules.dead_men([watched], since=lambda job: 1000.0)) == 1  # not the 3rd of 3: at once
+    rules.last_success.clear()
+    clock.now += 1000
+    assert rules.dead_men([watched], since=lambda job: clock.now - 1) == []  # a later sign of life counts

@@ -142,15 +142,15 @@ async def test_the_alarm_outbox_hands_each_alarm_to_one_sender(db):
     await db.add_alarms([first, AlarmRow("takeover:app:2", "w1", None, {"event": "takeover"}, NOW)])  # a repeat
     cluster = await db.claim_alarms("s2", [], NOW, 30, 10)  # a cluster alarm: any server
     assert [a.event_id for a in cluster] == ["takeover:app:2"]
-    await db.finish_alarm(cluster[0].id, NOW, True, 0, None)
+    await db.finish_alarm(cluster[0].id, NOW, True, 0, None, "s2")
     mine = await db.claim_alarms("s1", ["app"], NOW, 30, 10)
     assert [a.event_id for a in mine] == ["failed:1:1"] and mine[0].payload == {"event": "failed"}
     assert await db.claim_alarms("s2", ["app"], NOW + 1, 30, 10) == []  # claimed for 30 s
-    await db.finish_alarm(mine[0].id, NOW + 1, False, NOW + 5, "HTTP 500")
+    await db.finish_alarm(mine[0].id, NOW + 1, False, NOW + 5, "HTTP 500", "s1")
     assert await db.claim_alarms("s1", ["app"], NOW + 2, 30, 10) == []  # not due again yet
     again = await db.claim_alarms("s1", ["app"], NOW + 6, 30, 10)
     assert [a.attempts for a in again] == [1]
-    await db.finish_alarm(again[0].id, NOW + 6, True, 0, None)
+    await db.finish_alarm(again[0].id, NOW + 6, True, 0, None, "s1")
     assert await db.claim_alarms("s1", ["app"], NOW + 100, 30, 10) == []  # delivered: never again
     assert await db.prune_older("alarm_outbox", NOW + 7, 100) == 2  # both delivered by then
     assert await db.claim_alarms("s1", ["other"], NOW + 100, 30, 10) == []

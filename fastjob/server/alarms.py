@@ -37,8 +37,9 @@ from ..store.base import AlarmRow
 
 log = logging.getLogger("fastjob.alarms")
 
-#: Seconds a sender holds a claimed alarm before another may try it.
-CLAIM_LEASE = 30.0
+#: Seconds a sender holds a claimed alarm before another may try it: longer than a post can take
+#: (POST_TIMEOUT), so a claim never lapses while its post runs.
+CLAIM_LEASE = 60.0
 POST_TIMEOUT = 5.0
 MAX_ATTEMPTS = 12
 #: Alarms one pass claims, and how many posts run at once.
@@ -132,11 +133,14 @@ class AlarmRules:
 
     def _due(self, job: JobRow, event: str) -> bool:
         settings = job.alarm or {}
-        if event not in settings.get("on", DEFAULT_ALARM_EVENTS):
+        implied = {"late"} if "late_after" in settings else set()
+        if "dead_man" in settings:
+            implied.add("dead_man")
+        if event not in settings.get("on", DEFAULT_ALARM_EVENTS) and event not in implied:
             return False
         now = self.clock()
         key = (job.id, event)
-        count, window = settings.get("threshold") or (1, 0)
+        count, window = (settings.get("threshold") or (1, 0)) if event != "dead_man" else (1, 0)
         times = self._recent.setdefault(key, collections.deque())
         times.append(now)
         while times and (len(times) > count or now - times[0] > window > 0):
@@ -151,14 +155,15 @@ class AlarmRules:
         return True
 
     def dead_men(self, jobs: list[JobRow], since: Callable[[JobRow], float]) -> list[AlarmRow]:
-        """Dead-man alarms of the jobs that asked for one and had no success within it."""
+        """Dead-man alarms of the jobs that asked for one and had no success within it; ``since``
+        gives the latest moment known to be fine otherwise (the app gained here, a worker's run)."""
         rows: list[AlarmRow] = []
         now = self.clock()
         for job in jobs:
             limit = (job.alarm or {}).get("dead_man")
             if not limit or not job.enabled or job.is_delete:
                 continue
-            silent_for = now - self.last_success.get(job.id, since(job))
+            silent_for = now - max(self.last_success.get(job.id, 0.0), since(job))
             if silent_for > limit:
                 rows.extend(self.dead_man(job, silent_for))
                 self.last_success[job.id] = now  # the next one after another full period of silence
@@ -175,7 +180,8 @@ class AlarmSender:
         self.owned = owned
         self.delivered = 0
         self._session: aiohttp.ClientSession | None = None
-        self._slots = asyncio.Semaphore(PARALLEL)
+        self._inflight: dict[str, int] = {hook_id: 0 for hook_id in self.webhooks}  # posts running, per webhook
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         try:
@@ -188,34 +194,55 @@ class AlarmSender:
                 if sent < BATCH:
                     await asyncio.sleep(INTERVAL)
         finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._session is not None:
                 await self._session.close()
 
     async def send_due(self) -> int:
-        """One pass: claim what is due and post it (in parallel, bounded); returns how many were claimed."""
-        now = time.time()
-        claimed = await self.store.claim_alarms(self.server_id, self.owned(), now, CLAIM_LEASE, BATCH)
-        if claimed:
-            await asyncio.gather(*(self._deliver(alarm) for alarm in claimed))
+        """One pass: claim what is due for the webhooks with a free slot, and start posting it; a
+        slow webhook holds only its own slots, never another's or the next pass."""
+        free = [hook for hook, busy in self._inflight.items() if busy < PARALLEL]
+        if not free:
+            return 0
+        claimed = await self.store.claim_alarms(self.server_id, self.owned(), time.time(), CLAIM_LEASE, BATCH,
+                                                webhooks=free)
+        for alarm in claimed:
+            self._inflight[alarm.webhook] = self._inflight.get(alarm.webhook, 0) + 1
+            task = asyncio.create_task(self._deliver_counted(alarm), name=f"fastjob-alarm-{alarm.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return len(claimed)
+
+    async def _deliver_counted(self, alarm: AlarmRow) -> None:
+        try:
+            await self._deliver(alarm)
+        except StoreError as exc:  # its claim lapses and it is sent again: at least once
+            log.warning("alarm %s: delivery not recorded: %s", alarm.event_id, exc)
+        finally:
+            self._inflight[alarm.webhook] = self._inflight.get(alarm.webhook, 1) - 1
 
     async def _deliver(self, alarm: AlarmRow) -> None:
         hook = self.webhooks.get(alarm.webhook)
-        if hook is None:  # configured on another server only: left for it (the claim lapses)
+        if hook is None:  # not configured here (changed, or servers disagree): recorded, not stranded
+            log.warning("alarm %s: its webhook %s is not configured on this server; dropped", alarm.event_id,
+                        alarm.webhook)
+            await self.store.finish_alarm(alarm.id, time.time(), True, 0.0, "webhook not configured on the sender",
+                                          self.server_id)
             return
-        async with self._slots:
-            error = await self._post(hook, alarm.payload)
+        error = await self._post(hook, alarm.payload)
         now = time.time()
         if error is None:
             self.delivered += 1
-            await self.store.finish_alarm(alarm.id, now, True, 0.0, None)
+            await self.store.finish_alarm(alarm.id, now, True, 0.0, None, self.server_id)
         elif alarm.attempts + 1 >= MAX_ATTEMPTS:
-            log.warning("alarm %s to %s: giving up after %d attempts: %s", alarm.event_id, hook.url, MAX_ATTEMPTS,
-                        error)
-            await self.store.finish_alarm(alarm.id, now, True, 0.0, f"gave up: {error}")
+            log.warning("alarm %s to webhook %s: giving up after %d attempts: %s", alarm.event_id, hook.id,
+                        MAX_ATTEMPTS, error)  # the id: a webhook's URL may be a secret
+            await self.store.finish_alarm(alarm.id, now, True, 0.0, f"gave up: {error}", self.server_id)
         else:
             backoff = min(2.0 ** alarm.attempts, 300.0)
-            await self.store.finish_alarm(alarm.id, now, False, now + backoff, error)
+            await self.store.finish_alarm(alarm.id, now, False, now + backoff, error, self.server_id)
 
     async def _post(self, hook: Webhook, event: dict[str, Any]) -> str | None:
         """None if the webhook took it (2xx), else why not."""

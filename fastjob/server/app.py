@@ -309,11 +309,20 @@ class FastJobServer:
             await asyncio.sleep(DEAD_MAN_CHECK)
             now = time.time()
             owned = self.cluster.owned
+            for app in list(gained):
+                if app not in owned:
+                    del gained[app]  # gained again later: its jobs' clocks start over then
             for app in owned:
                 gained.setdefault(app, now)  # a job's clock starts when we got its app, at the latest
             jobs = [job for job in self.scheduler.jobs.values() if job.app in owned]
-            rows = self.alarm_rules.dead_men(jobs, since=lambda job: max(job.updated_time, gained[job.app]))
-            self.scheduler.writer.alarms(rows)
+            self.scheduler.writer.alarms(self.alarm_rules.dead_men(jobs, since=lambda job: max(
+                job.updated_time, gained[job.app], self._last_worker_run(job))))
+
+    def _last_worker_run(self, job: JobRow) -> float:
+        """When a worker-run job last ran, by its workers' reports (0: never): their successes do not
+        pass through the scheduler, so a dead-man alarm watches that it runs at all."""
+        stats = self.second_level.stats.totals(job)
+        return float((stats or {}).get("last_run_at") or 0.0)
 
     async def _token_watch(self) -> None:
         """Close the sessions of tokens revoked or expired since their HELLO (checked every few seconds)."""
@@ -396,7 +405,10 @@ class FastJobServer:
                 instances=lambda: self._unfinished[1])))
             self._registry.register(ProcessCollector(registry=None))
         if time.monotonic() - self._unfinished[0] > 5.0:
-            counts = [(app, status, n) for app in sorted(self.cluster.owned)
-                      for status, n in (await self.store.count_unfinished(app)).items()]
+            try:
+                counts = [(app, status, n) for app in sorted(self.cluster.owned)
+                          for status, n in (await self.store.count_unfinished(app)).items()]
+            except StoreError:
+                counts = self._unfinished[1]  # the database is away: the last counts, and the store's errors
             self._unfinished = (time.monotonic(), counts)
         return bytes(generate_latest(self._registry))

@@ -255,19 +255,16 @@ class Cluster:
                 if held is None and row.owner == self.server_id:
                     await self._claim(row, servers)  # assigned to us by another server, or ours before a restart
                 elif row.owner is None or row.owner not in live:
-                    if self.draining:
-                        continue
                     first_seen = self._orphan_seen.setdefault(row.name, self.clock.monotonic())
-                    preferred = self._least_loaded(load, live) == self.server_id
                     orphaned_for = self.clock.monotonic() - first_seen
-                    claimed = False
-                    if preferred or orphaned_for > 2 * self.timeout:
-                        claimed = await self._claim(row, servers)
-                        if claimed:
-                            load[self.server_id] = load.get(self.server_id, 0) + 1
-                    if not claimed and orphaned_for > 2 * self.timeout:
-                        self.alarm("no_owner", row.name, str(row.epoch),
-                                   f"app {row.name} has had no live owner for {orphaned_for:.0f}s")
+                    if self.draining:  # we may not take it: if nobody does, say so (once per epoch, cluster-wide)
+                        if orphaned_for > 2 * self.timeout:
+                            self.alarm("no_owner", row.name, str(row.epoch),
+                                       f"app {row.name} has had no live owner for {orphaned_for:.0f}s")
+                        continue
+                    preferred = self._least_loaded(load, live) == self.server_id
+                    if (preferred or orphaned_for > 2 * self.timeout) and await self._claim(row, servers):
+                        load[self.server_id] = load.get(self.server_id, 0) + 1
                 else:
                     self._orphan_seen.pop(row.name, None)
             self.synced.set()

@@ -180,14 +180,16 @@ class Dispatcher:
             return
         flight.started = True
         app = flight.instance.app
+        if flight.sent_at is not None:
+            self.metrics.dispatch_to_start.observe(app, max(0.0, started_at - flight.sent_at))
+        if flight.instance.attempt != 1:
+            return  # a retry keeps its fire's planned time: its backoff is not lateness
         lateness = max(0.0, started_at - flight.instance.planned_ms / 1000.0)
         self.metrics.lateness.observe(app, lateness)
         late_after = (flight.job.alarm or {}).get("late_after")
         if late_after is not None and lateness > late_after and self.alarm_rules is not None:
             self.writer.alarms(self.alarm_rules.instance_event(
                 "late", flight.job, flight.instance, f"started {lateness:.3f}s after its planned time", "running"))
-        if flight.sent_at is not None:
-            self.metrics.dispatch_to_start.observe(app, max(0.0, started_at - flight.sent_at))
 
     def on_logs(self, session: WorkerSession, body: dict[str, Any]) -> None:
         instance_id = body["instance_id"]

@@ -30,6 +30,8 @@ INTERVAL = 1.0
 MAX_BATCHES = 20
 #: Passes between two of the shared tables (logs, audit, history, outbox, keys): they grow slower.
 SHARED_EVERY = 30
+#: Delivered alarms are kept at most this long (or the audit retention, if shorter).
+OUTBOX_KEEP = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class Retention:
         self.owned = owned
         self.pruned = 0  # rows deleted so far (all tables)
         self._passes = 0
+        self._behind = False  # a shared table had more to prune than one pass takes
 
     async def run(self) -> None:
         """Prune every INTERVAL until cancelled."""
@@ -71,14 +74,16 @@ class Retention:
                 cutoff_ms = int((now - keep) * 1000)
                 pruned += await self._batches(functools.partial(self.store.prune_instances, app, cutoff_ms, BATCH))
         self._passes += 1
-        if self._passes % SHARED_EVERY != 1:
-            self.pruned += pruned
-            return pruned
-        shared = {"job_logs": self.policy.logs, "audit_log": self.policy.audit, "app_history": self.policy.audit,
-                  "alarm_outbox": self.policy.audit, "idempotency_keys": IDEMPOTENCY_TTL}
-        for table, keep in shared.items():
-            if keep > 0:
-                pruned += await self._batches(functools.partial(self.store.prune_older, table, now - keep, BATCH))
+        if self._behind or self._passes % SHARED_EVERY == 1:  # behind: every pass until caught up
+            outbox = min(self.policy.audit or OUTBOX_KEEP, OUTBOX_KEEP)
+            shared = {"job_logs": self.policy.logs, "audit_log": self.policy.audit, "app_history": self.policy.audit,
+                      "alarm_outbox": outbox, "idempotency_keys": IDEMPOTENCY_TTL}
+            self._behind = False
+            for table, keep in shared.items():
+                if keep > 0:
+                    done = await self._batches(functools.partial(self.store.prune_older, table, now - keep, BATCH))
+                    self._behind = self._behind or done >= BATCH * MAX_BATCHES
+                    pruned += done
         self.pruned += pruned
         return pruned
 

@@ -94,6 +94,11 @@ class SecondLevelStats:
         self._writer: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
 
+    def totals(self, job: JobRow) -> dict[str, Any] | None:
+        """The job's figures as last reported (or stored)."""
+        stats = self._totals.get(job.id) or job.stats
+        return stats if isinstance(stats, dict) else None
+
     def last_run_at(self, job: JobRow) -> float | None:
         """When the job last started a run, as far as the reports tell (None: it never ran)."""
         stats = self._totals.get(job.id) or job.stats or {}
@@ -138,6 +143,7 @@ class SecondLevelStats:
             self._unwritten.discard(job_id)
             self._runs.pop(job_id, None)
             self._sampled_success.pop(job_id, None)
+            self.metrics.sl_lateness.pop(job_id, None)
 
     async def _write_later(self) -> None:
         await asyncio.sleep(self.interval)

@@ -569,15 +569,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
-                           limit: int) -> list[AlarmRow]:
+                           limit: int, *, webhooks: Collection[str] | None = None) -> list[AlarmRow]:
         """Claim for ``lease`` seconds up to ``limit`` due, undelivered alarms of these apps and the
-        cluster's (app None): a compare-and-set per row, so of two servers one gets each."""
+        cluster's (app None), for these webhooks (None: any): a compare-and-set per row, so of two
+        servers one gets each."""
 
     @abc.abstractmethod
     async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
-                           error: str | None) -> None:
+                           error: str | None, claimed_by: str) -> None:
         """Record a delivery (delivered_at = now), or a failed attempt (due again at ``next_attempt_at``;
-        ``delivered`` with an error: given up)."""
+        ``delivered`` with an error: given up) by the server that holds the claim (a lapsed claim
+        another server took since is left alone)."""
 
     # ---- retention ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -133,7 +133,8 @@ def spec_values(spec: JobSpec) -> tuple[Any, ...]:
         None if spec.timeout is None else float(spec.timeout), int(spec.retry_times),
         float(spec.retry_backoff), spec.misfire_policy, _encode(list(spec.tags)) if spec.tags else "[]", spec.routing,
         int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
-        spec.overlap, float(spec.catch_up_window), int(spec.max_queued), dumps(spec.alarm),
+        spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
+        None if spec.alarm is None else json.dumps(spec.alarm, sort_keys=True, separators=(",", ":")),
     )
 
 
@@ -145,6 +146,8 @@ def spec_digest(values: tuple[Any, ...]) -> str:
     """A digest of a job's definition (``spec_values`` but ``enabled``, which has its own rules):
     stored with the job, so that re-declaring 100,000 unchanged jobs reads 8 columns, not 30."""
     definition = values[:ENABLED] + values[ENABLED + 1:]
+    if definition[-1] is None:  # no alarm settings: the digest of before they existed (no rewrite at upgrade)
+        definition = definition[:-1]
     return hashlib.blake2b(msgpack.packb(definition), digest_size=12).hexdigest()  # packb: 3x faster than repr
 
 

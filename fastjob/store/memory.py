@@ -632,7 +632,7 @@ class MemoryStore(Store):
                     next_attempt_at=alarm.next_attempt_at or alarm.created_at))
 
     async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
-                           limit: int) -> list[AlarmRow]:
+                           limit: int, *, webhooks: Collection[str] | None = None) -> list[AlarmRow]:
         db = await self._db()
         won: list[AlarmRow] = []
         for entry in db.outbox.values():
@@ -640,16 +640,17 @@ class MemoryStore(Store):
                 break
             row = entry.row
             if (entry.delivered_at is None and row.next_attempt_at <= now and entry.claimed_until < now
-                    and (row.app is None or row.app in apps)):
+                    and (row.app is None or row.app in apps) and (webhooks is None or row.webhook in webhooks)):
                 entry.claimed_until = now + lease
+                entry.claimed_by = server_id
                 won.append(dataclasses.replace(row, payload=json_copy(row.payload)))
         return won
 
     async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
-                           error: str | None) -> None:
+                           error: str | None, claimed_by: str) -> None:
         db = await self._db()
         entry = db.outbox.get(alarm_id)
-        if entry is None:
+        if entry is None or entry.claimed_by != claimed_by:
             return
         entry.claimed_until = 0.0
         entry.last_error = error
@@ -685,8 +686,8 @@ class MemoryStore(Store):
                 del db.idempotency[key]
             return len(expired)
         if table == "alarm_outbox":
-            oldest = sorted(db.outbox)[:max(limit, 0)]
-            done = [i for i in oldest if (at := db.outbox[i].delivered_at) is not None and at < before]
+            done = sorted((i for i, e in db.outbox.items() if e.delivered_at is not None and e.delivered_at < before),
+                          key=lambda i: db.outbox[i].delivered_at or 0.0)[:max(limit, 0)]
             for alarm_id in done:
                 entry = db.outbox.pop(alarm_id)
                 db.outbox_keys.pop((entry.row.event_id, entry.row.webhook), None)

@@ -104,6 +104,7 @@ class OutboxEntry:
 
     row: AlarmRow
     claimed_until: float = 0.0
+    claimed_by: str | None = None
     delivered_at: float | None = None
     last_error: str | None = None
 

@@ -370,6 +370,7 @@ _SQLITE_V6 = [
         last_error TEXT NULL,
         UNIQUE (event_id, webhook))""",
     "CREATE INDEX IF NOT EXISTS ix_alarm_outbox_due ON alarm_outbox (delivered_at, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS ix_idempotency_created ON idempotency_keys (created_at)",
 ]
 _MYSQL_V6 = [
     "ALTER TABLE jobs ADD COLUMN alarm TEXT NULL",
@@ -388,6 +389,7 @@ _MYSQL_V6 = [
         last_error TEXT NULL,
         UNIQUE KEY uq_alarm_outbox_event (event_id, webhook),
         KEY ix_alarm_outbox_due (delivered_at, next_attempt_at))""" + _MYSQL_TAIL,
+    "CREATE INDEX ix_idempotency_created ON idempotency_keys (created_at)",
 ]
 
 #: MySQL error codes a migration statement may meet when another server ran it first.

@@ -58,10 +58,12 @@ from .sql_admin import (
     op_add_alarms,
     op_add_audit,
     op_claim_alarms,
+    op_delete_instances,
+    op_delete_logs_of,
     op_finish_alarm,
     op_instance_counts,
     op_lateness_sample,
-    op_prune_instances,
+    op_old_instances,
     op_prune_older,
     op_reserve_key,
     op_settle_key,
@@ -551,19 +553,28 @@ class SQLStore(SQLRunner):
             await self._run("add_alarms", lambda: op_add_alarms(self.dialect, alarms), tx=True)
 
     async def claim_alarms(self, server_id: str, apps: Collection[str], now: float, lease: float,
-                           limit: int) -> list[AlarmRow]:
+                           limit: int, *, webhooks: Collection[str] | None = None) -> list[AlarmRow]:
         owned = frozenset(apps)
         return await self._run("claim_alarms", lambda: op_claim_alarms(self.dialect, server_id, owned, now, lease,
-                                                                        limit), tx=True)
+                                                                        limit, webhooks), tx=True)
 
     async def finish_alarm(self, alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
-                           error: str | None) -> None:
-        await self._run("finish_alarm", lambda: op_finish_alarm(alarm_id, now, delivered, next_attempt_at, error),
-                        tx=False)
+                           error: str | None, claimed_by: str) -> None:
+        await self._run("finish_alarm", lambda: op_finish_alarm(alarm_id, now, delivered, next_attempt_at, error,
+                                                                claimed_by), tx=False)
 
     async def prune_instances(self, app: str, before_ms: int, limit: int) -> int:
-        return await self._run("prune_instances", lambda: op_prune_instances(self.dialect, app, before_ms, limit),
-                               tx=True)
+        """Their log lines first, a bounded number per transaction (an instance may have thousands), then
+        the instances: no transaction holds the database long. A crash between leaves instances with
+        fewer lines, never lines without an instance for long (the next pass finds the instances again)."""
+        ids = await self._run("prune_instances", lambda: op_old_instances(app, before_ms, limit), tx=False)
+        for part in chunks(ids, 100):
+            while await self._run("prune_logs", functools.partial(op_delete_logs_of, self.dialect, part, 2000),
+                                  tx=True) == 2000:
+                pass
+        if ids:
+            await self._run("prune_instances", lambda: op_delete_instances(self.dialect, ids), tx=True)
+        return len(ids)
 
     async def prune_older(self, table: str, before: float, limit: int) -> int:
         return await self._run(f"prune_{table}", lambda: op_prune_older(self.dialect, table, before, limit), tx=True)

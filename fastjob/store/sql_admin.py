@@ -127,23 +127,39 @@ def op_settle_key(app: str, key: str, instance_id: int | None) -> Op[None]:
 
 
 # ---- retention -------------------------------------------------------------------------------
-def op_prune_instances(dialect: Dialect, app: str, before_ms: int, limit: int) -> Op[int]:
+def op_old_instances(app: str, before_ms: int, limit: int) -> Op[list[int]]:
     found = yield Stmt(f"SELECT id FROM instances WHERE app = ? AND planned_ms < ? AND status IN {SQL_FINAL}"
                        " ORDER BY planned_ms LIMIT ?", (app, before_ms, limit))
+    return [int(r[0]) for r in found.rows]
+
+
+def op_delete_logs_of(dialect: Dialect, instance_ids: Sequence[int], limit: int) -> Op[int]:
+    """At most ``limit`` log lines of these instances (one short transaction; called until none are left)."""
+    found = yield Stmt("SELECT id FROM job_logs WHERE instance_id IN " + dialect.in_list(len(instance_ids))
+                       + " LIMIT ?", (*instance_ids, limit))
     ids = [int(r[0]) for r in found.rows]
-    if not ids:
-        return 0
     for part in chunks(ids):
-        yield Stmt("DELETE FROM job_logs WHERE instance_id IN " + dialect.in_list(len(part)), part)
-        yield Stmt("DELETE FROM instances WHERE id IN " + dialect.in_list(len(part)), part)
+        yield Stmt("DELETE FROM job_logs WHERE id IN " + dialect.in_list(len(part)), part)
     return len(ids)
+
+
+def op_delete_instances(dialect: Dialect, ids: Sequence[int]) -> Op[None]:
+    for part in chunks(ids):
+        yield Stmt("DELETE FROM instances WHERE id IN " + dialect.in_list(len(part)), part)
 
 
 def op_prune_older(dialect: Dialect, table: str, before: float, limit: int) -> Op[int]:
     column = PRUNABLE[table]  # the table and its column come from this fixed map, never from a caller's text
-    if table == "idempotency_keys":  # no id: keyed by (app, key)
+    if table == "idempotency_keys":  # no id: keyed by (app, key); its created_at is indexed
         r = yield Stmt(f"DELETE FROM {table} WHERE {column} < ?", (before,))
         return r.rowcount
+    if table == "alarm_outbox":  # undelivered rows may lead by id: by the index on delivered_at instead
+        found = yield Stmt("SELECT id FROM alarm_outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?"
+                           " ORDER BY delivered_at LIMIT ?", (before, limit))
+        ids = [int(r[0]) for r in found.rows]
+        for part in chunks(ids):
+            yield Stmt("DELETE FROM alarm_outbox WHERE id IN " + dialect.in_list(len(part)), part)
+        return len(ids)
     # the oldest rows by id (the primary key: a bounded read, where "WHERE ts < ?" would scan the
     # whole table whenever nothing is old); ids follow time, so old rows come first
     found = yield Stmt(f"SELECT id, {column} FROM {table} ORDER BY id LIMIT ?", (limit,))
@@ -165,13 +181,16 @@ def op_add_alarms(dialect: Dialect, alarms: Sequence[AlarmRow]) -> Op[None]:
 
 
 def op_claim_alarms(dialect: Dialect, server_id: str, apps: Collection[str], now: float, lease: float,
-                    limit: int) -> Op[list[AlarmRow]]:
+                    limit: int, webhooks: Collection[str] | None) -> Op[list[AlarmRow]]:
     listed = sorted(apps) if len(apps) <= 500 else []  # more: filtered below, not in the statement
     where = f"(app IN {dialect.in_list(len(listed))} OR app IS NULL)" if listed else (
         "app IS NULL" if not apps else "1 = 1")
+    hooks = sorted(webhooks) if webhooks is not None else []
+    if webhooks is not None:
+        where += f" AND webhook IN {dialect.in_list(len(hooks))}" if hooks else " AND 1 = 0"
     found = yield Stmt(f"SELECT id, {', '.join(ALARM_COLS)} FROM alarm_outbox WHERE delivered_at IS NULL"
                        f" AND next_attempt_at <= ? AND (claimed_until IS NULL OR claimed_until < ?)"
-                       f" AND {where} ORDER BY id LIMIT ?", (now, now, *listed, limit))
+                       f" AND {where} ORDER BY id LIMIT ?", (now, now, *listed, *hooks, limit))
     won: list[AlarmRow] = []
     for r in found.rows:
         if r[3] is not None and r[3] not in apps:
@@ -184,11 +203,11 @@ def op_claim_alarms(dialect: Dialect, server_id: str, apps: Collection[str], now
     return won
 
 
-def op_finish_alarm(alarm_id: int, now: float, delivered: bool, next_attempt_at: float,
-                    error: str | None) -> Op[None]:
+def op_finish_alarm(alarm_id: int, now: float, delivered: bool, next_attempt_at: float, error: str | None,
+                    claimed_by: str) -> Op[None]:
     if delivered:
-        yield Stmt("UPDATE alarm_outbox SET delivered_at = ?, claimed_until = NULL, last_error = ? WHERE id = ?",
-                   (now, error, alarm_id))
+        yield Stmt("UPDATE alarm_outbox SET delivered_at = ?, claimed_until = NULL, last_error = ? WHERE id = ?"
+                   " AND claimed_by = ?", (now, error, alarm_id, claimed_by))
     else:
         yield Stmt("UPDATE alarm_outbox SET attempts = attempts + 1, next_attempt_at = ?, claimed_until = NULL,"
-                   " last_error = ? WHERE id = ?", (next_attempt_at, error, alarm_id))
+                   " last_error = ? WHERE id = ? AND claimed_by = ?", (next_attempt_at, error, alarm_id, claimed_by))
