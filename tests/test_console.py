@@ -146,12 +146,23 @@ async def test_console_end_to_end(servers, sqlite_url, browsers):
         await browser.click("#save")
         await browser.until_text("every-second")
 
-        # it fires
+        # it fires, and the jobs page says how it went
         await browser.open("#/instances?app=billing&job=every-second")
         async def fired() -> Any:
             await browser.open("#/instances?app=billing&job=every-second&status=succeeded&n=" + str(time.time()))
             return "succeeded" in await browser.until_text("Instances")
         await wait_until(fired, 15, "a fire of the new job in the list")
+        await browser.open("#/jobs?app=billing&name=every-second")
+        await browser.until_text("100% ok")
+
+        # a phone-width screen: nothing wider than the screen but the tables' own scrolling
+        await browser.run(lambda: browser.driver.set_window_size(390, 844))
+        await browser.open("#/instances?app=billing&job=every-second&w=390")
+        await browser.until_text("Instances")
+        overflow = await browser.run(lambda: browser.driver.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"))
+        assert overflow <= 1
+        await browser.run(lambda: browser.driver.set_window_size(1280, 800))
 
         # pause and resume
         await browser.open("#/jobs?app=billing&name=every-second")
@@ -170,10 +181,15 @@ async def test_console_end_to_end(servers, sqlite_url, browsers):
             await browser.until_text(f"step {n}")
         await browser.until_text("succeeded")
 
-        # kill a long run from its page
-        long_id = await worker.trigger("long")
+        # run a long job now from the jobs page, and kill it from its page
+        await browser.open("#/jobs?app=billing&name=long")
+        await wait_until(lambda: browser.count("button[data-act=run][data-job=long]"), 10, "a run button")
+        await browser.click("button[data-act=run][data-job=long]")
+        await browser.run(lambda: browser.driver.switch_to.alert.accept())  # no params
+        await browser.until_text("Attempts")
+        long_id = int((await browser.run(lambda: browser.driver.current_url)).rsplit("id=", 1)[1])
         await wait_until(lambda: _running(worker, long_id), 10, "the long run started")
-        await browser.open(f"#/instance?id={long_id}")
+        await browser.open(f"#/instance?id={long_id}&at={time.time()}")
         await wait_until(lambda: browser.count("#kill"), 10, "a kill button")
         await browser.click("#kill")
         await browser.until_text("killed")

@@ -154,3 +154,13 @@ async def test_the_alarm_outbox_hands_each_alarm_to_one_sender(db):
     assert await db.claim_alarms("s1", ["app"], NOW + 100, 30, 10) == []  # delivered: never again
     assert await db.prune_older("alarm_outbox", NOW + 7, 100) == 2  # both delivered by then
     assert await db.claim_alarms("s1", ["other"], NOW + 100, 30, 10) == []
+
+
+async def test_job_outcomes_count_a_page_of_jobs_by_status(db):
+    ids = await _fires(db, [1000, 2000, 3000])
+    await db.update_instances([InstanceUpdate(ids[0], Status.SUCCEEDED, finished_at=NOW),
+                               InstanceUpdate(ids[1], Status.FAILED, finished_at=NOW)])
+    job_id = (await db.get_instance(ids[0])).job_id
+    assert await db.job_outcomes("app", [job_id, 999], 0) == {job_id: {"succeeded": 1, "failed": 1, "waiting": 1}}
+    assert await db.job_outcomes("app", [job_id], 2500) == {job_id: {"waiting": 1}}
+    assert await db.job_outcomes("other", [job_id], 0) == {}

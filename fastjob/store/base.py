@@ -507,6 +507,11 @@ class Store(abc.ABC):
         ``name_contains``, that carry ``tag``, and are enabled or not as asked."""
 
     @abc.abstractmethod
+    async def job_outcomes(self, app: str, job_ids: Collection[int], since_ms: int) -> dict[int, dict[str, int]]:
+        """For each of these jobs, its instances planned since ``since_ms`` by status (a page of jobs
+        shows each one's success rate and last outcome)."""
+
+    @abc.abstractmethod
     async def count_unfinished(self, app: str) -> dict[str, int]:
         """How many of the app's instances are in each unfinished status (a gauge of /metrics)."""
 

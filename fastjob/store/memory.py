@@ -544,6 +544,16 @@ class MemoryStore(Store):
                        and (enabled is None or j.enabled == enabled)), key=lambda j: j.name)
         return [copy_job(j) for j in jobs[:max(limit, 0)]]
 
+    async def job_outcomes(self, app: str, job_ids: Collection[int], since_ms: int) -> dict[int, dict[str, int]]:
+        db = await self._db()
+        wanted = set(job_ids)
+        out: dict[int, dict[str, int]] = {}
+        for row in db.instances.values():
+            if row.app == app and row.job_id in wanted and row.planned_ms >= since_ms:
+                counts = out.setdefault(row.job_id, {})
+                counts[row.status.value] = counts.get(row.status.value, 0) + 1
+        return out
+
     async def count_unfinished(self, app: str) -> dict[str, int]:
         db = await self._db()
         counts: dict[str, int] = {}

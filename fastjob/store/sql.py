@@ -483,6 +483,18 @@ class SQLStore(SQLRunner):
         rows = await self._run("query_jobs", lambda: self._op_query(sql, params), tx=False)
         return [job for job in map(row_to_job, rows) if not tag or tag in job.tags]
 
+    async def job_outcomes(self, app: str, job_ids: Collection[int], since_ms: int) -> dict[int, dict[str, int]]:
+        ids = sorted(set(job_ids))
+        out: dict[int, dict[str, int]] = {}
+        for part in chunks(ids):
+            sql = ("SELECT job_id, status, COUNT(*) FROM instances WHERE app = ? AND planned_ms >= ? AND job_id IN "
+                   + self.dialect.in_list(len(part)) + " GROUP BY job_id, status")
+            rows = await self._run("job_outcomes", functools.partial(self._op_query, sql, (app, since_ms, *part)),
+                                   tx=False)
+            for job_id, status, n in rows:
+                out.setdefault(int(job_id), {})[str(status)] = int(n)
+        return out
+
     async def count_unfinished(self, app: str) -> dict[str, int]:
         rows = await self._run("count_unfinished", lambda: self._op_query(
             f"SELECT status, COUNT(*) FROM instances WHERE app = ? AND status IN {SQL_UNFINISHED} GROUP BY status",

@@ -180,12 +180,13 @@ async function jobs(params, show) {
     return `<tr><td><a href="#/instances?app=${encodeURIComponent(app)}&job=${encodeURIComponent(job.name)}">${esc(job.name)}</a>
       ${job.origin === "code" ? '<span class="muted">(code)</span>' : ""}</td>
       <td>${esc(s.words)}<br><code class="muted">${esc(s.raw)}</code></td><td>${when(job.next_fire_at)}</td>
+      <td>${outcome(job.last_day)}</td>
       <td>${job.enabled ? "enabled" : `paused <span class="muted">(${esc(job.paused_by || "")})</span>`}</td><td>${buttons}</td></tr>`;
   }).join("");
   show(`<h1>Jobs</h1><form class="filters" id="f">${picker.html}</form>
     ${manage && app ? `<p><a href="#/job?app=${encodeURIComponent(app)}">New job</a></p>` : ""}
     <p class="error" role="alert" id="msg"></p>
-    ${page.jobs.length ? `<div class="scroll"><table><thead><tr><th>Job</th><th>Schedule</th><th>Next fire</th><th>State</th><th></th></tr></thead><tbody>${rows}</tbody></table></div>` : '<p class="muted">No jobs.</p>'}
+    ${page.jobs.length ? `<div class="scroll"><table><thead><tr><th>Job</th><th>Schedule</th><th>Next fire</th><th>Last 24 h</th><th>State</th><th></th></tr></thead><tbody>${rows}</tbody></table></div>` : '<p class="muted">No jobs.</p>'}
     ${page.next_cursor ? `<p><a href="#/jobs?app=${encodeURIComponent(app)}&cursor=${encodeURIComponent(page.next_cursor)}">Next page</a></p>` : ""}`);
   bindFilters(document.getElementById("f"), "jobs");
   main.querySelectorAll("button[data-act]").forEach((button) => button.addEventListener("click", async () => {
@@ -244,7 +245,9 @@ async function jobForm(params, show) {
     try {
       const preview = await api("POST", `/api/v1/apps/${encodeURIComponent(app)}/jobs/preview?next=10`, { ...body(), name: body().name || "preview" });
       problem.textContent = "";
-      next.innerHTML = preview.next_fires.map((t) => `<li>${when(t)}</li>`).join("");
+      const zone = preview.job.timezone || "UTC";
+      const inZone = (t) => { try { return new Date(t * 1000).toLocaleString(undefined, { timeZone: zone, timeZoneName: "short" }); } catch { return new Date(t * 1000).toISOString(); } };
+      next.innerHTML = preview.next_fires.map((t) => `<li><time title="${new Date(t * 1000).toISOString()} UTC">${esc(inZone(t))}</time></li>`).join("");
       return true;
     } catch (error) {
       problem.textContent = error instanceof SyntaxError ? `params: ${error.message}` : error.message;
@@ -264,6 +267,12 @@ async function jobForm(params, show) {
     } catch (error) { document.getElementById("problem").textContent = error.message; }
   });
   if (expr) check();
+}
+
+function outcome(day) {
+  if (!day || day.success_rate === null) return '<span class="muted">no runs</span>';
+  const failed = (day.outcomes.failed || 0) + (day.outcomes.timed_out || 0);
+  return `${Math.round(day.success_rate * 100)}% ok${failed ? ` <span class="status-failed">(${failed} failed)</span>` : ""}`;
 }
 
 function instanceTable(rows) {

@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 from ... import jobdef, schedule
-from ...models import JobRow, Origin
+from ...models import FINAL_STATUSES, JobRow, Origin
 from ..auth import Permission
 from .backend import MAX_LIMIT, Call
 from .errors import HttpError
 
+FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 #: Most fire times a job read or a preview lists.
 MAX_NEXT = 100
 #: Longest Idempotency-Key.
@@ -79,7 +80,17 @@ async def list_jobs(call: Call) -> dict[str, Any]:
         tag=query.get("tag") or "", enabled=None if enabled is None else enabled.lower() in ("1", "true", "yes"))
     page = jobs[:limit]
     cursor = page[-1].name if len(jobs) > limit else None
-    return {"jobs": [job_json(job) for job in page], "next_cursor": cursor}
+    day_ago = schedule.now_ms() - 86_400_000
+    outcomes = await call.backend.store.job_outcomes(call.app, [job.id for job in page], day_ago)
+    return {"jobs": [{**job_json(job), "last_day": _summary(outcomes.get(job.id, {}))} for job in page],
+            "next_cursor": cursor}
+
+
+def _summary(counts: dict[str, int]) -> dict[str, Any]:
+    """A job's last 24 hours: fires by outcome, and the share of finished ones that succeeded."""
+    finished = sum(n for status, n in counts.items() if status in FINAL_VALUES)
+    rate = None if not finished else round(counts.get("succeeded", 0) / finished, 4)
+    return {"outcomes": counts, "success_rate": rate}
 
 
 async def get_job(call: Call) -> dict[str, Any]:
