@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,14 +179,14 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def fresh_mysql_database(url: str) -> Iterator[str]:
+def fresh_mysql_database(url: str, prefix: str = "fastjob_bench_e2e") -> Iterator[str]:
     """A new empty database on the server named by ``url``, dropped afterwards (bench data only)."""
     import pymysql
 
     parts = urlsplit(url)
     conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
                            password=parts.password or "", autocommit=True)
-    name = f"fastjob_bench_e2e_{os.getpid()}"
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}`")
     try:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import contextlib
 import os
 import signal
 import sqlite3
@@ -43,26 +42,25 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_e2e import fresh_mysql_database, percentile
+
 from fastjob import Worker
+from fastjob.server.retention import BATCH  # rows one prune statement deletes
 from fastjob.store.codecs import SQL_FINAL
 
 APP = "bench-retention"
-BATCH = 500  # fastjob/server/retention.py: rows one prune statement deletes
 SAMPLE_EVERY = 5.0
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 # ---- the database, read directly ------------------------------------------------------------------------
@@ -108,25 +106,6 @@ def mysql_reader(url: str) -> tuple[Callable[[int, int], tuple[Any, ...]], Calla
             return tuple(row)
 
     return read, conn.close
-
-
-@contextlib.contextmanager
-def fresh_mysql_database(url: str) -> Iterator[str]:
-    """A new empty database on the server named by ``url``, dropped afterwards."""
-    import pymysql
-
-    parts = urlsplit(url)
-    conn = pymysql.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
-                           user=parts.username or "root", password=parts.password or "", autocommit=True)
-    name = f"fastjob_bench_retention_{uuid.uuid4().hex[:8]}"
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, "", ""))
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
 
 
 # ---- the server's /metrics ------------------------------------------------------------------------------
@@ -393,7 +372,7 @@ def main() -> None:
                                              lambda url: sqlite_reader(url.removeprefix("sqlite:///")),
                                              args, Path(tmp))))
             else:
-                with fresh_mysql_database(args.mysql_dsn) as db:
+                with fresh_mysql_database(args.mysql_dsn, "fastjob_bench_retention") as db:
                     results.append(run(run_store(store, db, mysql_reader, args, Path(tmp))))
     report(results, args)
 
