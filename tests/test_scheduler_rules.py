@@ -13,6 +13,7 @@ import pytest
 from fakes import APP, Scene
 
 from fastjob.models import InstanceRow, JobSpec, ScheduleType, Status
+from fastjob.protocol import KILL_REASON
 from fastjob.schedule import retry_delay
 from fastjob.server.cluster import Origin
 from fastjob.testing import wait_until
@@ -252,3 +253,20 @@ async def _regain(scene: Scene, clean: bool) -> None:
     assert epoch is not None
     scene.epoch = scene.cluster.owned[APP] = epoch
     await scene.scheduler.app_gained(APP, epoch, Origin("s0", clean, scene.clock.wall()))
+
+
+async def test_a_killed_run_ends_killed_whatever_its_worker_reports(scene: Scene) -> None:
+    """An older worker answers an operator's CANCEL with interrupted: the run must not run again."""
+    worker = scene.worker("w1")
+    worker.handler_kinds = {"j": "async"}  # type: ignore[attr-defined]
+    worker.version = 4  # type: ignore[attr-defined]
+    job_id = await scene.job("j", schedule_type=ScheduleType.API)
+    job = await scene.store.get_job(job_id)
+    assert job is not None
+    row = await scene.scheduler.trigger(APP, job, None)
+    await scene.advance(0.001)
+    assert scene.scheduler.interventions.kill(row, job) is Status.KILLED
+    assert ("CANCEL", {"instance_id": row.id, "reason": KILL_REASON}) in worker.sent
+    scene.result(worker, row.id, Status.INTERRUPTED)
+    await scene.advance(1.0)
+    assert [r.status for r in await scene.rows(job_id)] == [Status.KILLED]
