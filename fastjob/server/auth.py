@@ -94,12 +94,21 @@ def split_token(token: str) -> tuple[str, str] | None:
     return token_id, secret
 
 
+def usable(row: TokenRow, now: float) -> bool:
+    """Neither revoked nor expired."""
+    return row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
+
+
+def matches(row: TokenRow, secret: str) -> bool:
+    return hmac.compare_digest(hash_secret(row.salt, secret), row.secret_hash)
+
+
 def new_token_row(name: str, role: str, apps: Sequence[str] | None, expires_at: float | None,
-                  token_id: str | None = None, secret: str | None = None) -> tuple[str, TokenRow]:
+                  secret: str | None = None) -> tuple[str, TokenRow]:
     """A fresh token: (the token to show once, the row to store)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    token_id = token_id or secrets.token_hex(8)
+    token_id = secrets.token_hex(8)
     secret = secret or secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
     row = TokenRow(token_id, name, role, None if apps is None else sorted(set(apps)), salt,
@@ -114,6 +123,7 @@ class TokenAuthority:
         self.store = store
         self._verified: dict[str, tuple[float, TokenRow]] = {}  # token id -> (checked at, row)
         self._failures: dict[str, list[float]] = {}  # client address -> failure times in the window
+        self._all: tuple[float, list[TokenRow]] | None = None  # (read at, every token), for app tokens
 
     async def create(self, name: str, role: str, apps: Sequence[str] | None = None,
                      expires_at: float | None = None) -> tuple[str, TokenRow]:
@@ -125,7 +135,7 @@ class TokenAuthority:
         """``--app-token APP=TOKEN``: a worker token of that app; an earlier one given for the app is revoked."""
         name = app_token_name(app)
         current = [row for row in await self.store.list_tokens() if row.name == name and row.revoked_at is None]
-        if any(hmac.compare_digest(hash_secret(row.salt, token), row.secret_hash) for row in current):
+        if any(matches(row, token) for row in current):
             return
         for row in current:
             await self.revoke(row.id)
@@ -141,7 +151,7 @@ class TokenAuthority:
     async def still_valid(self, token_id: str) -> bool:
         """Is this token neither revoked nor expired (as of at most VERIFY_CACHE_SECONDS ago)?"""
         row = await self._row(token_id)
-        return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > time.time())
+        return row is not None and usable(row, time.time())
 
     async def verify(self, token: str, app: str | None = None) -> Principal | None:
         """The principal of a valid token (not revoked, not expired), or None. ``app`` lets a
@@ -149,18 +159,14 @@ class TokenAuthority:
         parts = split_token(token)
         if parts is not None:
             row = await self._row(parts[0])
-            secret = parts[1]
+            if row is not None and not matches(row, parts[1]):
+                row = None
         elif app is not None:  # an --app-token: compared with each of its app's (one, as a rule)
             name = app_token_name(app)
-            matches = [r for r in await self._tokens() if r.name == name
-                       and hmac.compare_digest(hash_secret(r.salt, token), r.secret_hash)]
-            row, secret = (matches[0] if matches else None), token
+            row = next((r for r in await self._tokens() if r.name == name and matches(r, token)), None)
         else:
             return None
-        if row is None or not hmac.compare_digest(hash_secret(row.salt, secret), row.secret_hash):
-            return None
-        now = time.time()
-        if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+        if row is None or not usable(row, time.time()):
             return None
         return Principal(row.name, row.role, None if row.apps is None else frozenset(row.apps), row.id)
 
@@ -187,13 +193,10 @@ class TokenAuthority:
             self._all = (now, await self.store.list_tokens())
         return self._all[1]
 
-    _all: tuple[float, list[TokenRow]] | None = None
-
     async def any_usable(self) -> bool:
         """Is there a token that can use the API (not a worker's, not revoked, not expired)?"""
         now = time.time()
-        return any(row.role != "worker" and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
-                   for row in await self.store.list_tokens())
+        return any(row.role != "worker" and usable(row, now) for row in await self.store.list_tokens())
 
     # ---- failed attempts, per client address ----------------------------------------------------
     def throttled(self, client: str) -> bool:

@@ -370,9 +370,11 @@ class WorkerSession(Connection):
 
     def _audit(self, msg: Message, outcome: str) -> None:
         body = msg.body
-        target = body.get("name") or (body.get("job") or {}).get("name") if msg.type != "JOB_DECLARE" else None
+        target: Any
         if msg.type == "JOB_DECLARE":
             target = f"{len(body.get('jobs') or ())} jobs" + (" (final)" if body.get("final") else "")
+        else:
+            target = body.get("name") or (body.get("job") or {}).get("name")
         actor = self.principal.name if self.principal.token_id else f"{self.role} {self.worker_id}"
         self.server.audit.record(actor, WIRE_ACTIONS.get(msg.type, msg.type), self.app, str(target or ""), outcome,
                                  via="wire")
