@@ -389,9 +389,6 @@ class FastJobServer:
     def overlap_refusal(self, job: JobRow) -> str | None:
         return self.scheduler.interventions.overlap_refusal(job)
 
-    def second_level_jobs_of(self, session: WorkerSession) -> list[int]:
-        return session.second_level_jobs()
-
     async def metrics_text(self) -> bytes:
         """This server's /metrics (the unfinished-instance counts are read at most every 5 s)."""
         if self._registry is None:

@@ -685,10 +685,13 @@ class MemoryStore(Store):
         if table == "job_logs":  # lines keep no id here: the old ones of each instance, up to the limit
             pruned = 0
             for instance_id, lines in db.logs.items():
-                old = [line for line in lines if line.ts < before][:max(limit - pruned, 0)]
-                if old:
-                    db.logs[instance_id] = [line for line in lines if not any(line is o for o in old)]
-                    pruned += len(old)
+                kept = []
+                for line in lines:
+                    if line.ts < before and pruned < limit:
+                        pruned += 1
+                    else:
+                        kept.append(line)
+                db.logs[instance_id] = kept
             return pruned
         if table == "idempotency_keys":
             expired = [key for key, (_, at) in db.idempotency.items() if at < before]

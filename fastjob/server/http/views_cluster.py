@@ -98,7 +98,7 @@ async def workers(call: Call) -> dict[str, Any]:
                     "running": session.run_count, "draining": session.draining,
                     "connected_at": session.connected_at,
                     "heartbeat_age": round(session.silent_for(), 3),
-                    "second_level_jobs": backend.second_level_jobs_of(session)})
+                    "second_level_jobs": session.second_level_jobs()})
     out.sort(key=lambda w: str(w["id"]))
     return {"app": call.app, "owner": backend.server_id, "workers": out, "at": now}
 

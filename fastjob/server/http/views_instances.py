@@ -100,6 +100,9 @@ TAILS = web.AppKey("tails", list)  # [live tails open now]
 
 
 async def _instance_or_404(call: Call) -> InstanceRow:
+    """The instance the URL names (read once per request: placement reads it before the view)."""
+    if call.instance is not None:
+        return call.instance
     raw = call.request.match_info["id"]
     try:
         instance_id = int(raw)
@@ -110,6 +113,7 @@ async def _instance_or_404(call: Call) -> InstanceRow:
     row = await call.backend.store.get_instance(instance_id)
     if row is None or not call.principal.sees(row.app):
         raise HttpError("not_found", f"no instance {instance_id}")
+    call.instance = row
     return row
 
 
