@@ -253,6 +253,7 @@ class Worker(OperatorQueries):
         await self.second_level.wait_stopped(2.0)
         if self.connected and self.version >= 2:
             self._link.send("DRAIN", {"reason": "worker stopping"})
+        self._runs.refuse_leads("worker stopping")  # their server sends them elsewhere, still on time
         await self._runs.wind_down(grace)
         self._runs.flush_logs()
         self._link.close()

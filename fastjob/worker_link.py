@@ -15,6 +15,7 @@ through :class:`LinkConfig` (settings it reads) and :class:`LinkHooks` (callback
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -141,6 +142,7 @@ class ServerLink:
         # waking, and must not take them as a sign its server is alive now.
         self.alive_at = float("-inf")
         self._pings: dict[float, float] = {}  # PING ts (wall clock) -> loop.time() it was sent
+        self.clock = ClockOffset()  # our wall clock's offset from the server's (lead fires start on its clock)
         self._loop_time: Callable[[], float] = lambda: asyncio.get_running_loop().time()  # bound by begin()
 
     @property
@@ -191,6 +193,9 @@ class ServerLink:
         """Take a PONG; True when it renewed the run lease."""
         ts = body.get("ts")
         sent_at = self._pings.pop(ts, None) if isinstance(ts, (int, float)) else None
+        server_now = body.get("now")
+        if sent_at is not None and isinstance(server_now, (int, float)) and isinstance(ts, (int, float)):
+            self.clock.sample(float(ts), float(server_now), time.time())
         # a server that cannot vouch for its ownership (lease false) renews nothing
         if sent_at is None or not body.get("lease", True):
             return False
@@ -316,6 +321,7 @@ class ServerLink:
             await self._register_jobs(conn)
             hooks.registered(conn)
             self.ready.set()
+            self.ping(conn)  # measures the clock offset before the first lead fire is due
             log.info("worker %s: registered with %s for app %s", config.worker_id, self.server_id, config.app)
             await self._heartbeat_until_closed(conn)
             return "established"
@@ -432,3 +438,30 @@ def declaration_batches(specs: list[JobSpec], frame_limit: int) -> Iterator[tupl
         batch.append(job)
         size += job_size
     yield batch, True
+
+
+class ClockOffset:
+    """How far the server's wall clock is ahead of ours, estimated NTP-style over PING/PONG.
+
+    Each answered PING gives offset = server_now - (sent + received) / 2, off by at most half its
+    round trip; the estimate is the sample with the shortest round trip among the last few, so a
+    PONG that waited behind a burst does not move it."""
+
+    SAMPLES = 8
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.SAMPLES)
+        self.offset = 0.0  # seconds to add to our wall clock to read the server's
+        self.error = float("inf")  # half the round trip of the sample in use
+
+    def sample(self, sent: float, server_now: float, received: float) -> None:
+        round_trip = received - sent
+        if round_trip < 0:
+            return  # our clock stepped back meanwhile: the sample means nothing
+        self._samples.append((round_trip, server_now - (sent + received) / 2))
+        best_round_trip, self.offset = min(self._samples)
+        self.error = best_round_trip / 2
+
+    def to_local(self, server_time: float) -> float:
+        """A server wall-clock instant on our wall clock."""
+        return server_time - self.offset

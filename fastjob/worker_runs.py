@@ -10,6 +10,12 @@ instead of failing them. Log lines are buffered per instance and shipped in boun
 The run lease is enforced here: no instance starts, and none goes on running, while no owning
 server has vouched for this worker within the lease, because by then the server may have given
 the instance to another worker. The link keeps the lease's clock (:class:`RunLink`).
+
+Lead fires (protocol version 5: DISPATCH with ``start_at``) wait in this worker's own timing wheel
+and start at their planned instant on the server's clock, never before. One starts only if the
+connection that delivered it, or last confirmed it, is still the open one: after a reconnect the
+server confirms each (a DISPATCH again) or withdraws it (CANCEL), because meanwhile it may have
+sent it to another worker.
 """
 from __future__ import annotations
 
@@ -30,8 +36,9 @@ import msgpack
 from .context import Handler, JobContext, JobLog
 from .isolation import ChildRunError, ProcessPool
 from .models import Status
-from .protocol import KILL_REASON, Connection, ProtocolError
+from .protocol import KILL_REASON, WITHDRAW_REASON, Connection, ProtocolError
 from .threads import DaemonThreadPool
+from .timer import WheelTimer
 
 log = logging.getLogger("fastjob.worker")
 
@@ -42,6 +49,23 @@ FINISHED_IN_HELLO = 1000
 MAX_LOG_LINE = 4096  # characters kept of one log line
 LOG_LINES_PER_FRAME = 100  # so a LOG frame stays far below max_frame (100 x 4 KiB)
 RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
+
+
+class ServerClock(Protocol):
+    """The server's wall clock as this worker estimates it (worker_link.ClockOffset)."""
+
+    def to_local(self, server_time: float) -> float: ...
+
+
+class LeadFire:
+    """A lead fire held until its start: its DISPATCH, the connection that confirmed it last, its timer entry."""
+
+    __slots__ = ("body", "conn", "handle")
+
+    def __init__(self, body: dict[str, Any], conn: Connection) -> None:
+        self.body = body
+        self.conn = conn
+        self.handle: int | None = None  # None: due, waiting for the server to confirm it after a reconnect
 
 
 class RunLink(Protocol):
@@ -63,6 +87,8 @@ class RunLink(Protocol):
     def run_lease(self) -> float: ...
     @property
     def heartbeat_timeout(self) -> float: ...
+    @property
+    def clock(self) -> ServerClock: ...
     def lease_held(self) -> bool: ...
     def send(self, kind: str, body: dict[str, Any]) -> bool: ...
     def ping(self, conn: Connection) -> None: ...
@@ -102,6 +128,8 @@ class InstanceRunner:
         self._is_async: dict[Handler, bool] = {}  # inspect per handler once, not per run
         self._executor: DaemonThreadPool | None = None
         self._processes: ProcessPool | None = None  # for isolation="process" handlers (isolation.py)
+        self.leading: dict[int, LeadFire] = {}  # lead fires not started, by instance id
+        self._lead_timer: WheelTimer | None = None  # made on the loop when the first lead fire comes
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def open(self, max_workers: int, thread_name_prefix: str) -> None:
@@ -119,6 +147,10 @@ class InstanceRunner:
         if self._processes is not None:
             self._processes.close()
             self._processes = None
+        if self._lead_timer is not None:
+            self._lead_timer.close()
+            self._lead_timer = None
+        self.leading.clear()
 
     async def wind_down(self, grace: float) -> None:
         """Let running instances finish for ``grace`` seconds, then interrupt the rest."""
@@ -130,13 +162,22 @@ class InstanceRunner:
         """What a HELLO says of our runs, so that a new owner re-attaches them instead of failing them."""
         return {
             "running": sorted({*self.running, *self.unsent_results}),
+            "leading": sorted(self.leading),  # lead fires we hold: each waits for the server's word
             # results the last owner may have received but not written before it died
             "finished": list(itertools.islice(reversed(self.sent_results), FINISHED_IN_HELLO)),
         }
 
     # ---- stopping runs ------------------------------------------------------------------------
     def cancel(self, instance_id: int, reason: str) -> None:
-        """The server's CANCEL: stop that run (it reports itself, with ``reason``)."""
+        """The server's CANCEL: stop that run (it reports itself, with ``reason``); a lead fire not
+        started is dropped (ACK refused, with ``reason``). A withdrawal never stops a run."""
+        lead = self.leading.pop(instance_id, None)
+        if lead is not None:
+            self._unarm(lead)
+            self._link.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
+            return
+        if reason == WITHDRAW_REASON:
+            return
         task = self.running.get(instance_id)
         if task is not None:
             self._cancel_reasons[instance_id] = reason
@@ -169,6 +210,8 @@ class InstanceRunner:
             if self.deferred:  # no server vouched for us within a heartbeat timeout of asking
                 self.refuse_deferred(loop.time() - self._link.heartbeat_timeout,
                                      f"run lease expired: no owning server heard for {silent:.1f}s")
+            if self.leading:
+                self.drop_stale_leads()
 
     # ---- dispatches ---------------------------------------------------------------------------
     def on_dispatch(self, conn: Connection, body: dict[str, Any]) -> None:
@@ -180,15 +223,28 @@ class InstanceRunner:
             conn.send("ACK", {"instance_id": instance_id, "accepted": True})
             conn.send("RESULT", self.unsent_results.get(instance_id) or self.sent_results[instance_id])
             return
+        held = self.leading.get(instance_id)
+        if held is not None:  # the server confirms a lead fire we hold: it starts on this connection
+            held.conn = conn
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            if held.handle is None:
+                self._arm(held)  # at its start_at, or at once if that passed while it waited
+            return
+        lead = body.get("start_at") is not None
         reason = None
         if self._link.stopping:
             reason = "worker stopping"
         elif body["handler"] not in self._handlers:
             reason = f"unknown handler {body['handler']!r}"
-        elif len(self.running) >= self._capacity():
+        elif not lead and len(self.running) >= self._capacity():  # a lead fire takes its slot when it starts
             reason = "at max_concurrency"
         if reason is not None:
             conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
+            return
+        if lead:
+            held = self.leading[instance_id] = LeadFire(body, conn)
+            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            self._arm(held)
             return
         if not self._link.lease_held():
             # our run lease lapsed (an outage, or we were frozen and this frame is old): start
@@ -199,6 +255,48 @@ class InstanceRunner:
         if self._link.version < 2:  # version 2: START acknowledges an accepted DISPATCH (one frame less per fire)
             conn.send("ACK", {"instance_id": instance_id, "accepted": True})
         self.running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
+
+    # ---- lead fires ---------------------------------------------------------------------------
+    def _arm(self, lead: LeadFire) -> None:
+        """Start the lead fire at its start_at on the server's clock (now, if that passed)."""
+        if self._lead_timer is None:
+            self._lead_timer = WheelTimer(self._leads_due)
+        delay = self._link.clock.to_local(lead.body["start_at"]) - time.time()
+        lead.handle = self._lead_timer.call_at(time.monotonic() + max(0.0, delay), lead.body["instance_id"])
+
+    def _unarm(self, lead: LeadFire) -> None:
+        if lead.handle is not None and self._lead_timer is not None:
+            self._lead_timer.cancel(lead.handle)
+        lead.handle = None
+
+    def _leads_due(self, instance_ids: list[int]) -> None:
+        """Lead fires whose time came: each starts as a DISPATCH would now (capacity, run lease), if
+        the connection that confirmed it is still ours; else it waits for the server to confirm it."""
+        current = self._link.conn
+        for instance_id in instance_ids:
+            lead = self.leading.get(instance_id)
+            if lead is None:
+                continue
+            lead.handle = None
+            if lead.conn is not current or lead.conn.closed:
+                continue  # listed in our next HELLO: the server confirms or withdraws it
+            del self.leading[instance_id]
+            body = dict(lead.body)
+            del body["start_at"]
+            self.on_dispatch(lead.conn, body)
+
+    def refuse_leads(self, reason: str) -> None:
+        """Give every lead fire back to the server (the worker is stopping): it sends them elsewhere."""
+        for instance_id in list(self.leading):
+            self.cancel(instance_id, reason)
+
+    def drop_stale_leads(self) -> None:
+        """Lead fires that no server confirmed within the run lease past their start: the server has
+        settled them without us (re-run, or sent elsewhere)."""
+        limit = time.time() - self._link.run_lease
+        for instance_id, lead in list(self.leading.items()):
+            if lead.handle is None and self._link.clock.to_local(lead.body["start_at"]) < limit:
+                del self.leading[instance_id]
 
     def start_deferred(self) -> None:
         """The lease is renewed: take the dispatches that waited for it (on the same connection)."""

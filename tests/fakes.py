@@ -17,7 +17,8 @@ SERVER = "s1"
 class FakeSession:
     """A connected worker as the scheduler sees it: it records the frames sent to it."""
 
-    def __init__(self, worker_id: str, app: str = APP, capacity: int = 4, last_received: float = 0.0) -> None:
+    def __init__(self, worker_id: str, app: str = APP, capacity: int = 4, last_received: float = 0.0,
+                 version: int = 4) -> None:
         self.app = app
         self.worker_id = worker_id
         self.role = "worker"
@@ -25,17 +26,25 @@ class FakeSession:
         self.draining = False
         self.tags: frozenset[str] = frozenset()
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.version = version
         self.running: set[int] = set()
+        self.leading: set[int] = set()
         self.last_received = last_received
         self.hello_running: list[int] = []
         self.hello_finished: list[int] = []
+        self.hello_leading: list[int] = []
         self.redirected = False
         self.closed = False
+        self.closed_by_peer = False
         self.handed: set[int] = set()  # second-level jobs handed down to it
 
     @property
     def accepts_jobs(self) -> bool:
         return not self.draining
+
+    @property
+    def takes_lead_fires(self) -> bool:
+        return self.version >= 5
 
     def has_room(self) -> bool:
         return len(self.running) < self.capacity
@@ -49,14 +58,20 @@ class FakeSession:
     def send(self, kind: str, body: dict[str, Any]) -> None:
         self.sent.append((kind, body))
 
-    def runs(self, instance_id: int) -> None:
-        self.running.add(instance_id)
+    def runs(self, instance_id: int, lead: bool = False) -> None:
+        (self.leading if lead else self.running).add(instance_id)
+
+    def started(self, instance_id: int) -> None:
+        if instance_id in self.leading:
+            self.leading.discard(instance_id)
+            self.running.add(instance_id)
 
     def ended(self, instance_id: int) -> None:
         self.running.discard(instance_id)
+        self.leading.discard(instance_id)
 
     def forget_runs(self) -> list[int]:
-        ids, self.running = sorted(self.running), set()
+        ids, self.running, self.leading = sorted(self.running | self.leading), set(), set()
         return ids
 
     def hand_down(self, job_id: int) -> None:

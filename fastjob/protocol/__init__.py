@@ -21,6 +21,7 @@ from .constants import (
     KILL_REASON,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
+    WITHDRAW_REASON,
 )
 from .errors import ErrorCode, ProtocolError, RemoteError
 from .schema import REPLY_TYPES, SCHEMAS, SINCE_VERSION, STRUCTS, negotiate_version, validate
@@ -28,6 +29,7 @@ from .schema import REPLY_TYPES, SCHEMAS, SINCE_VERSION, STRUCTS, negotiate_vers
 __all__ = [
     "TRAFFIC",
     "KILL_REASON",
+    "WITHDRAW_REASON",
     "PROTOCOL_VERSION",
     "MIN_PROTOCOL_VERSION",
     "DEFAULT_MAX_FRAME",

@@ -47,6 +47,7 @@ class Connection(asyncio.Protocol):
         self._next_rid = 1
         self._closing = False
         self._lost = False
+        self.closed_by_peer = False  # set when the connection is lost: the peer (not we) closed it
         self._close_exc: Exception | None = None
         self._closed_waiters: list[asyncio.Future[Any]] = []
         self._paused = False
@@ -131,6 +132,8 @@ class Connection(asyncio.Protocol):
         return None  # let the transport close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # the peer closed it or the network broke it (we had not begun to close it ourselves)
+        self.closed_by_peer = not self._closing
         self._closing = True
         self._lost = True
         self._cancel_idle()

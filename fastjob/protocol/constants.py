@@ -5,7 +5,7 @@ defaults without pulling in the codec or the connection.
 """
 from __future__ import annotations
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """The highest protocol version this implementation speaks."""
 MIN_PROTOCOL_VERSION = 1
 """The lowest protocol version this implementation still accepts."""
@@ -15,3 +15,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server waits for HELLO before closing with ``handshake_timeout``."""
 KILL_REASON = "killed by an operator"
 """CANCEL's reason when an operator kills a run: a version-4 worker reports the run ``killed``."""
+WITHDRAW_REASON = "withdrawn before it started"
+"""CANCEL's reason when the server takes back a lead fire (version 5): the worker drops it if it has
+not started, answering ACK refused, and never stops a run for it."""

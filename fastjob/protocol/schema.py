@@ -79,6 +79,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "host": "str?",
         "pid": "int?",
         "handlers": "map?",
+        "leading": "array[int]?",
     },
     "WELCOME": {
         "version": "int",
@@ -92,7 +93,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "REJECT": {"code": "str", "reason": "str"},
     # liveness
     "PING": {"ts": "float?", "running": "int?"},
-    "PONG": {"ts": "float?", "lease": "bool?"},
+    "PONG": {"ts": "float?", "lease": "bool?", "now": "float?"},
     "DRAIN": {"reason": "str?"},
     # regular jobs
     "DISPATCH": {
@@ -104,6 +105,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "attempt": "int",
         "scheduled_at": "float",
         "timeout": "float|nil",
+        "start_at": "float?",
     },
     "ACK": {"instance_id": "int", "accepted": "bool", "reason": "str?"},
     "START": {"instance_id": "int", "started_at": "float"},

@@ -23,7 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Durations that must be positive, and those that may be zero (None: the knob is unset).
 _POSITIVE = ("heartbeat_interval", "heartbeat_timeout", "run_lease", "scan_horizon", "scan_interval",
              "dispatch_wait", "handshake_timeout")
-_NOT_NEGATIVE = ("misfire_threshold", "second_level_threshold", "undeclared_grace")
+_NOT_NEGATIVE = ("lead_time", "misfire_threshold", "second_level_threshold", "undeclared_grace")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -74,6 +74,8 @@ class ServerConfig:
                                           " timeout)")
     status_flush_interval: float = _knob(0.02, "seconds status changes gather into one batched database write")
     scan_horizon: float = _knob(5.0, "seconds ahead that fires are written to the WAL")
+    lead_time: float = _knob(1.0, "seconds before its planned time a fire goes to its worker (version 5), whose"
+                                  " own timer starts it on time (0: each fire is sent when due)")
     scan_interval: float | None = _knob(None, "seconds between WAL scans (default: a fifth of the horizon)")
     dispatch_wait: float = _knob(30.0, "seconds a due fire waits for a worker before it is failed")
     misfire_threshold: float = _knob(5.0, "a fire later than this when claimed is a misfire")
@@ -132,6 +134,8 @@ class ServerConfig:
             problems.append("--heartbeat-timeout must be longer than --heartbeat-interval")
         if self.run_lease is not None and self.run_lease <= self.heartbeat_interval:
             problems.append("--run-lease must be longer than --heartbeat-interval")
+        if self.lead_time >= self.scan_horizon:
+            problems.append("--lead-time must be shorter than --scan-horizon (a fire is sent only once it is written)")
         if self.max_frame < MIN_MAX_FRAME:
             problems.append(f"--max-frame must be at least {MIN_MAX_FRAME} bytes"
                             " (a worker's HELLO alone may need several KiB)")

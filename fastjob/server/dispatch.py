@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Status
-from ..protocol import KILL_REASON, ProtocolError
+from ..protocol import KILL_REASON, WITHDRAW_REASON, ProtocolError
 from ..store import Store
 from ..tasks import BackgroundTasks
 from .alarms import AlarmRules
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from .session import WorkerSession
 
 log = logging.getLogger("fastjob.scheduler")
+
+#: A lead fire goes out only this long (seconds) or more before its planned time; nearer, it is sent when due.
+LEAD_MIN = 0.005
+#: Allowed disagreement (seconds) between a worker's corrected clock and ours: a lead fire is taken back
+#: from its worker without asking (it left; an operator's kill) only while its planned time is at least
+#: this far off, so that no START of it can be on its way.
+LEAD_SKEW_MARGIN = 0.1
 
 #: Statuses a worker may report in RESULT; "cancelled" is what version-1 workers call an
 #: interruption (the server never asks a worker to cancel except for a timeout).
@@ -52,7 +59,10 @@ class Dispatcher:
         clock: Clock,
         metrics: Metrics | None = None,
         alarm_rules: AlarmRules | None = None,
+        back_to_wheel: Callable[[InstanceRow], None] = lambda row: None,
     ) -> None:
+        """``back_to_wheel`` puts a lead fire that its worker dropped (withdrawn, refused) back into
+        the wheel at its planned time (Scheduler.back_to_wheel)."""
         self.store = store
         self.writer = writer
         self.alarms = alarms
@@ -65,7 +75,9 @@ class Dispatcher:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.alarm_rules = alarm_rules
+        self.back_to_wheel = back_to_wheel
         self.inflight: dict[int, Inflight] = {}
+        self._leading: dict[int, set[int]] = {}  # job id -> its lead fires not started (withdrawn on a change)
         self.pending: dict[str, list[Pending]] = {}
         self._rr: dict[str, int] = {}
         self._dispatched: collections.Counter[str] = collections.Counter()  # fires sent per app, for fire_rates()
@@ -80,29 +92,38 @@ class Dispatcher:
         else:
             self.send(session, row, job, refused_by)
 
-    def send(self, session: WorkerSession, row: InstanceRow, job: JobRow, refused_by: set[str]) -> None:
+    def send(self, session: WorkerSession, row: InstanceRow, job: JobRow, refused_by: set[str],
+             lead: bool = False) -> None:
+        """DISPATCH the fire to ``session``: now, or as a lead fire its worker starts at its planned time."""
         try:
-            send_dispatch_frame(session, row, job)
+            send_dispatch_frame(session, row, job, lead)
         except ProtocolError as exc:  # e.g. params larger than a frame: fails this instance only
             self.finish(row, Status.FAILED, error=f"could not dispatch: {exc.message}", job=job)
             return
-        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by, sent_at=self.clock.wall())
+        now = self.clock.wall()
+        flight = Inflight(row, job, session, session.worker_id, refused_by=refused_by, sent_at=now, lead=lead)
         self.inflight[row.id] = flight
         self._dispatched[row.app] += 1
-        session.runs(row.id)
+        session.runs(row.id, lead)
+        if lead:
+            self._leading.setdefault(job.id, set()).add(row.id)
         if job.timeout:
             # the worker enforces the timeout; this is the safety net if its answer never comes
-            flight.overdue_handle = self.alarms.arm(RunOverdue(row.id), job.timeout + self.heartbeat_timeout)
+            wait = job.timeout + self.heartbeat_timeout
+            if lead:
+                wait += max(0.0, row.planned_ms / 1000.0 - now)
+            flight.overdue_handle = self.alarms.arm(RunOverdue(row.id), wait)
         self.writer.update(InstanceUpdate(
             row.id, Status.DISPATCHED, worker=session.worker_id, dispatched_at=self.clock.wall()))
 
-    def route(self, app: str, job: JobRow, refused_by: set[str]) -> WorkerSession | None:
-        """A worker of the app with room and the job's tags, by the job's routing; None if there is none."""
+    def route(self, app: str, job: JobRow, refused_by: set[str], lead: bool = False) -> WorkerSession | None:
+        """A worker of the app with room and the job's tags, by the job's routing; None if there is none.
+        ``lead``: only workers that take lead fires (version 5)."""
         tags = job.tags
         candidates = [
             s for s in self.workers_of(app)
             if s.accepts_jobs and (not refused_by or s.worker_id not in refused_by) and s.has_room()
-            and (not tags or s.has_tags(tags))
+            and (not tags or s.has_tags(tags)) and (not lead or s.takes_lead_fires)
         ]
         if not candidates:
             return None
@@ -155,11 +176,23 @@ class Dispatcher:
             self.finish(flight.instance, Status.CANCELLED, job=flight.job,
                         error="cancelled by an operator before it started")
             return
+        if flight.withdrawing:  # a lead fire of a changed job, dropped unstarted: due again, as the job now says
+            self.forget(flight)
+            self.back_to_wheel(flight.instance)
+            return
         reason = body.get("reason") or "refused"
         log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
         self.forget(flight)
         flight.refused_by.add(session.worker_id)
         refused = set(flight.refused_by)
+        if flight.lead and flight.instance.planned_ms / 1000.0 - self.clock.wall() > LEAD_MIN:
+            # refused ahead of its time: another worker takes it ahead too, or it waits for its time
+            routed = self.route(flight.instance.app, flight.job, refused, lead=True)
+            if routed is None:
+                self.back_to_wheel(flight.instance)
+            else:
+                self.send(routed, flight.instance, flight.job, refused, lead=True)
+            return
         routed = self.route(flight.instance.app, flight.job, refused)
         if routed is None:
             self.queue_pending(flight.instance, flight.job, refused, f"every worker refused it (last: {reason})")
@@ -170,9 +203,38 @@ class Dispatcher:
         flight = self.flight_of(session, body["instance_id"])
         if flight is None:
             return
+        if flight.lead:
+            self._lead_started(flight)
         self._started(flight, body["started_at"])
         self.writer.update(InstanceUpdate(
             flight.instance.id, Status.RUNNING, worker=session.worker_id, started_at=body["started_at"]))
+
+    def _lead_started(self, flight: Inflight) -> None:
+        """A lead fire started: it takes its worker's slot, and no withdrawal can stop it any more."""
+        flight.withdrawing = False
+        if flight.session is not None:
+            flight.session.started(flight.instance.id)
+        self._unindex_lead(flight)
+
+    def _unindex_lead(self, flight: Inflight) -> None:
+        leading = self._leading.get(flight.job.id)
+        if leading is not None:
+            leading.discard(flight.instance.id)
+            if not leading:
+                del self._leading[flight.job.id]
+
+    def unstarted_leads(self, session: WorkerSession) -> list[Inflight]:
+        """The lead fires sent to ``session`` that it has not reported started."""
+        return [f for f in self.inflight.values() if f.session is session and f.lead and not f.started]
+
+    def withdraw_leads(self, job_id: int) -> None:
+        """The job changed: ask its workers to drop its lead fires that have not started; each comes back
+        (ACK refused) to the wheel, to be fired as the job now says. One that started runs on."""
+        for instance_id in self._leading.get(job_id, ()):
+            flight = self.inflight.get(instance_id)
+            if flight is not None and flight.session is not None and not flight.started and not flight.withdrawing:
+                flight.withdrawing = True
+                flight.session.send("CANCEL", {"instance_id": instance_id, "reason": WITHDRAW_REASON})
 
     def _started(self, flight: Inflight, started_at: float) -> None:
         """Lateness and dispatch-to-start, once per run (from START, or from a RESULT that came alone)."""
@@ -256,6 +318,8 @@ class Dispatcher:
     def forget(self, flight: Inflight) -> None:
         """The instance is no longer in flight (it ended, or it is to be sent elsewhere)."""
         self.inflight.pop(flight.instance.id, None)
+        if flight.lead:
+            self._unindex_lead(flight)
         if flight.session is not None:
             flight.session.ended(flight.instance.id)
         self.alarms.cancel(flight.overdue_handle)
@@ -279,9 +343,10 @@ class Dispatcher:
         return rates
 
 
-def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow) -> None:
-    """DISPATCH: what a worker needs to run one attempt of a fire (sent again to re-ask a result)."""
-    session.send("DISPATCH", {
+def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow, lead: bool = False) -> None:
+    """DISPATCH: what a worker needs to run one attempt of a fire (sent again to re-ask a result, or to
+    confirm a lead fire); ``lead``: its worker starts it at its planned time (version 5)."""
+    body = {
         "instance_id": row.id,
         "job_id": job.id,
         "job": job.name,
@@ -290,7 +355,10 @@ def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow) -
         "attempt": row.attempt,
         "scheduled_at": row.planned_ms / 1000.0,
         "timeout": job.timeout,
-    })
+    }
+    if lead:
+        body["start_at"] = row.planned_ms / 1000.0
+    session.send("DISPATCH", body)
 
 
 def reported_status(body: dict[str, Any]) -> Status:

@@ -35,6 +35,8 @@ class Inflight:
     kill_requested: bool = False  # an operator killed it: its run ends as killed, not interrupted
     sent_at: float | None = None  # wall clock of the DISPATCH (None: recovered after a failover)
     started: bool = False  # its start was counted (metrics)
+    lead: bool = False  # sent before its planned time (DISPATCH start_at): its worker starts it then
+    withdrawing: bool = False  # a lead fire we asked its worker to drop (its job changed): back to the wheel
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class FireDue:
 
     row: InstanceRow
     epoch: int
+    lead: bool = False  # its lead time, not its planned time: send it ahead if it may go (Scheduler.lead)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 from ..clock import Clock
 from ..models import FINAL_STATUSES, InstanceRow, JobRow, Status
 from ..store import NotOwnerError, Store, StoreError
-from .dispatch import Dispatcher
+from .dispatch import LEAD_SKEW_MARGIN, Dispatcher
 from .fires import Finish
 from .lines import FORCED, JobLines
 
@@ -77,7 +77,9 @@ class Interventions:
                 raise InterventionError("conflict", f"instance {row.id}: its worker is reconnecting; try again"
                                                     " in a few seconds")
             kind = flight.session.handler_kinds.get(flight.job.handler)
-            if kind not in KILLABLE or flight.session.version < 4:
+            unstarted_lead = (flight.lead and not flight.started
+                              and flight.instance.planned_ms / 1000.0 - self.clock.wall() > LEAD_SKEW_MARGIN)
+            if not unstarted_lead and (kind not in KILLABLE or flight.session.version < 4):
                 how = ("on a plain thread, which cannot be stopped" if kind == "thread" else
                        "on a worker that does not say how its handlers run (protocol version < 4)")
                 raise InterventionError("conflict", f"instance {row.id} runs handler {flight.job.handler!r} {how};"

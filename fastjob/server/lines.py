@@ -88,6 +88,13 @@ class JobLines:
         heapq.heappush(line.waiting, Turn(row.planned_ms, row.attempt, row.id, row, epoch))
         return Verdict.WAIT, ""
 
+    def may_go_ahead(self, job: JobRow, row: InstanceRow) -> bool:
+        """May the fire be sent ahead of its time (lead dispatch)? When admitting it now runs it: the
+        line is free (or held by this very fire), the job allows overlap, or an operator forced the
+        fire. Sent, it holds the line from now: a fire due before it meanwhile waits behind it."""
+        line = self._lines.get(job.id)
+        return (line is None or row.id in line.holders or job.overlap == _ALLOW or row.trigger == FORCED)
+
     def refusal(self, job: JobRow) -> str | None:
         """Why the job's overlap policy would skip a fire due now, or None: an operator's trigger
         or retry (without force) is refused for that reason rather than queued against it."""

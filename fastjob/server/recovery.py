@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..clock import Clock, timer_time
 from ..models import InstanceRow, JobRow, Status
+from ..protocol import WITHDRAW_REASON
 from .dispatch import Dispatcher, send_dispatch_frame
 from .fires import RECOVERING, Alarms, Finish, Inflight, OrphanExpired, Recovery, RecoveryOver, StartTurns
 from .lines import JobLines
@@ -32,16 +33,17 @@ CLOCK_SKEW_MARGIN = 1.0
 
 
 def recovery_window(origin: Origin, now: float, *, heartbeat_timeout: float, run_lease: float,
-                    lease_margin: float) -> tuple[int, float]:
-    """(cutoff_ms, until): fires planned up to ``cutoff_ms`` may have been sent by the previous owner,
-    and every run it started has surely stopped by ``until`` (wall clock)."""
+                    lease_margin: float, lead_time: float = 0.0) -> tuple[int, float]:
+    """(cutoff_ms, until): fires planned up to ``cutoff_ms`` may have been sent by the previous owner
+    (``lead_time`` ahead of their time, at most), and every run it started has surely stopped by
+    ``until`` (wall clock)."""
     if origin.left_clean or origin.prev_owner is None:
         # it wrote everything and closed its sessions now: its workers' leases run from here
         return -1, now + run_lease + lease_margin
     # it sent fires only while its lease held: up to its last heartbeat plus the timeout
     last = origin.prev_last_heartbeat if origin.prev_last_heartbeat is not None else now
     lease_end = last + heartbeat_timeout + CLOCK_SKEW_MARGIN
-    cutoff_ms = min(int(now * 1000), math.ceil(lease_end * 1000))
+    cutoff_ms = min(int(now * 1000), math.ceil(lease_end * 1000)) + math.ceil(lead_time * 1000)
     return cutoff_ms, max(now, lease_end + run_lease + lease_margin)
 
 
@@ -112,10 +114,12 @@ class FailoverRecovery:
 
     # ---- workers coming back -----------------------------------------------------------------------
     def worker_joined(self, session: WorkerSession, running: Sequence[int], finished: Sequence[int] = ()) -> None:
-        """Re-attach the instances a (re)connecting worker says it still runs or just finished;
-        re-run those it was sent and does not have."""
+        """Re-attach the instances a (re)connecting worker says it still runs, just finished, or holds
+        as lead fires; re-run those it was sent and does not have. Every lead fire it names is
+        answered: confirmed (DISPATCH) if it is still that worker's, else withdrawn."""
         app = session.app
-        named = {*running, *finished}
+        leading = set(session.hello_leading)
+        named = {*running, *finished, *leading}
         rec = self.apps.get(app)
         inflight = self.dispatcher.inflight
         for instance_id in named:
@@ -123,7 +127,11 @@ class FailoverRecovery:
                 self._claim_suspect(session, rec, instance_id)
             flight = inflight.get(instance_id)
             if flight is not None and flight.instance.app == app and flight.session is None:
-                self._reattach(session, flight, finished_here=instance_id not in running)
+                self._reattach(session, flight, finished_here=instance_id not in running,
+                               lead=instance_id in leading)
+            elif instance_id in leading and (flight is None or flight.session is not session):
+                # sent elsewhere, ended, or not this app's: it must not start here
+                session.send("CANCEL", {"instance_id": instance_id, "reason": WITHDRAW_REASON})
         for flight in [f for f in inflight.values()
                        if f.session is None and f.instance.app == app and f.worker_id == session.worker_id
                        and f.instance.id not in named]:
@@ -133,13 +141,16 @@ class FailoverRecovery:
             self.maybe_end(app)
         self.dispatcher.drain_pending(app)
 
-    def _reattach(self, session: WorkerSession, flight: Inflight, finished_here: bool) -> None:
+    def _reattach(self, session: WorkerSession, flight: Inflight, finished_here: bool, lead: bool = False) -> None:
         flight.session = session
         flight.worker_id = session.worker_id
-        session.runs(flight.instance.id)
+        flight.lead = flight.lead or lead
+        session.runs(flight.instance.id, lead)
         self.alarms.cancel(flight.orphan_handle)  # a later disconnect gets a full grace again
         flight.orphan_handle = None
-        if finished_here:  # finished while we were apart: ask for the result again
+        if lead:  # it holds the fire unstarted: confirm it (it starts at its planned time)
+            send_dispatch_frame(session, flight.instance, flight.job, lead=True)
+        elif finished_here:  # finished while we were apart: ask for the result again
             send_dispatch_frame(session, flight.instance, flight.job)
         log.info("instance %d: re-attached to worker %s", flight.instance.id, session.worker_id)
 
@@ -153,7 +164,10 @@ class FailoverRecovery:
         del rec.suspects[instance_id]
         self.lines.hold(job.id, row.id)
         log.info("instance %d: reclaimed from worker %s after the failover", row.id, session.worker_id)
-        self.dispatcher.send(session, row, job, set())
+        # a lead fire it holds is confirmed, still to start at its planned time (a worker never starts
+        # one before the start_at it was first sent with)
+        lead = instance_id in session.hello_leading and session.takes_lead_fires
+        self.dispatcher.send(session, row, job, set(), lead=lead)
 
     def maybe_end(self, app: str) -> None:
         rec = self.apps.get(app)

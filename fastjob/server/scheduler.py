@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -48,8 +49,8 @@ from ..store import NotOwnerError, Store, StoreError
 from ..tasks import BackgroundTasks
 from ..timer import WheelTimer
 from .alarms import AlarmRules
-from .dispatch import Dispatcher
-from .fires import FireDue, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
+from .dispatch import LEAD_MIN, LEAD_SKEW_MARGIN, Dispatcher
+from .fires import FireDue, Inflight, OrphanExpired, PendingExpired, RunOverdue, TimerEntry
 from .follow_ups import FollowUps, follow_up
 from .interventions import Interventions
 from .lines import FORCED, OPERATOR_TRIGGERS, JobLines, Turn, Verdict
@@ -93,9 +94,13 @@ class Scheduler:
         timer_factory: TimerFactory = WheelTimer,
         metrics: Metrics | None = None,
         alarm_rules: AlarmRules | None = None,
+        lead_time: float = 0.0,
     ) -> None:
+        """``lead_time``: seconds before its planned time a fire goes to a worker that takes lead fires
+        (protocol version 5), whose own timer starts it on time; 0: every fire is sent when due."""
         self.store = store
         self.cluster = cluster
+        self.lead_time = lead_time
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.alarm_rules = alarm_rules or AlarmRules([], cluster.server_id, str)
@@ -112,13 +117,16 @@ class Scheduler:
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
         self.waiting_per_job: collections.Counter[int] = collections.Counter()  # fires in the wheel, by job
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
+        # job id -> heap of (planned_ms, attempt, id, row, epoch): fires whose lead time came while their
+        # job's line was busy; the next is sent ahead when the line frees (they also wait in the wheel)
+        self.lead_deferred: dict[int, list[tuple[int, int, int, InstanceRow, int]]] = {}
         # apps being handed to another server: nothing more is sent; fires due meanwhile wait here
         self.draining: dict[str, list[tuple[InstanceRow, int]]] = {}
         self.tasks = BackgroundTasks(expected=(StoreError,))
         self.dispatcher = Dispatcher(
             store=store, writer=self.writer, alarms=self, finish=self.finish, workers_of=workers_of,
             jobs=self.jobs, tasks=self.tasks, dispatch_wait=dispatch_wait, heartbeat_timeout=heartbeat_timeout,
-            clock=clock, metrics=self.metrics, alarm_rules=self.alarm_rules)
+            clock=clock, metrics=self.metrics, alarm_rules=self.alarm_rules, back_to_wheel=self.back_to_wheel)
         self.recovery = FailoverRecovery(
             dispatcher=self.dispatcher, lines=self.lines, jobs=self.jobs, alarms=self, finish=self.finish,
             start_turns=self.start_turns, owns=cluster.owns, run_lease=run_lease, lease_margin=self.lease_margin,
@@ -174,7 +182,8 @@ class Scheduler:
             expected = {w.worker_id for w in await self.store.list_workers(app, origin.prev_owner)}
         now = self.clock.wall()
         cutoff_ms, until = recovery_window(origin, now, heartbeat_timeout=self.heartbeat_timeout,
-                                           run_lease=self.run_lease, lease_margin=self.lease_margin)
+                                           run_lease=self.run_lease, lease_margin=self.lease_margin,
+                                           lead_time=self.lead_time)
         with_jobs = []
         for row in rows:
             job = await self.job(row.job_id)
@@ -203,7 +212,10 @@ class Scheduler:
         self.recovery.forget_app(app)
         self.dispatcher.forget_app(app)
         self.held = [(row, epoch) for row, epoch in self.held if row.app != app]
-        self.lines.forget({job.id for job in self.jobs.values() if job.app == app})
+        app_jobs = {job.id for job in self.jobs.values() if job.app == app}
+        self.lines.forget(app_jobs)
+        for job_id in app_jobs:
+            self.lead_deferred.pop(job_id, None)
         for session in self.workers_of(app):
             session.redirect_away()
 
@@ -238,20 +250,34 @@ class Scheduler:
             self.jobs[job.id] = job
 
     def job_changed(self, job: JobRow) -> None:
+        previous = self.jobs.get(job.id)
         self.jobs[job.id] = job
+        if previous is not None and previous.version != job.version:
+            self.dispatcher.withdraw_leads(job.id)  # its lead fires carry the old definition
         self.wake_scan()
 
     # ---- the wheel -------------------------------------------------------------------------
-    def enter_wheel(self, row: InstanceRow, epoch: int, at: float | None = None) -> None:
-        """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row)."""
+    def enter_wheel(self, row: InstanceRow, epoch: int, at: float | None = None, lead: bool = True) -> None:
+        """Put a fire into the wheel, tagged with the epoch it was recorded under (one entry per row):
+        at its lead time (``lead`` and a lead time set), at its planned time, or at the timer time ``at``
+        (a trigger, a retry: sent when due)."""
         assert self.timer is not None
         previous = self.wheel_handles.pop(row.id, None)
         if previous is not None:
             self.timer.cancel(previous)
         else:
             self.waiting_per_job[row.job_id] += 1
+        lead = lead and at is None and self.lead_time > 0
         when = at if at is not None else timer_time(self.clock, row.planned_ms / 1000.0)
-        self.wheel_handles[row.id] = self.timer.call_at(when, FireDue(row, epoch))
+        if lead:
+            when = max(self.clock.monotonic(), when - self.lead_time)
+        self.wheel_handles[row.id] = self.timer.call_at(when, FireDue(row, epoch, lead))
+
+    def back_to_wheel(self, row: InstanceRow) -> None:
+        """A lead fire its worker dropped (withdrawn, refused ahead of time): due again at its planned time."""
+        epoch = self.cluster.owned.get(row.app)
+        if epoch is not None:
+            self.enter_wheel(row, epoch, lead=False)
 
     def _left_wheel(self, job_id: int) -> None:
         self.waiting_per_job[job_id] -= 1
@@ -288,7 +314,10 @@ class Scheduler:
             if self.wheel_handles.pop(item.row.id, None) is None:
                 return  # taken out of the wheel after it came due (an operator cancelled it in a burst)
             self._left_wheel(item.row.job_id)
-            self.fire(item.row, item.epoch)
+            if item.lead:
+                self.lead(item.row, item.epoch)
+            else:
+                self.fire(item.row, item.epoch)
         elif isinstance(item, RunOverdue):
             self.dispatcher.overdue(item.instance_id)
         elif isinstance(item, OrphanExpired):
@@ -324,6 +353,42 @@ class Scheduler:
         else:
             self.dispatcher.dispatch(row, job, set())
 
+    def lead(self, row: InstanceRow, epoch: int) -> None:
+        """A fire's lead time: send it ahead to a worker that starts it at its planned time, when its job's
+        line is free (the fire then holds it); else it waits in the wheel for its planned time, and goes
+        ahead after all if the line frees before then (``lead_deferred``)."""
+        job = self.jobs.get(row.job_id)
+        session = None
+        if (job is not None and job.enabled and not job.is_delete and self.cluster.owns(row.app, epoch)
+                and row.app not in self.draining and row.id not in self.dispatcher.inflight
+                and row.planned_ms / 1000.0 - self.clock.wall() > LEAD_MIN and self.cluster.lease_valid()):
+            session = self.dispatcher.route(row.app, job, set(), lead=True)
+        if job is None or session is None:
+            self.enter_wheel(row, epoch, lead=False)  # fired when due, by the rules of fire()
+            return
+        if not self.lines.may_go_ahead(job, row):
+            heapq.heappush(self.lead_deferred.setdefault(job.id, []), (row.planned_ms, row.attempt, row.id, row, epoch))
+            self.enter_wheel(row, epoch, lead=False)
+            return
+        self.lines.admit(job, row, epoch)  # RUN: the line was free, or the job allows overlap
+        self.dispatcher.send(session, row, job, set(), lead=True)
+
+    def _lead_next(self, job_id: int) -> None:
+        """The job's line is free: its next fire whose lead time passed meanwhile goes ahead now."""
+        deferred = self.lead_deferred.get(job_id)
+        while deferred:
+            _, _, instance_id, row, epoch = heapq.heappop(deferred)
+            handle = self.wheel_handles.get(instance_id)
+            if handle is None or row.planned_ms / 1000.0 - self.clock.wall() <= LEAD_MIN:
+                continue  # fired, cancelled, or too near its time: the wheel has it
+            del self.wheel_handles[instance_id]
+            self.cancel(handle)
+            self._left_wheel(row.job_id)
+            self.lead(row, epoch)
+            break
+        if not deferred:
+            self.lead_deferred.pop(job_id, None)
+
     def start_turns(self, turn: Turn | None) -> None:
         """Start the next fire of a line that became free (it already holds its job)."""
         if turn is not None:
@@ -335,7 +400,20 @@ class Scheduler:
         self.recovery.worker_joined(session, running, finished)
 
     def worker_left(self, session: WorkerSession) -> None:
+        if session.closed_by_peer:
+            # it closed the connection itself (it died, or reconnects): it starts none of that
+            # connection's lead fires, so those not due yet go to another worker now
+            for flight in self.dispatcher.unstarted_leads(session):
+                self._lead_elsewhere(flight)
         self.recovery.worker_left(session, asyncio.get_running_loop().time())
+
+    def _lead_elsewhere(self, flight: Inflight) -> None:
+        row = flight.instance
+        epoch = self.cluster.owned.get(row.app)
+        if epoch is None or row.planned_ms / 1000.0 - self.clock.wall() <= LEAD_SKEW_MARGIN:
+            return  # its START may be on its way: it waits for its worker like any run (recovery)
+        self.dispatcher.forget(flight)
+        self.lead(row, epoch)  # it still holds its job's line: it goes ahead again, or waits for its time
 
     def worker_draining(self, session: WorkerSession) -> None:
         """A stopping worker takes nothing new: the fires waiting for a worker go elsewhere."""
@@ -389,7 +467,10 @@ class Scheduler:
             key = ("follow", row.id)
             self.follow_ups.spawn(row, job, follow, key if self.lines.replace(job.id, row.id, key) else None)
             return
-        self.start_turns(self.lines.release(row.job_id, row.id))
+        turn = self.lines.release(row.job_id, row.id)
+        self.start_turns(turn)
+        if turn is None and row.job_id in self.lead_deferred and not self.lines.busy(row.job_id):
+            self._lead_next(row.job_id)
         if job is None:
             return
         if status not in (Status.SKIPPED, Status.CANCELLED):

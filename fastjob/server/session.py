@@ -92,9 +92,11 @@ class WorkerSession(Connection):
         self.connected_at = 0.0  # wall clock, at WELCOME
         self.principal: Principal = OPEN_ACCESS
         self._running: set[int] = set()  # instance ids dispatched to it and not finished
+        self._leading: set[int] = set()  # lead fires sent to it and not started (no slot taken yet)
         self._api_inflight = 0  # API requests being answered
         self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
         self.hello_finished: list[int] = []
+        self.hello_leading: list[int] = []  # lead fires it holds unstarted, each awaiting our word (version 5)
         self._second_level: set[int] = set()  # second-level job ids handed down to it
         self._declaring: set[str] = set()  # names its JOB_DECLARE batches carried so far
         #: a worker sends a few batches at once; a store that runs writes in turn takes them in turn
@@ -109,6 +111,11 @@ class WorkerSession(Connection):
     def accepts_jobs(self) -> bool:
         return self.established and self.role == "worker" and not self.closed and not self.draining
 
+    @property
+    def takes_lead_fires(self) -> bool:
+        """Version 5: it holds a fire sent early and starts it at its planned time (lead dispatch)."""
+        return self.version >= 5
+
     def has_room(self) -> bool:
         return self.capacity <= 0 or len(self._running) < self.capacity
 
@@ -119,12 +126,20 @@ class WorkerSession(Connection):
         return len(self._running) / self.capacity if self.capacity > 0 else float(len(self._running))
 
     # ---- what it runs (the scheduler and the second-level tracker keep these) -----------------
-    def runs(self, instance_id: int) -> None:
-        """An instance was dispatched to it (it counts against its capacity until it ends)."""
-        self._running.add(instance_id)
+    def runs(self, instance_id: int, lead: bool = False) -> None:
+        """An instance was dispatched to it: it counts against its capacity until it ends; a lead
+        fire only from its start."""
+        (self._leading if lead else self._running).add(instance_id)
+
+    def started(self, instance_id: int) -> None:
+        """A lead fire started: from now on it takes a slot."""
+        if instance_id in self._leading:
+            self._leading.discard(instance_id)
+            self._running.add(instance_id)
 
     def ended(self, instance_id: int) -> None:
         self._running.discard(instance_id)
+        self._leading.discard(instance_id)
 
     @property
     def run_count(self) -> int:
@@ -132,8 +147,9 @@ class WorkerSession(Connection):
 
     def forget_runs(self) -> list[int]:
         """Every instance it was running, now no longer counted (it left)."""
-        ids = list(self._running)
+        ids = [*self._running, *self._leading]
         self._running.clear()
+        self._leading.clear()
         return ids
 
     def hand_down(self, job_id: int) -> None:
@@ -185,7 +201,9 @@ class WorkerSession(Connection):
             self.fail(ErrorCode.UNKNOWN_TYPE, f"{kind} is not defined in protocol version {self.version}")
         elif kind == "PING":
             # a worker's run lease is renewed only by a server that may still send its app's fires
-            self.send("PONG", {"ts": msg.body.get("ts", 0.0), "lease": self.server.cluster.lease_valid()})
+            # now: the worker measures its clock's offset from ours by it (lead fires start on our clock)
+            self.send("PONG", {"ts": msg.body.get("ts", 0.0), "lease": self.server.cluster.lease_valid(),
+                               "now": time.time()})
         elif kind == "PONG":
             pass
         elif kind == "DRAIN":
@@ -280,6 +298,7 @@ class WorkerSession(Connection):
                  extra={"app": app, "worker": self.worker_id})
         self.hello_running = list(body.get("running") or ())
         self.hello_finished = list(body.get("finished") or ())
+        self.hello_leading = list(body.get("leading") or ())
         self.server.session_joined(self, self.hello_running, self.hello_finished, list(body.get("second_level") or ()))
 
     async def _authenticate(self, app: str, role: str, token: str | None) -> Principal | None:
