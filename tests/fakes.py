@@ -37,6 +37,7 @@ class FakeSession:
         self.closed = False
         self.closed_by_peer = False
         self.handed: set[int] = set()  # second-level jobs handed down to it
+        self.handler_kinds: dict[str, str] = {}
 
     @property
     def accepts_jobs(self) -> bool:
@@ -152,6 +153,14 @@ class Scene:
 
     def worker(self, worker_id: str, **kw: Any) -> FakeSession:
         session = FakeSession(worker_id, **kw)
+        self.sessions.append(session)
+        self.scheduler.worker_joined(session, [], [])
+        return session
+
+    def worker_rejoins(self, worker_id: str, leading: list[int], **kw: Any) -> FakeSession:
+        """A new session of a worker whose HELLO names the lead fires it holds unstarted."""
+        session = FakeSession(worker_id, version=5, **kw)
+        session.hello_leading = list(leading)
         self.sessions.append(session)
         self.scheduler.worker_joined(session, [], [])
         return session

@@ -88,7 +88,7 @@ class FastJobServer:
             is_second_level=self.is_second_level,
             metrics=self.metrics,
             alarm_rules=self.alarm_rules,
-            lead_time=cfg.lead_time,
+            lead_time=cfg.effective_lead_time,
         )
         self.second_level = SecondLevel(
             self.store, self.tasks,

@@ -75,7 +75,8 @@ class ServerConfig:
     status_flush_interval: float = _knob(0.02, "seconds status changes gather into one batched database write")
     scan_horizon: float = _knob(5.0, "seconds ahead that fires are written to the WAL")
     lead_time: float = _knob(1.0, "seconds before its planned time a fire goes to its worker (version 5), whose"
-                                  " own timer starts it on time (0: each fire is sent when due)")
+                                  " own timer starts it on time; at most half the scan horizon (0: each fire is"
+                                  " sent when due)")
     scan_interval: float | None = _knob(None, "seconds between WAL scans (default: a fifth of the horizon)")
     dispatch_wait: float = _knob(30.0, "seconds a due fire waits for a worker before it is failed")
     misfire_threshold: float = _knob(5.0, "a fire later than this when claimed is a misfire")
@@ -122,6 +123,11 @@ class ServerConfig:
         return self.http_host or self.host
 
     @property
+    def effective_lead_time(self) -> float:
+        """The lead time in use: a fire can go ahead only once it is written, so at most half the horizon."""
+        return min(self.lead_time, self.scan_horizon / 2)
+
+    @property
     def effective_run_lease(self) -> float:
         return self.run_lease if self.run_lease is not None else self.heartbeat_timeout
 
@@ -134,8 +140,6 @@ class ServerConfig:
             problems.append("--heartbeat-timeout must be longer than --heartbeat-interval")
         if self.run_lease is not None and self.run_lease <= self.heartbeat_interval:
             problems.append("--run-lease must be longer than --heartbeat-interval")
-        if self.lead_time >= self.scan_horizon:
-            problems.append("--lead-time must be shorter than --scan-horizon (a fire is sent only once it is written)")
         if self.max_frame < MIN_MAX_FRAME:
             problems.append(f"--max-frame must be at least {MIN_MAX_FRAME} bytes"
                             " (a worker's HELLO alone may need several KiB)")

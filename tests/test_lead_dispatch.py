@@ -1,0 +1,227 @@
+"""Lead dispatch (protocol 5): fires sent ahead of their time, started by the worker's own wheel on time.
+
+The rules run in one process (memory store, fake time, fake sessions: tests/fakes.py) at the
+exact instants they speak of; the end-to-end cases run a real server process and a real worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fakes import APP, FakeSession, Scene
+from harness import FAST_CLUSTER_ARGS, next_event, wait_until
+
+from fastjob import Worker
+from fastjob.models import JobSpec, ScheduleType, Status
+from fastjob.protocol import KILL_REASON, WITHDRAW_REASON
+from fastjob.server.cluster import Origin
+from fastjob.server.recovery import recovery_window
+from fastjob.worker_link import ClockOffset
+
+EVERY_10S = dict(schedule_type=ScheduleType.FIXED_RATE, schedule_expr="10.0")
+
+
+@pytest.fixture
+async def scene() -> AsyncIterator[Scene]:
+    scene = await Scene(lead_time=1.0).start()
+    try:
+        yield scene
+    finally:
+        await scene.close()
+
+
+def sent(session: FakeSession, kind: str) -> list[dict[str, Any]]:
+    return [body for k, body in session.sent if k == kind]
+
+
+async def status_of(scene: Scene, job: int, instance_id: int) -> Status:
+    return next(r.status for r in await scene.rows(job) if r.id == instance_id)
+
+
+def lose(scene: Scene, session: FakeSession, by_peer: bool) -> None:
+    """The session ends now: closed by the worker (it died, or reconnects) or by the server."""
+    session.closed_by_peer = by_peer
+    session.last_received = asyncio.get_running_loop().time()
+    scene.sessions.remove(session)
+    scene.scheduler.worker_left(session)
+
+
+async def second_fire(scene: Scene, worker: FakeSession, **fields: Any) -> tuple[int, int]:
+    """A job every 10 s whose first fire (due at once) has run; returns (job id, second fire's id),
+    the second fire written to the WAL and not yet at its lead time (8.5 s from its first)."""
+    job = await scene.job("j", **{**EVERY_10S, **fields})
+    await scene.scan()
+    await scene.advance(0.001)
+    first = (await scene.rows(job))[0]
+    scene.result(worker, first.id)
+    await scene.advance(8.5)
+    await scene.scan()
+    second = [r for r in await scene.rows(job) if r.status is Status.WAITING]
+    assert len(second) == 1
+    return job, second[0].id
+
+
+@pytest.mark.rules
+@pytest.mark.parametrize("version", [4, 5])
+async def test_a_fire_goes_ahead_only_to_a_version_5_worker_and_takes_its_slot_only_when_it_starts(
+        scene: Scene, version: int) -> None:
+    worker = scene.worker("w1", capacity=1, version=version)
+    _, fire = await second_fire(scene, worker)
+    await scene.advance(0.5)  # its lead time: 1 s before it is due
+    lead = [d for d in worker.dispatched() if d["instance_id"] == fire]
+    if version == 4:
+        assert lead == [], "an older worker gets each fire when it is due"
+        await scene.advance(1.0)
+        assert [d for d in worker.dispatched() if d["instance_id"] == fire][0].get("start_at") is None
+        return
+    assert lead and lead[0]["start_at"] == lead[0]["scheduled_at"]
+    assert worker.has_room(), "a lead fire takes no slot before it starts"
+    scene.scheduler.on_start(worker, {"instance_id": fire, "started_at": scene.clock.wall()})
+    assert not worker.has_room()
+
+
+@pytest.mark.rules
+async def test_a_lead_fire_whose_worker_closed_its_connection_goes_elsewhere_at_once(scene: Scene) -> None:
+    w1 = scene.worker("w1", version=5)
+    _, fire = await second_fire(scene, w1)
+    await scene.advance(0.5)
+    assert [d["instance_id"] for d in w1.dispatched()][-1] == fire
+    w2 = scene.worker("w2", version=5)
+    lose(scene, w1, by_peer=True)  # it died, or reconnects: it starts nothing of this connection
+    await scene.advance(0.001)
+    again = [d for d in w2.dispatched() if d["instance_id"] == fire]
+    assert again and again[0]["start_at"] == again[0]["scheduled_at"], "sent ahead again, 1 s early"
+    # the first worker comes back naming it: it must not start there
+    back = scene.worker_rejoins("w1", leading=[fire])
+    assert sent(back, "CANCEL") == [{"instance_id": fire, "reason": WITHDRAW_REASON}]
+
+
+@pytest.mark.rules
+async def test_a_lead_fire_whose_start_may_be_on_its_way_waits_for_its_worker(scene: Scene) -> None:
+    w1 = scene.worker("w1", version=5)
+    job, fire = await second_fire(scene, w1)
+    await scene.advance(1.45)  # 0.05 s before its time: within the clock-skew margin
+    w2 = scene.worker("w2", version=5)
+    lose(scene, w1, by_peer=True)
+    await scene.advance(0.1)
+    assert not [d for d in w2.dispatched() if d["instance_id"] == fire], "never two copies at once"
+    await scene.advance(10.5)  # the lost worker's run lease (10 s) is surely out: run again
+    assert await status_of(scene, job, fire) is Status.INTERRUPTED
+
+
+@pytest.mark.rules
+async def test_a_lead_fire_of_a_worker_we_closed_waits_and_is_confirmed_when_it_comes_back(scene: Scene) -> None:
+    w1 = scene.worker("w1", version=5)
+    _, fire = await second_fire(scene, w1)
+    await scene.advance(0.5)
+    lose(scene, w1, by_peer=False)  # closed by us (say its heartbeat was late): it may not know yet
+    w2 = scene.worker("w2", version=5)
+    await scene.advance(0.1)
+    assert not [d for d in w2.dispatched() if d["instance_id"] == fire]
+    back = scene.worker_rejoins("w1", leading=[fire])
+    confirmed = [d for d in back.dispatched() if d["instance_id"] == fire]
+    assert confirmed and confirmed[0]["start_at"] == confirmed[0]["scheduled_at"]
+
+
+@pytest.mark.rules
+@pytest.mark.parametrize("change", ["params", "pause"])
+async def test_a_changed_job_withdraws_its_lead_fire_and_fires_as_it_now_says(scene: Scene, change: str) -> None:
+    worker = scene.worker("w1", version=5)
+    job, fire = await second_fire(scene, worker, params={"v": 1})
+    await scene.advance(0.5)
+    assert [d["params"] for d in worker.dispatched() if d["instance_id"] == fire] == [{"v": 1}]
+    spec = JobSpec(app=APP, name="j", handler="j", params={"v": 2}, enabled=change != "pause", **EVERY_10S)
+    row = await scene.store.upsert_job(spec, None, scene.clock.wall())
+    scene.scheduler.job_changed(row)
+    assert sent(worker, "CANCEL") == [{"instance_id": fire, "reason": WITHDRAW_REASON}]
+    scene.scheduler.on_ack(worker, {"instance_id": fire, "accepted": False, "reason": WITHDRAW_REASON})
+    await scene.advance(1.0)  # its planned time
+    again = [d for d in worker.dispatched() if d["instance_id"] == fire][1:]
+    if change == "pause":
+        assert again == [] and await status_of(scene, job, fire) is Status.CANCELLED
+    else:
+        assert [d["params"] for d in again] == [{"v": 2}] and "start_at" not in again[0]
+
+
+@pytest.mark.rules
+async def test_a_lead_fire_waits_for_its_line_and_goes_ahead_when_the_run_before_it_ends(scene: Scene) -> None:
+    worker = scene.worker("w1", version=5)
+    job = await scene.job("j", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1.0", overlap="queue")
+    await scene.scan()
+    await scene.advance(0.001)
+    first = (await scene.rows(job))[0]
+    await scene.advance(0.3)  # the second fire's lead time came (at 0): the first still runs
+    rows = await scene.rows(job)
+    assert len(worker.dispatched()) == 1, "the line is held: nothing goes ahead"
+    scene.result(worker, first.id)
+    await scene.advance(0.001)
+    ahead = worker.dispatched()[-1]
+    assert ahead["instance_id"] == rows[1].id and ahead["start_at"] == rows[1].planned_ms / 1000.0
+
+
+@pytest.mark.rules
+async def test_an_operator_kills_a_lead_fire_before_it_starts(scene: Scene) -> None:
+    worker = scene.worker("w1", version=5)
+    job, fire = await second_fire(scene, worker)
+    await scene.advance(0.5)
+    row = await scene.store.get_instance(fire)
+    assert row is not None
+    status = scene.scheduler.interventions.kill(row, await scene.store.get_job(job))
+    assert status is Status.KILLED and sent(worker, "CANCEL")[-1] == {"instance_id": fire, "reason": KILL_REASON}
+    scene.scheduler.on_ack(worker, {"instance_id": fire, "accepted": False, "reason": KILL_REASON})
+    await scene.advance(2.0)
+    assert await status_of(scene, job, fire) is Status.CANCELLED
+    assert [d for d in worker.dispatched() if d["instance_id"] == fire][1:] == [], "it never runs"
+
+
+@pytest.mark.rules
+def test_a_new_owner_holds_back_fires_up_to_the_lead_time_past_the_old_owners_lease() -> None:
+    origin = Origin(prev_owner="s0", prev_last_heartbeat=1000.0, left_clean=False)
+    plain, _ = recovery_window(origin, 1030.0, heartbeat_timeout=10.0, run_lease=10.0, lease_margin=1.0)
+    led, _ = recovery_window(origin, 1030.0, heartbeat_timeout=10.0, run_lease=10.0, lease_margin=1.0,
+                             lead_time=2.0)
+    assert led - plain == 2000
+
+
+def test_the_clock_offset_is_taken_from_the_answer_with_the_shortest_round_trip() -> None:
+    clock = ClockOffset()
+    clock.sample(sent=100.0, server_now=105.30, received=100.4)  # slow: offset 5.1 +- 0.2
+    clock.sample(sent=101.0, server_now=106.01, received=101.02)  # fast: offset 5.0 +- 0.01
+    clock.sample(sent=102.0, server_now=107.6, received=102.8)
+    assert clock.offset == pytest.approx(5.0) and clock.error == pytest.approx(0.01)
+    assert clock.to_local(110.0) == pytest.approx(105.0)
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+async def test_a_lead_fire_arrives_early_and_starts_on_time_not_before(servers, sqlite_url) -> None:
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, "--second-level-threshold", "0",
+                                 "--scan-horizon", "3", "--lead-time", "1.0")
+    worker = Worker(app="lead", servers=[server.address], reconnect_max=0.5)
+    arrivals: dict[int, tuple[float, float | None]] = {}
+    started: asyncio.Queue[tuple[int, float, float]] = asyncio.Queue()
+    receive = worker._on_dispatch
+
+    def watch(conn: Any, body: dict[str, Any]) -> None:
+        arrivals.setdefault(body["instance_id"], (time.time(), body.get("start_at")))
+        receive(conn, body)
+
+    worker._on_dispatch = watch  # type: ignore[method-assign]
+
+    @worker.handler("tick")
+    async def tick(ctx: Any) -> None:
+        started.put_nowait((ctx.instance_id, time.time(), ctx.scheduled_at))
+
+    planned = time.time() + 3.0
+    worker.schedule("once", handler="tick", at=planned)
+    async with worker:
+        await wait_until(lambda: worker._link.clock.error < 1.0, 10, "a clock offset measurement")
+        instance_id, began, scheduled = await next_event(started, timeout=15)
+        arrived, start_at = arrivals[instance_id]
+        assert start_at == pytest.approx(planned, abs=0.002) and scheduled == pytest.approx(planned, abs=0.002)
+        assert planned - arrived > 0.5, f"sent only {planned - arrived:.3f}s ahead"
+        local_planned = worker._link.clock.to_local(planned)
+        assert began >= local_planned, f"started {local_planned - began:.4f}s before its planned time"
+        assert began - local_planned < 0.5
