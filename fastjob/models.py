@@ -62,7 +62,9 @@ STATUS_RULES: dict[Status, StatusRule] = {
     Status.QUEUED: StatusRule(False, "-", False, "no (it waits behind)",
                               "due while an earlier instance of its job runs (overlap queue or buffer_one);"
                               " takes no worker capacity"),
-    Status.DISPATCHED: StatusRule(False, "-", False, "yes", "sent to a worker"),
+    Status.DISPATCHED: StatusRule(False, "-", False, "yes",
+                                  "sent to a worker (a lead fire: sent ahead, held by its worker until its planned"
+                                  " time)"),
     Status.RUNNING: StatusRule(False, "-", False, "yes", "the handler started"),
     Status.SUCCEEDED: StatusRule(True, "no", False, "no", "the handler returned"),
     Status.FAILED: StatusRule(True, "if retries are left", True, "no",

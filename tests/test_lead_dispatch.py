@@ -163,6 +163,32 @@ async def test_a_lead_fire_waits_for_its_line_and_goes_ahead_when_the_run_before
 
 
 @pytest.mark.rules
+async def test_a_fire_never_goes_ahead_of_an_earlier_fire_of_its_job() -> None:
+    """The first two fires find no free worker at their lead times and wait for their planned times;
+    the third's lead time finds one free: it must not go ahead of them (a skip job would then skip
+    the first for an overlap with a fire planned after it)."""
+    scene = await Scene(lead_time=2.5).start()
+    try:
+        worker = scene.worker("w1", capacity=1, version=5)
+        busy = await scene.job("busy", schedule_type=ScheduleType.API)
+        await scene.scheduler.trigger(APP, await scene.store.get_job(busy), None)  # type: ignore[arg-type]
+        await scene.advance(0.001)
+        assert not worker.has_room()
+        job = await scene.job("j", schedule_type=ScheduleType.CRON, schedule_expr="* * * * * *", overlap="skip")
+        await scene.scan()
+        await scene.advance(0.2)
+        scene.result(worker, worker.dispatched()[0]["instance_id"])
+        await scene.advance(0.4)  # the third fire's lead time: the worker has room again
+        rows = await scene.rows(job)
+        assert [d["instance_id"] for d in worker.dispatched()][1:] == []
+        await scene.advance(0.5)  # the first fire's planned time
+        assert [r.status for r in (await scene.rows(job))[:1]] == [Status.DISPATCHED]
+        assert worker.dispatched()[1]["instance_id"] == rows[0].id
+    finally:
+        await scene.close()
+
+
+@pytest.mark.rules
 async def test_an_operator_kills_a_lead_fire_before_it_starts(scene: Scene) -> None:
     worker = scene.worker("w1", version=5)
     job, fire = await second_fire(scene, worker)
@@ -225,3 +251,119 @@ async def test_a_lead_fire_arrives_early_and_starts_on_time_not_before(servers, 
         local_planned = worker._link.clock.to_local(planned)
         assert began >= local_planned, f"started {local_planned - began:.4f}s before its planned time"
         assert began - local_planned < 0.5
+
+
+# ---- the worker's side: InstanceRunner with a stand-in link ---------------------------------------
+class FakeConn:
+    """A connection to the server as the runner sees it: it records what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.closed = False
+
+    def send(self, kind: str, body: dict[str, Any]) -> None:
+        self.sent.append((kind, body))
+
+    def acks(self) -> list[dict[str, Any]]:
+        return [body for kind, body in self.sent if kind == "ACK"]
+
+
+class FakeLink:
+    """The runner's RunLink: one current connection, a held run lease, a measured clock offset."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.worker_id = "w1"
+        self.conn: FakeConn | None = FakeConn()
+        self.version = 5
+        self.frame_limit = 1 << 20
+        self.stopping = False
+        self.alive_at = 0.0
+        self.run_lease = 10.0
+        self.heartbeat_timeout = 3.0
+        self.clock = ClockOffset()
+        self.clock.offset = offset
+
+    def lease_held(self) -> bool:
+        return True
+
+    def send(self, kind: str, body: dict[str, Any]) -> bool:
+        assert self.conn is not None
+        self.conn.send(kind, body)
+        return True
+
+    def ping(self, conn: Any) -> None:
+        pass
+
+
+def lead_body(instance_id: int, start_at: float) -> dict[str, Any]:
+    return {"instance_id": instance_id, "job_id": 1, "job": "j", "handler": "h", "params": None, "attempt": 1,
+            "scheduled_at": start_at, "timeout": None, "start_at": start_at}
+
+
+def runner_with(link: FakeLink, starts: asyncio.Queue[tuple[int, float]]) -> Any:
+    from fastjob.worker_runs import InstanceRunner
+
+    async def handler(ctx: Any) -> None:
+        starts.put_nowait((ctx.instance_id, time.time()))
+
+    runner = InstanceRunner(link, {"h": handler}, capacity=lambda: 1, abandoned=lambda: False)  # type: ignore[arg-type]
+    return runner
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+async def test_the_worker_holds_a_lead_fire_and_starts_it_at_its_time_on_the_servers_clock(offset: float) -> None:
+    link, starts = FakeLink(offset), asyncio.Queue[tuple[int, float]]()
+    runner = runner_with(link, starts)
+    start_at = time.time() + offset + 0.2  # 0.2 s from now, on the server's clock
+    runner.on_dispatch(link.conn, lead_body(7, start_at))
+    runner.on_dispatch(link.conn, lead_body(8, start_at))  # capacity 1: a lead fire takes no slot until it starts
+    assert [a["accepted"] for a in link.conn.acks()] == [True, True], "acknowledged on receipt"
+    assert runner.hello_state()["leading"] == [7, 8]
+    instance_id, began = await next_event(starts, timeout=5)
+    assert began >= start_at - offset, "never before its time"
+    assert began - (start_at - offset) < 0.1
+    await asyncio.sleep(0.05)  # the other one found the only slot taken at its start: given back
+    other = 15 - instance_id
+    assert link.conn.acks()[-1] == {"instance_id": other, "accepted": False, "reason": "at max_concurrency"}
+    runner.close()
+
+
+async def test_a_lead_fire_of_a_closed_connection_waits_for_the_servers_word() -> None:
+    link, starts = FakeLink(), asyncio.Queue[tuple[int, float]]()
+    runner = runner_with(link, starts)
+    first = link.conn
+    runner.on_dispatch(first, lead_body(7, time.time() + 0.1))
+    runner.on_dispatch(first, lead_body(8, time.time() + 0.1))
+    first.closed = True
+    link.conn = FakeConn()  # a new session: its HELLO names both
+    assert runner.hello_state()["leading"] == [7, 8]
+    await asyncio.sleep(0.3)
+    assert starts.empty(), "its time passed, but the server may have sent it elsewhere"
+    runner.cancel(8, WITHDRAW_REASON)  # sent elsewhere meanwhile: dropped
+    runner.on_dispatch(link.conn, lead_body(7, time.time() + 5))  # confirmed: it keeps its first start time
+    instance_id, _ = await next_event(starts, timeout=5)
+    assert instance_id == 7 and runner.leading == {}
+    assert {"instance_id": 8, "accepted": False, "reason": WITHDRAW_REASON} in link.conn.acks()
+    runner.close()
+
+
+async def test_a_withdrawal_never_stops_a_run() -> None:
+    link, starts = FakeLink(), asyncio.Queue[tuple[int, float]]()
+    from fastjob.worker_runs import InstanceRunner
+
+    release = asyncio.Event()
+
+    async def slow(ctx: Any) -> None:
+        starts.put_nowait((ctx.instance_id, time.time()))
+        await release.wait()
+
+    runner = InstanceRunner(link, {"h": slow}, capacity=lambda: 4, abandoned=lambda: False)  # type: ignore[arg-type]
+    runner.on_dispatch(link.conn, lead_body(7, time.time()))
+    await next_event(starts, timeout=5)
+    runner.cancel(7, WITHDRAW_REASON)
+    await asyncio.sleep(0.05)
+    assert 7 in runner.running and not runner.running[7].done()
+    release.set()
+    await asyncio.wait_for(asyncio.shield(runner.running[7]), 5)
+    assert [body["status"] for kind, body in link.conn.sent if kind == "RESULT"] == ["succeeded"]
+    runner.close()

@@ -68,6 +68,11 @@ log = logging.getLogger("fastjob.scheduler")
 DUE_SLICE = 256  # due items handled per loop iteration: the write flush runs between slices
 
 
+def _due_order(item: TimerEntry) -> tuple[int, int]:
+    """Fires by planned time and attempt; other deadlines first (they carry no order of their own)."""
+    return (item.row.planned_ms, item.row.attempt) if isinstance(item, FireDue) else (0, 0)
+
+
 class Scheduler:
     """Owns the wheel of this server and every fire of the apps this server owns.
 
@@ -299,11 +304,17 @@ class Scheduler:
             self.timer.cancel(handle)
 
     def _on_due(self, items: list[TimerEntry]) -> None:
-        """Handle due items; a big burst goes in slices so frames leave while the rest waits."""
-        if len(items) > DUE_SLICE:
-            asyncio.get_running_loop().call_soon(self._on_due, items[DUE_SLICE:])
-            items = items[:DUE_SLICE]
-        for item in items:
+        """Handle due items, fires in planned order (a job's fires entered at one instant must not
+        overtake each other); a big burst goes in slices so frames leave while the rest waits."""
+        if len(items) > 1:
+            items.sort(key=_due_order)
+        self._due_slice(items, 0)
+
+    def _due_slice(self, items: list[TimerEntry], start: int) -> None:
+        end = start + DUE_SLICE
+        if len(items) > end:
+            asyncio.get_running_loop().call_soon(self._due_slice, items, end)
+        for item in items[start:end]:
             try:
                 self._due(item)
             except Exception:  # one bad item must not cost the rest of the batch
@@ -355,32 +366,46 @@ class Scheduler:
 
     def lead(self, row: InstanceRow, epoch: int) -> None:
         """A fire's lead time: send it ahead to a worker that starts it at its planned time, when its job's
-        line is free (the fire then holds it); else it waits in the wheel for its planned time, and goes
-        ahead after all if the line frees before then (``lead_deferred``)."""
+        line is free (the fire then holds it) and no earlier fire of the job waits for its own time; else
+        it waits in the wheel for its planned time (fire()), and goes ahead after all if the line frees
+        before then (``lead_deferred``, in planned order: fires of a job never overtake each other)."""
         job = self.jobs.get(row.job_id)
-        session = None
-        if (job is not None and job.enabled and not job.is_delete and self.cluster.owns(row.app, epoch)
-                and row.app not in self.draining and row.id not in self.dispatcher.inflight
-                and row.planned_ms / 1000.0 - self.clock.wall() > LEAD_MIN and self.cluster.lease_valid()):
-            session = self.dispatcher.route(row.app, job, set(), lead=True)
-        if job is None or session is None:
-            self.enter_wheel(row, epoch, lead=False)  # fired when due, by the rules of fire()
-            return
-        if not self.lines.may_go_ahead(job, row):
-            heapq.heappush(self.lead_deferred.setdefault(job.id, []), (row.planned_ms, row.attempt, row.id, row, epoch))
+        if job is None:
             self.enter_wheel(row, epoch, lead=False)
+            return
+        session = None
+        if (job.enabled and not job.is_delete and self.cluster.owns(row.app, epoch)
+                and row.app not in self.draining and row.id not in self.dispatcher.inflight
+                and row.planned_ms / 1000.0 - self.clock.wall() > LEAD_MIN and self.cluster.lease_valid()
+                and not self._earlier_fire_waits(job.id, row) and self.lines.may_go_ahead(job, row)):
+            session = self.dispatcher.route(row.app, job, set(), lead=True)
+        if session is None:
+            heapq.heappush(self.lead_deferred.setdefault(job.id, []), (row.planned_ms, row.attempt, row.id, row, epoch))
+            self.enter_wheel(row, epoch, lead=False)  # fired when due, by the rules of fire()
             return
         self.lines.admit(job, row, epoch)  # RUN: the line was free, or the job allows overlap
         self.dispatcher.send(session, row, job, set(), lead=True)
 
+    def _earlier_fire_waits(self, job_id: int, row: InstanceRow) -> bool:
+        """Is a fire of the job planned before ``row`` still in the wheel, its lead time passed? It goes first."""
+        deferred = self.lead_deferred.get(job_id)
+        while deferred and deferred[0][2] not in self.wheel_handles:
+            heapq.heappop(deferred)  # it left the wheel: fired, led, cancelled
+        return deferred is not None and bool(deferred) and deferred[0][:2] < (row.planned_ms, row.attempt)
+
     def _lead_next(self, job_id: int) -> None:
-        """The job's line is free: its next fire whose lead time passed meanwhile goes ahead now."""
+        """The job's line is free: its next fire whose lead time passed meanwhile goes ahead now, unless it
+        is too near its time (then the wheel fires it, and the fires behind it wait for their turn)."""
         deferred = self.lead_deferred.get(job_id)
         while deferred:
-            _, _, instance_id, row, epoch = heapq.heappop(deferred)
+            _, _, instance_id, row, epoch = deferred[0]
             handle = self.wheel_handles.get(instance_id)
-            if handle is None or row.planned_ms / 1000.0 - self.clock.wall() <= LEAD_MIN:
-                continue  # fired, cancelled, or too near its time: the wheel has it
+            if handle is None:
+                heapq.heappop(deferred)
+                continue
+            if row.planned_ms / 1000.0 - self.clock.wall() <= LEAD_MIN:
+                break
+            heapq.heappop(deferred)
             del self.wheel_handles[instance_id]
             self.cancel(handle)
             self._left_wheel(row.job_id)
