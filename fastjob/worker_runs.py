@@ -271,14 +271,14 @@ class InstanceRunner:
 
     def _leads_due(self, instance_ids: list[int]) -> None:
         """Lead fires whose time came: each starts as a DISPATCH would now (capacity, run lease), if
-        the connection that confirmed it is still ours; else it waits for the server to confirm it."""
-        current = self._link.conn
+        the connection that confirmed it is still open (a session's connection is closed when it ends;
+        the newest may still be finishing its handshake); else it waits for the server to confirm it."""
         for instance_id in instance_ids:
             lead = self.leading.get(instance_id)
             if lead is None:
                 continue
             lead.handle = None
-            if lead.conn is not current or lead.conn.closed:
+            if lead.conn.closed:
                 continue  # listed in our next HELLO: the server confirms or withdraws it
             del self.leading[instance_id]
             body = dict(lead.body)
