@@ -129,6 +129,8 @@ class InstanceRunner:
         self._executor: DaemonThreadPool | None = None
         self._processes: ProcessPool | None = None  # for isolation="process" handlers (isolation.py)
         self.leading: dict[int, LeadFire] = {}  # lead fires not started, by instance id
+        self._starts: list[tuple[int, float]] = []  # runs started this loop turn: START for those still running
+        self._results_due = False  # a send_results is scheduled
         self._lead_timer: WheelTimer | None = None  # made on the loop when the first lead fire comes
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -157,6 +159,7 @@ class InstanceRunner:
         if self.running:
             self.interrupt_after(grace, "worker stopping")
             await asyncio.wait(list(self.running.values()), timeout=grace + 2.0)
+        self.send_results()
 
     def hello_state(self) -> dict[str, Any]:
         """What a HELLO says of our runs, so that a new owner re-attaches them instead of failing them."""
@@ -230,21 +233,26 @@ class InstanceRunner:
             if held.handle is None:
                 self._arm(held)  # at its start_at, or at once if that passed while it waited
             return
-        lead = body.get("start_at") is not None
         reason = None
         if self._link.stopping:
             reason = "worker stopping"
         elif body["handler"] not in self._handlers:
             reason = f"unknown handler {body['handler']!r}"
-        elif not lead and len(self.running) >= self._capacity():  # a lead fire takes its slot when it starts
-            reason = "at max_concurrency"
         if reason is not None:
             conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
             return
-        if lead:
+        if body.get("start_at") is not None:  # a lead fire: it takes its slot when it starts
             held = self.leading[instance_id] = LeadFire(body, conn)
             conn.send("ACK", {"instance_id": instance_id, "accepted": True})
             self._arm(held)
+            return
+        self._start(conn, body)
+
+    def _start(self, conn: Connection, body: dict[str, Any]) -> None:
+        """Run an accepted DISPATCH now, if a slot is free and our run lease holds (else later, or refused)."""
+        instance_id = body["instance_id"]
+        if len(self.running) >= self._capacity():
+            conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": "at max_concurrency"})
             return
         if not self._link.lease_held():
             # our run lease lapsed (an outage, or we were frozen and this frame is old): start
@@ -281,9 +289,7 @@ class InstanceRunner:
             if lead.conn.closed:
                 continue  # listed in our next HELLO: the server confirms or withdraws it
             del self.leading[instance_id]
-            body = dict(lead.body)
-            del body["start_at"]
-            self.on_dispatch(lead.conn, body)
+            self._start(lead.conn, lead.body)
 
     def refuse_leads(self, reason: str) -> None:
         """Give every lead fire back to the server (the worker is stopping): it sends them elsewhere."""
@@ -303,7 +309,7 @@ class InstanceRunner:
         deferred, self.deferred = self.deferred, []
         for conn, body, _ in deferred:
             if not conn.closed:
-                self.on_dispatch(conn, body)
+                self._start(conn, body)
 
     def refuse_deferred(self, older_than: float, reason: str) -> None:
         """Refuse the dispatches that waited longer than ``older_than`` (loop time) for a vouching PONG."""
@@ -320,8 +326,11 @@ class InstanceRunner:
         instance_id = body["instance_id"]
         started_at = time.time()
         # START goes out at the next loop turn, and only if the handler still runs then: a handler
-        # done at once reports once (its RESULT carries started_at), one frame less per fire
-        asyncio.get_running_loop().call_soon(self._report_start, instance_id, started_at)
+        # done at once reports once (its RESULT carries started_at), one frame less per fire. The
+        # starts of a turn go in one callback, after every run that starts in that turn has started.
+        self._starts.append((instance_id, started_at))
+        if len(self._starts) == 1:
+            asyncio.get_running_loop().call_soon(self._report_starts)
         ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
                          body["scheduled_at"], JobLog(self, instance_id, body["job"]))
         status, result, error = await self.run_handler(self._handlers[body["handler"]], ctx, body.get("timeout"),
@@ -333,13 +342,23 @@ class InstanceRunner:
                   "finished_at": time.time(), "result": result, "error": error}
         self.running.pop(instance_id, None)
         self.unsent_results[instance_id] = report
+        if not self._results_due:
+            # sent once the other runs of this turn have started: a burst's handlers start first
+            self._results_due = True
+            asyncio.get_running_loop().call_soon(self.send_results)
+
+    def _report_starts(self) -> None:
+        starts, self._starts = self._starts, []
+        for instance_id, started_at in starts:
+            if instance_id in self.running:
+                self._link.send("START", {"instance_id": instance_id, "started_at": started_at})
+
+    def send_results(self) -> None:
+        """Send the results of finished runs on the current session (kept for the next one if none)."""
+        self._results_due = False
         conn = self._link.conn
         if conn is not None and not conn.closed:
             self.resend_results(conn)
-
-    def _report_start(self, instance_id: int, started_at: float) -> None:
-        if instance_id in self.running:
-            self._link.send("START", {"instance_id": instance_id, "started_at": started_at})
 
     async def run_handler(
         self, fn: Handler, ctx: Any, timeout: float | None, cancel_reason: Callable[[], str],

@@ -37,7 +37,6 @@ following up   ``follow_ups`` (:mod:`.follow_ups`: a     written: in the wheel a
 from __future__ import annotations
 
 import asyncio
-import collections
 import heapq
 import logging
 from collections.abc import Callable
@@ -120,7 +119,8 @@ class Scheduler:
         self.jobs: dict[int, JobRow] = {}
         self.lines = JobLines()
         self.wheel_handles: dict[int, int] = {}  # instance id -> wheel handle, for waiting fires
-        self.waiting_per_job: collections.Counter[int] = collections.Counter()  # fires in the wheel, by job
+        # fires in the wheel, by job (a plain dict: Counter's __delitem__ is Python code, and ran per fire)
+        self.waiting_per_job: dict[int, int] = {}
         self.held: list[tuple[InstanceRow, int]] = []  # (row, epoch) due while our lease was stale
         # job id -> heap of (planned_ms, attempt, id, row, epoch): fires whose lead time came while their
         # job's line was busy; the next is sent ahead when the line frees (they also wait in the wheel)
@@ -271,7 +271,7 @@ class Scheduler:
         if previous is not None:
             self.timer.cancel(previous)
         else:
-            self.waiting_per_job[row.job_id] += 1
+            self.waiting_per_job[row.job_id] = self.waiting_per_job.get(row.job_id, 0) + 1
         lead = lead and at is None and self.lead_time > 0
         when = at if at is not None else timer_time(self.clock, row.planned_ms / 1000.0)
         if lead:
@@ -285,13 +285,15 @@ class Scheduler:
             self.enter_wheel(row, epoch, lead=False)
 
     def _left_wheel(self, job_id: int) -> None:
-        self.waiting_per_job[job_id] -= 1
-        if self.waiting_per_job[job_id] <= 0:
-            del self.waiting_per_job[job_id]
+        left = self.waiting_per_job.get(job_id, 0) - 1
+        if left > 0:
+            self.waiting_per_job[job_id] = left
+        else:
+            self.waiting_per_job.pop(job_id, None)
 
     def _links_in_motion(self, job: JobRow) -> bool:
         """Has the job a fire waiting in the wheel, in its line (running, queued, waiting for a worker) or held?"""
-        return (self.waiting_per_job[job.id] > 0 or self.lines.busy(job.id)
+        return (job.id in self.waiting_per_job or self.lines.busy(job.id)
                 or any(row.job_id == job.id for row, _ in self.held))
 
     def arm(self, item: TimerEntry, delay: float) -> int:
