@@ -463,5 +463,10 @@ class ClockOffset:
         self.error = best_round_trip / 2
 
     def to_local(self, server_time: float) -> float:
-        """A server wall-clock instant on our wall clock."""
+        """A server wall-clock instant on our wall clock (the estimate)."""
         return server_time - self.offset
+
+    def surely_after(self, server_time: float) -> float:
+        """The first instant on our wall clock that is surely not before ``server_time`` on the server's:
+        the estimate plus its error bound (half the round trip), so that a lead fire never starts early."""
+        return server_time - self.offset + (self.error if self.error != float("inf") else 0.0)

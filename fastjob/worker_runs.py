@@ -49,21 +49,25 @@ FINISHED_IN_HELLO = 1000
 MAX_LOG_LINE = 4096  # characters kept of one log line
 LOG_LINES_PER_FRAME = 100  # so a LOG frame stays far below max_frame (100 x 4 KiB)
 RESULT_HEADROOM = 4096  # bytes of a RESULT frame besides the result itself
+HELD_PER_FRAME = 5_000  # lead fire ids per HELD frame (9 bytes each at most: below the smallest frame limit)
+_SUCCEEDED = Status.SUCCEEDED.value  # read per run: an Enum member's .value is a Python-level property
 
 
 class ServerClock(Protocol):
     """The server's wall clock as this worker estimates it (worker_link.ClockOffset)."""
 
     def to_local(self, server_time: float) -> float: ...
+    def surely_after(self, server_time: float) -> float: ...
 
 
 class LeadFire:
     """A lead fire held until its start: its DISPATCH, the connection that confirmed it last, its timer entry."""
 
-    __slots__ = ("body", "conn", "handle")
+    __slots__ = ("body", "ctx", "conn", "handle")
 
-    def __init__(self, body: dict[str, Any], conn: Connection) -> None:
+    def __init__(self, body: dict[str, Any], ctx: JobContext, conn: Connection) -> None:
         self.body = body
+        self.ctx = ctx  # made on receipt: one thing less to do when a burst starts
         self.conn = conn
         self.handle: int | None = None  # None: due, waiting for the server to confirm it after a reconnect
 
@@ -129,6 +133,8 @@ class InstanceRunner:
         self._executor: DaemonThreadPool | None = None
         self._processes: ProcessPool | None = None  # for isolation="process" handlers (isolation.py)
         self.leading: dict[int, LeadFire] = {}  # lead fires not started, by instance id
+        self._held: list[int] = []  # lead fires taken this loop turn, acknowledged together (HELD)
+        self._held_conn: Connection | None = None  # the connection they came on
         self._starts: list[tuple[int, float]] = []  # runs started this loop turn: START for those still running
         self._results_due = False  # a send_results is scheduled
         self._lead_timer: WheelTimer | None = None  # made on the loop when the first lead fire comes
@@ -229,7 +235,7 @@ class InstanceRunner:
         held = self.leading.get(instance_id)
         if held is not None:  # the server confirms a lead fire we hold: it starts on this connection
             held.conn = conn
-            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            self._acknowledge(conn, instance_id)
             if held.handle is None:
                 self._arm(held)  # at its start_at, or at once if that passed while it waited
             return
@@ -242,13 +248,13 @@ class InstanceRunner:
             conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": reason})
             return
         if body.get("start_at") is not None:  # a lead fire: it takes its slot when it starts
-            held = self.leading[instance_id] = LeadFire(body, conn)
-            conn.send("ACK", {"instance_id": instance_id, "accepted": True})
+            held = self.leading[instance_id] = LeadFire(body, self._context(body), conn)
             self._arm(held)
+            self._acknowledge(conn, instance_id)
             return
         self._start(conn, body)
 
-    def _start(self, conn: Connection, body: dict[str, Any]) -> None:
+    def _start(self, conn: Connection, body: dict[str, Any], ctx: JobContext | None = None) -> None:
         """Run an accepted DISPATCH now, if a slot is free and our run lease holds (else later, or refused)."""
         instance_id = body["instance_id"]
         if len(self.running) >= self._capacity():
@@ -262,14 +268,32 @@ class InstanceRunner:
             return
         if self._link.version < 2:  # version 2: START acknowledges an accepted DISPATCH (one frame less per fire)
             conn.send("ACK", {"instance_id": instance_id, "accepted": True})
-        self.running[instance_id] = asyncio.create_task(self._execute(body), name=f"fastjob-instance-{instance_id}")
+        # loop.create_task, unnamed: a burst starts thousands at once, and asyncio.create_task's name costs
+        self.running[instance_id] = asyncio.get_running_loop().create_task(
+            self._execute(body, ctx or self._context(body)))
 
     # ---- lead fires ---------------------------------------------------------------------------
+    def _acknowledge(self, conn: Connection, instance_id: int) -> None:
+        """HELD for the lead fires taken in this loop turn: one frame for a burst, not one per fire."""
+        if self._held_conn is not conn:
+            self._send_held()
+            self._held_conn = conn
+        self._held.append(instance_id)
+        if len(self._held) == 1:
+            asyncio.get_running_loop().call_soon(self._send_held)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, []
+        conn, self._held_conn = self._held_conn, None
+        for start in range(0, len(held), HELD_PER_FRAME):
+            if conn is not None and not conn.closed:
+                conn.send("HELD", {"instance_ids": held[start:start + HELD_PER_FRAME]})
+
     def _arm(self, lead: LeadFire) -> None:
         """Start the lead fire at its start_at on the server's clock (now, if that passed)."""
         if self._lead_timer is None:
             self._lead_timer = WheelTimer(self._leads_due)
-        delay = self._link.clock.to_local(lead.body["start_at"]) - time.time()
+        delay = self._link.clock.surely_after(lead.body["start_at"]) - time.time()
         lead.handle = self._lead_timer.call_at(time.monotonic() + max(0.0, delay), lead.body["instance_id"])
 
     def _unarm(self, lead: LeadFire) -> None:
@@ -289,7 +313,7 @@ class InstanceRunner:
             if lead.conn.closed:
                 continue  # listed in our next HELLO: the server confirms or withdraws it
             del self.leading[instance_id]
-            self._start(lead.conn, lead.body)
+            self._start(lead.conn, lead.body, lead.ctx)
 
     def refuse_leads(self, reason: str) -> None:
         """Give every lead fire back to the server (the worker is stopping): it sends them elsewhere."""
@@ -322,7 +346,12 @@ class InstanceRunner:
         self.deferred = keep
 
     # ---- running a handler --------------------------------------------------------------------
-    async def _execute(self, body: dict[str, Any]) -> None:
+    def _context(self, body: dict[str, Any]) -> JobContext:
+        instance_id = body["instance_id"]
+        return JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
+                          body["scheduled_at"], JobLog(self, instance_id, body["job"]))
+
+    async def _execute(self, body: dict[str, Any], ctx: JobContext) -> None:
         instance_id = body["instance_id"]
         started_at = time.time()
         # START goes out at the next loop turn, and only if the handler still runs then: a handler
@@ -331,8 +360,6 @@ class InstanceRunner:
         self._starts.append((instance_id, started_at))
         if len(self._starts) == 1:
             asyncio.get_running_loop().call_soon(self._report_starts)
-        ctx = JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
-                         body["scheduled_at"], JobLog(self, instance_id, body["job"]))
         status, result, error = await self.run_handler(self._handlers[body["handler"]], ctx, body.get("timeout"),
                                                        lambda: self._cancel_reasons.pop(instance_id, "cancelled"),
                                                        in_process=self._isolation.get(body["handler"]) == "process")
@@ -382,7 +409,7 @@ class InstanceRunner:
                 loop = asyncio.get_running_loop()
                 coro = loop.run_in_executor(self._executor, functools.partial(fn, ctx))
             result = await asyncio.wait_for(coro, timeout) if timeout else await coro
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 result = await result
         except asyncio.TimeoutError:
             return Status.TIMED_OUT.value, None, f"handler exceeded its {timeout}s timeout"
@@ -402,8 +429,8 @@ class InstanceRunner:
             # a child's error is already "Type: message" (the handler's exception), or says how it died
             error = str(exc) if isinstance(exc, ChildRunError) else f"{type(exc).__name__}: {exc}"
             return Status.FAILED.value, None, error
-        if not check_result:
-            return Status.SUCCEEDED.value, result, None
+        if not check_result or result is None:
+            return _SUCCEEDED, result, None
         try:
             size = len(msgpack.packb(result))
         except Exception as exc:
@@ -411,7 +438,7 @@ class InstanceRunner:
         limit = self._link.frame_limit
         if size > limit - RESULT_HEADROOM:
             return Status.FAILED.value, None, f"result too large: {size} bytes encoded, the frame limit is {limit}"
-        return Status.SUCCEEDED.value, result, None
+        return _SUCCEEDED, result, None
 
     def _process_pool(self) -> ProcessPool:
         """The pool of child processes (made here if the runner was not opened, as for run_in_executor)."""
@@ -442,6 +469,8 @@ class InstanceRunner:
 
     def flush_logs(self, instance_id: int | None = None) -> None:
         """Ship buffered lines in frames of LOG_LINES_PER_FRAME (each line is bounded)."""
+        if instance_id is not None and instance_id not in self._log_buffer:
+            return  # the usual case: the run logged nothing (a read of a dict is safe without the lock)
         with self._log_lock:
             ids = [instance_id] if instance_id is not None else list(self._log_buffer)
             batches = {key: self._log_buffer.pop(key) for key in ids if self._log_buffer.get(key)}

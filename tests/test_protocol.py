@@ -133,6 +133,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "DRAIN": {"reason": "worker stopping"},
     "DISPATCH": DISPATCH_BODY,
     "ACK": {"instance_id": 1, "accepted": False, "reason": "at capacity"},
+    "HELD": {"instance_ids": [1, 2, 3]},
     "START": {"instance_id": 1, "started_at": 1700000001.0},
     "LOG": {"instance_id": 1, "lines": [[1700000001.0, "INFO", "hello"], [1700000002, "ERROR", "x"]]},
     "RESULT": {

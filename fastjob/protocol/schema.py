@@ -108,6 +108,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "start_at": "float?",
     },
     "ACK": {"instance_id": "int", "accepted": "bool", "reason": "str?"},
+    "HELD": {"instance_ids": "array[int]"},
     "START": {"instance_id": "int", "started_at": "float"},
     "LOG": {"instance_id": "int", "lines": "array[log_line]"},
     "RESULT": {
@@ -143,7 +144,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 #: Message types added after version 1, with the version that defines them: a peer must not
 #: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
-SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3}
+SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3, "HELD": 5}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

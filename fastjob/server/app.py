@@ -193,6 +193,8 @@ class FastJobServer:
         """A worker's report on what it runs (REPORT_TYPES), to the part that tracks it."""
         if kind == "ACK":
             self.scheduler.on_ack(session, body)
+        elif kind == "HELD":
+            self.scheduler.on_held(session, body)
         elif kind == "START":
             self.scheduler.on_start(session, body)
         elif kind == "LOG":

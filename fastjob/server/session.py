@@ -33,7 +33,7 @@ from .config import ServerConfig
 
 log = logging.getLogger("fastjob.session")
 
-REPORT_TYPES = frozenset({"ACK", "START", "LOG", "RESULT", "SL_REPORT"})
+REPORT_TYPES = frozenset({"ACK", "HELD", "START", "LOG", "RESULT", "SL_REPORT"})
 #: What each mutating wire call needs of the session's token (the rest only read).
 WIRE_PERMISSIONS = {
     "JOB_UPSERT": Permission.MANAGE,
