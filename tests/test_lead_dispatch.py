@@ -189,6 +189,28 @@ async def test_a_fire_never_goes_ahead_of_an_earlier_fire_of_its_job() -> None:
 
 
 @pytest.mark.rules
+@pytest.mark.parametrize("other_worker", [True, False])
+async def test_a_lead_fire_given_back_ahead_of_its_time_goes_ahead_elsewhere_or_waits_for_its_time(
+        scene: Scene, other_worker: bool) -> None:
+    w1 = scene.worker("w1", version=5)
+    job, fire = await second_fire(scene, w1)
+    await scene.advance(0.5)
+    w2 = scene.worker("w2", version=5) if other_worker else None
+    w1.draining = True  # a stopping worker gives its lead fires back
+    scene.scheduler.on_ack(w1, {"instance_id": fire, "accepted": False, "reason": "worker stopping"})
+    await scene.advance(0.001)
+    if w2 is not None:
+        again = [d for d in w2.dispatched() if d["instance_id"] == fire]
+        assert again and again[0]["start_at"] == again[0]["scheduled_at"], "ahead again, on another worker"
+        return
+    w1.draining = False
+    assert [d for d in w1.dispatched() if d["instance_id"] == fire][1:] == [], "not now: it is not due"
+    await scene.advance(1.0)  # its planned time: sent as any due fire
+    again = [d for d in w1.dispatched() if d["instance_id"] == fire][1:]
+    assert again and "start_at" not in again[0]
+
+
+@pytest.mark.rules
 async def test_an_operator_kills_a_lead_fire_before_it_starts(scene: Scene) -> None:
     worker = scene.worker("w1", version=5)
     job, fire = await second_fire(scene, worker)
