@@ -147,19 +147,27 @@ async def test_a_changed_job_withdraws_its_lead_fire_and_fires_as_it_now_says(sc
 
 
 @pytest.mark.rules
-async def test_a_lead_fire_waits_for_its_line_and_goes_ahead_when_the_run_before_it_ends(scene: Scene) -> None:
-    worker = scene.worker("w1", version=5)
-    job = await scene.job("j", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1.0", overlap="queue")
-    await scene.scan()
-    await scene.advance(0.001)
-    first = (await scene.rows(job))[0]
-    await scene.advance(0.3)  # the second fire's lead time came (at 0): the first still runs
-    rows = await scene.rows(job)
-    assert len(worker.dispatched()) == 1, "the line is held: nothing goes ahead"
-    scene.result(worker, first.id)
-    await scene.advance(0.001)
-    ahead = worker.dispatched()[-1]
-    assert ahead["instance_id"] == rows[1].id and ahead["start_at"] == rows[1].planned_ms / 1000.0
+@pytest.mark.parametrize("overlap", ["queue", "skip", "allow"])
+async def test_a_lead_fire_waits_for_its_line_and_goes_ahead_when_the_run_before_it_ends(overlap: str) -> None:
+    scene = await Scene(lead_time=0.5).start()
+    try:
+        worker = scene.worker("w1", version=5)
+        job = await scene.job("j", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1.0", overlap=overlap)
+        await scene.scan()
+        await scene.advance(0.001)
+        first = (await scene.rows(job))[0]
+        await scene.advance(0.6)  # the second fire's lead time came (at 0.5): the first still runs
+        rows = await scene.rows(job)
+        if overlap == "allow":  # nothing to wait for: it went ahead at its lead time
+            assert [d["instance_id"] for d in worker.dispatched()] == [first.id, rows[1].id]
+            return
+        assert len(worker.dispatched()) == 1, "the line is held: nothing goes ahead"
+        scene.result(worker, first.id)
+        await scene.advance(0.001)
+        ahead = worker.dispatched()[-1]
+        assert ahead["instance_id"] == rows[1].id and ahead["start_at"] == rows[1].planned_ms / 1000.0
+    finally:
+        await scene.close()
 
 
 @pytest.mark.rules
