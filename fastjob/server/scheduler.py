@@ -4,7 +4,9 @@ A scan pass (:mod:`.scan`) claims, per owned app, every job due within the horiz
 instance rows (the WAL) and advances the jobs in one fenced transaction. Only then do the
 fires enter the timing wheel. When the wheel says a fire is due, its job's line (overlap
 policy, :mod:`.lines`) says whether it runs now, waits its turn or is skipped; a fire that
-runs is dispatched to a worker of the app. Status changes are written in batches by
+runs is dispatched to a worker of the app. With a lead time, a fire comes out of the wheel that
+long before it is due and, if its job's line is free, goes ahead to a worker (protocol 5) whose
+own wheel starts it at its planned time (:meth:`Scheduler.lead`). Status changes are written in batches by
 :class:`~.writer.StatusWriter`.
 
 Every planned fire ends in exactly one final record (the fire contract, README). After a
@@ -29,7 +31,10 @@ recovering     ``recovery.apps[app].suspects``           a worker names it: in f
                (:mod:`.recovery`)                        re-attached or the lease is out: due again
 in flight      ``dispatcher.inflight`` (session set, or  RESULT: final; worker lost past its run
                None while orphaned: OrphanExpired        lease: interrupted, re-run
-               armed, :mod:`.recovery`)                                        [dispatched, running]
+               armed, :mod:`.recovery`); a lead fire     (a lead fire its worker gives back or
+               (``lead``) was sent ahead, its worker     drops: in the wheel again; its worker
+               starts it at its planned time             closed the connection: ahead elsewhere)
+                                                                               [dispatched, running]
 following up   ``follow_ups`` (:mod:`.follow_ups`: a     written: in the wheel as attempt + 1
                retry or re-run being written)
 =============  ========================================  ===========================================
