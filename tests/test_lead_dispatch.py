@@ -127,6 +127,20 @@ async def test_a_lead_fire_of_a_worker_we_closed_waits_and_is_confirmed_when_it_
 
 
 @pytest.mark.rules
+async def test_a_stale_answer_to_a_withdrawal_does_not_move_a_confirmed_lead_fire(scene: Scene) -> None:
+    """A worker that names its lead fires while the app's WAL is still loading gets a withdrawal (the fire
+    is unknown yet), then a confirmation: its answer to the withdrawal must not send the fire elsewhere."""
+    w1 = scene.worker("w1", version=5)
+    _, fire = await second_fire(scene, w1)
+    await scene.advance(0.5)
+    w2 = scene.worker("w2", version=5)
+    scene.scheduler.on_ack(w1, {"instance_id": fire, "accepted": False, "reason": WITHDRAW_REASON})
+    await scene.advance(1.1)
+    assert [d for d in w2.dispatched() if d["instance_id"] == fire] == [], "one copy: the first worker holds it"
+    assert [d["instance_id"] for d in w1.dispatched()].count(fire) == 1
+
+
+@pytest.mark.rules
 @pytest.mark.parametrize("change", ["params", "pause"])
 async def test_a_changed_job_withdraws_its_lead_fire_and_fires_as_it_now_says(scene: Scene, change: str) -> None:
     worker = scene.worker("w1", version=5)

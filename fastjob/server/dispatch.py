@@ -180,6 +180,10 @@ class Dispatcher:
             self.forget(flight)
             self.back_to_wheel(flight.instance)
             return
+        if body.get("reason") == WITHDRAW_REASON:
+            # the answer to a withdrawal sent before this flight was known here (a worker that named it
+            # while the app's WAL was loading): the confirmation after it made the worker hold it again
+            return
         reason = body.get("reason") or "refused"
         log.info("instance %d: worker %s refused it (%s)", flight.instance.id, session.worker_id, reason)
         self.forget(flight)
