@@ -3,6 +3,7 @@
     python bench/bench_cron.py            # everything (about 10 minutes)
     python bench/bench_cron.py --zone UTC --quick --no-load
     python bench/bench_cron.py --no-micro --jobs 10000 --stores sqlite
+    python bench/bench_cron.py --no-micro --jobs 2000 --stores sqlite --aps-loops uvloop,asyncio --json PATH
 
 Part 1, next fire (``--no-micro`` skips it): the compiled evaluator, its pure-Python twin,
 and croniter, on five expressions.
@@ -36,15 +37,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import random
 import sys
 import time
 import zoneinfo
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _figures import Figure, add_json_option, figure, write
 from croniter import croniter  # noqa: E402
 
 from fastjob import _cron, _cron_py  # noqa: E402
@@ -57,6 +62,9 @@ EXPRESSIONS = [
     "30 2 * * *",
 ]
 TARGET_NS, TARGET_REUSED, TARGET_FRESH = 1000.0, 25.0, 100.0
+SAMPLE_NAMES = {"apscheduler3": "apscheduler3 (uvloop)", "aps3 asyncio": "apscheduler3 (asyncio)",
+                "call_at": "floor: call_at"}
+APS4_NOTE = "APScheduler 4: not available on this machine (only 3.x on its package index); not measured"
 LO_MS = 1_577_836_800_000  # 2020-01-01
 HI_MS = 1_893_456_000_000  # 2030-01-01
 pc = time.perf_counter
@@ -158,6 +166,12 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20, help="planned seconds measured, after the warm-up")
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--no-apscheduler", action="store_true")
+    ap.add_argument("--aps-loops", default="uvloop", help="event loops APScheduler 3 runs on: uvloop,asyncio")
+    ap.add_argument("--tail", type=float, default=5.0, help="seconds after the window for late fires to come in")
+    ap.add_argument("--target-ratio", type=float, default=1.5, help="target: FastJob p99 <= this x the floor's")
+    ap.add_argument("--samples", default=None, metavar="PATH",
+                    help="write each system's lateness (ms, sorted, thinned) per job count as JSON, for plots")
+    add_json_option(ap)
     args = ap.parse_args()
     if not args.no_micro:
         micro(args)
@@ -177,13 +191,14 @@ def load(args: argparse.Namespace) -> None:
     results = []
     for n in jobs:
         for store in stores:
-            r = cron_load.run_fastjob(n, store, args.mysql_dsn, args.warmup, args.window, [])
+            r = cron_load.run_fastjob(n, store, args.mysql_dsn, args.warmup, args.window, [], tail=args.tail)
             results.append(r)
             print(r.row(), flush=True)
         if not args.no_apscheduler:
-            r = cron_load.run_apscheduler(n, args.warmup, args.window)
-            results.append(r)
-            print(r.row(), flush=True)
+            for loop in [x for x in args.aps_loops.split(",") if x]:
+                r = cron_load.run_apscheduler(n, args.warmup, args.window, loop, tail=args.tail)
+                results.append(r)
+                print(r.row(), flush=True)
         r = cron_load.run_floor(n, min(args.window, 10))
         results.append(r)
         print(r.row(), flush=True)
@@ -192,6 +207,58 @@ def load(args: argparse.Namespace) -> None:
     print("targets: 10,000 jobs on SQLite: every fire delivered, p99 <= 500 ms, max <= 1 s; MariaDB p99 <= 700 ms;"
           " 20,000 on SQLite: nothing lost; p99 below APScheduler 3's at 2,000 and 10,000; <= 0.05 statements"
           " per fire on MariaDB")
+    print_costs(results)
+    if not args.no_apscheduler:
+        print(APS4_NOTE)
+    write(args.json, load_figures(results, args.target_ratio, not args.no_apscheduler))
+    if args.samples:
+        write_samples(args.samples, results)
+
+
+def print_costs(results: list[Any]) -> None:
+    """Registration or add time, and CPU over the window: what each system paid for its figures."""
+    for r in results:
+        add = "" if r.add_s is None else f"jobs in: {r.add_s:.2f}s; "
+        cpu = "" if r.cpu_per_s is None else f"CPU {r.cpu_per_s:.2f} s/s over the window"
+        print(f"  {r.system}/{r.backend}/{r.jobs}: {add}{cpu}")
+    print("  (jobs in: FastJob from the worker process's start until it registered; APScheduler 3: add_job calls "
+          "and start(); CPU: FastJob server + worker processes)")
+
+
+def load_figures(results: list[Any], target: float, aps: bool) -> list[Figure]:
+    """Each system's lateness beside the floor's for the same N, and FastJob's losses."""
+    floors = {r.jobs: r for r in results if r.system == "call_at"}
+    figs: list[Figure] = []
+    for r in results:
+        floor = floors.get(r.jobs)
+        if r.system == "call_at" or floor is None:
+            continue
+        case = f"cron {r.jobs:,}/s"
+        who = r.system if r.system != "fastjob" else f"fastjob {r.backend}"
+        judged = r.system == "fastjob"
+        figs += [figure(case, f"{who} p50 lateness", r.p50_ms, "ms", baseline=floor.p50_ms),
+                 figure(case, f"{who} p99 lateness", r.p99_ms, "ms", baseline=floor.p99_ms,
+                        ratio_max=target if judged else None),
+                 figure(case, f"{who} fires lost", r.lost, "fires", value_max=0 if judged else None),
+                 figure(case, f"{who} fires/s delivered", r.delivered_per_s, "fires/s",
+                        baseline=floor.delivered_per_s)]
+        if r.add_s is not None:
+            figs.append(figure(case, f"{who} {'registration' if judged else 'add_job'}", r.add_s, "s"))
+        if r.cpu_per_s is not None:
+            figs.append(figure(case, f"{who} CPU", r.cpu_per_s, "CPU-s/s", baseline=floor.cpu_per_s))
+    if aps:
+        figs.append(figure("cron", "apscheduler4", None, "", note=APS4_NOTE))
+    return figs
+
+
+def write_samples(path: str, results: list[Any]) -> None:
+    """Each system's sorted lateness, thinned to at most 5,000 points: enough for a CDF."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        step = max(1, len(r.lateness_ms) // 5000)
+        name = SAMPLE_NAMES.get(r.system) or f"{r.system} ({r.backend})"
+        out.setdefault(str(r.jobs), {})[name] = [round(x, 3) for x in r.lateness_ms[::step]]
+    Path(path).write_text(json.dumps(out))
 
 
 def micro(args: argparse.Namespace) -> None:

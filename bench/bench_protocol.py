@@ -13,6 +13,10 @@ For each event loop (uvloop, asyncio) two servers run in a child process:
                 validates each ACK.
 * ``streams`` - the same work written naively on StreamReader.readexactly per frame (shown
                 for comparison with the design the issue rejects).
+* ``msgpack echo`` - a bare asyncio.Protocol that splits the stream into frames, msgpack-decodes
+                each and re-encodes it, and writes it back; the client is the echo client. This is
+                what any msgpack protocol pays, with none of fastjob's own work (envelope, schema
+                check, dispatch to a handler): the target is fastjob >= 60% of it on uvloop.
 
 Both keep ``--depth`` batches of ``--batch`` frames in flight. The figure is completed round
 trips (messages) per second; the ratio fastjob/echo is what the target (>= 80% on uvloop)
@@ -32,6 +36,9 @@ from typing import Any
 import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _figures import add_json_option, figure, write  # noqa: E402
 
 from fastjob.protocol import HEADER, Connection, Message, encode, validate  # noqa: E402
 
@@ -67,6 +74,30 @@ class EchoServer(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
+class MsgpackEchoServer(asyncio.Protocol):
+    """Frames, msgpack.unpackb and msgpack.packb per frame, written back in one write per read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        out: list[bytes] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if end - pos - 4 < size:
+                break
+            payload = msgpack.packb(msgpack.unpackb(memoryview(buf)[pos + 4:pos + 4 + size]))
+            out += (HEADER.pack(len(payload)), payload)
+            pos += 4 + size
+        del buf[:pos]
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[attr-defined]
+
+
 class AckServer(Connection):
     def on_message(self, msg: Message) -> None:
         if msg.type == "DISPATCH":
@@ -95,7 +126,9 @@ def serve(kind: str, mode: str, port_out: Any) -> None:
     if mode == "streams":
         server = loop.run_until_complete(asyncio.start_server(streams_server, "127.0.0.1", 0))
     else:
-        factory: Callable[[], asyncio.Protocol] = EchoServer if mode == "echo" else AckServer
+        factories: dict[str, Callable[[], asyncio.Protocol]] = {
+            "echo": EchoServer, "msgpack echo": MsgpackEchoServer, "fastjob": AckServer}
+        factory = factories[mode]
         server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
     port_out.send(server.sockets[0].getsockname()[1])
     port_out.close()
@@ -211,14 +244,14 @@ async def client_run(mode: str, port: int, batch: int, batches: int, depth: int)
     frame = encode("DISPATCH", DISPATCH)
     if mode == "streams":
         return await streams_client(port, batch, batches, depth)
-    if mode == "echo":
+    if mode in ("echo", "msgpack echo"):
         _, client = await loop.create_connection(lambda: EchoClient(frame, batch), "127.0.0.1", port)
         unit = len(frame) * batch
     else:
         _, client = await loop.create_connection(lambda: AckClient(batch), "127.0.0.1", port)
         unit = batch
     await drive(client, unit, max(1, batches // 10), depth)  # warm-up
-    if mode == "echo":
+    if isinstance(client, EchoClient):
         client.received = 0
     else:
         client.acked = 0
@@ -273,6 +306,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="batches in flight (default 2)")
     parser.add_argument("--messages", type=int, default=0, help="messages per case")
     parser.add_argument("--repeat", type=int, default=0, help="runs per case; the best is shown")
+    add_json_option(parser)
     args = parser.parse_args()
     messages = args.messages or (100_000 if args.quick else 300_000)
     repeat = args.repeat or (1 if args.quick else 2)
@@ -284,16 +318,26 @@ def main() -> None:
         f"depth {args.depth}, {batches * args.batch} round trips per run, best of {repeat}"
     )
     print(cpu_costs(20_000 if args.quick else 100_000))
+    payload = encode("DISPATCH", DISPATCH)[4:]
+    assert msgpack.packb(msgpack.unpackb(payload)) == payload, "msgpack echo sends back as many bytes as it read"
     kinds = (["uvloop"] if uvloop else []) + ["asyncio"]
+    figs = []
     for kind in kinds:
         rates = {}
-        for mode in ("echo", "fastjob", "streams"):
+        for mode in ("echo", "fastjob", "streams", "msgpack echo"):
             rates[mode] = max(measure(kind, mode, args.batch, batches, args.depth) for _ in range(repeat))
         print(
             f"{kind:8s} echo (ceiling) {rates['echo']:>10,.0f} msg/s   "
             f"fastjob {rates['fastjob']:>9,.0f} msg/s ({rates['fastjob'] / rates['echo']:6.1%})   "
             f"naive streams {rates['streams']:>9,.0f} msg/s ({rates['streams'] / rates['echo']:6.1%})"
         )
+        mp_rate = rates["msgpack echo"]
+        print(f"{kind:8s} msgpack echo (decode + re-encode per frame) {mp_rate:>9,.0f} msg/s   fastjob / msgpack echo "
+              f"{rates['fastjob'] / mp_rate:6.1%}" + ("   (target >= 60%)" if kind == "uvloop" else ""))
+        figs += [figure(f"protocol {kind}", "fastjob vs msgpack echo", rates["fastjob"], "msg/s", baseline=mp_rate,
+                        ratio_min=0.6 if kind == "uvloop" else None),
+                 figure(f"protocol {kind}", "fastjob vs bare echo", rates["fastjob"], "msg/s", baseline=rates["echo"])]
+    write(args.json, figs)
 
 
 if __name__ == "__main__":

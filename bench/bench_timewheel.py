@@ -38,8 +38,12 @@ import select
 import sys
 import time
 import tracemalloc
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _figures import add_json_option, figure, write  # noqa: E402
 
 import fastjob.timer as timer_mod  # noqa: E402
 from fastjob._timewheel import TimingWheel as CWheel  # noqa: E402
@@ -325,9 +329,28 @@ def ratio(base: float | None, x: float | None) -> str:
     return "" if base is None or x is None or x == 0 else f"{base / x:6.1f}x"
 
 
+def scaling_figures(results: dict[int, dict[str, dict]], lo: int, hi: int) -> list[dict[str, Any]]:
+    """The compiled wheel's cost per op with ``hi`` pending against ``lo`` pending (the issue: <= 1.5x),
+    and its expiry beside heapq's at ``hi``."""
+    case = f"timewheel {lo:,} vs {hi:,} pending"
+    wheel = results[hi]["cython wheel"]
+    figs = [figure(case, f"wheel {op} ns/op at {hi:,}", wheel[op] * 1e9, "ns",
+                   baseline=results[lo]["cython wheel"][op] * 1e9, ratio_max=1.5)
+            for op in ("schedule", "cancel", "expiry")]
+    fire = {n: results[n]["cython wheel"]["schedule"] + results[n]["cython wheel"]["expiry"] for n in (lo, hi)}
+    figs.append(figure(case, f"wheel per fire (schedule + expiry) ns at {hi:,}", fire[hi] * 1e9, "ns",
+                       baseline=fire[lo] * 1e9, ratio_max=1.5))
+    figs.append(figure(case, f"wheel expiry vs heapq at {hi:,}", wheel["expiry"] * 1e9, "ns",
+                       baseline=results[hi]["heapq"]["expiry"] * 1e9))
+    return figs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--no-burst", action="store_true",
+                    help="per-op costs and scaling only (skip the wake-up probe and the timers due within one second)")
+    add_json_option(ap)
     args = ap.parse_args()
     sizes = [1_000, 10_000] if args.quick else [1_000, 100_000, 1_000_000]
     burst = 100_000 if args.quick else 1_000_000
@@ -383,6 +406,9 @@ def main() -> None:
             parts.append(f"cancel net of walk {(y['cancel'] - y['walk']) / (x['cancel'] - x['walk']):4.2f}")
             parts.append(f"cancel in order {y['cancel_fifo'] / x['cancel_fifo']:4.2f}")
         print(f"{name:<14}" + "   ".join(parts))
+    write(args.json, scaling_figures(results, lo, hi))
+    if args.no_burst:
+        return
 
     probe = wake_probe(3.0)
     if probe:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -47,6 +48,9 @@ class LoadResult:
     max_ms: float
     statements_per_fire: float | None = None
     notes: list[str] = field(default_factory=list)
+    add_s: float | None = None  # putting the N jobs in: a worker's registration, or N add_job calls
+    cpu_per_s: float | None = None  # CPU seconds per second over the window, every process of the system
+    lateness_ms: list[float] = field(default_factory=list, repr=False)  # sorted, the window's fires
 
     def row(self) -> str:
         spf = "-" if self.statements_per_fire is None else f"{self.statements_per_fire:.3f}"
@@ -70,7 +74,14 @@ def summarise(system: str, backend: str, jobs: int, starts: list[tuple[int, int,
     seen = {(j, p) for j, p, _ in starts if first_s <= p < first_s + window}
     late = sorted((t - p) * 1000.0 for j, p, t in starts if first_s <= p < first_s + window)
     return LoadResult(system, jobs, backend, window, len(seen) / window, jobs * window - len(seen),
-                      percentile(late, 0.5), percentile(late, 0.99), late[-1] if late else float("nan"))
+                      percentile(late, 0.5), percentile(late, 0.99), late[-1] if late else float("nan"),
+                      lateness_ms=late)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- FastJob: a server process and a worker process ---------------------------------------------------
@@ -119,7 +130,7 @@ def _read_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout: float) -> 
 
 
 def run_fastjob(jobs: int, backend: str, mysql_dsn: str, warmup: float, window: int,
-                server_args: list[str]) -> LoadResult:
+                server_args: list[str], tail: float = 5.0) -> LoadResult:
     tmp = Path(tempfile.mkdtemp(prefix="fastjob-load-"))
     dropped: tuple[str, str] | None = None
     if backend == "sqlite":
@@ -141,24 +152,30 @@ def run_fastjob(jobs: int, backend: str, mysql_dsn: str, warmup: float, window: 
             worker = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_load_worker.py"), address, str(jobs),
                                        str(out)], stdout=subprocess.PIPE, stderr=log, env=env)
         procs.append(worker)
+        spawned = time.perf_counter()
         _read_line(worker, b"READY", 600)
+        registered = time.perf_counter() - spawned
         first_s = int(time.time() + warmup) + 1
         q0 = None
         while time.time() < first_s:
             time.sleep(0.05)
         if backend == "mysql":
             q0 = _questions(mysql_dsn)
+        cpu0 = sum(_cpu_seconds(p.pid) for p in procs)
         while time.time() < first_s + window:
             time.sleep(0.05)
+        cpu = (sum(_cpu_seconds(p.pid) for p in procs) - cpu0) / window
         q1 = _questions(mysql_dsn) if backend == "mysql" else None
-        time.sleep(5.0)  # the last second's fires finish (and late ones come in)
+        time.sleep(tail)  # the last second's fires finish (and late ones come in)
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         starts = _load_runs(out)
         result = summarise("fastjob", backend, jobs, starts, first_s, window)
+        result.add_s, result.cpu_per_s = registered, cpu
         if q0 is not None and q1 is not None:
             fires = max(1, sum(1 for _, p, _ in starts if first_s <= p < first_s + window))
             result.statements_per_fire = (q1 - q0) / fires
+        shutil.rmtree(tmp, ignore_errors=True)  # kept only when the run failed: its logs are there
         return result
     finally:
         for proc in procs:
@@ -182,7 +199,8 @@ def _load_runs(path: Path) -> list[tuple[int, int, float]]:
 
 
 # ---- APScheduler 3 in process ----------------------------------------------------------------------------
-def run_apscheduler(jobs: int, warmup: float, window: int) -> LoadResult:
+def run_apscheduler(jobs: int, warmup: float, window: int, loop: str = "uvloop", tail: float = 5.0) -> LoadResult:
+    """``loop``: uvloop or asyncio, the event loop APScheduler's AsyncIOScheduler runs on."""
     import uvloop
     from apscheduler.events import EVENT_JOB_SUBMITTED
     from apscheduler.executors.asyncio import AsyncIOExecutor
@@ -191,6 +209,7 @@ def run_apscheduler(jobs: int, warmup: float, window: int) -> LoadResult:
 
     starts: list[tuple[int, int, float]] = []
     submitted: dict[int, list[int]] = {}
+    costs: dict[str, float] = {}
 
     async def main() -> None:
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(),
@@ -212,11 +231,17 @@ def run_apscheduler(jobs: int, warmup: float, window: int) -> LoadResult:
             if k < len(planned):
                 starts.append((index, planned[k], started))
 
+        began = time.perf_counter()
         for i in range(jobs):
             scheduler.add_job(job, CronTrigger(second="*", timezone="UTC"), args=[i], id=str(i))
         scheduler.start()
+        costs["add"] = time.perf_counter() - began
         first_s = int(time.time() + warmup) + 1
-        await asyncio.sleep(first_s + window + 5.0 - time.time())
+        await asyncio.sleep(first_s - time.time())
+        cpu0 = time.process_time()
+        await asyncio.sleep(first_s + window - time.time())
+        costs["cpu"] = (time.process_time() - cpu0) / window
+        await asyncio.sleep(first_s + window + tail - time.time())
         # pause, and let the jobs in flight finish: the executor's shutdown cancels them and
         # APScheduler logs a traceback for each
         scheduler.pause()
@@ -226,9 +251,12 @@ def run_apscheduler(jobs: int, warmup: float, window: int) -> LoadResult:
         scheduler.shutdown(wait=False)
         main.first_s = first_s  # type: ignore[attr-defined]
 
-    uvloop.run(main())
-    result = summarise("apscheduler3", "memory", jobs, starts, main.first_s, window)  # type: ignore[attr-defined]
-    result.notes.append("AsyncIOScheduler + AsyncIOExecutor, misfire_grace_time=30, coalesce=False, max_instances=1")
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+    system = "apscheduler3" if loop == "uvloop" else "aps3 asyncio"
+    result = summarise(system, "memory", jobs, starts, main.first_s, window)  # type: ignore[attr-defined]
+    result.notes.append(f"AsyncIOScheduler + AsyncIOExecutor on {loop}, misfire_grace_time=30, coalesce=False,"
+                        " max_instances=1")
+    result.add_s, result.cpu_per_s = costs["add"], costs["cpu"]
     return result
 
 
@@ -252,11 +280,18 @@ def run_floor(jobs: int, window: int) -> LoadResult:
         offset = loop.time() - time.time()
         for s in range(first_s, first_s + window):
             loop.call_at(s + offset, burst, s)
+        await asyncio.sleep(first_s - time.time())
+        cpu0 = time.process_time()
+        await asyncio.sleep(first_s + window - time.time())
+        cpu.append((time.process_time() - cpu0) / window)
         await asyncio.sleep(first_s + window + 2.0 - time.time())
         return first_s
 
+    cpu: list[float] = []
     first_s = uvloop.run(main())
-    return summarise("call_at", "memory", jobs, starts, first_s, window)
+    result = summarise("call_at", "memory", jobs, starts, first_s, window)
+    result.cpu_per_s = cpu[0]
+    return result
 
 
 def report(results: list[LoadResult]) -> str:
