@@ -185,6 +185,23 @@ async def test_a_lead_fire_waits_for_its_line_and_goes_ahead_when_the_run_before
 
 
 @pytest.mark.rules
+async def test_a_fire_goes_ahead_at_most_half_the_gap_after_the_fire_before_it(scene: Scene) -> None:
+    """A per-second job's fire goes 0.5 s ahead, not the full 1 s lead time: at its lead time the fire
+    before it has had half a second to end, so the line is usually free and nothing waits twice."""
+    worker = scene.worker("w1", version=5)
+    job = await scene.job("j", schedule_type=ScheduleType.FIXED_RATE, schedule_expr="1.0")
+    await scene.scan()
+    await scene.advance(0.001)
+    first = (await scene.rows(job))[0]
+    scene.result(worker, first.id)
+    await scene.advance(0.45)
+    assert [d["instance_id"] for d in worker.dispatched()] == [first.id], "not a full second ahead"
+    await scene.advance(0.1)
+    second = (await scene.rows(job))[1]
+    assert worker.dispatched()[-1]["instance_id"] == second.id and worker.dispatched()[-1]["start_at"]
+
+
+@pytest.mark.rules
 async def test_a_fire_never_goes_ahead_of_an_earlier_fire_of_its_job() -> None:
     """The first two fires find no free worker at their lead times and wait for their planned times;
     the third's lead time finds one free: it must not go ahead of them (a skip job would then skip
