@@ -284,7 +284,12 @@ class Scheduler:
         lead = lead and at is None and self.lead_time > 0
         when = at if at is not None else timer_time(self.clock, row.planned_ms / 1000.0)
         if lead:
-            when = max(self.clock.monotonic(), when - self._ahead(row))
+            ahead = self._ahead(row)  # (noted for the job's next fire even when this one is due now)
+            now = self.clock.monotonic()
+            if when - now <= LEAD_MIN:
+                lead = False  # due now: it goes the usual way, without a hop through lead()
+            else:
+                when = max(now, when - ahead)
         self.wheel_handles[row.id] = self.timer.call_at(when, FireDue(row, epoch, lead))
 
     def _ahead(self, row: InstanceRow) -> float:
