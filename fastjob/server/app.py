@@ -194,7 +194,7 @@ class FastJobServer:
         if kind == "ACK":
             self.scheduler.on_ack(session, body)
         elif kind == "HELD":
-            self.scheduler.on_held(session, body)
+            pass  # a receipt of lead fires (version 5): nothing here acts on it; START and RESULT follow
         elif kind == "START":
             self.scheduler.on_start(session, body)
         elif kind == "LOG":

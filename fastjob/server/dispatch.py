@@ -203,13 +203,6 @@ class Dispatcher:
         else:
             self.send(routed, flight.instance, flight.job, refused)
 
-    def on_held(self, session: WorkerSession, body: dict[str, Any]) -> None:
-        """The worker holds these lead fires, each to start at its planned time (HELD, version 5)."""
-        for instance_id in body["instance_ids"]:
-            flight = self.flight_of(session, instance_id)
-            if flight is not None:
-                flight.held = True
-
     def on_start(self, session: WorkerSession, body: dict[str, Any]) -> None:
         flight = self.flight_of(session, body["instance_id"])
         if flight is None:

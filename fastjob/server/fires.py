@@ -36,7 +36,6 @@ class Inflight:
     sent_at: float | None = None  # wall clock of the DISPATCH (None: recovered after a failover)
     started: bool = False  # its start was counted (metrics)
     lead: bool = False  # sent before its planned time (DISPATCH start_at): its worker starts it then
-    held: bool = False  # its worker said it holds the lead fire (HELD)
     withdrawing: bool = False  # a lead fire we asked its worker to drop (its job changed): back to the wheel
 
 

@@ -473,9 +473,6 @@ class Scheduler:
     def on_ack(self, session: WorkerSession, body: dict[str, Any]) -> None:
         self.dispatcher.on_ack(session, body)
 
-    def on_held(self, session: WorkerSession, body: dict[str, Any]) -> None:
-        self.dispatcher.on_held(session, body)
-
     def on_start(self, session: WorkerSession, body: dict[str, Any]) -> None:
         self.dispatcher.on_start(session, body)
 
