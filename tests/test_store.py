@@ -352,6 +352,20 @@ async def test_a_row_without_a_digest_is_compared_by_its_definition(store: Store
     assert await store.declare_jobs("app", [spec("a", timeout=3.0), spec("b")], first_at(1000), NOW + 3) == []
 
 
+async def test_mode_and_min_success_are_stored_and_a_change_of_them_is_no_schedule_change(store: Store) -> None:
+    [new] = await store.declare_jobs("app", [spec("b", mode="broadcast", min_success=0.5)], first_at(1000), NOW)
+    assert (new.mode, new.min_success) == ("broadcast", 0.5)
+    assert await store.get_job_by_name("app", "b") == new  # the row built from the INSERT is the row stored
+    assert await store.declare_jobs("app", [spec("b", mode="broadcast", min_success=0.5)], first_at(5000),
+                                    NOW + 1) == []
+    [bar] = await store.declare_jobs("app", [spec("b", mode="broadcast", min_success=1)], first_at(5000), NOW + 2)
+    assert (bar.min_success, bar.version, bar.next_trigger_ms) == (1.0, 2, 1000)  # its fire keeps its place
+    single = await store.upsert_job(spec("b"), 5000, NOW + 3)
+    assert (single.mode, single.min_success, single.version) == ("single", 1.0, 3)
+    api = await store.upsert_job(spec("a", mode="broadcast", min_success=0.25), 1000, NOW)
+    assert (await store.get_job(api.id)) == api and (api.mode, api.min_success) == ("broadcast", 0.25)
+
+
 # ---- second-level run history ----------------------------------------------------------------
 def run(job_id: int, n: int, status: str = "succeeded", **kw: Any) -> JobRun:
     return JobRun(job_id, "app", "w1", NOW + n, NOW + n + 0.01, 0.5, status, **kw)
@@ -843,6 +857,47 @@ async def test_migration_from_version_1_converts_rows(store_url: str) -> None:
         assert (await raw(s, "SELECT version FROM schema_version"))[0][0] == LATEST_VERSION
         app = await s.ensure_app("app")
         assert (app.prev_owner, app.left_clean, app.adopted) == (None, False, True)
+    finally:
+        await s.close()
+
+
+#: The digests a version-6 server stored for spec("plain") and spec("alarmed", alarm=ALARMED) (any
+#: name: the name is not digested), pinned: an upgrade must not change them.
+V6_DIGESTS = {"plain": "770a3674dc50eb4860204e3c", "alarmed": "9724e11ca314d34b3a2fd7ea"}
+ALARMED = {"on": ["failed"]}
+
+
+@sql_only  # memory: nothing outlives the process, so no database of an older schema exists
+async def test_migration_from_version_6_keeps_every_jobs_digest(store_url: str) -> None:
+    """Version 7 adds mode and min_success: a job of before them runs single, needs every run, and
+    keeps the digest it was stored with, so that re-declaring it writes nothing (not even its digest)."""
+    from fastjob.store.schema import MIGRATIONS, SCHEMA_VERSION_DDL
+    dialect = "sqlite" if store_url.startswith("sqlite") else "mysql"
+    columns = ("INSERT INTO jobs (app, name, handler, schedule_type, schedule_expr, `interval`, tags, alarm,"
+               " origin, spec_digest, created_time, updated_time, anchor_ms) VALUES ")
+    row = "('app', '{}', 'mod:func', 'fixed_rate', '1', '1', '[]', {}, 'code', {}, 0, 0, 0)"
+    alarm = "'{\"on\":[\"failed\"]}'"
+    _raw_exec(store_url, [
+        SCHEMA_VERSION_DDL[dialect], "INSERT INTO schema_version (id, version) VALUES (1, 6)",
+        *(sql for step in MIGRATIONS[dialect][:6] for sql in step),
+        columns + ", ".join([row.format("plain", "NULL", f"'{V6_DIGESTS['plain']}'"),
+                             row.format("alarmed", alarm, f"'{V6_DIGESTS['alarmed']}'"),
+                             row.format("undigested", "NULL", "NULL")])])
+    s = create_store(store_url)
+    await s.open()
+    try:
+        assert (await raw(s, "SELECT version FROM schema_version"))[0][0] == LATEST_VERSION
+        jobs = {j.name: j for j in await s.list_jobs("app")}
+        assert {(j.mode, j.min_success, j.version) for j in jobs.values()} == {("single", 1.0, 1)}
+        assert jobs["alarmed"].alarm == ALARMED
+        declared = [spec("plain"), spec("alarmed", alarm=ALARMED), spec("undigested")]
+        assert await s.declare_jobs("app", declared, first_at(1000), NOW) == []
+        digests = dict(await raw(s, "SELECT name, spec_digest FROM jobs"))
+        assert digests == {**V6_DIGESTS, "undigested": V6_DIGESTS["plain"]}  # compared by its definition, noted
+        [broadcast] = await s.declare_jobs("app", [spec("plain", mode="broadcast", min_success=0.5)],
+                                           first_at(1000), NOW + 1)
+        assert (broadcast.mode, broadcast.min_success, broadcast.version) == ("broadcast", 0.5, 2)
+        assert (await raw(s, "SELECT COUNT(*) FROM task_batches")) == [(0,)]
     finally:
         await s.close()
 

@@ -12,6 +12,7 @@ import msgpack
 
 from ..models import (
     FINAL_STATUSES,
+    JOB_DEFAULTS,
     SCHEDULE_TYPES,
     UNFINISHED_STATUSES,
     InstanceRow,
@@ -54,7 +55,7 @@ JOB_COLS = (
     "id, app, name, handler, schedule_type, schedule_expr, timezone, params, timeout, retry_times,"
     " retry_backoff, misfire_policy, tags, routing, run_once, enabled, overlap, catch_up_window, max_queued,"
     " next_trigger_ms, created_time, updated_time, last_finished_time, is_delete, version, stats, origin, paused_by,"
-    " anchor_ms, alarm"
+    " anchor_ms, alarm, mode, min_success"
 )
 
 # What claim_due reads of a due job: the fields a FirePlanner uses (schedule_type, schedule_expr,
@@ -84,8 +85,12 @@ SHARED_COLS = ("app", "attempt", "status", "trigger_kind", "params", "server", "
 SPEC_COLS = (
     "handler", "schedule_type", "schedule_expr", "timezone", "params", "timeout", "retry_times",
     "retry_backoff", "misfire_policy", "tags", "routing", "run_once", "enabled", "allow_overlap",
-    "`interval`", "overlap", "catch_up_window", "max_queued", "alarm",
+    "`interval`", "overlap", "catch_up_window", "max_queued", "alarm", "mode", "min_success",
 )
+#: The SPEC_COLS added after digests existed (the last ones): a job that leaves them at the model's
+#: defaults keeps the digest it was stored with before they existed (nothing is rewritten at an upgrade).
+LATER_COLS = ("alarm", "mode", "min_success")
+assert SPEC_COLS[-len(LATER_COLS):] == LATER_COLS
 
 
 _STATUSES = {t.value: t for t in Status}
@@ -104,6 +109,7 @@ def row_to_job(r: Sequence[Any]) -> JobRow:
         [] if tags is None or tags == "[]" else load_json(tags), r[13], bool(r[14]), bool(r[15]),
         r[16], float(r[17]), int(r[18]), r[19], r[20], r[21], r[22], bool(r[23]), r[24],
         None if r[25] is None else load_json(r[25]), r[26], r[27], r[28], None if r[29] is None else load_json(r[29]),
+        r[30], float(r[31]),
     )
 
 
@@ -135,19 +141,24 @@ def spec_values(spec: JobSpec) -> tuple[Any, ...]:
         int(bool(spec.run_once)), int(bool(spec.enabled)), int(spec.overlap == Overlap.ALLOW.value), interval,
         spec.overlap, float(spec.catch_up_window), int(spec.max_queued),
         None if spec.alarm is None else json.dumps(spec.alarm, sort_keys=True, separators=(",", ":")),
+        spec.mode, float(spec.min_success),
     )
 
 
 #: Position of ``enabled`` in SPEC_COLS.
 ENABLED = SPEC_COLS.index("enabled")
+#: The stored LATER_COLS of a job that leaves them at the model's defaults.
+_UNUSED = spec_values(JOB_DEFAULTS)[-len(LATER_COLS):]
 
 
 def spec_digest(values: tuple[Any, ...]) -> str:
     """A digest of a job's definition (``spec_values`` but ``enabled``, which has its own rules):
     stored with the job, so that re-declaring 100,000 unchanged jobs reads 8 columns, not 30."""
     definition = values[:ENABLED] + values[ENABLED + 1:]
-    if definition[-1] is None:  # no alarm settings: the digest of before they existed (no rewrite at upgrade)
+    later = len(_UNUSED)
+    while later and definition[-1] == _UNUSED[later - 1]:  # unused: the digest of before the column existed
         definition = definition[:-1]
+        later -= 1
     return hashlib.blake2b(msgpack.packb(definition), digest_size=12).hexdigest()  # packb: 3x faster than repr
 
 

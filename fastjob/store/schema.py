@@ -392,12 +392,72 @@ _MYSQL_V6 = [
     "CREATE INDEX ix_idempotency_created ON idempotency_keys (created_at)",
 ]
 
+# Version 7: how a job's fire runs (models.MODES: one worker, or a broadcast to every connected
+# worker, of which min_success must succeed), and the sub-task batches (models.TaskBatch) of
+# ctx.map calls, broadcast sub-runs and workflow steps, written before they run and kept with
+# their results (their key is unique, so a resubmitted batch finds the stored one).
+_SQLITE_V7 = [
+    "ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'single'",
+    "ALTER TABLE jobs ADD COLUMN min_success REAL NOT NULL DEFAULT 1",
+    """CREATE TABLE IF NOT EXISTS task_batches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        batch_key TEXT NOT NULL UNIQUE,
+        app TEXT NOT NULL,
+        root TEXT NOT NULL,
+        parent TEXT NOT NULL,
+        call_no INTEGER NOT NULL,
+        start_index INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        handler TEXT NOT NULL,
+        items TEXT NOT NULL,
+        status TEXT NOT NULL,
+        parent_attempt INTEGER NOT NULL DEFAULT 1,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        worker TEXT NULL,
+        results TEXT NULL,
+        errors TEXT NULL,
+        failed INTEGER NOT NULL DEFAULT 0,
+        extra TEXT NULL,
+        logs TEXT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_task_batches_root ON task_batches (root, id)",
+]
+_MYSQL_V7 = [
+    "ALTER TABLE jobs ADD COLUMN mode VARCHAR(16) NOT NULL DEFAULT 'single'",
+    "ALTER TABLE jobs ADD COLUMN min_success DOUBLE NOT NULL DEFAULT 1",
+    """CREATE TABLE IF NOT EXISTS task_batches (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        batch_key VARCHAR(255) NOT NULL,
+        app VARCHAR(191) NOT NULL,
+        root VARCHAR(191) NOT NULL,
+        parent VARCHAR(191) NOT NULL,
+        call_no INT NOT NULL,
+        start_index INT NOT NULL,
+        size INT NOT NULL,
+        handler VARCHAR(191) NOT NULL,
+        items MEDIUMTEXT NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        parent_attempt INT NOT NULL DEFAULT 1,
+        attempt INT NOT NULL DEFAULT 0,
+        worker VARCHAR(191) NULL,
+        results MEDIUMTEXT NULL,
+        errors MEDIUMTEXT NULL,
+        failed INT NOT NULL DEFAULT 0,
+        extra MEDIUMTEXT NULL,
+        logs MEDIUMTEXT NULL,
+        created_at DOUBLE NOT NULL,
+        finished_at DOUBLE NULL,
+        UNIQUE KEY uq_task_batches_key (batch_key),
+        KEY ix_task_batches_root (root, id))""" + _MYSQL_TAIL,
+]
+
 #: MySQL error codes a migration statement may meet when another server ran it first.
 MYSQL_TOLERATED = (1060, 1061)  # duplicate column name, duplicate key name
 
 MIGRATIONS: dict[str, list[list[str]]] = {
-    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4, _SQLITE_V5, _SQLITE_V6],
-    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4, _MYSQL_V5, _MYSQL_V6],
+    "sqlite": [_SQLITE_V1, _SQLITE_V2, _SQLITE_V3, _SQLITE_V4, _SQLITE_V5, _SQLITE_V6, _SQLITE_V7],
+    "mysql": [_MYSQL_V1, _MYSQL_V2, _MYSQL_V3, _MYSQL_V4, _MYSQL_V5, _MYSQL_V6, _MYSQL_V7],
 }
 
 LATEST_VERSION = len(MIGRATIONS["sqlite"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models import JobRow, JobSpec, Origin
-from .codecs import ENABLED, JOB_COLS, SPEC_COLS, row_to_job, spec_digest, spec_values
+from .codecs import ENABLED, JOB_COLS, LATER_COLS, SPEC_COLS, row_to_job, spec_digest, spec_values
 from .dialect import Dialect
 from .job_writes import JobWrite, StoredJob, plan_write
 from .statements import CHUNK_ROWS, Op, RetryTx, Stmt, chunks, flat
@@ -25,19 +25,20 @@ from .statements import CHUNK_ROWS, Op, RetryTx, Stmt, chunks, flat
 #: Columns of a new job's row: SPEC_COLS and what the store adds.
 INSERT_COLS = ("app", "name") + SPEC_COLS + ("origin", "paused_by", "next_trigger_ms", "anchor_ms", "spec_digest",
                                              "created_time", "updated_time", "is_delete", "version")
-#: New rows per INSERT: 30 parameters a row stays under SQLite's 32766 variables.
+#: New rows per INSERT: their parameters stay under SQLite's 32766 variables.
 INSERT_ROWS = 500
+assert INSERT_ROWS * len(INSERT_COLS) < 32766
 _UPDATE_SETS = ", ".join(f"{c} = ?" for c in SPEC_COLS)
 #: The JOB_COLS between ``name`` and ``next_trigger_ms`` are SPEC_COLS but the derived
 #: ``allow_overlap`` and ``interval``: a new job's row is built from what was inserted.
 _DERIVED = slice(SPEC_COLS.index("allow_overlap"), SPEC_COLS.index("`interval`") + 1)
-#: ``alarm``, the last of SPEC_COLS, is the last of JOB_COLS (the model's order: it came last).
-_ALARM = SPEC_COLS.index("alarm")
-assert _ALARM == len(SPEC_COLS) - 1
-assert [c.strip() for c in JOB_COLS.split(",")[3:19]] == [*SPEC_COLS[:_DERIVED.start], *SPEC_COLS[_DERIVED.stop:_ALARM]]
+#: The LATER_COLS (declared fields added after the store's own columns), last of SPEC_COLS, are
+#: the last of JOB_COLS too (the model's order: they came last).
+_LATER = len(SPEC_COLS) - len(LATER_COLS)
+assert [c.strip() for c in JOB_COLS.split(",")[3:19]] == [*SPEC_COLS[:_DERIVED.start], *SPEC_COLS[_DERIVED.stop:_LATER]]
 assert [c.strip() for c in JOB_COLS.split(",")[19:]] == [
     "next_trigger_ms", "created_time", "updated_time", "last_finished_time", "is_delete", "version", "stats",
-    "origin", "paused_by", "anchor_ms", "alarm"]
+    "origin", "paused_by", "anchor_ms", *SPEC_COLS[_LATER:]]
 
 
 @dataclass(slots=True)
@@ -141,12 +142,12 @@ def _inserted_rows(app: str, new_rows: list[tuple[Any, ...]]) -> Op[list[JobRow]
         ids.update((r[0], r[1]) for r in result.rows)
     spec_at = len(("app", "name"))
     head = slice(spec_at, spec_at + _DERIVED.start)
-    tail = slice(spec_at + _DERIVED.stop, spec_at + _ALARM)
-    alarm = spec_at + _ALARM
-    rest = alarm + 1  # origin, paused_by, next_trigger_ms, anchor_ms, spec_digest, created, updated
+    tail = slice(spec_at + _DERIVED.stop, spec_at + _LATER)
+    later = slice(spec_at + _LATER, spec_at + len(SPEC_COLS))
+    rest = later.stop  # origin, paused_by, next_trigger_ms, anchor_ms, spec_digest, created, updated
     return [row_to_job((ids[row[1]], app, row[1]) + row[head] + row[tail] + (
         row[rest + 2], row[rest + 5], row[rest + 6], None, 0, 1, None, row[rest], row[rest + 1], row[rest + 3],
-        row[alarm])) for row in new_rows]
+        *row[later])) for row in new_rows]
 
 
 def _read_rows(app: str, names: Sequence[str]) -> Op[list[JobRow]]:
