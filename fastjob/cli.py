@@ -28,7 +28,7 @@ Render = Callable[[Json], str]
 SCHEDULE_OPTIONS = ("cron", "interval", "delay", "at")
 #: Job options sent as they were parsed.
 PLAIN_OPTIONS = ("handler", "cron", "interval", "delay", "retries", "timeout", "overlap", "misfire", "timezone",
-                 "enabled")
+                 "enabled", "mode", "min_success")
 
 
 class UsageError(Exception):
@@ -89,6 +89,12 @@ def schedule_of(job: Json) -> str:
     return "once" if job.get("run_once") else "on trigger"
 
 
+def mode_of(job: Json) -> str:
+    if job["mode"] == "single":
+        return "single"
+    return f"{job['mode']} (succeeds when at least {job['min_success']:.0%} of its runs do)"
+
+
 def render_cluster(answer: Json) -> str:
     servers = table(("SERVER", "ADDRESS", "HTTP", "HEARTBEAT", "LOAD", "DRAIN", "APPS"),
                     [(s["id"], s["address"], s["http_address"], seconds(s["heartbeat_age"]) + " ago", s["load"],
@@ -111,7 +117,7 @@ def render_job(answer: Json) -> str:
         ("app", job["app"]), ("name", job["name"]), ("schedule", schedule_of(job)), ("handler", job["handler"]),
         ("enabled", enabled), ("next fire", when(job["next_fire_at"])),
         ("retries", f"{job['retries']} (backoff {job['retry_backoff']:g}s)"), ("timeout", job["timeout"]),
-        ("overlap", job["overlap"]), ("misfire", job["misfire"]), ("tags", job["tags"]),
+        ("overlap", job["overlap"]), ("misfire", job["misfire"]), ("mode", mode_of(job)), ("tags", job["tags"]),
         ("params", json.dumps(job["params"])), ("origin", job["origin"]), ("version", job["version"]),
         ("created", when(job["created_at"])), ("updated", when(job["updated_at"])),
         ("last finished", when(job["last_finished_at"])),
@@ -369,6 +375,9 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", metavar="P", help="queue, buffer_one, skip or allow")
     parser.add_argument("--misfire", metavar="P", help="fire_once, fire_all or skip")
     parser.add_argument("--timezone", metavar="TZ", help="the cron expression's time zone")
+    parser.add_argument("--mode", metavar="M", help="single (one worker) or broadcast (every connected worker)")
+    parser.add_argument("--min-success", metavar="F", type=float,
+                        help="broadcast: the fraction of its runs that must succeed (above 0, at most 1)")
     parser.add_argument("--disabled", dest="enabled", action="store_const", const=False, help="paused")
 
 

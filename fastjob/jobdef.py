@@ -39,6 +39,8 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_queued": (int,),
     "enabled": (bool,),
     "alarm": (dict, type(None)),
+    "mode": (str,),
+    "min_success": _NUMBER,
 }
 #: Longest job name (the stores' key column).
 MAX_NAME = 190
@@ -67,6 +69,8 @@ def build_spec(
     max_queued: int = _DEFAULT.max_queued,
     enabled: bool = _DEFAULT.enabled,
     alarm: dict[str, Any] | None = None,
+    mode: str = _DEFAULT.mode,
+    min_success: float = _DEFAULT.min_success,
     allow_overlap: bool | None = None,
 ) -> JobSpec:
     """The JobSpec of a job definition, checked (ScheduleError naming the job if it is bad)."""
@@ -93,7 +97,8 @@ def build_spec(
         timezone=timezone, params=params, timeout=None if timeout is None else float(timeout), retry_times=retries,
         retry_backoff=float(retry_backoff), misfire_policy=misfire, tags=[str(tag) for tag in tags], routing=routing,
         run_once=run_once, enabled=enabled, overlap=overlap or _overlap_of(allow_overlap),
-        catch_up_window=float(catch_up_window), max_queued=max_queued, alarm=alarm,
+        catch_up_window=float(catch_up_window), max_queued=max_queued, alarm=alarm, mode=mode,
+        min_success=min_success,
     )
     try:
         schedule.validate(spec)
@@ -141,7 +146,8 @@ def job_fields(job: JobSpec | JobRow) -> dict[str, Any]:
     out.update(run_once=job.run_once, retries=job.retry_times, retry_backoff=job.retry_backoff, timeout=job.timeout,
                params=job.params, timezone=job.timezone, misfire=job.misfire_policy,
                catch_up_window=job.catch_up_window, tags=list(job.tags), routing=job.routing, overlap=job.overlap,
-               max_queued=job.max_queued, enabled=job.enabled, alarm=job.alarm)
+               max_queued=job.max_queued, enabled=job.enabled, alarm=job.alarm, mode=job.mode,
+               min_success=job.min_success)
     return out
 
 

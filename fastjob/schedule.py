@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from . import cron
-from .models import JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType, check_alarm
+from .models import MODES, JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType, check_alarm
 from .store.base import FirePlan, FirePlanner, NextFire
 
 Job = JobRow | JobSpec
@@ -128,6 +128,10 @@ def _validate_policies(job: Job) -> None:
     _finite_seconds("retry_backoff", job.retry_backoff, zero_ok=True)
     if job.timeout is not None:
         _finite_seconds("timeout", job.timeout)
+    if job.mode not in MODES:
+        raise ScheduleError(f"mode must be one of {', '.join(MODES)}, got {job.mode!r}")
+    if not (type(job.min_success) in (int, float) and 0 < job.min_success <= 1):  # NaN fails both
+        raise ScheduleError(f"min_success must be a fraction above 0 and at most 1, got {job.min_success!r}")
     try:
         check_alarm(job.alarm)
     except ValueError as exc:

@@ -110,6 +110,17 @@ async def test_routes_end_to_end(servers, db_url):
         assert patched["job"]["params"] == {"day": 1}  # untouched fields stay
         preview = await api.ok("POST", "/api/v1/apps/billing/jobs/preview?next=5",
                                {"name": "x", "interval": 60})
+        fanout = await api.ok("POST", "/api/v1/apps/billing/jobs", {
+            "name": "fanout", "handler": "report", "interval": 3600, "enabled": False, "mode": "broadcast",
+            "min_success": 0.5}, status=201)
+        assert (fanout["job"]["mode"], fanout["job"]["min_success"]) == ("broadcast", 0.5)
+        fanout = await api.ok("PATCH", "/api/v1/apps/billing/jobs/fanout", {"min_success": 1})
+        assert (fanout["job"]["mode"], fanout["job"]["min_success"]) == ("broadcast", 1.0)
+        shown = await api.ok("GET", "/api/v1/apps/billing/jobs/fanout")
+        assert (shown["job"]["mode"], shown["job"]["min_success"]) == ("broadcast", 1.0)
+        assert (created["job"]["mode"], created["job"]["min_success"]) == ("single", 1.0)
+        assert {"mode", "min_success"} <= set(doc["components"]["schemas"]["Job"]["properties"])
+        assert (await api.ok("DELETE", "/api/v1/apps/billing/jobs/fanout"))["deleted"] is True
         assert len(preview["next_fires"]) == 5 and preview["next_fires"][1] - preview["next_fires"][0] == 60
 
         # trigger twice with one Idempotency-Key: one instance
@@ -178,6 +189,11 @@ async def test_bad_input_gets_one_line_errors(servers, sqlite_url):
         assert "wrong type" in await api.error("POST", jobs, {"name": "a", "retries": "3"})
         assert "unknown job field" in await api.error("POST", jobs, {"name": "a", "cronn": "* * * * *"})
         assert "only one of" in await api.error("POST", jobs, {"name": "a", "cron": "* * * * *", "interval": 5})
+        assert await api.error("POST", jobs, {"name": "a", "mode": "every"}) == (
+            "job 'a': mode must be one of single, broadcast, got 'every'")
+        assert await api.error("POST", jobs, {"name": "a", "mode": "broadcast", "min_success": 0}) == (
+            "job 'a': min_success must be a fraction above 0 and at most 1, got 0")
+        assert "wrong type" in await api.error("POST", jobs, {"name": "a", "min_success": "half"})
         await api.error("POST", jobs, data=b"{not json", headers={"Content-Type": "application/json"})
         await api.error("POST", jobs, [1, 2])
         await api.error("POST", jobs, {"name": "big", "params": "x" * (2 << 20)}, status=413, code="too_large")

@@ -3,6 +3,7 @@ and the field (issue 14: these used to pass and then loop at registration, or fa
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
@@ -53,3 +54,24 @@ def test_params_that_cannot_be_sent_are_refused_naming_the_job(worker: Worker) -
 def test_a_declaration_larger_than_a_frame_is_refused_naming_the_job(worker: Worker) -> None:
     with pytest.raises(ValueError, match=r"job 'big': its declaration is \d+ bytes encoded, more than the 1048576"):
         worker.schedule("big", handler="h", interval=5, params={"blob": "x" * 2_000_000})
+
+
+BAD_BAR = "job 'j': min_success must be a fraction above 0 and at most 1, got "
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"mode": "all"}, "job 'j': mode must be one of single, broadcast, got 'all'"),
+    ({"mode": "broadcast", "min_success": 0.0}, BAD_BAR + "0.0"),
+    ({"min_success": 2}, BAD_BAR + "2"),
+    ({"min_success": True}, BAD_BAR + "True"),
+])
+def test_a_bad_mode_or_min_success_is_refused_naming_the_job(worker: Worker, fields: dict, error: str) -> None:
+    with pytest.raises(ScheduleError, match=re.escape(error)):
+        worker.schedule("j", handler="h", interval=5, **fields)
+    assert "j" not in worker.declared
+
+
+def test_a_broadcast_declaration_keeps_its_mode_and_bar(worker: Worker) -> None:
+    spec = worker.schedule("j", handler="h", interval=5, mode="broadcast", min_success=0.75)
+    assert (spec.mode, spec.min_success) == ("broadcast", 0.75)
+    assert worker.declared["j"] is spec

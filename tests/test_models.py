@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from fastjob import Worker
+from fastjob import Worker, jobdef
 from fastjob.models import (
     JOB_DEFAULTS,
     JOB_FIELD_TYPES,
@@ -23,8 +24,8 @@ from fastjob.models import (
     job_wire_fields,
     spec_to_wire,
 )
-from fastjob.protocol import STRUCTS
-from fastjob.server.api import ApiError, spec_from_wire
+from fastjob.protocol import STRUCTS, ErrorCode
+from fastjob.server.api import ApiError, declared_specs, spec_from_wire
 from fastjob.store import codecs, create_store
 
 #: Worker.schedule's argument for each JobSpec field it sets directly (the schedule itself is
@@ -33,13 +34,14 @@ SCHEDULE_ARGS = {
     "handler": "handler", "timezone": "timezone", "params": "params", "timeout": "timeout",
     "retry_times": "retries", "retry_backoff": "retry_backoff", "misfire_policy": "misfire", "tags": "tags",
     "routing": "routing", "run_once": "run_once", "enabled": "enabled", "overlap": "overlap",
-    "catch_up_window": "catch_up_window", "max_queued": "max_queued", "alarm": "alarm",
+    "catch_up_window": "catch_up_window", "max_queued": "max_queued", "alarm": "alarm", "mode": "mode",
+    "min_success": "min_success",
 }
 FULL_SPEC = JobSpec(
     app="a", name="j", handler="h", schedule_type=ScheduleType.CRON, schedule_expr="*/5 * * * * *",
     timezone="Europe/Paris", params={"k": [1, 2]}, timeout=2.5, retry_times=3, retry_backoff=0.5,
     misfire_policy="fire_all", tags=["gpu"], routing="least_busy", run_once=False, enabled=False,
-    overlap="skip", catch_up_window=60.0, max_queued=7,
+    overlap="skip", catch_up_window=60.0, max_queued=7, mode="broadcast", min_success=0.5,
 )
 
 
@@ -99,3 +101,20 @@ async def test_the_stored_tables_have_a_column_for_every_field(tmp_path: Path) -
         instances = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
     assert {f.name for f in dataclasses.fields(JobRow)} <= jobs
     assert {f.name for f in dataclasses.fields(InstanceRow)} - {"trigger"} <= instances
+
+
+def test_a_spec_goes_through_the_admin_apis_json_fields_unchanged() -> None:
+    """jobdef's keywords (the admin API, the CLI, the console) carry every declared field there and back."""
+    assert jobdef.spec_from_json("a", jobdef.job_fields(FULL_SPEC)) == FULL_SPEC
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"mode": "everywhere"}, "mode must be one of single, broadcast, got 'everywhere'"),
+    ({"min_success": 0}, "min_success must be a fraction above 0 and at most 1, got 0"),
+    ({"min_success": 1.5}, "min_success must be a fraction above 0 and at most 1, got 1.5"),
+    ({"min_success": float("nan")}, "min_success must be a fraction above 0 and at most 1, got nan"),
+])
+def test_the_wire_api_refuses_a_bad_mode_or_min_success_naming_the_job(fields: dict, error: str) -> None:
+    with pytest.raises(ApiError, match=re.escape(f"job 'j': {error}")) as refused:
+        declared_specs("a", [{**spec_to_wire(FULL_SPEC), **fields}])
+    assert refused.value.code == ErrorCode.INVALID

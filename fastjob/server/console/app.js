@@ -221,6 +221,8 @@ async function jobForm(params, show) {
       <label>Retries <input name="retries" type="number" min="0" value="${job?.retries ?? 0}"></label>
       <label>Timeout (s) <input name="timeout" type="number" min="0" step="any" value="${job?.timeout ?? ""}"></label>
       <label>Overlap <select name="overlap">${["queue", "buffer_one", "skip", "allow"].map((k) => `<option ${k === (job?.overlap || "queue") ? "selected" : ""}>${k}</option>`).join("")}</select></label>
+      <label>Mode <select name="mode">${["single", "broadcast"].map((k) => `<option ${k === (job?.mode || "single") ? "selected" : ""}>${k}</option>`).join("")}</select></label>
+      <label>Min success (broadcast: fraction of runs) <input name="min_success" type="number" min="0" max="1" step="any" value="${job?.min_success ?? 1}"></label>
       <label>Params (JSON) <textarea name="params">${job && job.params !== null ? esc(JSON.stringify(job.params, null, 2)) : ""}</textarea></label>
       <p class="error" role="alert" id="problem"></p>
       <div><span class="muted">Next fires:</span><ol id="next"></ol></div>
@@ -229,7 +231,8 @@ async function jobForm(params, show) {
   const form = document.getElementById("job");
   const body = () => {
     const data = Object.fromEntries(new FormData(form));
-    const out = { name: data.name, retries: Number(data.retries || 0), overlap: data.overlap, timezone: data.timezone || "UTC" };
+    const out = { name: data.name, retries: Number(data.retries || 0), overlap: data.overlap, timezone: data.timezone || "UTC",
+      mode: data.mode, min_success: Number(data.min_success || 1) };
     if (data.handler) out.handler = data.handler;
     if (data.timeout) out.timeout = Number(data.timeout);
     if (data.kind === "cron") out.cron = data.expr;
