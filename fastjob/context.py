@@ -94,6 +94,9 @@ class JobContext:
     attempt: int
     scheduled_at: float  # planned fire time, epoch seconds
     log: _Log
+    # what a trigger passed, apart from the job's params: sent only for the built-in handlers
+    # ("fastjob:..."), whose params are always the job's own (commands.py)
+    trigger_params: Any = None
 
 
 #: A job's handler: called with the context; async or plain (a plain one runs in a thread).

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import jobdef
+from . import commands, jobdef
 from .context import Handler
 from .isolation import ISOLATIONS
 from .models import JOB_DEFAULTS, JobSpec, spec_to_wire
@@ -51,7 +51,11 @@ class Worker(OperatorQueries):
     are deprecated: they move to the HTTP admin API's typed client (protocol.md, section 6.5).
 
     ``isolation`` is where handlers run unless they say otherwise (see :meth:`handler`): "thread"
-    (the default) or "process"."""
+    (the default) or "process".
+
+    ``allow_commands`` (program names on PATH or absolute paths) and ``allow_images`` (fnmatch
+    patterns) enable the built-in handlers ``fastjob:command`` and ``fastjob:container``, which run
+    only what they list; ``container_runtime`` is the container CLI (default: podman, else docker)."""
 
     def __init__(
         self,
@@ -70,6 +74,9 @@ class Worker(OperatorQueries):
         role: str = "worker",
         isolation: str = "thread",
         metrics_port: int | None = None,
+        allow_commands: Iterable[str] | None = None,
+        allow_images: Iterable[str] | None = None,
+        container_runtime: str | None = None,
     ) -> None:
         if not servers:
             raise ValueError("give at least one server address host:port")
@@ -95,6 +102,11 @@ class Worker(OperatorQueries):
         self._metrics_server: Any = None
         self.handler_isolation: dict[str, str] = {}  # name -> "thread" or "process", as registered
         self.declared: dict[str, JobSpec] = {}
+        # the built-in command and container handlers, only with an allow-list (commands.py); async,
+        # so they run on the loop whatever the isolation, and a kill stops them
+        for builtin, fn in commands.builtin_handlers(allow_commands, allow_images, container_runtime).items():
+            self.handlers[builtin] = fn
+            self.handler_isolation[builtin] = "thread"
         self._main_task: asyncio.Task[None] | None = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)

@@ -349,7 +349,8 @@ class InstanceRunner:
     def _context(self, body: dict[str, Any]) -> JobContext:
         instance_id = body["instance_id"]
         return JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
-                          body["scheduled_at"], JobLog(self, instance_id, body["job"]))
+                          body["scheduled_at"], JobLog(self, instance_id, body["job"]),
+                          trigger_params=body.get("trigger_params"))
 
     async def _execute(self, body: dict[str, Any], ctx: JobContext) -> None:
         instance_id = body["instance_id"]

@@ -106,6 +106,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "scheduled_at": "float",
         "timeout": "float|nil",
         "start_at": "float?",
+        "trigger_params": "any?",
     },
     "ACK": {"instance_id": "int", "accepted": "bool", "reason": "str?"},
     "HELD": {"instance_ids": "array[int]"},

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
+from ..commands import BUILTIN_PREFIX
 from ..models import InstanceRow, InstanceUpdate, JobRow, LogLine, Routing, Status
 from ..protocol import KILL_REASON, WITHDRAW_REASON, ProtocolError
 from ..store import Store
@@ -349,17 +350,23 @@ class Dispatcher:
 
 def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow, lead: bool = False) -> None:
     """DISPATCH: what a worker needs to run one attempt of a fire (sent again to re-ask a result, or to
-    confirm a lead fire); ``lead``: its worker starts it at its planned time (version 5)."""
+    confirm a lead fire); ``lead``: its worker starts it at its planned time (version 5).
+
+    A built-in handler ("fastjob:command") gets the job's own params, and a trigger's apart as
+    ``trigger_params``: what a trigger passes must never become the program it runs (commands.py)."""
+    builtin = job.handler.startswith(BUILTIN_PREFIX)
     body = {
         "instance_id": row.id,
         "job_id": job.id,
         "job": job.name,
         "handler": job.handler,
-        "params": row.params if row.params is not None else job.params,
+        "params": job.params if builtin or row.params is None else row.params,
         "attempt": row.attempt,
         "scheduled_at": row.planned_ms / 1000.0,
         "timeout": job.timeout,
     }
+    if builtin and row.params is not None:
+        body["trigger_params"] = row.params
     if lead:
         body["start_at"] = row.planned_ms / 1000.0
     session.send("DISPATCH", body)
