@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..commands import COMMAND_HANDLER, CONTAINER_HANDLER
 from ..store import Store, TokenRow
 
 ROLES = ("viewer", "operator", "admin", "worker")
@@ -73,6 +74,20 @@ class Principal:
 
 #: Who acts on a server that asks for no token (the wire of an open app on a loopback server).
 OPEN_ACCESS = Principal("anonymous", "admin", None)
+
+#: Handlers that run programs on the workers' hosts (commands.py): only an admin defines jobs for them.
+PRIVILEGED_HANDLERS = (COMMAND_HANDLER, CONTAINER_HANDLER)
+
+
+def definition_refusal(principal: Principal, handler: str) -> str | None:
+    """Why ``principal`` may not create or change a job with ``handler``; None if it may. Checked where
+    an operator defines jobs (the API, JOB_UPSERT), not for a worker's code (JOB_DECLARE): there the
+    worker's allow-list decides what runs. Stated on its own, not left to MANAGE, so that no grant
+    made to another role ever lets it define what programs run."""
+    if handler.startswith(PRIVILEGED_HANDLERS) and principal.role != "admin":
+        return (f"only an admin may create or change command and container jobs (handler {handler!r}),"
+                f" not a {principal.role} token")
+    return None
 
 
 def hash_secret(salt: str, secret: str) -> str:

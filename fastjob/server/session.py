@@ -27,7 +27,7 @@ from ..store import NotOwnerError, StoreError
 from ..tasks import BackgroundTasks
 from .api import API_TYPES, ApiBackend, ApiError, declared_specs, handle_api
 from .audit import AuditLog
-from .auth import OPEN_ACCESS, Permission, Principal, TokenAuthority
+from .auth import OPEN_ACCESS, Permission, Principal, TokenAuthority, definition_refusal
 from .cluster import Cluster
 from .config import ServerConfig
 
@@ -364,6 +364,8 @@ class WorkerSession(Connection):
             if msg.type == "JOB_DECLARE":
                 reply = await self._declare(msg.body)
             else:
+                if msg.type == "JOB_UPSERT":
+                    self._check_definer(msg.body)
                 reply = await handle_api(self.server, self.app, msg.type, msg.body)
         except ApiError as exc:
             outcome = exc.code
@@ -386,6 +388,14 @@ class WorkerSession(Connection):
         finally:
             if permission is not Permission.READ:
                 self._audit(msg, outcome)
+
+    def _check_definer(self, body: dict[str, Any]) -> None:
+        """A command or container job is an admin's to define (auth.definition_refusal)."""
+        job = body.get("job")
+        handler = job.get("handler") if isinstance(job, dict) else None
+        refusal = definition_refusal(self.principal, handler) if isinstance(handler, str) else None
+        if refusal is not None:
+            raise ApiError(ErrorCode.FORBIDDEN, refusal)
 
     def _audit(self, msg: Message, outcome: str) -> None:
         body = msg.body

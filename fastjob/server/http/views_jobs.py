@@ -12,7 +12,7 @@ from typing import Any
 
 from ... import jobdef, schedule
 from ...models import FINAL_STATUSES, JobRow, Origin
-from ..auth import Permission
+from ..auth import Permission, definition_refusal
 from .backend import MAX_LIMIT, Call
 from .errors import HttpError
 
@@ -60,6 +60,14 @@ def _next_fires(job: Any, count: int, start_ms: int | None) -> list[float]:
         return [t / 1000.0 for t in schedule.upcoming_fires(job, count, schedule.now_ms(), start_ms)]
     except schedule.ScheduleError as exc:
         raise HttpError("invalid", str(exc)) from None
+
+
+def _admin_only(call: Call, *handlers: str) -> None:
+    """Command and container jobs choose programs that workers run: only an admin defines them."""
+    for handler in handlers:
+        refusal = definition_refusal(call.principal, handler)
+        if refusal is not None:
+            raise HttpError("forbidden", refusal)
 
 
 def _code_owned(job: JobRow, what: str) -> None:
@@ -128,6 +136,7 @@ async def create_job(call: Call) -> dict[str, Any]:
     call.require(Permission.MANAGE, call.app)
     spec = spec_or_400(call.app, await call.body())
     call.target = spec.name
+    _admin_only(call, spec.handler)
     if await call.backend.store.get_job_by_name(call.app, spec.name) is not None:
         raise HttpError("conflict", f"job {spec.name!r} exists in app {call.app!r}; PATCH it to change it")
     return {"job": job_json(await call.backend.upsert_job(spec))}
@@ -145,6 +154,7 @@ async def patch_job(call: Call) -> dict[str, Any]:
             fields.pop(key, None)
     fields.update(patch)
     spec = spec_or_400(call.app, fields, job.name)
+    _admin_only(call, job.handler, spec.handler)
     return {"job": job_json(await call.backend.upsert_job(spec))}
 
 
