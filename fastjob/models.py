@@ -201,6 +201,9 @@ class JobSpec:
     catch_up_window: float = 3600.0  # misfire fire_all: how far back missed fires still run (seconds)
     max_queued: int = 100  # overlap queue: fires that may wait behind a running one; more are skipped
     alarm: dict[str, Any] | None = None  # alarm settings (ALARM_SETTINGS); None: the server's defaults
+    mode: str = "single"  # MODES: "broadcast" runs each fire on every connected worker (with the tags)
+    min_success: float = 1.0  # broadcast: the fraction of sub-runs that must succeed for the fire to
+                              # succeed
 
 
 @dataclass(slots=True)
@@ -237,6 +240,8 @@ class JobRow:
     #: a second-level job's grid is anchored there, so a new runner neither repeats nor shifts it
     anchor_ms: int | None = None
     alarm: dict[str, Any] | None = None  # alarm settings, as declared (JobSpec.alarm)
+    mode: str = "single"  # as declared (JobSpec.mode)
+    min_success: float = 1.0
 
 
 @dataclass(slots=True)
@@ -307,6 +312,73 @@ class JobRun:
 
 #: Runs kept per second-level job (older ones are pruned).
 RUN_HISTORY = 100
+
+
+class TaskStatus(str, enum.Enum):
+    """What became of one batch of sub-tasks (a slice of one ``ctx.map`` call, a broadcast
+    sub-run or a workflow step): see :class:`TaskBatch`."""
+
+    WAITING = "waiting"  # written; waits for a worker with room (or for its lost worker's run lease)
+    RUNNING = "running"  # sent to a worker
+    SUCCEEDED = "succeeded"  # every item returned
+    FAILED = "failed"  # at least one item failed after its retries (``errors`` says which)
+
+
+FINAL_TASK_STATUSES = frozenset({TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value})
+#: How a job's fire runs: on one worker, or on every connected worker of the app (with its tags).
+MODES = ("single", "broadcast")
+
+
+@dataclass(slots=True)
+class TaskBatch:
+    """A contiguous slice of the items of one ``ctx.map`` call (or one broadcast sub-run, or one
+    workflow step), written to the store before it runs and kept with its results.
+
+    ``parent`` is the task key of the run that called ``ctx.map``: ``"<job id>:<planned ms>"`` for
+    a job's fire, so that every attempt of a fire shares its finished sub-tasks, or
+    ``"<batch key>.<index>"`` for a sub-task that maps again. ``key`` is
+    ``"<parent>|<call number>|<first index>"``: unique per item range, the same for a re-run.
+    ``root`` is the fire's key (the top of a nested map), for progress and listing.
+    """
+
+    key: str
+    app: str
+    root: str
+    parent: str
+    call: int
+    start: int
+    handler: str
+    items: list[Any]
+    status: str = TaskStatus.WAITING.value
+    parent_attempt: int = 1  # the parent's attempt that wrote it (a later attempt re-runs failed items)
+    attempt: int = 0  # how many times it was sent to a worker
+    worker: str | None = None
+    results: list[Any] | None = None  # one per item, in order (None for a failed item)
+    errors: list[list[Any]] | None = None  # [index within the batch, error text] of each failed item
+    #: how it runs: "retries", "timeout", "shard" [index, total], "pin" (a worker id), "upstream", "job"
+    extra: dict[str, Any] | None = None
+    logs: list[list[Any]] | None = None  # [ts, level, message] lines its items logged (bounded)
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+def task_key(parent: str, call: int, start: int) -> str:
+    """A batch's key: the parent's task key, the parent's call number and the first item's index."""
+    return f"{parent}|{call}|{start}"
+
+
+def fire_key(job_id: int, planned_ms: int) -> str:
+    """The task key of a job's fire: every attempt of the fire maps under it."""
+    return f"{job_id}:{planned_ms}"
+
+
+def root_of(parent: str) -> str:
+    """The fire at the top of a (nested) map: the part of a task key before its first batch."""
+    return parent.split("|", 1)[0]
 
 
 #: The fields a job declaration must carry; every other field of :class:`JobSpec` has a default.

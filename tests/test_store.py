@@ -20,7 +20,20 @@ import pytest
 from harness import wait_until
 from private_mariadb import PrivateMariaDB
 
-from fastjob.models import RUN_HISTORY, InstanceUpdate, JobRow, JobRun, JobSpec, LogLine, PausedBy, ScheduleType, Status
+from fastjob.models import (
+    RUN_HISTORY,
+    InstanceUpdate,
+    JobRow,
+    JobRun,
+    JobSpec,
+    LogLine,
+    PausedBy,
+    ScheduleType,
+    Status,
+    TaskBatch,
+    root_of,
+    task_key,
+)
 from fastjob.schedule import make_planner
 from fastjob.store import FirePlan, FirePlanner, NotOwnerError, Store, StoreError, create_store
 from fastjob.store.codecs import FIRST_ATTEMPT
@@ -1079,3 +1092,33 @@ def test_private_mariadb_restarts(private_mariadb: PrivateMariaDB, tmp_path) -> 
         cur.execute("SELECT id, v FROM t ORDER BY id")
         assert cur.fetchall() == ((1, "kept"), (2, "crash"))
     print(f"private MariaDB: start {db.last_start_seconds:.2f}s, stop {db.last_stop_seconds:.2f}s")
+
+
+# ---- sub-task batches ------------------------------------------------------------------------------
+def _batch(parent: str, call: int, start: int, items: list, **kw) -> TaskBatch:
+    return TaskBatch(task_key(parent, call, start), "app", root_of(parent), parent, call, start, "h", items,
+                     created_at=1000.0 + start, **kw)
+
+
+async def test_task_batches_are_written_once_by_key_and_keep_their_results(store: Store) -> None:
+    first = [_batch("7:100", 1, 0, [1, 2]), _batch("7:100", 1, 2, [3, {"x": [4]}])]
+    assert await store.add_task_batches(first) == {}
+    again = await store.add_task_batches([_batch("7:100", 1, 0, [9, 9]), _batch("7:100", 2, 0, [5])])
+    assert list(again) == ["7:100|1|0"] and again["7:100|1|0"].items == [1, 2]  # stored, not overwritten
+    done = again["7:100|1|0"]
+    done.status, done.results, done.errors, done.worker = "failed", [2, None], [[1, "boom"]], "w1"
+    done.logs, done.finished_at, done.attempt, done.parent_attempt = [[1.0, "INFO", "hi"]], 1005.0, 2, 3
+    await store.save_task_batches([done])
+    nested = _batch("7:100|1|0.1", 1, 0, [6])  # an item that mapped again
+    await store.add_task_batches([nested])
+    listed = await store.list_task_batches("7:100")
+    assert [b.key for b in listed] == ["7:100|1|0", "7:100|1|2", "7:100|2|0", "7:100|1|0.1|1|0"]
+    assert listed[0] == done
+    assert listed[1].items == [3, {"x": [4]}] and listed[1].status == "waiting"
+    assert [b.key for b in await store.list_task_batches("7:100", parent="7:100", call=1)] == ["7:100|1|0", "7:100|1|2"]
+    assert [b.key for b in await store.list_task_batches("7:100", after_key="7:100|1|2", limit=1)] == ["7:100|2|0"]
+    assert await store.list_task_batches("8:100") == []
+    # items of the fire and of its nested maps; ended: the final batches' items; failed: their errors
+    assert await store.task_progress(["7:100", "8:100"]) == {"7:100": (6, 2, 1)}
+    assert await store.prune_older("task_batches", 1001.0, 100) == 3  # those written before 1001
+    assert [b.key for b in await store.list_task_batches("7:100")] == ["7:100|1|2"]

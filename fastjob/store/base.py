@@ -31,6 +31,7 @@ from ..models import (
     PausedBy,
     ScheduleType,
     Status,
+    TaskBatch,
 )
 
 
@@ -132,7 +133,7 @@ class OwnershipChange:
 #: The append-only tables ``prune_older`` prunes, with their time column (the outbox: only
 #: rows delivered or given up on).
 PRUNABLE = {"job_logs": "ts", "audit_log": "ts", "app_history": "ts", "idempotency_keys": "created_at",
-            "alarm_outbox": "delivered_at"}
+            "alarm_outbox": "delivered_at", "task_batches": "created_at"}
 
 
 @dataclass(slots=True)
@@ -607,3 +608,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def settle_idempotency_key(self, app: str, key: str, instance_id: int | None) -> None:
         """The reserved trigger ended: remember its instance, or (None: it failed) free the key."""
+
+    # ---- sub-tasks: ctx.map batches, broadcast sub-runs, workflow steps ---------------------------
+    @abc.abstractmethod
+    async def add_task_batches(self, batches: Sequence[TaskBatch]) -> dict[str, TaskBatch]:
+        """Write new batches in one transaction. A batch whose key is stored already is not
+        written: it comes back, as stored, in the answer (by key), because a parent that resubmits
+        after a reconnect, or a re-run of its fire, must get the stored batch and its results."""
+
+    @abc.abstractmethod
+    async def save_task_batches(self, batches: Sequence[TaskBatch]) -> None:
+        """Write what changes of stored batches (status, attempts, worker, results, errors, logs,
+        finish time, the parent attempt), by key, in one transaction. The app's owner decides
+        these (it alone tracks the batch); a key not stored is ignored."""
+
+    @abc.abstractmethod
+    async def list_task_batches(self, root: str, *, parent: str | None = None, call: int | None = None,
+                                after_key: str = "", limit: int = 1000) -> list[TaskBatch]:
+        """The batches under a fire (``root``), in the order written; of one ``parent`` and
+        ``call`` if given; at most ``limit`` (bounded), after the batch keyed ``after_key``."""
+
+    @abc.abstractmethod
+    async def task_progress(self, roots: Collection[str]) -> dict[str, tuple[int, int, int]]:
+        """Per fire with batches: (items, items ended, items failed), over its nested maps too."""

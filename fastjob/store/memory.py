@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from ..models import (
     FINAL_STATUSES,
+    FINAL_TASK_STATUSES,
     RUN_HISTORY,
     InstanceRow,
     InstanceUpdate,
@@ -39,6 +40,7 @@ from ..models import (
     PausedBy,
     ScheduleType,
     Status,
+    TaskBatch,
 )
 from .base import (
     IDEMPOTENCY_TTL,
@@ -705,6 +707,12 @@ class MemoryStore(Store):
                 entry = db.outbox.pop(alarm_id)
                 db.outbox_keys.pop((entry.row.event_id, entry.row.webhook), None)
             return len(done)
+        if table == "task_batches":  # in the order written, as SQL reads them by id
+            old_keys = [name for name, _ in zip(db.tasks, range(max(limit, 0)), strict=False)
+                        if db.tasks[name].created_at < before]
+            for name in old_keys:
+                del db.tasks[name]
+            return len(old_keys)
         rows: list[Any] = db.audit if table == "audit_log" else db.history
         old_ids = {r.id for r in rows[:max(limit, 0)] if r.ts < before}  # of the oldest, as SQL reads them
         rows[:] = [r for r in rows if r.id not in old_ids]
@@ -726,6 +734,50 @@ class MemoryStore(Store):
         elif held is not None:
             db.idempotency[(app, key)] = (instance_id, held[1])
 
+    # ---- sub-tasks -------------------------------------------------------------------------------
+    async def add_task_batches(self, batches: Sequence[TaskBatch]) -> dict[str, TaskBatch]:
+        db = await self._db()
+        stored = {b.key: _copy_batch(db.tasks[b.key]) for b in batches if b.key in db.tasks}
+        for batch in batches:
+            if batch.key not in db.tasks:
+                db.tasks[batch.key] = _copy_batch(batch)
+        return stored
+
+    async def save_task_batches(self, batches: Sequence[TaskBatch]) -> None:
+        db = await self._db()
+        for batch in batches:
+            if batch.key in db.tasks:
+                db.tasks[batch.key] = _copy_batch(batch, db.tasks[batch.key].items)
+
+    async def list_task_batches(self, root: str, *, parent: str | None = None, call: int | None = None,
+                                after_key: str = "", limit: int = 1000) -> list[TaskBatch]:
+        db = await self._db()
+        out: list[TaskBatch] = []
+        passed = not after_key
+        for batch in db.tasks.values():
+            if not passed:
+                passed = batch.key == after_key
+                continue
+            if len(out) >= limit:
+                break
+            if batch.root != root or (parent is not None and batch.parent != parent):
+                continue
+            if call is None or batch.call == call:
+                out.append(_copy_batch(batch))
+        return out
+
+    async def task_progress(self, roots: Collection[str]) -> dict[str, tuple[int, int, int]]:
+        db = await self._db()
+        wanted = set(roots)
+        out: dict[str, tuple[int, int, int]] = {}
+        for batch in db.tasks.values():
+            if batch.root in wanted:
+                items, ended, failed = out.get(batch.root, (0, 0, 0))
+                done = batch.status in FINAL_TASK_STATUSES
+                out[batch.root] = (items + batch.size, ended + (batch.size if done else 0),
+                                   failed + len(batch.errors or ()))
+        return out
+
 
 _Logged = TypeVar("_Logged", AuditEntry, OwnershipChange)
 
@@ -739,6 +791,13 @@ def _newest_first(table: list[_Logged], app: str | None, before_id: int | None, 
         if (before_id is None or entry.id < before_id) and (app is None or entry.app == app):
             out.append(dataclasses.replace(entry))
     return out
+
+
+def _copy_batch(batch: TaskBatch, items: list[Any] | None = None) -> TaskBatch:
+    """A batch as a database would give it back: JSON columns copied, nothing shared."""
+    return dataclasses.replace(
+        batch, items=json_copy(batch.items if items is None else items), results=json_copy(batch.results),
+        errors=json_copy(batch.errors), extra=json_copy(batch.extra), logs=json_copy(batch.logs))
 
 
 __all__ = ["MemoryStore", "drop_database"]

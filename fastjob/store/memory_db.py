@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import InstanceRow, JobRow, JobRun, JobSpec, LogLine, ScheduleType
+from ..models import InstanceRow, JobRow, JobRun, JobSpec, LogLine, ScheduleType, TaskBatch
 from .base import AlarmRow, AppRow, AuditEntry, OwnershipChange, ServerRow, TokenRow, WorkerRow
 from .codecs import SPEC_COLS, claim_job, dumps, loads, spec_values
 
@@ -136,6 +136,7 @@ class MemoryDatabase:
     last_run_id: int = 0
     last_job_id: int = 0
     last_instance_id: int = 0
+    tasks: dict[str, TaskBatch] = field(default_factory=dict)  # by key, in the order written
 
     def add_job(self, job: JobRow) -> JobRow:
         """Store a new job (its (app, name) must be free) under the next id."""

@@ -23,6 +23,7 @@ from ..models import (
     PausedBy,
     ScheduleType,
     Status,
+    TaskBatch,
 )
 from .base import (
     AlarmRow,
@@ -75,6 +76,7 @@ from .sql_admin import (
 from .sql_declare import op_declare_jobs
 from .sql_runner import Attempts, SQLRunner
 from .sql_runs import op_add_job_runs, op_list_job_runs
+from .sql_tasks import op_add_task_batches, op_list_task_batches, op_save_task_batches, op_task_progress
 from .sql_wal import op_claim_due
 from .statements import CHUNK_ROWS, Op, Stmt, chunks, flat
 
@@ -597,3 +599,23 @@ class SQLStore(SQLRunner):
 
     async def settle_idempotency_key(self, app: str, key: str, instance_id: int | None) -> None:
         await self._run("settle_idempotency_key", lambda: op_settle_key(app, key, instance_id), tx=False)
+
+    # ---- sub-tasks -------------------------------------------------------------------------------
+    async def add_task_batches(self, batches: Sequence[TaskBatch]) -> dict[str, TaskBatch]:
+        if not batches:
+            return {}
+        return await self._run("add_task_batches", lambda: op_add_task_batches(self.dialect, batches), tx=True)
+
+    async def save_task_batches(self, batches: Sequence[TaskBatch]) -> None:
+        if batches:
+            await self._run("save_task_batches", lambda: op_save_task_batches(batches), tx=True)
+
+    async def list_task_batches(self, root: str, *, parent: str | None = None, call: int | None = None,
+                                after_key: str = "", limit: int = 1000) -> list[TaskBatch]:
+        return await self._run("list_task_batches",
+                               lambda: op_list_task_batches(root, parent, call, after_key, limit), tx=False)
+
+    async def task_progress(self, roots: Collection[str]) -> dict[str, tuple[int, int, int]]:
+        if not roots:
+            return {}
+        return await self._run("task_progress", lambda: op_task_progress(self.dialect, roots), tx=False)
