@@ -256,6 +256,22 @@ class Client:
         body = _given(force=force or None, params=params)
         return await self._call("POST", f"/api/v1/instances/{_segment(instance_id)}/retry", body=body)
 
+    async def subtasks(self, instance_id: int, cursor: str | None = None, limit: int | None = None) -> Json:
+        """``{"progress": {"items", "done", "failed"}, "batches": [...], "next_cursor"}``: the sub-task
+        batches of its fire (maps, a broadcast's sub-runs, a workflow's steps)."""
+        return await self._call("GET", f"/api/v1/instances/{_segment(instance_id)}/subtasks",
+                                {"cursor": cursor, "limit": limit})
+
+    async def steps(self, instance_id: int) -> Json:
+        """``{"instance_id", "steps": [{"name", "after", "status", "result", "error", ...}]}`` of a workflow's fire."""
+        return await self._call("GET", f"/api/v1/instances/{_segment(instance_id)}/steps")
+
+    async def succeed_step(self, instance_id: int, step: str, result: Any = None) -> Json:
+        """Mark a workflow step succeeded by hand (no attempt of the fire may run); retry the
+        instance then to run what follows it."""
+        return await self._call("POST", f"/api/v1/instances/{_segment(instance_id)}/steps/{_segment(step)}/succeed",
+                                body={"result": result})
+
     async def stats(self, app: str, window: str | None = None) -> Json:
         """Fires by outcome over ``window`` (like 15m, 1h, 7d) and lateness percentiles."""
         return await self._call("GET", f"/api/v1/apps/{_segment(app)}/stats", {"window": window})

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from . import cron
+from .fanout import WORKFLOW_HANDLER, normalize_steps
 from .models import MODES, JobRow, JobSpec, Misfire, Overlap, Routing, ScheduleType, check_alarm
 from .store.base import FirePlan, FirePlanner, NextFire
 
@@ -136,6 +137,19 @@ def _validate_policies(job: Job) -> None:
         check_alarm(job.alarm)
     except ValueError as exc:
         raise ScheduleError(str(exc)) from None
+    if job.handler == WORKFLOW_HANDLER:
+        _validate_workflow(job)
+
+
+def _validate_workflow(job: Job) -> None:
+    """A workflow's steps (its params) must form a graph: every upstream a step, no cycle."""
+    if job.mode != "single":
+        raise ScheduleError("a workflow runs in mode 'single' (its steps go to the app's workers)")
+    steps = job.params.get("steps") if isinstance(job.params, dict) else None
+    try:
+        normalize_steps(steps)
+    except ValueError as exc:
+        raise ScheduleError(f"workflow {job.name!r}: {exc}") from None
 
 
 def cron_after(expr: str, timezone: str, after_ms: int) -> int:

@@ -24,11 +24,12 @@ import socket
 import ssl as ssl_module
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from . import commands, jobdef
 from .context import Handler
+from .fanout import WORKFLOW_HANDLER, normalize_steps, run_workflow
 from .isolation import ISOLATIONS
 from .models import JOB_DEFAULTS, JobSpec, spec_to_wire
 from .protocol import DEFAULT_MAX_FRAME, Connection, Message, encode, parse_address
@@ -37,6 +38,7 @@ from .tasks import BackgroundTasks
 from .worker_link import LinkHooks, ServerLink, SessionOutcome, WorkerError
 from .worker_queries import OperatorQueries
 from .worker_runs import InstanceRunner
+from .worker_tasks import MapClient, TaskRunner
 
 __all__ = ["Worker", "WorkerError"]
 
@@ -107,6 +109,8 @@ class Worker(OperatorQueries):
         for builtin, fn in commands.builtin_handlers(allow_commands, allow_images, container_runtime).items():
             self.handlers[builtin] = fn
             self.handler_isolation[builtin] = "thread"
+        self.handlers[WORKFLOW_HANDLER] = run_workflow  # every worker can coordinate a workflow
+        self.handler_isolation[WORKFLOW_HANDLER] = "thread"
         self._main_task: asyncio.Task[None] | None = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)
@@ -122,6 +126,11 @@ class Worker(OperatorQueries):
         ))
         self._runs = InstanceRunner(self._link, self.handlers, capacity=lambda: self.max_concurrency,
                                     abandoned=self._abandoned, isolation=self.handler_isolation)
+        self._maps = MapClient(self._link)
+        self._runs.subtasks = self._maps
+        self._runs.parked = lambda: self._maps.parked_runs
+        self._tasks = TaskRunner(self._link, self.handlers, self._runs.run_handler, lambda: self.max_concurrency,
+                                 self._maps, self.handler_isolation)
 
     # ---- declaration ---------------------------------------------------------------------
     def handler(self, name: str | None = None, *, isolation: str | None = None) -> Callable[[Handler], Handler]:
@@ -165,6 +174,8 @@ class Worker(OperatorQueries):
         max_queued: int = _DEFAULT.max_queued,
         enabled: bool = _DEFAULT.enabled,
         alarm: dict[str, Any] | None = None,
+        mode: str = _DEFAULT.mode,
+        min_success: float = _DEFAULT.min_success,
         allow_overlap: bool | None = None,
     ) -> JobSpec:
         """Declare a job in code; it is created or updated on the server at registration.
@@ -175,7 +186,9 @@ class Worker(OperatorQueries):
         the previous one still runs; ``misfire`` (fire_once, fire_all, skip) what happens to
         fires missed while no server ran the app. ``allow_overlap`` is the old boolean
         (True: allow, False: queue). ``alarm`` says which of the job's events alarm the server's
-        webhooks (models.ALARM_SETTINGS). Raises ValueError at once for an unknown handler or a
+        webhooks (models.ALARM_SETTINGS). ``mode="broadcast"`` runs each fire on every connected
+        worker of the app (with the job's tags); the fire succeeds when at least ``min_success``
+        (a fraction) of those runs do. Raises ValueError at once for an unknown handler or a
         bad schedule.
         """
         handler = handler or name
@@ -185,11 +198,27 @@ class Worker(OperatorQueries):
             self.app, name, handler=handler, interval=interval, delay=delay, cron=cron, at=at, run_once=run_once,
             retries=retries, retry_backoff=retry_backoff, timeout=timeout, params=params, timezone=timezone,
             misfire=misfire, catch_up_window=catch_up_window, tags=tags, routing=routing, overlap=overlap,
-            max_queued=max_queued, enabled=enabled, alarm=alarm, allow_overlap=allow_overlap)
+            max_queued=max_queued, enabled=enabled, alarm=alarm, mode=mode, min_success=min_success,
+            allow_overlap=allow_overlap)
         self._check_sendable(spec)
         self._check_picklable(spec)
         self.declared[name] = spec
         return spec
+
+    def workflow(self, name: str, steps: Mapping[str, Any], **schedule: Any) -> JobSpec:
+        """Declare a workflow: a job whose fire runs ``steps``, a graph of handlers or jobs, each step
+        once all its upstream steps succeeded (fastjob/fanout.py).
+
+        ``steps`` maps each step's name to its upstream steps (``{"load": ["transform"]}``; the name
+        then names a handler, or a job declared before), or to its settings: ``after``, ``handler``
+        or ``job``, ``retries``, ``timeout``, ``on_failure`` ("fail", the default, or "skip"),
+        ``params``. A step that names a job runs that job's handler with its params; the job's own
+        schedule is not touched. ``schedule`` takes :meth:`schedule`'s keywords (cron, timeout,
+        overlap, retries...: the workflow's own). Raises ValueError for a cycle or an unknown step."""
+        if "handler" in schedule or "params" in schedule:
+            raise ValueError(f"workflow {name!r}: its handler and params are its steps")
+        normalized = normalize_steps(steps, handlers=self.handlers, jobs=self.declared)
+        return self.schedule(name, handler=WORKFLOW_HANDLER, params={"steps": normalized}, **schedule)
 
     def _check_sendable(self, spec: JobSpec) -> None:
         """A declaration the server could never take is refused here, naming the job: params msgpack
@@ -230,6 +259,7 @@ class Worker(OperatorQueries):
         self._main_task = asyncio.create_task(self._link.run(self._session), name=f"fastjob-worker-{self.app}")
         self._side_tasks.spawn(self._runs.flush_logs_loop(), "fastjob-log-flush")
         self._side_tasks.spawn(self._runs.watch_run_lease(), "fastjob-run-lease")
+        self._side_tasks.spawn(self._tasks.watch_run_lease(), "fastjob-task-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
         except asyncio.TimeoutError:
@@ -266,7 +296,7 @@ class Worker(OperatorQueries):
         if self.connected and self.version >= 2:
             self._link.send("DRAIN", {"reason": "worker stopping"})
         self._runs.refuse_leads("worker stopping")  # their server sends them elsewhere, still on time
-        await self._runs.wind_down(grace)
+        await asyncio.gather(self._runs.wind_down(grace), self._tasks.wind_down(grace))
         self._runs.flush_logs()
         self._link.close()
         if self._main_task is not None:
@@ -400,7 +430,7 @@ class Worker(OperatorQueries):
 
     def _hello_state(self) -> dict[str, Any]:
         return {**self._runs.hello_state(), "second_level": self.second_level.job_ids(),
-                "handlers": self.handler_kinds()}
+                "handlers": self.handler_kinds(), "tasks": self._tasks.hello_state()}
 
     def handler_kinds(self) -> dict[str, str]:
         """How each handler runs: "async" or "process" (an operator's kill stops it) or "thread" (it cannot)."""
@@ -410,6 +440,8 @@ class Worker(OperatorQueries):
     def _registered(self, conn: Connection) -> None:
         """A session is registered: results kept while disconnected go out, second-level jobs resume."""
         self._runs.resend_results(conn)
+        self._tasks.resend()
+        self._maps.resubmit()
         self.second_level.connected()
 
     def _on_message(self, conn: Connection, msg: Message) -> None:
@@ -417,6 +449,10 @@ class Worker(OperatorQueries):
         kind = msg.type
         if kind == "DISPATCH":
             self._on_dispatch(conn, msg.body)
+        elif kind == "RUN_TASKS":
+            self._tasks.on_run(conn, msg.body)
+        elif kind == "TASK_RESULTS":
+            self._maps.on_results(msg.body)
         elif kind == "CANCEL":
             self._runs.cancel(msg.body["instance_id"], msg.body.get("reason") or "cancelled")
         elif kind == "PING":

@@ -33,9 +33,10 @@ from typing import Any, Protocol
 
 import msgpack
 
-from .context import Handler, JobContext, JobLog
+from .context import Handler, JobContext, JobLog, SubTasks
+from .fanout import run_broadcast
 from .isolation import ChildRunError, ProcessPool
-from .models import Status
+from .models import Status, fire_key
 from .protocol import KILL_REASON, WITHDRAW_REASON, Connection, ProtocolError
 from .threads import DaemonThreadPool
 from .timer import WheelTimer
@@ -138,6 +139,8 @@ class InstanceRunner:
         self._starts: list[tuple[int, float]] = []  # runs started this loop turn: START for those still running
         self._results_due = False  # a send_results is scheduled
         self._lead_timer: WheelTimer | None = None  # made on the loop when the first lead fire comes
+        self.subtasks: SubTasks | None = None  # ctx.map's client (worker_tasks.MapClient), set by the worker
+        self.parked: Callable[[], int] = lambda: 0  # runs waiting for their sub-tasks: they take no slot
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def open(self, max_workers: int, thread_name_prefix: str) -> None:
@@ -257,7 +260,7 @@ class InstanceRunner:
     def _start(self, conn: Connection, body: dict[str, Any], ctx: JobContext | None = None) -> None:
         """Run an accepted DISPATCH now, if a slot is free and our run lease holds (else later, or refused)."""
         instance_id = body["instance_id"]
-        if len(self.running) >= self._capacity():
+        if len(self.running) - self.parked() >= self._capacity():
             conn.send("ACK", {"instance_id": instance_id, "accepted": False, "reason": "at max_concurrency"})
             return
         if not self._link.lease_held():
@@ -350,6 +353,7 @@ class InstanceRunner:
         instance_id = body["instance_id"]
         return JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
                           body["scheduled_at"], JobLog(self, instance_id, body["job"]),
+                          key=fire_key(body["job_id"], round(body["scheduled_at"] * 1000)), subtasks=self.subtasks,
                           trigger_params=body.get("trigger_params"))
 
     async def _execute(self, body: dict[str, Any], ctx: JobContext) -> None:
@@ -361,9 +365,14 @@ class InstanceRunner:
         self._starts.append((instance_id, started_at))
         if len(self._starts) == 1:
             asyncio.get_running_loop().call_soon(self._report_starts)
-        status, result, error = await self.run_handler(self._handlers[body["handler"]], ctx, body.get("timeout"),
+        fn, in_process = self._handlers[body["handler"]], self._isolation.get(body["handler"]) == "process"
+        if body.get("mode") == "broadcast":  # this run coordinates; the handler runs on every worker
+            fn, in_process = run_broadcast, False
+            ctx.broadcast_of = {"handler": body["handler"], "min_success": body.get("min_success", 1.0),
+                                "tags": body.get("tags") or [], "timeout": body.get("timeout")}
+        status, result, error = await self.run_handler(fn, ctx, body.get("timeout"),
                                                        lambda: self._cancel_reasons.pop(instance_id, "cancelled"),
-                                                       in_process=self._isolation.get(body["handler"]) == "process")
+                                                       in_process=in_process)
         self.flush_logs(instance_id)
         self.outcomes[status] += 1
         report = {"instance_id": instance_id, "status": status, "started_at": started_at,

@@ -52,10 +52,12 @@ class WorkerProcess:
 
 
 class ProcWorker:
-    """A worker in its own process (tests/worker_proc.py), recording its runs in a ledger."""
+    """A worker in its own process (tests/worker_proc.py, or another ``script`` there), recording its
+    runs in a ledger."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+    def __init__(self, config: dict[str, Any], log_path: Path, script: str = "worker_proc.py") -> None:
         self.config = config
+        self.script = script
         self.worker_id = config["worker_id"]
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
@@ -68,7 +70,7 @@ class ProcWorker:
             filter(None, [str(here.parent), str(here), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(here / "worker_proc.py"), json.dumps(self.config),
+                sys.executable, str(here / self.script), json.dumps(self.config),
                 stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env)
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)

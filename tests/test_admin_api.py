@@ -142,7 +142,7 @@ async def test_routes_end_to_end(servers, db_url):
 
         workers = await api.ok("GET", "/api/v1/apps/billing/workers")
         assert [w["id"] for w in workers["workers"]] == [worker.worker_id]
-        assert workers["workers"][0]["handlers"] == {"report": "async"}
+        assert workers["workers"][0]["handlers"] == {"report": "async", "fastjob:workflow": "async"}
         cluster = await api.ok("GET", "/api/v1/cluster")
         assert cluster["apps"] == [{"name": "billing", "owner": cluster["server_id"], "epoch": 1,
                                     "since": cluster["apps"][0]["since"]}]

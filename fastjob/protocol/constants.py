@@ -5,7 +5,7 @@ defaults without pulling in the codec or the connection.
 """
 from __future__ import annotations
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """The highest protocol version this implementation speaks."""
 MIN_PROTOCOL_VERSION = 1
 """The lowest protocol version this implementation still accepts."""

@@ -80,6 +80,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "pid": "int?",
         "handlers": "map?",
         "leading": "array[int]?",
+        "tasks": "array[str]?",
     },
     "WELCOME": {
         "version": "int",
@@ -107,6 +108,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "timeout": "float|nil",
         "start_at": "float?",
         "trigger_params": "any?",
+        "mode": "str?",
+        "min_success": "float?",
+        "tags": "array[str]?",
     },
     "ACK": {"instance_id": "int", "accepted": "bool", "reason": "str?"},
     "HELD": {"instance_ids": "array[int]"},
@@ -125,6 +129,56 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "SL_ASSIGN": {"job": "sl_job", "lease": "float"},
     "SL_REVOKE": {"job_id": "int", "reason": "str?"},
     "SL_REPORT": {"reports": "array[sl_report]"},
+    # sub-tasks (version 6): ctx.map batches, broadcast sub-runs, workflow steps
+    "TASKS": {
+        "parent": "str",
+        "call": "int",
+        "start": "int",
+        "handler": "str",
+        "items": "array",
+        "attempt": "int?",
+        "retries": "int?",
+        "timeout": "float|nil?",
+        "job": "str?",
+        "upstream": "map?",
+    },
+    "BROADCAST": {
+        "parent": "str",
+        "call": "int",
+        "handler": "str",
+        "params": "any",
+        "tags": "array[str]?",
+        "attempt": "int?",
+        "timeout": "float|nil?",
+    },
+    "PARK": {"parent": "str", "waiting": "bool"},
+    "RUN_TASKS": {
+        "key": "str",
+        "handler": "str",
+        "items": "array",
+        "start": "int",
+        "attempt": "int",
+        "retries": "int?",
+        "timeout": "float|nil?",
+        "only": "array[int]?",
+        "shard": "array[int]?",
+        "upstream": "map?",
+        "job": "str?",
+    },
+    "TASKS_DONE": {
+        "key": "str",
+        "results": "array?",
+        "errors": "array?",
+        "logs": "array[log_line]?",
+        "refused": "str?",
+    },
+    "TASK_RESULTS": {
+        "parent": "str",
+        "call": "int",
+        "start": "int",
+        "results": "array",
+        "errors": "array?",
+    },
     # client API
     "JOB_UPSERT": {"job": "job_def"},
     # each a job_def, checked once, by the server's job rules (server/api.py), naming the job at fault
@@ -145,7 +199,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 #: Message types added after version 1, with the version that defines them: a peer must not
 #: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
-SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3, "HELD": 5}
+SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3, "HELD": 5, "TASKS": 6, "BROADCAST": 6,
+                                  "PARK": 6, "RUN_TASKS": 6, "TASKS_DONE": 6, "TASK_RESULTS": 6}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

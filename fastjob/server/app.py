@@ -27,6 +27,7 @@ from .retention import Retention
 from .scheduler import Scheduler
 from .second_level import SecondLevel
 from .session import WorkerSession
+from .subtasks import TaskBroker
 
 log = logging.getLogger("fastjob.server")
 
@@ -56,6 +57,7 @@ class FastJobServer:
         self.scheduler: Scheduler
         self.second_level: SecondLevel
         self.reconciler: Reconciler
+        self.subtasks: TaskBroker
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> str:
@@ -99,6 +101,9 @@ class FastJobServer:
             is_second_level=self.is_second_level,
             metrics=self.metrics,
         )
+        self.subtasks = TaskBroker(
+            store=self.store, workers_of=self.workers_of, tasks=self.tasks, run_lease=cfg.effective_run_lease,
+            dispatch_wait=cfg.dispatch_wait, room_freed=self.scheduler.dispatcher.drain_pending)
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
         self.cluster.alarm = self._cluster_alarm
@@ -165,6 +170,7 @@ class FastJobServer:
         if session.role == "worker":
             self.scheduler.worker_joined(session, running, finished)
             self.second_level.worker_joined(session, second_level)
+            self.subtasks.worker_joined(session, sorted(session.hello_tasks))
 
     def session_left(self, session: WorkerSession) -> None:
         peers = self.sessions.get(session.app, [])
@@ -178,6 +184,7 @@ class FastJobServer:
             clean = session.draining and session.run_count == 0
             self.scheduler.worker_left(session)
             self.second_level.worker_left(session)
+            self.subtasks.worker_left(session)
             keep_for = 0.0 if clean else self.config.effective_run_lease + 0.1 * self.config.heartbeat_timeout
             self.tasks.spawn(self._unregister_later(session.app, session.worker_id, keep_for),
                              f"fastjob-unregister-{session.worker_id}")
@@ -203,6 +210,16 @@ class FastJobServer:
             self.scheduler.on_result(session, body)
         elif kind == "SL_REPORT":
             self.second_level.on_report(session, body)
+        elif kind in ("TASKS", "TASKS_DONE", "PARK") and session.role == "worker":  # sub-tasks: workers only
+            if kind == "TASKS":
+                self.subtasks.on_tasks(session, body)
+            elif kind == "TASKS_DONE":
+                self.subtasks.on_done(session, body)
+            else:
+                self.subtasks.on_park(session, body)
+
+    async def broadcast(self, session: WorkerSession, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.subtasks.broadcast(session, body)
 
     def session_draining(self, session: WorkerSession) -> None:
         """A stopping worker: its second-level jobs and the fires waiting for a worker go elsewhere."""
@@ -221,6 +238,7 @@ class FastJobServer:
     async def _app_lost(self, app: str) -> None:
         await self.second_level.stats.flush()  # what its workers reported is kept for the next owner
         self.second_level.app_lost(app)
+        self.subtasks.app_lost(app)
         await self.scheduler.app_lost(app)
 
     async def _app_drain(self, app: str) -> bool:
@@ -235,9 +253,11 @@ class FastJobServer:
 
     # ---- jobs ---------------------------------------------------------------------------
     def is_second_level(self, job: JobRow | JobSpec) -> bool:
-        """Fixed rate/delay jobs faster than the threshold run on a worker, not through the WAL."""
+        """Fixed rate/delay jobs faster than the threshold run on a worker, not through the WAL (but a
+        broadcast, whose fire fans out to every worker through its owner)."""
         period = schedule.period_seconds(job)
-        return period is not None and period < self.config.second_level_threshold and not job.run_once
+        return (period is not None and period < self.config.second_level_threshold and not job.run_once
+                and job.mode == "single")
 
     def first_fire_ms(self, job: JobRow | JobSpec, now_ms: int) -> int | None:
         """When a new, re-scheduled or resumed job fires first here; None when the server never

@@ -125,6 +125,7 @@ class Dispatcher:
             s for s in self.workers_of(app)
             if s.accepts_jobs and (not refused_by or s.worker_id not in refused_by) and s.has_room()
             and (not tags or s.has_tags(tags)) and (not lead or s.takes_lead_fires)
+            and (job.mode == "single" or s.version >= 6)  # a broadcast's coordinator fans out (version 6)
         ]
         if not candidates:
             return None
@@ -367,6 +368,10 @@ def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow, l
     }
     if builtin and row.params is not None:
         body["trigger_params"] = row.params
+    if job.mode != "single":  # a broadcast: this run coordinates one sub-run per worker (fanout.py)
+        body["mode"] = job.mode
+        body["min_success"] = job.min_success
+        body["tags"] = job.tags
     if lead:
         body["start_at"] = row.planned_ms / 1000.0
     session.send("DISPATCH", body)

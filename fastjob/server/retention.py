@@ -77,7 +77,8 @@ class Retention:
         if self._behind or self._passes % SHARED_EVERY == 1:  # behind: every pass until caught up
             outbox = min(self.policy.audit or OUTBOX_KEEP, OUTBOX_KEEP)
             shared = {"job_logs": self.policy.logs, "audit_log": self.policy.audit, "app_history": self.policy.audit,
-                      "alarm_outbox": outbox, "idempotency_keys": IDEMPOTENCY_TTL}
+                      "alarm_outbox": outbox, "idempotency_keys": IDEMPOTENCY_TTL,
+                      "task_batches": self.policy.logs}  # sub-task batches carry their log lines
             self._behind = False
             for table, keep in shared.items():
                 if keep > 0:

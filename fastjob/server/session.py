@@ -30,10 +30,11 @@ from .audit import AuditLog
 from .auth import OPEN_ACCESS, Permission, Principal, TokenAuthority, definition_refusal
 from .cluster import Cluster
 from .config import ServerConfig
+from .subtasks import TaskRefused
 
 log = logging.getLogger("fastjob.session")
 
-REPORT_TYPES = frozenset({"ACK", "HELD", "START", "LOG", "RESULT", "SL_REPORT"})
+REPORT_TYPES = frozenset({"ACK", "HELD", "START", "LOG", "RESULT", "SL_REPORT", "TASKS", "TASKS_DONE", "PARK"})
 #: What each mutating wire call needs of the session's token (the rest only read).
 WIRE_PERMISSIONS = {
     "JOB_UPSERT": Permission.MANAGE,
@@ -72,6 +73,7 @@ class SessionHost(ApiBackend, Protocol):
     def session_left(self, session: WorkerSession) -> None: ...
     def session_draining(self, session: WorkerSession) -> None: ...
     def on_report(self, session: WorkerSession, kind: str, body: dict[str, Any]) -> None: ...
+    async def broadcast(self, session: WorkerSession, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class WorkerSession(Connection):
@@ -97,6 +99,10 @@ class WorkerSession(Connection):
         self.hello_running: list[int] = []  # what its HELLO named, for an owner still loading the app
         self.hello_finished: list[int] = []
         self.hello_leading: list[int] = []  # lead fires it holds unstarted, each awaiting our word (version 5)
+        self.hello_tasks: frozenset[str] = frozenset()  # sub-task batches its HELLO says it runs (version 6)
+        self.tasks: set[str] = set()  # sub-task batches sent to it and not answered (each takes a slot)
+        self._parked_runs: set[str] = set()  # its parents (fires) waiting for their sub-tasks: no slot taken
+        self._parked_tasks: set[str] = set()  # its sub-tasks waiting for their own (nested) sub-tasks
         self._second_level: set[int] = set()  # second-level job ids handed down to it
         self._declaring: set[str] = set()  # names its JOB_DECLARE batches carried so far
         #: a worker sends a few batches at once; a store that runs writes in turn takes them in turn
@@ -117,7 +123,19 @@ class WorkerSession(Connection):
         return self.version >= 5
 
     def has_room(self) -> bool:
-        return self.capacity <= 0 or len(self._running) < self.capacity
+        return self.capacity <= 0 or len(self._running) - len(self._parked_runs) < self.capacity
+
+    def task_room(self) -> bool:
+        """Room for one more sub-task batch: batches have slots of their own, as many as instances."""
+        return self.capacity <= 0 or len(self.tasks) - len(self._parked_tasks) < self.capacity
+
+    def park(self, parent: str) -> None:
+        """A parent on it waits for its sub-tasks: its slot is free meanwhile (PARK)."""
+        (self._parked_tasks if "|" in parent else self._parked_runs).add(parent)
+
+    def unpark(self, parent: str) -> None:
+        self._parked_tasks.discard(parent)
+        self._parked_runs.discard(parent)
 
     def has_tags(self, tags: list[str]) -> bool:
         return not tags or self.tags.issuperset(tags)
@@ -217,6 +235,8 @@ class WorkerSession(Connection):
                         msg.body.get("code"), msg.body.get("message"))
         elif kind in REPORT_TYPES:
             self._report(msg)
+        elif kind == "BROADCAST":
+            self.server.tasks.spawn(self._broadcast(msg), "fastjob-broadcast")
         elif kind in API_TYPES or kind == "JOB_DECLARE":
             if self._api_inflight >= MAX_API_INFLIGHT:
                 self.respond_error(msg, ErrorCode.BUSY,
@@ -298,6 +318,7 @@ class WorkerSession(Connection):
                  extra={"app": app, "worker": self.worker_id})
         self.hello_running = list(body.get("running") or ())
         self.hello_finished = list(body.get("finished") or ())
+        self.hello_tasks = frozenset(str(key) for key in (body.get("tasks") or ())[:100_000])
         self.hello_leading = list(body.get("leading") or ())
         self.server.session_joined(self, self.hello_running, self.hello_finished, list(body.get("second_level") or ()))
 
@@ -331,6 +352,18 @@ class WorkerSession(Connection):
     # ---- reports and API -----------------------------------------------------------------
     def _report(self, msg: Message) -> None:
         self.server.on_report(self, msg.type, msg.body)
+
+    async def _broadcast(self, msg: Message) -> None:
+        """BROADCAST (a request): the sub-runs are written before the answer says how many there are."""
+        if self.role != "worker":
+            self.respond_error(msg, ErrorCode.FORBIDDEN, "only a worker's running handler may broadcast")
+            return
+        try:
+            self.respond(msg, await self.server.broadcast(self, msg.body))
+        except TaskRefused as exc:
+            self.respond_error(msg, ErrorCode.INVALID, str(exc))
+        except StoreError as exc:
+            self.respond_error(msg, ErrorCode.UNAVAILABLE, f"the server's database is unavailable: {exc}")
 
     async def _api(self, msg: Message) -> None:
         try:

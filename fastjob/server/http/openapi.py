@@ -51,6 +51,7 @@ def _schemas() -> dict[str, Any]:
         "JobPatch": {"type": "object", "properties": job_props, "additionalProperties": False},
         "Trigger": {"type": "object", "properties": {"params": {}, "force": {"type": "boolean"}}},
         "Retry": {"type": "object", "properties": {"params": {}, "force": {"type": "boolean"}}},
+        "StepSucceed": {"type": "object", "properties": {"result": {}}},
         "Drain": {"type": "object", "properties": {"undo": {"type": "boolean"}}},
         "TokenCreate": {"type": "object", "required": ["name", "role"], "properties": {
             "name": {"type": "string"}, "role": {"type": "string", "enum": list(ROLES)},

@@ -12,6 +12,7 @@ from ..auth import Permission
 from . import views_cluster as cluster
 from . import views_instances as instances
 from . import views_jobs as jobs
+from . import views_subtasks as subtasks
 from .backend import Call
 
 View = Callable[[Call], Awaitable[dict[str, Any] | web.StreamResponse]]
@@ -97,6 +98,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/instances/{id}/retry", instances.retry_instance,
           "Run a finished instance's fire again (its next attempt).", permission=Permission.OPERATE,
           placement="owner", app_of=instances.app_of_instance, action="instance.retry", body="Retry"),
+    Route("GET", "/api/v1/instances/{id}/subtasks", subtasks.list_subtasks,
+          "Its fire's sub-task batches (maps, broadcast sub-runs, workflow steps) and their progress.",
+          query=_PAGE),
+    Route("GET", "/api/v1/instances/{id}/steps", subtasks.list_steps,
+          "A workflow instance's steps: the graph, and each step's status, result and log."),
+    Route("POST", "/api/v1/instances/{id}/steps/{step}/succeed", subtasks.succeed_step,
+          "Mark a workflow step succeeded by hand (no attempt of the fire may run); a rerun then goes on"
+          " after it.", permission=Permission.OPERATE, placement="owner", app_of=instances.app_of_instance,
+          action="instance.step_succeed", body="StepSucceed"),
     Route("GET", "/api/v1/tokens", cluster.list_tokens, "Every token (no secrets).", permission=Permission.MANAGE),
     Route("POST", "/api/v1/tokens", cluster.create_token, "Create a token; its secret is shown once.",
           permission=Permission.MANAGE, action="token.create", body="TokenCreate", success=201),

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from ... import schedule
-from ...models import FINAL_STATUSES, InstanceRow, JobRow, Status, to_wire
+from ...models import FINAL_STATUSES, InstanceRow, JobRow, Status, fire_key, to_wire
 from ..auth import Permission
 from ..interventions import InterventionError
 from .backend import MAX_LIMIT, Call
@@ -168,8 +168,13 @@ async def get_instance(call: Call) -> dict[str, Any]:
     attempts = await store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
                                            until_ms=row.planned_ms + 1, limit=MAX_LIMIT)
     name = job.name if job is not None else None
-    return {"instance": instance_json(row, name),
-            "attempts": [instance_json(a, name) for a in sorted(attempts, key=lambda a: a.attempt)]}
+    out: dict[str, Any] = {"instance": instance_json(row, name),
+                           "attempts": [instance_json(a, name) for a in sorted(attempts, key=lambda a: a.attempt)]}
+    root = fire_key(row.job_id, row.planned_ms)
+    progress = (await store.task_progress([root])).get(root)
+    if progress is not None:  # its fire mapped, broadcast or ran a workflow: /subtasks lists them
+        out["progress"] = dict(zip(("items", "done", "failed"), progress, strict=True))
+    return out
 
 
 async def get_logs(call: Call) -> web.StreamResponse | dict[str, Any]:
