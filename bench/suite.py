@@ -104,6 +104,8 @@ CASES: list[Case] = [
          _fixed(), _fixed("--quick"), budget=120, quick_budget=30),
     Case("profile", "bench_profile.py", "py-spy (or cProfile) top 15 of the server during a 10,000-fire burst",
          _fixed("--jobs", "10000"), _fixed("--quick", "--lead", "6"), budget=180, quick_budget=45),
+    Case("map", "bench_map.py", "ctx.map of 100,000 items over 2 workers, a 1,000,000-item map_stream's RSS,"
+         " a 30-step workflow's step start delay (SQLite)", _fixed(), _fixed("--quick"), budget=180, quick_budget=45),
 ]
 
 
