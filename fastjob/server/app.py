@@ -103,7 +103,8 @@ class FastJobServer:
         )
         self.subtasks = TaskBroker(
             store=self.store, workers_of=self.workers_of, tasks=self.tasks, run_lease=cfg.effective_run_lease,
-            dispatch_wait=cfg.dispatch_wait, room_freed=self.scheduler.dispatcher.drain_pending)
+            dispatch_wait=cfg.dispatch_wait, room_freed=self.scheduler.dispatcher.drain_pending,
+            jobs=self.scheduler.jobs)
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
         self.cluster.alarm = self._cluster_alarm

@@ -129,6 +129,11 @@ class WorkerSession(Connection):
         """Room for one more sub-task batch: batches have slots of their own, as many as instances."""
         return self.capacity <= 0 or len(self.tasks) - len(self._parked_tasks) < self.capacity
 
+    def task_load(self) -> float:
+        """Its batches for its capacity (least_busy routing of sub-tasks)."""
+        busy = len(self.tasks) - len(self._parked_tasks)
+        return busy / self.capacity if self.capacity > 0 else float(busy)
+
     def park(self, parent: str) -> None:
         """A parent on it waits for its sub-tasks: its slot is free meanwhile (PARK)."""
         (self._parked_tasks if "|" in parent else self._parked_runs).add(parent)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..models import FINAL_TASK_STATUSES, JobRow, TaskBatch, TaskStatus, root_of, task_key
+from ..models import FINAL_TASK_STATUSES, JobRow, Routing, TaskBatch, TaskStatus, root_of, task_key
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
 
@@ -80,14 +81,17 @@ class TaskBroker:
         run_lease: float,
         dispatch_wait: float,
         room_freed: Callable[[str], None] = lambda app: None,
+        jobs: Mapping[int, JobRow] | None = None,
     ) -> None:
-        """``room_freed(app)`` is called when a parent parks (its slot is free for instances)."""
+        """``room_freed(app)`` is called when a parent parks (its slot is free for instances);
+        ``jobs`` (the scheduler's cache, by id) gives a batch its fire's job's routing."""
         self.store = store
         self.workers_of = workers_of
         self.tasks = tasks
         self.run_lease = run_lease
         self.dispatch_wait = dispatch_wait
         self.room_freed = room_freed
+        self.jobs: Mapping[int, JobRow] = jobs if jobs is not None else {}
         self.live: dict[str, LiveBatch] = {}
         self.pending: dict[str, list[LiveBatch]] = {}  # app -> batches waiting for a worker, in order
         self._new: list[LiveBatch] = []  # to write (add_task_batches)
@@ -174,7 +178,9 @@ class TaskBroker:
             live.session = None
         live.stop_timer()
         refused = body.get("refused")
-        if refused is not None:
+        if refused is not None and _pin(live.row) is not None:  # no other worker may run a sub-run
+            self._fail(live, f"worker {session.worker_id} did not run its sub-run: {str(refused)[:200]}")
+        elif refused is not None:
             log.info("batch %s: worker %s refused it (%s)", live.row.key, session.worker_id, refused)
             live.refused_by.add(session.worker_id)
             live.row.status = _WAITING
@@ -385,9 +391,20 @@ class TaskBroker:
                       and _has_handler(s, live.row.handler)]
         if not candidates:
             return None
+        routing = self._routing(live.row.root)
+        if routing == Routing.RANDOM:
+            return random.choice(candidates)
+        if routing == Routing.LEAST_BUSY:
+            return min(candidates, key=lambda s: s.task_load())
         index = self._rr.get(app, 0)
         self._rr[app] = index + 1
         return candidates[index % len(candidates)]
+
+    def _routing(self, root: str) -> str:
+        """The routing of the job whose fire the batch belongs to (round robin if not known here)."""
+        job_id, _, _ = root.partition(":")
+        job = self.jobs.get(int(job_id)) if job_id.isdigit() else None
+        return job.routing if job is not None else Routing.ROUND_ROBIN.value
 
     def _send(self, session: WorkerSession, live: LiveBatch) -> None:
         row = live.row
