@@ -13,7 +13,7 @@ from harness import FAST_CLUSTER_ARGS, ProcWorker, app_row, db_rows, wait_until
 from ledger import FINAL
 
 from fastjob import Worker
-from fastjob.client import Client
+from fastjob.client import ApiError, Client
 from fastjob.context import MapError, TaskFailed
 
 REGULAR = [*FAST_CLUSTER_ARGS, "--second-level-threshold", "0"]
@@ -367,3 +367,31 @@ async def test_a_workflow_whose_owner_is_killed_mid_run_finishes_each_step_once(
         latest = max(done["attempts"], key=lambda a: a["attempt"])
         assert latest["status"] == "succeeded", done["attempts"]
     assert step_runs(c) == {"extract": 1, "left": 1, "right": 1, "join": 1, "load": 1}, (c.records(), done["attempts"])
+
+
+async def test_a_step_naming_a_job_runs_that_jobs_handler_and_params_and_the_api_checks_the_graph(servers, db_url):
+    server = await servers.start(db_url, *REGULAR)
+    worker = make_worker(server.address)
+    seen: list[Any] = []
+
+    @worker.handler("export")
+    async def export(ctx):
+        seen.append((ctx.job, ctx.params, ctx.upstream))
+        return "exported"
+
+    @worker.handler("prepare")
+    async def prepare(ctx):
+        return "prepared"
+
+    worker.schedule("nightly-export", handler="export", cron="0 0 3 * * *", params={"table": "orders"})
+    worker.workflow("flow", {"prepare": [], "ship": {"after": ["prepare"], "job": "nightly-export"}})
+    async with worker, Client(server.http_address, server.admin_token) as api:
+        done = await final_api(api, await api.trigger("maps", "flow"))
+        assert done["instance"]["status"] == "succeeded", done["instance"]
+        assert seen == [("nightly-export", {"table": "orders"}, {"prepare": "prepared"})]
+        job = await api.get_job("maps", "nightly-export")
+        assert job["job"]["next_fire_at"] is not None  # its own schedule goes on, untouched
+        for steps, why in (({"a": {"after": ["b"]}, "b": {"after": ["a"]}}, "cycle"),
+                           ({"a": {"after": ["ghost"]}}, "which is not a step")):
+            with pytest.raises(ApiError, match=why):
+                await api.create_job("maps", name="bad-flow", handler="fastjob:workflow", params={"steps": steps})
