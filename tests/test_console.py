@@ -1,6 +1,7 @@
 """The web console in a real browser (Debian's chromium, driven by Selenium), against real servers
 and a real worker: log in, create a job through the form (a bad cron first), see it fire, follow a
-live log, kill, retry, pause and resume, a viewer's read-only view, and an ownership change."""
+live log, kill, retry, pause and resume, a viewer's read-only view, an ownership change, a map's
+sub-tasks, and a workflow's graph with a step marked succeeded by hand."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ import pytest
 from harness import FAST_CLUSTER_ARGS, wait_until
 
 from fastjob import Worker
+from fastjob.client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +27,10 @@ if CHROMIUM is None or CHROMEDRIVER is None:
     pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
 class Browser:
@@ -62,19 +66,27 @@ class Browser:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; the page says: {last[0][:500]!r}") from None
 
+    async def on(self, css: str, action: Callable[[Any], Any], timeout: float = 10.0) -> None:
+        """``action`` on the element once the page drew it: a page is drawn after its requests
+        answer, and drawn again (its elements replaced) when an instance ends, so a bounded wait."""
+        def attempt(driver: Any) -> bool:
+            action(driver.find_element(By.CSS_SELECTOR, css))
+            return True
+        await self.run(lambda: WebDriverWait(self.driver, timeout, poll_frequency=0.05, ignored_exceptions=(
+            NoSuchElementException, StaleElementReferenceException)).until(attempt, f"{css} on the page"))
+
     async def click(self, css: str) -> None:
-        await self.run(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+        await self.on(css, lambda element: element.click())
 
     async def count(self, css: str) -> int:
         return len(await self.run(lambda: self.driver.find_elements(By.CSS_SELECTOR, css)))
 
     async def type(self, css: str, text: str, clear: bool = True) -> None:
-        def do() -> None:
-            element = self.driver.find_element(By.CSS_SELECTOR, css)
+        def do(element: Any) -> None:
             if clear:
                 element.clear()
             element.send_keys(text)
-        await self.run(do)
+        await self.on(css, do)
 
     async def login(self, token: str) -> None:
         await self.run(lambda: self.driver.get(f"{self.base}/"))
@@ -235,6 +247,137 @@ async def _token(worker: Worker, server: Any, role: str) -> str:
             f"http://{server.http_address}/api/v1/tokens", json={"name": role, "role": role},
             headers={"Authorization": f"Bearer {server.admin_token}"}) as answer:
         return str((await answer.json())["token"])
+
+
+async def _step_boxes(browser: Browser) -> dict[str, str]:
+    """The workflow graph's boxes, step name to status, read in one go (a re-render may be under way)."""
+    return dict(await browser.run(lambda: browser.driver.execute_script(
+        "return [...document.querySelectorAll('svg.dag g.step')].map(g => [g.dataset.step, g.dataset.status]);")))
+
+
+async def test_console_shows_a_maps_progress_and_its_sub_tasks(servers, sqlite_url, browsers):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    worker = Worker(app="maps", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("double")
+    async def double(ctx: Any) -> int:
+        if ctx.params == 7:
+            raise ValueError("seven <b>is</b> refused")
+        return int(ctx.params) * 2
+
+    @worker.handler("fan")
+    async def fan(ctx: Any) -> int:
+        results = await ctx.map(range(10), "double", batch_size=4, return_exceptions=True)
+        return len(results)
+
+    @worker.handler("wide")
+    async def wide(ctx: Any) -> int:
+        return len(await ctx.map(range(101), "double", batch_size=1, return_exceptions=True))
+
+    @worker.handler("plain")
+    async def plain(ctx: Any) -> None:
+        pass
+
+    for name in ("fan", "wide", "plain"):
+        worker.schedule(name)
+    async with worker:
+        fan_id, wide_id, plain_id = [await worker.trigger(name) for name in ("fan", "wide", "plain")]
+        for instance_id in (fan_id, wide_id, plain_id):
+            await wait_until(lambda i=instance_id: _status(worker, i, "succeeded"), 20, f"instance {instance_id} ended")
+        browser = browsers(f"http://{server.http_address}")
+        await browser.login(server.admin_token or "")
+        await browser.open(f"#/instance?id={fan_id}")
+        text = await browser.until_text("10 of 10 done, 1 failed")
+        assert await browser.count("#subtasks tbody tr") == 3  # items 0..4, 4..8, 8..10
+        assert "4..8" in text and "#7: ValueError: seven <b>is</b> refused" in text  # escaped: shown as text
+        assert await browser.count("#subtasks b") == 0
+        assert "Workflow" not in text and await browser.count("svg.dag") == 0
+
+        # 101 batches: the first page of them, and a link to the rest
+        await browser.open(f"#/instance?id={wide_id}")
+        await browser.until_text("101 of 101 done, 1 failed")
+        assert await browser.count("#subtasks tbody tr") == 100
+        await browser.click("#subtasks-more")
+        await browser.until_text("First page")
+        await wait_until(lambda: browser.count("#subtasks tbody tr"), 10, "the second page of batches")
+        assert await browser.count("#subtasks tbody tr") == 1 and await browser.count("#subtasks-more") == 0
+
+        # an instance without sub-tasks shows neither
+        await browser.open(f"#/instance?id={plain_id}")
+        text = await browser.until_text("Attempts")
+        assert "Sub-tasks" not in text and "Workflow" not in text
+
+
+async def test_console_draws_a_workflow_and_marks_a_step_succeeded(servers, sqlite_url, browsers):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS)
+    worker = Worker(app="flows", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("ok")
+    async def ok(ctx: Any) -> str:
+        return "fine"
+
+    hold, booms = asyncio.Event(), [0]
+
+    @worker.handler("boom")
+    async def boom(ctx: Any) -> None:
+        booms[0] += 1
+        if booms[0] > 1:  # a rerun's: it fails too, once the test let it
+            await asyncio.wait_for(hold.wait(), 30)
+        raise RuntimeError("the source is gone")
+
+    worker.workflow("etl", {"a": {"handler": "ok"}, "b": {"after": ["a"], "handler": "boom"},
+                            "c": {"after": ["b"], "handler": "ok"}})
+    async with worker:
+        instance_id = await worker.trigger("etl")
+        await wait_until(lambda: _status(worker, instance_id, "failed"), 20, "the workflow failed at step b")
+        browser = browsers(f"http://{server.http_address}")
+        await browser.login(server.admin_token or "")
+        await browser.open(f"#/instance?id={instance_id}")
+        await wait_until(lambda: browser.count("svg.dag g.step"), 15, "the workflow's graph")
+        assert await _step_boxes(browser) == {"a": "succeeded", "b": "failed", "c": "not_started"}
+        edges = await browser.run(lambda: [(e.get_attribute("data-from"), e.get_attribute("data-to"))
+                                           for e in browser.driver.find_elements(By.CSS_SELECTOR, "svg.dag path.edge")])
+        assert sorted(edges) == [("a", "b"), ("b", "c")]
+        columns = await browser.run(lambda: browser.driver.execute_script(
+            "return [...document.querySelectorAll('svg.dag g.step')].map(g => g.transform.baseVal[0].matrix.e);"))
+        assert columns[0] < columns[1] < columns[2]  # a column per depth
+        tooltip = await browser.run(lambda: browser.driver.find_element(
+            By.CSS_SELECTOR, "svg.dag g.step[data-step=b] title").get_attribute("textContent"))
+        assert "the source is gone" in tooltip
+        text = await browser.until_text("Workflow")
+        assert "1 failed" in text and "Sub-tasks" in text
+
+        # the instance ended: every step not succeeded can be marked so...
+        marks = await browser.run(lambda: sorted(b.get_attribute("data-succeed") for b in
+                                                 browser.driver.find_elements(By.CSS_SELECTOR, "button[data-succeed]")))
+        assert marks == ["b", "c"]
+
+        # ...but not while a rerun of the fire runs: the page says why
+        async with Client(server.http_address, server.admin_token) as api:
+            rerun_id = (await api.retry(instance_id))["instance_id"]
+        await wait_until(lambda: booms[0] == 2, 20, "the rerun's step b running")
+        await browser.click("button[data-succeed=b]")
+        await browser.until_text("conflict: attempt 2 of this fire has not ended")
+        hold.set()
+        await wait_until(lambda: _status(worker, rerun_id, "failed"), 20, "the rerun failed at step b")
+
+        # once it ended, b is marked succeeded and shows so
+        await browser.open(f"#/instance?id={instance_id}&at={time.time()}")
+        await wait_until(lambda: browser.count("button[data-succeed=b]"), 15, "the page drawn again")
+        assert await _step_boxes(browser) == {"a": "succeeded", "b": "failed", "c": "not_started"}
+        await browser.click("button[data-succeed=b]")
+
+        async def marked() -> bool:
+            return await _step_boxes(browser) == {"a": "succeeded", "b": "succeeded", "c": "not_started"}
+        await wait_until(marked, 15, "step b shown succeeded")
+        assert await browser.count("button[data-succeed=b]") == 0 and await browser.count("button[data-succeed=c]") == 1
+
+        # a viewer sees the graph but no button
+        reader = browsers(f"http://{server.http_address}")
+        await reader.login(await _token(worker, server, "viewer"))
+        await reader.open(f"#/instance?id={instance_id}")
+        await wait_until(lambda: reader.count("svg.dag g.step"), 15, "the graph for a viewer")
+        assert await reader.count("button[data-succeed]") == 0
 
 
 async def test_cluster_page_shows_an_ownership_change(servers, mysql_dsn, browsers):

@@ -307,17 +307,32 @@ async function instances(params, show) {
 
 async function instance(params, show) {
   const id = params.get("id");
-  const detail = await api("GET", `/api/v1/instances/${encodeURIComponent(id)}`);
+  // one extra request tells a workflow's instance: /steps answers 400 (invalid) for any other.
+  // A section that failed to load says so in its place; the rest of the page still shows.
+  const [detail, flow] = await Promise.all([
+    api("GET", `/api/v1/instances/${encodeURIComponent(id)}`),
+    api("GET", `/api/v1/instances/${encodeURIComponent(id)}/steps`).catch((error) => (error.status === 400 ? null : { error })),
+  ]);
   const row = detail.instance;
   const finished = FINAL.has(row.status);
+  const cursor = params.get("cursor") || "";
+  const subtasks = detail.progress
+    ? await api("GET", `/api/v1/instances/${row.id}/subtasks?limit=100${cursor ? "&cursor=" + encodeURIComponent(cursor) : ""}`)
+      .catch((error) => ({ error }))
+    : null;
+  const steps = flow && !flow.error ? flow.steps : null;
+  const operate = can("operate", row.app);
   show(`<h1>Instance ${row.id} <small>${status(row.status)}</small></h1>
     <p>Job <a href="#/jobs?app=${encodeURIComponent(row.app)}&name=${encodeURIComponent(row.job || "")}">${esc(row.job)}</a> of app ${esc(row.app)},
       planned ${when(row.planned_at)}, trigger ${esc(row.trigger)}.</p>
-    <p>${!finished && can("operate", row.app) ? '<button class="danger" id="kill">Kill</button>' : ""}
-      ${finished && can("operate", row.app) ? '<button id="retry">Retry</button>' : ""}
+    <p>${!finished && operate ? '<button class="danger" id="kill">Kill</button>' : ""}
+      ${finished && operate ? '<button id="retry">Retry</button>' : ""}
       <span class="error" role="alert" id="msg"></span></p>
     ${row.error ? `<p class="error">${esc(row.error)}</p>` : ""}
     ${row.result !== null ? `<p>Result: <code>${esc(JSON.stringify(row.result))}</code></p>` : ""}
+    ${detail.progress ? progressLine(detail.progress) : ""}
+    ${flow ? (flow.error ? `<h2>Workflow</h2>${failure(flow.error)}` : workflowSection(steps, finished && operate)) : ""}
+    ${subtasks ? (subtasks.error ? `<h2>Sub-tasks</h2>${failure(subtasks.error)}` : subtaskSection(row.id, subtasks, steps, cursor)) : ""}
     <h2>Attempts</h2>${instanceTable(detail.attempts)}
     <h2>Log</h2><pre class="log" id="log" aria-live="polite"></pre>`);
   const act = async (what) => {
@@ -328,7 +343,100 @@ async function instance(params, show) {
   };
   document.getElementById("kill")?.addEventListener("click", () => act("kill"));
   document.getElementById("retry")?.addEventListener("click", () => act("retry"));
+  main.querySelectorAll("button[data-succeed]").forEach((button) => button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await api("POST", `/api/v1/instances/${row.id}/steps/${encodeURIComponent(button.dataset.succeed)}/succeed`, { result: null });
+      await render();
+    } catch (error) {
+      button.disabled = false;
+      document.getElementById("step-msg").textContent = `${error.code}: ${error.message}`;
+    }
+  }));
   tail(row.id, document.getElementById("log"), finished);
+}
+
+function progressLine(p) {
+  return `<p id="progress">Sub-tasks: <progress max="${esc(Math.max(1, p.items))}" value="${esc(p.done)}"></progress>
+    ${esc(p.done)} of ${esc(p.items)} done${p.failed ? `, <span class="status-failed">${esc(p.failed)} failed</span>` : ""}</p>`;
+}
+
+function subtaskSection(id, page, steps, cursor) {
+  // a workflow step's batch hangs off the fire itself (its parent has no "|"); its call is the step's place, from 1
+  const callName = (b) => (steps && !String(b.parent).includes("|") && steps[b.call - 1] ? ` (${esc(steps[b.call - 1].name)})` : "");
+  const rows = page.batches.map((b) => {
+    const first = b.errors && b.errors.length ? b.errors[0] : null;
+    return `<tr><td>${esc(b.call)}${callName(b)}${b.shard ? ` <span class="muted">shard ${esc(b.shard[0] + 1)} of ${esc(b.shard[1])}</span>` : ""}</td>
+      <td title="items ${esc(b.start)} to ${esc(b.start + b.size - 1)}">${esc(b.start)}..${esc(b.start + b.size)}</td>
+      <td>${status(b.status)}</td><td>${esc(b.worker || "")}</td><td>${esc(b.attempts)}</td>
+      <td>${b.failed ? `<span class="status-failed">${esc(b.failed)}</span>` : "0"}</td>
+      <td>${first ? `<span class="error" title="item ${esc(b.start + Number(first[0]))}">#${esc(b.start + Number(first[0]))}: ${esc(first[1])}</span>` : ""}</td></tr>`;
+  }).join("");
+  return `<h2>Sub-tasks</h2>${page.batches.length ? `<div class="scroll"><table id="subtasks"><thead><tr><th>Call</th><th>Items</th><th>Status</th><th>Worker</th><th>Attempts</th><th>Failed</th><th>First error</th></tr></thead>
+    <tbody>${rows}</tbody></table></div>` : '<p class="muted">None.</p>'}
+    ${cursor ? `<p><a href="#/instance?id=${encodeURIComponent(id)}">First page</a></p>` : ""}
+    ${page.next_cursor ? `<p><a id="subtasks-more" href="#/instance?id=${encodeURIComponent(id)}&cursor=${encodeURIComponent(page.next_cursor)}">More</a></p>` : ""}`;
+}
+
+function workflowSection(steps, markable) {
+  const rows = steps.map((s) => `<tr data-step="${esc(s.name)}"><td>${esc(s.name)}</td><td>${s.after.map(esc).join(", ") || '<span class="muted">–</span>'}</td>
+    <td>${status(s.status)}</td><td>${esc(s.worker || "")}</td><td>${s.error ? `<span class="error">${esc(s.error)}</span>` : ""}</td>
+    <td>${markable && s.status !== "succeeded" ? `<button data-succeed="${esc(s.name)}">Mark succeeded</button>` : ""}</td></tr>`).join("");
+  return `<h2>Workflow</h2><div class="scroll">${dag(steps)}</div>
+    <p class="error" role="alert" id="step-msg"></p>
+    <div class="scroll"><table id="steps"><thead><tr><th>Step</th><th>After</th><th>Status</th><th>Worker</th><th>Error</th><th></th></tr></thead>
+    <tbody>${rows}</tbody></table></div>`;
+}
+
+// The workflow's graph: a column per depth (the longest path from a step without upstream steps),
+// steps in declaration order down each column, an arrow from each upstream step. An arrow to the
+// next column bends through the gap between the columns; one that skips columns runs in a lane
+// above the boxes, so that it never passes behind a box.
+function dag(steps) {
+  const byName = new Map(steps.map((s) => [s.name, s]));
+  const depth = new Map();
+  const depthOf = (name, seen = new Set()) => {
+    if (depth.has(name)) return depth.get(name);
+    if (seen.has(name) || !byName.has(name)) return 0;  // the server refuses cycles; never loop on one
+    seen.add(name);
+    const d = Math.max(-1, ...byName.get(name).after.map((u) => depthOf(u, seen))) + 1;
+    depth.set(name, d);
+    return d;
+  };
+  const columns = [];
+  for (const s of steps) (columns[depthOf(s.name)] ||= []).push(s.name);
+  const links = steps.flatMap((s) => s.after.filter((u) => byName.has(u)).map((u) => ({ from: u, to: s.name })));
+  const skips = links.filter((l) => depth.get(l.to) - depth.get(l.from) > 1);
+  const W = 170, H = 46, GAP = 60, VGAP = 18, PAD = 8, LANE = 8, LANES = Math.min(skips.length, 6);
+  const top = PAD + LANES * LANE + (LANES ? PAD : 0);
+  const at = new Map();
+  columns.forEach((names, c) => names.forEach((name, r) => at.set(name, { x: PAD + c * (W + GAP), y: top + r * (H + VGAP) })));
+  const width = PAD * 2 + columns.length * (W + GAP) - GAP;
+  const height = top + PAD + Math.max(1, ...columns.map((c) => c.length)) * (H + VGAP) - VGAP;
+  const short = (text, n) => (text.length > n ? text.slice(0, n - 1) + "…" : text);
+  const edges = links.map((l) => {
+    const from = at.get(l.from), to = at.get(l.to);
+    const x1 = from.x + W, y1 = from.y + H / 2, x2 = to.x - 2, y2 = to.y + H / 2;
+    const lane = skips.indexOf(l);
+    let d;
+    if (lane < 0) {
+      d = `M${x1},${y1} C${x1 + GAP / 2},${y1} ${x2 - GAP / 2},${y2} ${x2},${y2}`;
+    } else {
+      const ly = PAD + (lane % LANES) * LANE + LANE / 2, q = GAP / 3;
+      d = `M${x1},${y1} C${x1 + q},${y1} ${x1 + q},${ly} ${x1 + 2 * q},${ly} L${x2 - 2 * q},${ly} C${x2 - q},${ly} ${x2 - q},${y2} ${x2},${y2}`;
+    }
+    return `<path class="edge" data-from="${esc(l.from)}" data-to="${esc(l.to)}" d="${d}" marker-end="url(#dag-arrow)"/>`;
+  }).join("");
+  const boxes = steps.map((s) => {
+    const { x, y } = at.get(s.name);
+    const tip = `${s.name}: ${s.status}${s.error ? "\n" + s.error : ""}`;
+    return `<g class="step status-${esc(s.status)}" data-step="${esc(s.name)}" data-status="${esc(s.status)}" transform="translate(${x},${y})">
+      <title>${esc(tip)}</title><rect class="under" width="${W}" height="${H}" rx="6"/><rect width="${W}" height="${H}" rx="6"/>
+      <text class="name" x="10" y="19">${esc(short(s.name, 20))}</text><text class="state" x="10" y="36">${esc(s.status.replace("_", " "))}</text></g>`;
+  }).join("");
+  return `<svg class="dag" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" role="img" aria-label="the workflow's steps">
+    <defs><marker id="dag-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">
+      <path d="M0,0 L10,5 L0,10 z"/></marker></defs>${edges}${boxes}</svg>`;
 }
 
 async function tail(id, pre, finished) {
