@@ -109,8 +109,7 @@ class Worker(OperatorQueries):
         for builtin, fn in commands.builtin_handlers(allow_commands, allow_images, container_runtime).items():
             self.handlers[builtin] = fn
             self.handler_isolation[builtin] = "thread"
-        self.handlers[WORKFLOW_HANDLER] = run_workflow  # every worker can coordinate a workflow
-        self.handler_isolation[WORKFLOW_HANDLER] = "thread"
+        self.handlers[WORKFLOW_HANDLER] = run_workflow  # every worker can coordinate a workflow (async: on the loop)
         self._main_task: asyncio.Task[None] | None = None
         self._side_tasks = BackgroundTasks()
         self.second_level = SecondLevelRunner(self)

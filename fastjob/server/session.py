@@ -30,7 +30,6 @@ from .audit import AuditLog
 from .auth import OPEN_ACCESS, Permission, Principal, TokenAuthority, definition_refusal
 from .cluster import Cluster
 from .config import ServerConfig
-from .subtasks import TaskRefused
 
 log = logging.getLogger("fastjob.session")
 
@@ -365,7 +364,7 @@ class WorkerSession(Connection):
             return
         try:
             self.respond(msg, await self.server.broadcast(self, msg.body))
-        except TaskRefused as exc:
+        except ValueError as exc:  # subtasks.TaskRefused: no worker qualifies, a bad parent key
             self.respond_error(msg, ErrorCode.INVALID, str(exc))
         except StoreError as exc:
             self.respond_error(msg, ErrorCode.UNAVAILABLE, f"the server's database is unavailable: {exc}")

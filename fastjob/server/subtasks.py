@@ -48,8 +48,9 @@ _WAITING = TaskStatus.WAITING.value
 _RUNNING = TaskStatus.RUNNING.value
 
 
-class TaskRefused(Exception):
-    """A TASKS or BROADCAST the broker cannot take; ``str()`` is the one-line reason."""
+class TaskRefused(ValueError):
+    """A TASKS or BROADCAST the broker cannot take; ``str()`` is the one-line reason (a ValueError,
+    so that the session answers it without knowing this module)."""
 
 
 @dataclass(slots=True, eq=False)
