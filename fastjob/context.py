@@ -144,6 +144,11 @@ class JobContext:
         self._calls += 1
         return await self._subtasks().broadcast(self, self._calls, handler, params, tags=list(tags), timeout=timeout)
 
+    @property
+    def fanned_out(self) -> bool:
+        """Whether this run called map, map_stream or broadcast (its sub-tasks end if it is cut short)."""
+        return self._calls > 0
+
     def _subtasks(self) -> SubTasks:
         if self.subtasks is None or not self.key:
             raise RuntimeError("sub-tasks need a run dispatched by a FastJob server (protocol version 6)")
@@ -191,6 +196,8 @@ class SubTasks(Protocol):
 
     async def step(self, ctx: JobContext, call: int, target: dict[str, Any], params: Any,
                    upstream: dict[str, Any]) -> tuple[bool, Any]: ...
+
+    def abandon(self, parent: str, reason: str) -> None: ...
 
 
 #: A job's handler: called with the context; async or plain (a plain one runs in a thread).

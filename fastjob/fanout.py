@@ -144,6 +144,7 @@ async def run_workflow(ctx: JobContext) -> dict[str, Any]:
     if ctx.subtasks is None:
         raise RuntimeError("a workflow needs a run dispatched by a FastJob server (protocol version 6)")
     steps = normalize_steps((ctx.params or {}).get("steps"))
+    ctx._calls = len(steps)  # the steps take call numbers 1..n (step_call): the run has fanned out
     status = dict.fromkeys(steps, "waiting")
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}

@@ -452,6 +452,8 @@ class Worker(OperatorQueries):
             self._tasks.on_run(conn, msg.body)
         elif kind == "TASK_RESULTS":
             self._maps.on_results(msg.body)
+        elif kind == "TASKS_STOP":
+            self._tasks.stop(msg.body["key"], msg.body.get("reason") or "cancelled")
         elif kind == "CANCEL":
             self._runs.cancel(msg.body["instance_id"], msg.body.get("reason") or "cancelled")
         elif kind == "PING":

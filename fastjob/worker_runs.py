@@ -373,6 +373,8 @@ class InstanceRunner:
         status, result, error = await self.run_handler(fn, ctx, body.get("timeout"),
                                                        lambda: self._cancel_reasons.pop(instance_id, "cancelled"),
                                                        in_process=in_process)
+        if ctx.fanned_out and self.subtasks is not None and status in (Status.TIMED_OUT.value, Status.KILLED.value):
+            self.subtasks.abandon(ctx.key, error or status)  # its sub-tasks end with it (a re-run would reuse them)
         self.flush_logs(instance_id)
         self.outcomes[status] += 1
         report = {"instance_id": instance_id, "status": status, "started_at": started_at,

@@ -33,6 +33,8 @@ BROADCAST_TIMEOUT = 30.0
 STOPPING = "worker stopping"  # seconds to wait for the server's answer to BROADCAST
 _SUCCEEDED = Status.SUCCEEDED.value
 _INTERRUPTED = frozenset({Status.INTERRUPTED.value, Status.CANCELLED.value, Status.KILLED.value})
+#: How a parent's run ends that cancels its sub-tasks (a stop or a lost server does not: it runs again).
+_ABANDONED = frozenset({Status.TIMED_OUT.value, Status.KILLED.value})
 
 RunHandler = Callable[..., Awaitable[tuple[str, Any, str | None]]]
 
@@ -201,6 +203,11 @@ class MapClient:
             state.done[start] = (list(body["results"]), list(body.get("errors") or ()))
             state.wake.set()
 
+    def abandon(self, parent: str, reason: str) -> None:
+        """The parent's run was timed out or killed: its sub-tasks that have not ended are cancelled
+        (not when its worker stops or loses its server: a re-run of the fire reuses them)."""
+        self._link.send("TASKS_ABANDON", {"parent": parent, "reason": reason})
+
     def resubmit(self) -> None:
         """A new session: every unanswered batch again (the server dedupes by key), and the parks."""
         for parent in self._parked:
@@ -326,6 +333,8 @@ class TaskRunner:
             ctx = JobContext(0, body.get("job") or body["handler"], 0, items[index], body["attempt"], time.time(),
                              run_log, int(shard[0]), int(shard[1]), upstream, f"{key}.{index}", self._maps)
             status, result, error = await self._one(fn, ctx, retries, timeout, key, in_process)
+            if ctx.fanned_out and status in _ABANDONED:  # an item that mapped timed out: its own sub-tasks end
+                self._maps.abandon(ctx.key, error or status)
             if status in _INTERRUPTED:
                 return None
             results.append(result if status == _SUCCEEDED else None)
@@ -359,6 +368,13 @@ class TaskRunner:
                 return status, result, error
             await asyncio.sleep(min(MAX_BACKOFF, RETRY_BACKOFF * 2 ** attempt))
             attempt += 1
+
+    def stop(self, key: str, reason: str) -> None:
+        """TASKS_STOP: the batch's parent was abandoned; it is recorded already, nothing is answered."""
+        task = self.running.get(key)
+        if task is not None:
+            self._reasons[key] = reason
+            task.cancel()
 
     def hello_state(self) -> list[str]:
         """The batches running here, for a HELLO: the server keeps them ours instead of re-sending."""

@@ -12,8 +12,9 @@ Handlers:
   their count and sum;
 - ``shard``: a broadcast sub-run: returns [worker id, shard index, shard total]; fails on the
   workers named in ``params["fail_on"]``;
-- ``step``: a workflow step: records its name and upstream, fails while the file
-  ``<dir>/fail-<step>`` exists, returns the step's name.
+- ``step``: a workflow step: records its name and upstream, sleeps ``params["sleep"]`` (default
+  ``item_sleep``; a cancellation is recorded), fails while the file ``<dir>/fail-<step>`` exists,
+  returns the step's name.
 """
 from __future__ import annotations
 
@@ -70,8 +71,11 @@ async def main(config: dict[str, Any]) -> None:
     async def step(ctx: Any) -> str:
         name = (ctx.params or {}).get("name", "?")
         record(runs, {"step": name, "upstream": ctx.upstream, "w": worker_id, "t": time.time()})
-        if sleep:
-            await asyncio.sleep(sleep)
+        try:
+            await asyncio.sleep(float((ctx.params or {}).get("sleep", sleep)))
+        except asyncio.CancelledError:
+            record(runs, {"step_cancelled": name, "w": worker_id})
+            raise
         if (out / f"fail-{name}").exists():
             raise RuntimeError(f"step {name} fails")
         record(runs, {"step_end": name, "w": worker_id, "t": time.time()})

@@ -157,6 +157,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                   "retries": 0, "timeout": 5, "only": [1], "shard": [0, 3], "upstream": {}, "job": "extract"},
     "TASKS_DONE": {"key": "12:1700000000000|1|256", "results": [1, None], "errors": [[1, "ValueError: x"]],
                    "logs": [[1700000001.0, "INFO", "hello"]]},
+    "TASKS_ABANDON": {"parent": "12:1700000000000", "reason": "timeout"},
+    "TASKS_STOP": {"key": "12:1700000000000|1|256", "reason": "timeout"},
     "TASK_RESULTS": {"parent": "12:1700000000000", "call": 1, "start": 256, "results": [1, None],
                      "errors": [[1, "ValueError: x"]]},
     "JOB_UPSERT": {"job": JOB_DEF},

@@ -326,6 +326,26 @@ async def test_a_diamond_workflow_fails_at_its_step_and_reruns_from_there(server
         assert join["upstream"] == {"left": "left", "right": "right"}
 
 
+async def test_a_workflow_that_times_out_cancels_its_running_step(servers, db_url, cast):
+    """The workflow's own timeout ends it, and the step it waited for is stopped on its worker and
+    recorded failed (cancelled), instead of running on for nobody."""
+    server = await servers.start(db_url, *REGULAR)
+    c = cast([server.address])
+    await c.start("w1")
+    await c.start("w0", workflows={"slow": {"steps": {
+        "first": {"handler": "step", "params": {"name": "first", "sleep": 0}},
+        "long": {"after": ["first"], "handler": "step", "params": {"name": "long", "sleep": 60}}},
+        "timeout": 1.5}})
+    async with Client(server.http_address, server.admin_token) as api:
+        done = await final_api(api, await api.trigger("tasks", "slow"))
+        assert done["instance"]["status"] == "timed_out", done["instance"]
+        await wait_until(lambda: any(r.get("step_cancelled") == "long" for r in c.records()), 10,
+                         "the long step to be stopped on its worker")
+        steps = {s["name"]: s for s in (await api.steps(done["instance"]["id"]))["steps"]}
+        assert steps["first"]["status"] == "succeeded"
+        assert steps["long"]["status"] == "failed" and steps["long"]["error"].startswith("cancelled:")
+
+
 def test_a_workflow_with_a_cycle_or_an_unknown_step_is_refused_at_declaration():
     worker = Worker(app="tasks", servers=["127.0.0.1:1"])
 

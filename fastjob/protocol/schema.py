@@ -172,6 +172,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "logs": "array[log_line]?",
         "refused": "str?",
     },
+    "TASKS_ABANDON": {"parent": "str", "reason": "str?"},
+    "TASKS_STOP": {"key": "str", "reason": "str?"},
     "TASK_RESULTS": {
         "parent": "str",
         "call": "int",
@@ -200,7 +202,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
 #: Message types added after version 1, with the version that defines them: a peer must not
 #: send one on a connection that negotiated an older version (the receiver: ``unknown_type``).
 SINCE_VERSION: dict[str, int] = {"DRAIN": 2, "JOB_DECLARE": 3, "RUN_LIST": 3, "HELD": 5, "TASKS": 6, "BROADCAST": 6,
-                                  "PARK": 6, "RUN_TASKS": 6, "TASKS_DONE": 6, "TASK_RESULTS": 6}
+                                  "PARK": 6, "RUN_TASKS": 6, "TASKS_DONE": 6, "TASK_RESULTS": 6, "TASKS_ABANDON": 6,
+                                  "TASKS_STOP": 6}
 
 REPLY_TYPES = frozenset({"RESPONSE", "ERROR", "WELCOME", "REDIRECT", "REJECT"})
 """Types that answer a request (they carry the request's rid)."""

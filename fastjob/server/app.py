@@ -35,6 +35,10 @@ log = logging.getLogger("fastjob.server")
 DEAD_MAN_CHECK = 5.0
 
 
+#: A worker's reports about sub-tasks (the TaskBroker takes them).
+SUBTASK_REPORTS = frozenset({"TASKS", "TASKS_DONE", "PARK", "TASKS_ABANDON"})
+
+
 class FastJobServer:
     """Wires the store, the cluster view, the scheduler and the TCP listener together."""
 
@@ -211,13 +215,18 @@ class FastJobServer:
             self.scheduler.on_result(session, body)
         elif kind == "SL_REPORT":
             self.second_level.on_report(session, body)
-        elif kind in ("TASKS", "TASKS_DONE", "PARK") and session.role == "worker":  # sub-tasks: workers only
-            if kind == "TASKS":
-                self.subtasks.on_tasks(session, body)
-            elif kind == "TASKS_DONE":
-                self.subtasks.on_done(session, body)
-            else:
-                self.subtasks.on_park(session, body)
+        elif kind in SUBTASK_REPORTS and session.role == "worker":  # sub-tasks: workers only
+            self._subtask_report(session, kind, body)
+
+    def _subtask_report(self, session: WorkerSession, kind: str, body: dict[str, Any]) -> None:
+        if kind == "TASKS":
+            self.subtasks.on_tasks(session, body)
+        elif kind == "TASKS_DONE":
+            self.subtasks.on_done(session, body)
+        elif kind == "PARK":
+            self.subtasks.on_park(session, body)
+        else:
+            self.subtasks.on_abandon(session, body)
 
     async def broadcast(self, session: WorkerSession, body: dict[str, Any]) -> dict[str, Any]:
         return await self.subtasks.broadcast(session, body)

@@ -33,7 +33,8 @@ from .config import ServerConfig
 
 log = logging.getLogger("fastjob.session")
 
-REPORT_TYPES = frozenset({"ACK", "HELD", "START", "LOG", "RESULT", "SL_REPORT", "TASKS", "TASKS_DONE", "PARK"})
+REPORT_TYPES = frozenset({"ACK", "HELD", "START", "LOG", "RESULT", "SL_REPORT", "TASKS", "TASKS_DONE", "PARK",
+                          "TASKS_ABANDON"})
 #: What each mutating wire call needs of the session's token (the rest only read).
 WIRE_PERMISSIONS = {
     "JOB_UPSERT": Permission.MANAGE,

@@ -211,6 +211,21 @@ class TaskBroker:
         self.live[key] = live
         self._record(live, session.worker_id, body)
 
+    def on_abandon(self, session: WorkerSession, body: dict[str, Any]) -> None:
+        """TASKS_ABANDON: the parent's run was timed out or killed. Its batches (and those of its
+        items' nested maps) that have not ended are recorded failed; running ones are stopped."""
+        parent = str(body["parent"])
+        reason = f"cancelled: {str(body.get('reason') or 'its parent ended')[:200]}"
+        nested = parent + "|"
+        for live in list(self.live.values()):
+            row = live.row
+            if row.app != session.app or row.status in FINAL_TASK_STATUSES:
+                continue
+            if row.parent == parent or row.parent.startswith(nested):
+                if live.session is not None:
+                    live.session.send("TASKS_STOP", {"key": row.key, "reason": reason})
+                self._fail(live, reason)
+
     def on_park(self, session: WorkerSession, body: dict[str, Any]) -> None:
         """PARK: a parent waits for its sub-tasks (its slot is free) or goes on (it takes it again)."""
         parent = str(body["parent"])[:MAX_KEY]
