@@ -346,6 +346,29 @@ async def test_a_workflow_that_times_out_cancels_its_running_step(servers, db_ur
         assert steps["long"]["status"] == "failed" and steps["long"]["error"].startswith("cancelled:")
 
 
+async def test_a_step_that_may_be_skipped_fails_and_its_downstream_steps_still_run(servers, db_url):
+    server = await servers.start(db_url, *REGULAR)
+    worker = make_worker(server.address)
+    seen: dict[str, Any] = {}
+
+    @worker.handler("enrich")
+    async def enrich(ctx):
+        raise RuntimeError("the enrichment service is down")
+
+    @worker.handler("publish")
+    async def publish(ctx):
+        seen["upstream"] = ctx.upstream
+        return "published"
+
+    worker.workflow("flow", {"enrich": {"on_failure": "skip", "retries": 1}, "publish": ["enrich"]})
+    async with worker, Client(server.http_address, server.admin_token) as api:
+        done = await final_api(api, await api.trigger("maps", "flow"))
+        assert done["instance"]["status"] == "succeeded", done["instance"]
+        assert done["instance"]["result"]["steps"] == {"enrich": "skipped", "publish": "succeeded"}
+        assert "enrichment service is down" in done["instance"]["result"]["errors"]["enrich"]
+        assert seen["upstream"] == {"enrich": None}
+
+
 def test_a_workflow_with_a_cycle_or_an_unknown_step_is_refused_at_declaration():
     worker = Worker(app="tasks", servers=["127.0.0.1:1"])
 
