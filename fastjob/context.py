@@ -10,6 +10,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .models import fire_key
+
 job_log = logging.getLogger("fastjob.job")
 
 
@@ -99,7 +101,8 @@ class JobContext:
     shard_total: int = 1
     #: a workflow step's upstream steps' results, by step name
     upstream: dict[str, Any] = field(default_factory=dict)
-    #: the task key this run's sub-tasks are written under (worker_tasks.py); "" where none can be
+    #: the task key this run's sub-tasks are written under (worker_tasks.py): a sub-task's is given; a
+    #: fire's is made from its job and planned time when it first maps; "" where none can be
     key: str = ""
     subtasks: SubTasks | None = field(default=None, repr=False, compare=False)
     _calls: int = field(default=0, repr=False, compare=False)
@@ -133,7 +136,7 @@ class JobContext:
         most ``window`` batches are out at once, and more are read from ``items`` only as results
         are taken. A failed item raises :class:`MapError` when reached (or yields a TaskFailed)."""
         self._calls += 1
-        return self._subtasks().stream(self, self._calls, items, handler, retries=retries, timeout=timeout,
+        return self.tasks_client().stream(self, self._calls, items, handler, retries=retries, timeout=timeout,
                                        batch_size=batch_size, window=window,
                                        return_exceptions=return_exceptions)
 
@@ -142,14 +145,18 @@ class JobContext:
         """Run ``handler`` once on every connected worker of the app (with ``tags``), each told its
         shard; their results (a :class:`TaskFailed` for a failed one), in shard order."""
         self._calls += 1
-        return await self._subtasks().broadcast(self, self._calls, handler, params, tags=list(tags), timeout=timeout)
+        return await self.tasks_client().broadcast(self, self._calls, handler, params, tags=list(tags), timeout=timeout)
 
     @property
     def fanned_out(self) -> bool:
         """Whether this run called map, map_stream or broadcast (its sub-tasks end if it is cut short)."""
         return self._calls > 0
 
-    def _subtasks(self) -> SubTasks:
+    def tasks_client(self) -> SubTasks:
+        """This run's sub-task client, its task key made on first use; RuntimeError where a run can
+        have none (a second-level run, a run not from a version-6 server)."""
+        if not self.key and self.instance_id:  # a fire's run: its key, made now (not on every run's path)
+            self.key = fire_key(self.job_id, round(self.scheduled_at * 1000))
         if self.subtasks is None or not self.key:
             raise RuntimeError("sub-tasks need a run dispatched by a FastJob server (protocol version 6)")
         return self.subtasks

@@ -141,8 +141,7 @@ async def run_workflow(ctx: JobContext) -> dict[str, Any]:
     skipped), in parallel where the graph allows; ``ctx.upstream`` gives a step its upstream
     results. A failing step with on_failure "fail" starts nothing more and fails the workflow once
     the running steps ended; "skip" lets its downstream steps run (its result is None)."""
-    if ctx.subtasks is None:
-        raise RuntimeError("a workflow needs a run dispatched by a FastJob server (protocol version 6)")
+    client = ctx.tasks_client()
     steps = normalize_steps((ctx.params or {}).get("steps"))
     ctx._calls = len(steps)  # the steps take call numbers 1..n (step_call): the run has fanned out
     status = dict.fromkeys(steps, "waiting")
@@ -155,7 +154,7 @@ async def run_workflow(ctx: JobContext) -> dict[str, Any]:
                 for name in _ready(steps, status):
                     step = steps[name]
                     upstream = {u: results.get(u) for u in step["after"]}
-                    running[asyncio.ensure_future(ctx.subtasks.step(
+                    running[asyncio.ensure_future(client.step(
                         ctx, step_call(steps, name), step, step.get("params"), upstream))] = name
                     status[name] = "running"
             if not running:

@@ -437,7 +437,8 @@ class Worker(OperatorQueries):
                 else "async" if inspect.iscoroutinefunction(fn) else "thread" for name, fn in self.handlers.items()}
 
     def _registered(self, conn: Connection) -> None:
-        """A session is registered: results kept while disconnected go out, second-level jobs resume."""
+        """A session is registered: results kept while disconnected go out, and sub-task answers; a
+        parent's unanswered batches are sent again (the server dedupes them); second-level jobs resume."""
         self._runs.resend_results(conn)
         self._tasks.resend()
         self._maps.resubmit()

@@ -36,7 +36,7 @@ import msgpack
 from .context import Handler, JobContext, JobLog, SubTasks
 from .fanout import run_broadcast
 from .isolation import ChildRunError, ProcessPool
-from .models import Status, fire_key
+from .models import Status
 from .protocol import KILL_REASON, WITHDRAW_REASON, Connection, ProtocolError
 from .threads import DaemonThreadPool
 from .timer import WheelTimer
@@ -353,7 +353,7 @@ class InstanceRunner:
         instance_id = body["instance_id"]
         return JobContext(instance_id, body["job"], body["job_id"], body.get("params"), body["attempt"],
                           body["scheduled_at"], JobLog(self, instance_id, body["job"]),
-                          key=fire_key(body["job_id"], round(body["scheduled_at"] * 1000)), subtasks=self.subtasks,
+                          subtasks=self.subtasks,  # its task key is made when it first maps (ctx.tasks_client)
                           trigger_params=body.get("trigger_params"))
 
     async def _execute(self, body: dict[str, Any], ctx: JobContext) -> None:
