@@ -213,7 +213,10 @@ class InstanceRunner:
         the server may have given them to another worker, and they must not run twice at once."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(0.05, min(1.0, self._link.run_lease / 4)))
+            poll = max(0.05, min(1.0, self._link.run_lease / 4))
+            lapses_in = self._link.alive_at + self._link.run_lease - loop.time()
+            # wake when the lease lapses, not up to a poll later: the server runs them elsewhere soon after
+            await asyncio.sleep(min(poll, lapses_in + 0.005) if lapses_in > 0 else poll)
             silent = loop.time() - self._link.alive_at
             if self.running and silent > self._link.run_lease:
                 log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",

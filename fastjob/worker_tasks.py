@@ -397,10 +397,12 @@ class TaskRunner:
         server may have sent them to another worker."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(0.05, min(1.0, self._link.run_lease / 4)))
-            silent = loop.time() - self._link.alive_at
-            if self.running and silent > self._link.run_lease:
-                self.interrupt(f"run lease expired: no owning server heard for {silent:.1f}s")
+            lapses_in = self._link.alive_at + self._link.run_lease - loop.time()
+            if self.running and lapses_in < 0:
+                self.interrupt(f"run lease expired: no owning server heard for {self._link.run_lease - lapses_in:.1f}s")
+            poll = min(1.0, self._link.run_lease / 4)
+            # wake when it lapses, not a poll later: the server sends the batches elsewhere soon after
+            await asyncio.sleep(max(0.01, min(poll, lapses_in) if lapses_in > 0 else poll))
 
     async def wind_down(self, grace: float) -> None:
         if self.running:

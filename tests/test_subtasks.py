@@ -3,14 +3,17 @@
 Real server processes and workers over TCP, on SQLite and MariaDB (the ``db_url`` fixture)."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import FAST_CLUSTER_ARGS, ProcWorker, app_row, db_rows, wait_until
 from ledger import FINAL
+from tcp_proxy import TcpProxy
 
 from fastjob import Worker
 from fastjob.client import ApiError, Client
@@ -150,6 +153,49 @@ async def test_a_retried_parent_reuses_the_items_its_earlier_attempt_finished(se
     second = next(r for r in rows if r["attempt"] == 2)
     assert second["result"] == [i * 10 for i in range(20)]  # item 7 failed in attempt 1, ran again
     assert runs == {i: (2 if i == 7 else 1) for i in range(20)}  # nothing else ran twice
+
+
+
+async def test_a_batch_whose_worker_is_cut_off_runs_elsewhere_only_after_its_run_lease(servers, db_url):
+    """The worker running a batch is cut off (its connection closed, the process alive): the batch
+    runs again on another worker, but never while the cut-off worker could still be running it
+    (it stops its batches when its run lease lapses; the server waits out that lease)."""
+    server = await servers.start(db_url, *REGULAR, "--run-lease", "2")
+    host, port = server.address.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    runs: list[dict[str, Any]] = []
+
+    async def slow(ctx):
+        run = {"item": ctx.params, "start": time.monotonic(), "end": None}
+        runs.append(run)
+        try:
+            await asyncio.sleep(4)
+        finally:
+            run["end"] = time.monotonic()
+        return ctx.params
+
+    async def parent(ctx):
+        return await ctx.map([0], "slow")
+
+    cut_off = make_worker(f"127.0.0.1:{proxy.port}", worker_id="cut-off", reconnect_max=60)
+    cut_off.handler("slow")(slow)
+    cut_off.handler("parent")(parent)
+    cut_off.schedule("parent", run_once=True)
+    other = make_worker(server.address, worker_id="other")
+    other.handler("slow")(slow)
+    other.handler("parent")(parent)
+    try:
+        async with cut_off:
+            await wait_until(lambda: runs, 10, "the batch to start on the first worker")
+            async with other:
+                await proxy.cut()
+                await wait_until(lambda: len(runs) >= 2, 20, "the batch to run again on the other worker")
+                first, second = runs[0], runs[1]
+                await wait_until(lambda: first["end"] is not None, 10, "the first run to be stopped")
+                assert second["start"] >= first["end"], "the batch ran twice at once"
+    finally:
+        await proxy.close()
 
 
 # ---- worker processes ------------------------------------------------------------------------------

@@ -88,3 +88,43 @@ async def test_sigterm_with_a_stuck_plain_def_handler_exits_within_the_grace(tmp
     finally:
         await servers.close()
     assert took <= 1.0 + 1.0, f"exited {took:.1f}s after SIGTERM with a 1s grace"
+
+
+async def test_an_instance_whose_worker_is_cut_off_runs_again_only_after_the_first_run_stopped(servers, sqlite_url):
+    """The worker running an instance is cut off (its connection closed, the process alive): the
+    instance runs again on another worker only once the first run has stopped. The worker stops its
+    runs the moment its run lease lapses, not up to a poll later, and the server waits past it."""
+    import time
+
+    from harness import FAST_CLUSTER_ARGS, wait_until
+    from tcp_proxy import TcpProxy
+
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, "--second-level-threshold", "0", "--run-lease", "2")
+    host, port = server.address.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    runs: list[dict[str, float | None]] = []
+
+    async def slow(ctx):
+        run: dict[str, float | None] = {"start": time.monotonic(), "end": None}
+        runs.append(run)
+        try:
+            await asyncio.sleep(4)
+        finally:
+            run["end"] = time.monotonic()
+
+    cut_off = Worker(app="cut", servers=[f"127.0.0.1:{proxy.port}"], worker_id="cut-off", reconnect_max=60)
+    cut_off.handler("slow")(slow)
+    cut_off.schedule("slow", run_once=True)
+    other = Worker(app="cut", servers=[server.address], worker_id="other", reconnect_max=0.5)
+    other.handler("slow")(slow)
+    try:
+        async with cut_off:
+            await wait_until(lambda: runs, 10, "the instance to start on the first worker")
+            async with other:
+                await proxy.cut()
+                await wait_until(lambda: len(runs) >= 2, 20, "the instance to run again on the other worker")
+                await wait_until(lambda: runs[0]["end"] is not None, 10, "the first run to be stopped")
+                assert runs[1]["start"] >= runs[0]["end"], "the instance ran twice at once"  # type: ignore[operator]
+    finally:
+        await proxy.close()

@@ -107,6 +107,7 @@ class FastJobServer:
         )
         self.subtasks = TaskBroker(
             store=self.store, workers_of=self.workers_of, tasks=self.tasks, run_lease=cfg.effective_run_lease,
+            lease_margin=self.scheduler.lease_margin,
             dispatch_wait=cfg.dispatch_wait, room_freed=self.scheduler.dispatcher.drain_pending,
             jobs=self.scheduler.jobs)
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,

@@ -80,6 +80,7 @@ class TaskBroker:
         workers_of: Callable[[str], list[WorkerSession]],
         tasks: BackgroundTasks,
         run_lease: float,
+        lease_margin: float,
         dispatch_wait: float,
         room_freed: Callable[[str], None] = lambda app: None,
         jobs: Mapping[int, JobRow] | None = None,
@@ -90,6 +91,7 @@ class TaskBroker:
         self.workers_of = workers_of
         self.tasks = tasks
         self.run_lease = run_lease
+        self.lease_margin = lease_margin  # a worker's clock and ours may disagree this much on its lease
         self.dispatch_wait = dispatch_wait
         self.room_freed = room_freed
         self.jobs: Mapping[int, JobRow] = jobs if jobs is not None else {}
@@ -255,8 +257,9 @@ class TaskBroker:
             live.session = None
             if _pin(live.row) is not None:
                 self._fail(live, f"worker {session.worker_id} left before its sub-run ended")
-            else:
-                self._hold(live)
+            else:  # its run lease counts from its last frame at the latest: surely out by then
+                self._hold(live, session.last_received + self.run_lease + self.lease_margin
+                           - asyncio.get_running_loop().time())
         session.tasks.clear()
 
     def app_lost(self, app: str) -> None:
@@ -442,10 +445,12 @@ class TaskBroker:
         live.session = session
         session.tasks.add(live.row.key)
 
-    def _hold(self, live: LiveBatch) -> None:
-        """Its worker is gone but may still run it until its run lease is out: then it runs elsewhere."""
+    def _hold(self, live: LiveBatch, wait: float | None = None) -> None:
+        """Its worker is gone but may still run it until its run lease is out (``wait`` seconds; a
+        whole lease and its margin if not known): then it runs elsewhere."""
         live.stop_timer()
-        live.timer = asyncio.get_running_loop().call_later(self.run_lease, self._lease_out, live)
+        wait = self.run_lease + self.lease_margin if wait is None else max(0.0, wait)
+        live.timer = asyncio.get_running_loop().call_later(wait, self._lease_out, live)
 
     def _lease_out(self, live: LiveBatch) -> None:
         live.timer = None
