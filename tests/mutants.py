@@ -270,8 +270,9 @@ MUTANTS = [
            ("tests/test_subtasks.py::test_a_diamond_workflow_fails_at_its_step_and_reruns_from_there",)),
     Mutant("lost-batch-forgotten", "a batch whose worker left is never sent again",
            "fastjob/server/subtasks.py",
-           "            else:\n                self._hold(live)\n        session.tasks.clear()",
-           "        session.tasks.clear()",
+           "                self._hold(live, session.last_received + self.run_lease + self.lease_margin\n"
+           "                           - asyncio.get_running_loop().time())",
+           "                pass",
            ("tests/test_subtasks.py::test_kill_9_of_a_worker_mid_map_records_every_item_exactly_once",)),
     Mutant("lost-batch-at-once", "a batch whose worker left is sent again at once, not after the run lease",
            "fastjob/server/subtasks.py",
