@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from _figures import Figure, add_json_option, figure, write  # noqa: E402
+from bench_e2e import fresh_mysql_database  # noqa: E402
 
 from fastjob.client import Client  # noqa: E402
 from fastjob.testing import ServerProcess  # noqa: E402
@@ -85,7 +86,13 @@ async def run_job(api: Client, name: str, params: Any, timeout: float) -> dict[s
 
 async def main(args: argparse.Namespace) -> list[Figure]:
     tmp = Path(tempfile.mkdtemp(prefix="fastjob-bench-map-"))
-    db = f"sqlite:///{tmp / 'bench.db'}" if args.db == "sqlite" else args.mysql_dsn
+    if args.db == "sqlite":
+        return await run(args, f"sqlite:///{tmp / 'bench.db'}", tmp)
+    with fresh_mysql_database(args.mysql_dsn, "fastjob_bench_map") as db:
+        return await run(args, db, tmp)  # a fresh database: its first server prints the admin token
+
+
+async def run(args: argparse.Namespace, db: str, tmp: Path) -> list[Figure]:
     server = ServerProcess(db, tmp / "server.log", "--second-level-threshold", "0")
     await server.start()
     chain = {f"s{i:03d}": ({"after": [f"s{i - 1:03d}"]} if i else {}) | {"handler": "hop"}
