@@ -163,3 +163,30 @@ async def test_a_worker_serves_its_own_metrics_when_asked(servers, sqlite_url):
     with pytest.raises(aiohttp.ClientError):  # stopped with the worker
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{worker.metrics_port}/"):
             pass
+
+
+async def test_sub_task_items_and_batches_are_counted(servers, sqlite_url):
+    server = await servers.start(sqlite_url, *FAST_CLUSTER_ARGS, "--second-level-threshold", "0")
+    worker = Worker(app="maps", servers=[server.address], reconnect_max=0.5)
+
+    @worker.handler("half")
+    async def half(ctx: Any) -> float:
+        if ctx.params == 3:
+            raise ValueError("three")
+        return ctx.params / 2
+
+    @worker.handler("parent")
+    async def parent(ctx: Any) -> None:
+        await ctx.map(range(10), "half", batch_size=4, return_exceptions=True)
+
+    worker.schedule("parent", run_once=True)
+    async with aiohttp.ClientSession() as session, worker:
+        async def counted() -> Any:
+            now = await scrape(session, server.http_address)
+            done = now.get(("fastjob_subtask_items_total", (("app", "maps"), ("outcome", "succeeded"))), 0)
+            return now if done >= 9 else None
+
+        after = await wait_until(counted, 10, "9 succeeded sub-task items counted")
+        assert after[("fastjob_subtask_items_total", (("app", "maps"), ("outcome", "failed")))] == 1
+        assert after[("fastjob_subtask_batches_total", (("app", "maps"), ("event", "sent")))] == 3
+        assert after.get(("fastjob_subtask_batches_open", (("app", "maps"), ("state", "running"))), 0) == 0

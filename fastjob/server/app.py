@@ -109,7 +109,7 @@ class FastJobServer:
             store=self.store, workers_of=self.workers_of, tasks=self.tasks, run_lease=cfg.effective_run_lease,
             lease_margin=self.scheduler.lease_margin,
             dispatch_wait=cfg.dispatch_wait, room_freed=self.scheduler.dispatcher.drain_pending,
-            jobs=self.scheduler.jobs)
+            jobs=self.scheduler.jobs, metrics=self.metrics)
         self.reconciler = Reconciler(self.store, cfg.undeclared_grace, owned=lambda: self.cluster.owned,
                                      declarations=self.live_declarations, changed=self._job_changed)
         self.cluster.alarm = self._cluster_alarm
@@ -433,7 +433,8 @@ class FastJobServer:
                                  for app, peers in self.sessions.items()},
                 owned_apps=lambda: len(self.cluster.owned),
                 writer_queue=self.scheduler.writer.queued,
-                instances=lambda: self._unfinished[1])))
+                instances=lambda: self._unfinished[1],
+                subtasks=self.subtasks.open_counts)))
             self._registry.register(ProcessCollector(registry=None))
         if time.monotonic() - self._unfinished[0] > 5.0:
             try:

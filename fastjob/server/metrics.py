@@ -76,6 +76,9 @@ class Metrics:
         self.sl_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (app, runs/failures/skipped)
         #: job id -> (app, lateness p50, p99) of its latest report (labels: the app, never the job)
         self.sl_lateness: dict[int, tuple[str, float, float]] = {}
+        self.subtask_items: collections.Counter[tuple[str, str]] = collections.Counter()  # (app, outcome)
+        #: (app, event): "sent" to a worker, "resent" after its worker was lost or refused it
+        self.subtask_batches: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def store_op(self, what: str, seconds: float, ok: bool) -> None:
         """The store's observer: every operation's time, and its failures."""
@@ -93,6 +96,7 @@ class Gauges:
     owned_apps: Callable[[], int]
     writer_queue: Callable[[], int]
     instances: Callable[[], list[tuple[str, str, int]]]  # (app, unfinished status, count), refreshed before
+    subtasks: Callable[[], dict[tuple[str, str], int]] = dict  # (app, waiting/running) -> batches tracked
 
 
 class ServerCollector(Collector):
@@ -119,6 +123,15 @@ class ServerCollector(Collector):
         yield _gauge("fastjob_connected_workers", "Workers connected to this server, by app.", ["app"],
                      {(app,): float(n) for app, n in g.workers().items()})
         yield _gauge("fastjob_owned_apps", "Apps this server owns.", [], {(): float(g.owned_apps())})
+        yield _counter("fastjob_subtask_items", "Sub-task items (maps, broadcast sub-runs, workflow steps) recorded,"
+                       " by app and outcome.", ["app", "outcome"],
+                       {key: float(n) for key, n in m.subtask_items.items()})
+        yield _counter("fastjob_subtask_batches", "Sub-task batches sent to workers, by app and event (sent, resent:"
+                       " after their worker was lost or refused them).", ["app", "event"],
+                       {key: float(n) for key, n in m.subtask_batches.items()})
+        yield _gauge("fastjob_subtask_batches_open", "Sub-task batches this server tracks, by app and state"
+                     " (waiting for a worker, running).", ["app", "state"],
+                     {key: float(n) for key, n in g.subtasks().items()})
         yield _counter("fastjob_ownership_changes", "Apps this server gained or gave up, by kind.", ["kind"],
                        {(kind,): float(n) for kind, n in m.ownership_changes.items()})
         yield _histograms("fastjob_store_operation_seconds", "Store operations, by name (retries included).",

@@ -19,6 +19,7 @@ run again elsewhere); recording is exactly once (the first result of a batch win
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..models import FINAL_TASK_STATUSES, JobRow, Routing, TaskBatch, TaskStatus, root_of, task_key
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from .session import WorkerSession
@@ -84,6 +86,7 @@ class TaskBroker:
         dispatch_wait: float,
         room_freed: Callable[[str], None] = lambda app: None,
         jobs: Mapping[int, JobRow] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``room_freed(app)`` is called when a parent parks (its slot is free for instances);
         ``jobs`` (the scheduler's cache, by id) gives a batch its fire's job's routing."""
@@ -95,6 +98,7 @@ class TaskBroker:
         self.dispatch_wait = dispatch_wait
         self.room_freed = room_freed
         self.jobs: Mapping[int, JobRow] = jobs if jobs is not None else {}
+        self.metrics = metrics or Metrics()
         self.live: dict[str, LiveBatch] = {}
         self.pending: dict[str, list[LiveBatch]] = {}  # app -> batches waiting for a worker, in order
         self._new: list[LiveBatch] = []  # to write (add_task_batches)
@@ -436,6 +440,7 @@ class TaskBroker:
         if live.only is not None:
             body["only"] = live.only
         session.send("RUN_TASKS", body)
+        self.metrics.subtask_batches[(row.app, "resent" if row.attempt or live.refused_by else "sent")] += 1
         live.stop_timer()
         row.status, row.worker, row.attempt = _RUNNING, session.worker_id, row.attempt + 1
         self._attach(live, session)
@@ -483,6 +488,8 @@ class TaskBroker:
         row.results, row.errors = merged, sorted(errors) or None
         row.logs = ((row.logs or []) + list(body.get("logs") or ()))[-1000:] or None
         row.status, row.worker, row.finished_at = _FAILED if errors else _SUCCEEDED, worker, time.time()
+        failed_now = sum(1 for e in errors if int(e[0]) in rerun)
+        self._count_items(row.app, len(indexes) - failed_now, failed_now)
         live.only = None
         self._save(live)
 
@@ -497,8 +504,22 @@ class TaskBroker:
         row.errors = sorted(kept + [[i, error] for i in indexes])
         row.results = row.results or [None] * row.size
         row.status, row.finished_at = _FAILED, time.time()
+        self._count_items(row.app, 0, len(indexes))
         live.only = None
         self._save(live)
+
+    def _count_items(self, app: str, succeeded: int, failed: int) -> None:
+        if succeeded:
+            self.metrics.subtask_items[(app, "succeeded")] += succeeded
+        if failed:
+            self.metrics.subtask_items[(app, "failed")] += failed
+
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        """Batches tracked here that have not ended, by (app, waiting or running): a /metrics gauge."""
+        counts: collections.Counter[tuple[str, str]] = collections.Counter(
+            (live.row.app, live.row.status) for live in self.live.values()
+            if live.row.status not in FINAL_TASK_STATUSES)
+        return dict(counts)
 
     def _deliver(self, live: LiveBatch) -> None:
         """Results written: to the parent's worker, if connected (else it resubmits and gets them)."""
