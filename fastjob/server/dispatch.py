@@ -127,15 +127,7 @@ class Dispatcher:
             and (not tags or s.has_tags(tags)) and (not lead or s.takes_lead_fires)
             and (job.mode == "single" or s.version >= 6)  # a broadcast's coordinator fans out (version 6)
         ]
-        if not candidates:
-            return None
-        if job.routing == Routing.RANDOM:
-            return random.choice(candidates)
-        if job.routing == Routing.LEAST_BUSY:
-            return min(candidates, key=lambda s: s.load())
-        index = self._rr.get(app, 0)
-        self._rr[app] = index + 1
-        return candidates[index % len(candidates)]
+        return choose(candidates, job.routing, self._rr, app, lambda s: s.load())
 
     # ---- waiting for a worker ------------------------------------------------------------------
     def queue_pending(self, row: InstanceRow, job: JobRow, refused_by: set[str], reason: str = "") -> None:
@@ -347,6 +339,21 @@ class Dispatcher:
         self._dispatched.clear()
         self._rates_since = now
         return rates
+
+
+def choose(candidates: list[WorkerSession], routing: str, turns: dict[str, int], app: str,
+           load: Callable[[WorkerSession], float]) -> WorkerSession | None:
+    """One of ``candidates`` by a job's routing: random, the least ``load``, or round robin (each
+    app's turn kept in ``turns``); None if there are none. Fires and sub-task batches route alike."""
+    if not candidates:
+        return None
+    if routing == Routing.RANDOM:
+        return random.choice(candidates)
+    if routing == Routing.LEAST_BUSY:
+        return min(candidates, key=load)
+    index = turns.get(app, 0)
+    turns[app] = index + 1
+    return candidates[index % len(candidates)]
 
 
 def send_dispatch_frame(session: WorkerSession, row: InstanceRow, job: JobRow, lead: bool = False) -> None:

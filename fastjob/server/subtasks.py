@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..models import FINAL_TASK_STATUSES, JobRow, Routing, TaskBatch, TaskStatus, root_of, task_key
 from ..store import Store, StoreError
 from ..tasks import BackgroundTasks
+from .dispatch import choose
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -412,16 +412,7 @@ class TaskBroker:
         candidates = [s for s in self.workers_of(app) if _takes_tasks(s) and s.task_room()
                       and (pin is None or s.worker_id == pin) and s.worker_id not in live.refused_by
                       and _has_handler(s, live.row.handler)]
-        if not candidates:
-            return None
-        routing = self._routing(live.row.root)
-        if routing == Routing.RANDOM:
-            return random.choice(candidates)
-        if routing == Routing.LEAST_BUSY:
-            return min(candidates, key=lambda s: s.task_load())
-        index = self._rr.get(app, 0)
-        self._rr[app] = index + 1
-        return candidates[index % len(candidates)]
+        return choose(candidates, self._routing(live.row.root), self._rr, app, lambda s: s.task_load())
 
     def _routing(self, root: str) -> str:
         """The routing of the job whose fire the batch belongs to (round robin if not known here)."""
