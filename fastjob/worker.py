@@ -130,6 +130,7 @@ class Worker(OperatorQueries):
         self._runs.parked = lambda: self._maps.parked_runs
         self._tasks = TaskRunner(self._link, self.handlers, self._runs.run_handler, lambda: self.max_concurrency,
                                  self._maps, self.handler_isolation)
+        self._runs.lease_lapsed = self._tasks.interrupt
 
     # ---- declaration ---------------------------------------------------------------------
     def handler(self, name: str | None = None, *, isolation: str | None = None) -> Callable[[Handler], Handler]:
@@ -258,7 +259,6 @@ class Worker(OperatorQueries):
         self._main_task = asyncio.create_task(self._link.run(self._session), name=f"fastjob-worker-{self.app}")
         self._side_tasks.spawn(self._runs.flush_logs_loop(), "fastjob-log-flush")
         self._side_tasks.spawn(self._runs.watch_run_lease(), "fastjob-run-lease")
-        self._side_tasks.spawn(self._tasks.watch_run_lease(), "fastjob-task-lease")
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)
         except asyncio.TimeoutError:

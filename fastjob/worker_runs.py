@@ -141,6 +141,8 @@ class InstanceRunner:
         self._lead_timer: WheelTimer | None = None  # made on the loop when the first lead fire comes
         self.subtasks: SubTasks | None = None  # ctx.map's client (worker_tasks.MapClient), set by the worker
         self.parked: Callable[[], int] = lambda: 0  # runs waiting for their sub-tasks: they take no slot
+        #: called while the run lease has lapsed (the worker stops its sub-task batches too)
+        self.lease_lapsed: Callable[[str], None] = lambda reason: None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def open(self, max_workers: int, thread_name_prefix: str) -> None:
@@ -209,8 +211,9 @@ class InstanceRunner:
                 task.cancel()
 
     async def watch_run_lease(self) -> None:
-        """Stop running instances when no owning server has been heard for the run lease: by then
-        the server may have given them to another worker, and they must not run twice at once."""
+        """Stop running instances (and, through ``lease_lapsed``, sub-task batches) when no owning
+        server has been heard for the run lease: by then the server may have given them to another
+        worker, and they must not run twice at once."""
         loop = asyncio.get_running_loop()
         while True:
             poll = max(0.05, min(1.0, self._link.run_lease / 4))
@@ -218,10 +221,13 @@ class InstanceRunner:
             # wake when the lease lapses, not up to a poll later: the server runs them elsewhere soon after
             await asyncio.sleep(min(poll, lapses_in + 0.005) if lapses_in > 0 else poll)
             silent = loop.time() - self._link.alive_at
-            if self.running and silent > self._link.run_lease:
-                log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",
-                            self._link.worker_id, silent, len(self.running))
-                self.interrupt(f"run lease expired: no owning server heard for {silent:.1f}s")
+            if silent > self._link.run_lease:
+                reason = f"run lease expired: no owning server heard for {silent:.1f}s"
+                if self.running:
+                    log.warning("worker %s: no owning server heard for %.1fs: interrupting %d instances",
+                                self._link.worker_id, silent, len(self.running))
+                    self.interrupt(reason)
+                self.lease_lapsed(reason)  # the worker's sub-task batches stop with its instances
             if self.deferred:  # no server vouched for us within a heartbeat timeout of asking
                 self.refuse_deferred(loop.time() - self._link.heartbeat_timeout,
                                      f"run lease expired: no owning server heard for {silent:.1f}s")

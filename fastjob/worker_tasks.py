@@ -48,10 +48,6 @@ class TaskLink(Protocol):
     def frame_limit(self) -> int: ...
     @property
     def stopping(self) -> bool: ...
-    @property
-    def alive_at(self) -> float: ...  # loop time an owning server last vouched for us
-    @property
-    def run_lease(self) -> float: ...
     def lease_held(self) -> bool: ...
     def send(self, kind: str, body: dict[str, Any]) -> bool: ...
     async def call(self, kind: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]: ...
@@ -68,6 +64,19 @@ class _Call:
         self.done: dict[int, tuple[list[Any], list[list[Any]]]] = {}  # start -> (results, errors)
         self.wake = asyncio.Event()
         self.broadcast = broadcast
+
+    async def answer(self, start: int) -> tuple[list[Any], list[list[Any]]]:
+        """The results and errors of the batch at ``start``, once they came."""
+        while start not in self.done:
+            self.wake.clear()
+            await self.wake.wait()
+        return self.done[start]
+
+
+def _single(answer: tuple[list[Any], list[list[Any]]]) -> tuple[bool, Any]:
+    """A one-item batch's answer: (True, its result) or (False, its error)."""
+    results, errors = answer
+    return (False, str(errors[0][1])) if errors else (True, (results or [None])[0])
 
 
 class MapClient:
@@ -118,10 +127,8 @@ class MapClient:
                     sent_upto += len(batch)
                 if exhausted and not waiting and taken_upto >= sent_upto:
                     return
-                while taken_upto not in state.done:
-                    state.wake.clear()
-                    await state.wake.wait()
-                results, errors = state.done.pop(taken_upto)
+                results, errors = await state.answer(taken_upto)
+                del state.done[taken_upto]
                 count = len(state.outstanding.pop(taken_upto))
                 failed = {int(i): str(e) for i, e in errors}
                 for offset in range(count):
@@ -162,13 +169,10 @@ class MapClient:
             for start in range(total):
                 if start not in state.done:
                     state.outstanding[start] = [params]
-            while len(state.done) < total:
-                state.wake.clear()
-                await state.wake.wait()
             out: list[Any] = []
             for start in range(total):
-                results, errors = state.done[start]
-                out.append(TaskFailed(start, str(errors[0][1])) if errors else (results or [None])[0])
+                ok, value = _single(await state.answer(start))
+                out.append(value if ok else TaskFailed(start, value))
             return out
         finally:
             self._close(ctx.key, call)
@@ -186,11 +190,7 @@ class MapClient:
         try:
             state.outstanding[0] = [params]
             self._link.send("TASKS", {**base, "start": 0, "items": [params]})
-            while 0 not in state.done:
-                state.wake.clear()
-                await state.wake.wait()
-            results, errors = state.done[0]
-            return (False, str(errors[0][1])) if errors else (True, (results or [None])[0])
+            return _single(await state.answer(0))
         finally:
             self._close(ctx.key, call)
 
@@ -387,22 +387,11 @@ class TaskRunner:
                 del self.unsent[key]
 
     def interrupt(self, reason: str) -> None:
-        """Stop every batch (run lease lapsed, worker stopping): each is sent again elsewhere."""
+        """Stop every batch (run lease lapsed: InstanceRunner.watch_run_lease calls it; worker
+        stopping): each is sent again elsewhere."""
         for key, task in list(self.running.items()):
             self._reasons[key] = reason
             task.cancel()
-
-    async def watch_run_lease(self) -> None:
-        """Stop the batches when no owning server vouched for us within the run lease: by then the
-        server may have sent them to another worker."""
-        loop = asyncio.get_running_loop()
-        while True:
-            lapses_in = self._link.alive_at + self._link.run_lease - loop.time()
-            if self.running and lapses_in < 0:
-                self.interrupt(f"run lease expired: no owning server heard for {self._link.run_lease - lapses_in:.1f}s")
-            poll = min(1.0, self._link.run_lease / 4)
-            # wake when it lapses, not a poll later: the server sends the batches elsewhere soon after
-            await asyncio.sleep(max(0.01, min(poll, lapses_in) if lapses_in > 0 else poll))
 
     async def wind_down(self, grace: float) -> None:
         if self.running:
