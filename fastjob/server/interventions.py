@@ -24,6 +24,12 @@ CANCELLED_BY_OPERATOR = "cancelled by an operator before it started"
 KILLABLE = frozenset({"async", "process"})
 
 
+async def fire_attempts(store: Store, row: InstanceRow, limit: int = 1000) -> list[InstanceRow]:
+    """Every attempt of ``row``'s fire (its job and planned time), at most ``limit``."""
+    return await store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
+                                       until_ms=row.planned_ms + 1, limit=limit)
+
+
 class InterventionError(Exception):
     """An intervention that cannot be made now; ``code`` is "conflict" or "not_found"."""
 
@@ -117,8 +123,7 @@ class Interventions:
         epoch = self.epoch_of(row.app)
         if epoch is None:
             raise NotOwnerError(row.app, -1)
-        attempts = await self.store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
-                                                    until_ms=row.planned_ms + 1, limit=1000)
+        attempts = await fire_attempts(self.store, row)
         unfinished = [a for a in attempts if a.status not in FINAL_STATUSES]
         if unfinished:
             raise InterventionError("conflict", f"attempt {unfinished[0].attempt} of this fire (instance"

@@ -14,7 +14,7 @@ from aiohttp import web
 from ... import schedule
 from ...models import FINAL_STATUSES, InstanceRow, JobRow, Status, fire_key, to_wire
 from ..auth import Permission
-from ..interventions import InterventionError
+from ..interventions import InterventionError, fire_attempts
 from .backend import MAX_LIMIT, Call
 from .encode import SLICE, dumps, encode
 from .errors import HttpError
@@ -165,8 +165,7 @@ async def get_instance(call: Call) -> dict[str, Any]:
     call.require(Permission.READ, row.app)
     store = call.backend.store
     job = await store.get_job(row.job_id)
-    attempts = await store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
-                                           until_ms=row.planned_ms + 1, limit=MAX_LIMIT)
+    attempts = await fire_attempts(store, row, MAX_LIMIT)
     name = job.name if job is not None else None
     out: dict[str, Any] = {"instance": instance_json(row, name),
                            "attempts": [instance_json(a, name) for a in sorted(attempts, key=lambda a: a.attempt)]}

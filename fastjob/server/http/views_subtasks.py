@@ -9,6 +9,7 @@ from typing import Any
 from ...fanout import WORKFLOW_HANDLER, normalize_steps, step_call
 from ...models import FINAL_STATUSES, TaskBatch, TaskStatus, fire_key, task_key
 from ..auth import Permission
+from ..interventions import fire_attempts
 from .backend import Call
 from .errors import HttpError
 from .views_instances import _instance_or_404
@@ -81,8 +82,7 @@ async def succeed_step(call: Call) -> dict[str, Any]:
     if name not in steps:
         raise HttpError("not_found", f"the workflow has no step {name[:190]!r}")
     store = call.backend.store
-    attempts = await store.query_instances(row.app, job_id=row.job_id, since_ms=row.planned_ms,
-                                           until_ms=row.planned_ms + 1, limit=1000)
+    attempts = await fire_attempts(store, row)
     running = [a for a in attempts if a.status not in FINAL_STATUSES]
     if running:
         raise HttpError("conflict", f"attempt {running[0].attempt} of this fire has not ended; mark steps once it has")
